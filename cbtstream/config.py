@@ -1,0 +1,223 @@
+"""Configuration: environment variables (prefix ``CBTSTREAM_``) over an optional TOML file.
+
+Nested sections use a double underscore, e.g. ``CBTSTREAM_KAFKA__BOOTSTRAP_SERVERS``. The TOML file
+is named by ``--config`` or ``CBTSTREAM_CONFIG`` and has one table per section (``[kafka]``,
+``[postgres]``...). Environment variables win over the file. Secrets are ``SecretStr`` so they never
+appear in ``repr``, logs or error messages; ``*_file`` variants read a secret from a file (for
+Docker/Kubernetes secrets).
+
+Only entry points (the CLI, test fixtures) call :func:`load_settings`; everything else receives a
+``Settings`` object or one of its sections.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from cbtstream.errors import ConfigError
+
+_Frozen = ConfigDict(frozen=True, extra="forbid")
+
+
+def _read_secret_file(path: Path | None) -> SecretStr | None:
+    if path is None:
+        return None
+    try:
+        return SecretStr(path.read_text().strip())
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc
+
+
+class KafkaSettings(BaseModel):
+    """How to reach the Kafka cluster, and how our topics are laid out on it."""
+
+    model_config = _Frozen
+
+    bootstrap_servers: str = "127.0.0.1:19092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = None
+    #: Verify the broker's certificate and host name. Only an explicit opt-out turns it off.
+    ssl_verify: bool = True
+    #: Prepended to every topic and consumer-group name, so several installations (or test runs)
+    #: can share a cluster. Empty by default: operators see the documented names.
+    topic_prefix: str = ""
+    #: Every topic has the same partition count so the Faust table co-partitions with its sources.
+    partitions: int = Field(default=4, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _password_from_file(self) -> KafkaSettings:
+        if self.sasl_password is None and self.sasl_password_file is not None:
+            object.__setattr__(self, "sasl_password", _read_secret_file(self.sasl_password_file))
+        return self
+
+
+class PostgresSettings(BaseModel):
+    """The audit database."""
+
+    model_config = _Frozen
+
+    host: str = "127.0.0.1"
+    port: int = 15432
+    user: str = "cbtstream"
+    password: SecretStr = SecretStr("cbtstream")
+    password_file: Path | None = None
+    database: str = "cbtstream"
+    schema_: str = Field(default="public", alias="schema")
+
+    @model_validator(mode="after")
+    def _password_from_file(self) -> PostgresSettings:
+        secret = _read_secret_file(self.password_file)
+        if secret is not None:
+            object.__setattr__(self, "password", secret)
+        return self
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``asyncpg.connect``; contains the password, never log it."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "password": self.password.get_secret_value(),
+            "database": self.database,
+        }
+
+
+class VSphereSettings(BaseModel):
+    """The vCenter (or ESXi host) snapshots are taken on and changed areas are read from."""
+
+    model_config = _Frozen
+
+    url: str = "https://127.0.0.1:18989/sdk"
+    username: str = "user"
+    password: SecretStr = SecretStr("pass")
+    password_file: Path | None = None
+    #: Skip TLS certificate verification. Off by default; the local simulator needs it on.
+    insecure: bool = False
+    cafile: Path | None = None
+
+    @model_validator(mode="after")
+    def _password_from_file(self) -> VSphereSettings:
+        secret = _read_secret_file(self.password_file)
+        if secret is not None:
+            object.__setattr__(self, "password", secret)
+        return self
+
+
+class CopierSettings(BaseModel):
+    """Where replicas may be written and which NBD sources may be read."""
+
+    model_config = _Frozen
+
+    #: Replicas are files (or block-device symlinks) under this directory, one per disk, named by
+    #: the disk key. Nothing outside it is ever opened for writing.
+    target_root: Path = Path(".stack/replicas")
+    #: ``host:port`` pairs of NBD servers the copier may read from. Events never name endpoints
+    #: the copier is not configured for.
+    nbd_allow: tuple[str, ...] = ("127.0.0.1",)
+    #: Largest single read/write request.
+    request_bytes: int = Field(default=4 * 1024 * 1024, ge=4096)
+    #: Changed extents closer than this are merged into one read (DOMAIN.md: about 1 MiB).
+    merge_gap_bytes: int = Field(default=1024 * 1024, ge=0)
+    #: How many disks are copied at once.
+    max_parallel_disks: int = Field(default=4, ge=1)
+    #: Seconds between SyncProgress events per disk.
+    progress_interval_s: float = Field(default=2.0, gt=0)
+
+
+class StreamsSettings(BaseModel):
+    """The Faust planner application."""
+
+    model_config = _Frozen
+
+    app_id: str = "cbtstream"
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    data_dir: Path = Path(".stack/faust")
+
+
+class ApiSettings(BaseModel):
+    """The seed-compatible HTTP API."""
+
+    model_config = _Frozen
+
+    host: str = "127.0.0.1"
+    port: int = 8082
+    token: SecretStr | None = None
+
+
+class StackSettings(BaseModel):
+    """The local development stack started by ``cbtstream stack up``."""
+
+    model_config = _Frozen
+
+    #: Every file the stack writes (data, logs, pids, downloaded jars) lives under this folder.
+    dir: Path = Path(".stack")
+    host: str = "127.0.0.1"
+    kafka_port: int = 19092
+    kafka_controller_port: int = 19093
+    postgres_port: int = 15432
+    vcsim_port: int = 18989
+
+
+class Settings(BaseSettings):
+    """All of cbtstream's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CBTSTREAM_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    kafka: KafkaSettings = KafkaSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    vsphere: VSphereSettings = VSphereSettings()
+    copier: CopierSettings = CopierSettings()
+    streams: StreamsSettings = StreamsSettings()
+    api: ApiSettings = ApiSettings()
+    stack: StackSettings = StackSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("CBTSTREAM_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from the environment, an optional TOML file and explicit overrides."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file not found: {config_file}")
+        os.environ["CBTSTREAM_CONFIG"] = str(config_file)
+    try:
+        return Settings(**overrides)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc

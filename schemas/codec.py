@@ -1,0 +1,108 @@
+"""Wire format: single-line UTF-8 JSON values, the disk key as record key, and the event type and
+schema version repeated in record headers so kcat users can filter without parsing JSON.
+
+``encode`` and ``decode`` are the only functions that turn events into bytes and back. ``decode``
+checks that the record key names the same disk as the body: a record keyed by one disk and carrying
+another disk's change ID is exactly the bug this project exists to prevent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from schemas.events import DISK_EVENT_ADAPTER, EVENT_TYPES, SCHEMA_VERSION, DeadLetter, DiskEvent
+
+CONTENT_TYPE = b"application/json"
+#: Values larger than this are refused before parsing (Kafka's default max message is ~1 MiB).
+MAX_VALUE_BYTES = 1024 * 1024
+
+Headers = list[tuple[str, bytes]]
+
+
+class EventDecodeError(ValueError):
+    """A record is not a valid event; ``str()`` says why in one line."""
+
+
+def encode_value(event: BaseModel) -> bytes:
+    return event.model_dump_json().encode()
+
+
+def headers_for(event: BaseModel) -> Headers:
+    return [
+        ("event-type", str(getattr(event, "event_type", type(event).__name__)).encode()),
+        ("schema-version", str(SCHEMA_VERSION).encode()),
+        ("content-type", CONTENT_TYPE),
+    ]
+
+
+def encode(event: BaseModel) -> tuple[bytes | None, bytes, Headers]:
+    """(key, value, headers) of an event. Dead letters keep the original key."""
+    if isinstance(event, DeadLetter):
+        key = None
+        if event.original_key is not None:
+            key = (
+                event.original_key.encode()
+                if event.original_key_encoding == "utf-8"
+                else base64.b64decode(event.original_key)
+            )
+        return key, encode_value(event), headers_for(event)
+    return str(getattr(event, "key")).encode(), encode_value(event), headers_for(event)  # noqa: B009
+
+
+def _short(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def decode(
+    value: bytes | str | None,
+    key: bytes | str | None = None,
+    expect: tuple[type[BaseModel], ...] | None = None,
+) -> DiskEvent:
+    """Parse and validate one disk event. If ``key`` is given it must equal the body's disk key;
+    if ``expect`` is given the event must be one of those types."""
+    if value is None:
+        raise EventDecodeError("record has no value (tombstone)")
+    if len(value) > MAX_VALUE_BYTES:
+        raise EventDecodeError(f"value is {len(value)} bytes, more than {MAX_VALUE_BYTES}")
+    try:
+        raw: Any = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EventDecodeError(f"value is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise EventDecodeError(f"value is JSON {type(raw).__name__}, not an object")
+    etype = raw.get("event_type")
+    if etype not in EVENT_TYPES or etype == "DeadLetter":
+        raise EventDecodeError(f"unknown event_type {str(etype)[:64]!r}")
+    try:
+        event = DISK_EVENT_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        raise EventDecodeError(f"invalid {etype}: {_short(exc)}") from None
+    if expect is not None and not isinstance(event, expect):
+        names = ", ".join(t.__name__ for t in expect)
+        raise EventDecodeError(f"{etype} is not expected here (expected {names})")
+    if key is not None:
+        key_text = key.decode(errors="replace") if isinstance(key, bytes) else key
+        if key_text != event.disk.key:
+            raise EventDecodeError(
+                f"record key {key_text[:120]!r} does not name the body's disk {event.disk.key!r}"
+            )
+    return event
+
+
+def text_or_base64(data: bytes | None) -> tuple[str | None, str]:
+    """Represent raw bytes in JSON losslessly: UTF-8 text when possible, else base64."""
+    if data is None:
+        return None, "utf-8"
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode(), "base64"

@@ -1,0 +1,221 @@
+"""The events of the pipeline. Every event is frozen, versioned and carries the disk it is about.
+
+Flow: ``SnapshotTaken`` (one per disk of a VM snapshot) -> ``SyncPlanned`` (or ``SyncSuperseded``)
+-> ``SyncProgress``* -> ``ChangeIdCommitted`` or ``SyncFailed`` -> ``SnapshotRemoved``.
+Undecodable input goes to the dead-letter topic as ``DeadLetter``.
+
+A change ID never travels without the :class:`~schemas.disk.DiskRef` of the disk it belongs to,
+and every change ID field is validated as ``<epoch>/<sequence>``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+from schemas.changeid import ChangeId
+from schemas.disk import MAX_TEXT, DiskRef
+
+SCHEMA_VERSION = 1
+#: Namespace of the deterministic event ids (uuid5); any fixed UUID works, this one is ours.
+_ID_NAMESPACE = uuid.UUID("6c6f8e52-3b9a-4d8e-9f4e-2f0b4c1d7a10")
+
+
+def stable_event_id(kind: str, *parts: object) -> uuid.UUID:
+    """A deterministic event id, so a retried publish of the same fact has the same id and
+    consumers can drop the duplicate."""
+    return uuid.uuid5(_ID_NAMESPACE, "\x1f".join([kind, *map(str, parts)]))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ReplicationType(StrEnum):
+    """What a sync copies: every allocated block (full) or only changed blocks (incremental)."""
+
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+
+class FullReason(StrEnum):
+    """Why a sync is what it is. Incremental syncs carry ``previous_commit``."""
+
+    PREVIOUS_COMMIT = "previous_commit"
+    NO_PREVIOUS_COMMIT = "no_previous_commit"
+    CBT_NOT_ENABLED = "cbt_not_enabled"
+    EPOCH_CHANGED = "epoch_changed"
+    SEQUENCE_NOT_INCREASING = "sequence_not_increasing"
+    BACKING_UUID_CHANGED = "backing_uuid_changed"
+    BACKING_FILE_CHANGED = "backing_file_changed"
+    CAPACITY_CHANGED = "capacity_changed"
+    BASE_CHANGE_ID_REJECTED = "base_change_id_rejected"
+    ALLOCATED_AREAS_FAILED = "allocated_areas_failed"
+
+
+def _check_change_id(value: str | None) -> str | None:
+    if value is not None:
+        ChangeId.parse(value)
+    return value
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+    disk: DiskRef
+
+    @property
+    def key(self) -> str:
+        return self.disk.key
+
+
+class SnapshotTaken(_Event):
+    """One disk of a VM snapshot, with that disk's change ID as of the snapshot."""
+
+    event_type: Literal["SnapshotTaken"] = "SnapshotTaken"
+    vcenter: str = Field(max_length=MAX_TEXT, description="vCenter/ESXi the snapshot lives on.")
+    vm_snapshot: str = Field(
+        min_length=1, max_length=128, description="Snapshot managed object id, e.g. snapshot-42."
+    )
+    snapshot_name: str = Field(default="", max_length=MAX_TEXT)
+    change_id: str | None = Field(
+        description="backing.changeId of this disk in the snapshot's config; null if CBT is off."
+    )
+    taken_at: AwareDatetime
+
+    _v_change_id = field_validator("change_id")(_check_change_id)
+
+
+class SyncPlanned(_Event):
+    """The planner's decision for one snapshot of one disk."""
+
+    event_type: Literal["SyncPlanned"] = "SyncPlanned"
+    sync_id: uuid.UUID
+    snapshot_event_id: uuid.UUID
+    vm_snapshot: str = Field(min_length=1, max_length=128)
+    replication_type: ReplicationType
+    reason: FullReason
+    previous_change_id: str | None = Field(
+        description="The disk's latest committed change ID when planned (null: none)."
+    )
+    base_change_id: str | None = Field(
+        description="Change ID to query changed areas from; null for a full sync."
+    )
+    change_id: str | None = Field(description="The snapshot's change ID, committed on success.")
+
+    _v_prev = field_validator("previous_change_id")(_check_change_id)
+    _v_base = field_validator("base_change_id")(_check_change_id)
+    _v_new = field_validator("change_id")(_check_change_id)
+
+
+class SyncSuperseded(_Event):
+    """A waiting snapshot of a disk was replaced by a newer one before its sync started."""
+
+    event_type: Literal["SyncSuperseded"] = "SyncSuperseded"
+    snapshot_event_id: uuid.UUID
+    vm_snapshot: str = Field(min_length=1, max_length=128)
+    superseded_by: uuid.UUID = Field(description="event_id of the newer SnapshotTaken.")
+
+
+class SyncProgress(_Event):
+    """Periodic progress of a running sync."""
+
+    event_type: Literal["SyncProgress"] = "SyncProgress"
+    sync_id: uuid.UUID
+    bytes_done: int = Field(ge=0)
+    bytes_total: int = Field(ge=0)
+    rate_bytes_per_s: float = Field(ge=0)
+
+
+class ChangeIdCommitted(_Event):
+    """The replica of a disk is durable up to ``change_id``: the next sync may start from it."""
+
+    event_type: Literal["ChangeIdCommitted"] = "ChangeIdCommitted"
+    sync_id: uuid.UUID
+    vm_snapshot: str = Field(min_length=1, max_length=128)
+    previous_change_id: str | None
+    change_id: str
+    replication_type: ReplicationType
+    reason: FullReason
+    bytes_copied: int = Field(ge=0, description="Bytes of data written to the target.")
+    bytes_zeroed: int = Field(default=0, ge=0, description="Bytes written as zeroes/holes.")
+    extents: int = Field(ge=0, description="Changed extents reported by vSphere.")
+    digest: str = Field(max_length=200, description="'sha256:<hex>' over (offset, data) written.")
+    duration_s: float = Field(ge=0)
+
+    _v_prev = field_validator("previous_change_id")(_check_change_id)
+    _v_new = field_validator("change_id")(_check_change_id)
+
+
+class SyncFailed(_Event):
+    """A sync (or a commit) did not happen; ``reason`` says why, nothing was committed."""
+
+    event_type: Literal["SyncFailed"] = "SyncFailed"
+    sync_id: uuid.UUID | None = None
+    vm_snapshot: str | None = Field(default=None, max_length=128)
+    reason: str = Field(max_length=64)
+    detail: str = Field(default="", max_length=4096)
+    retriable: bool = False
+
+
+class SnapshotRemoved(_Event):
+    """The VM snapshot a disk was synced from was removed in vSphere (one event per disk)."""
+
+    event_type: Literal["SnapshotRemoved"] = "SnapshotRemoved"
+    vm_snapshot: str = Field(min_length=1, max_length=128)
+
+
+class DeadLetter(BaseModel):
+    """A record that could not be decoded or validated, kept whole with where it came from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_type: Literal["DeadLetter"] = "DeadLetter"
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+    original_topic: str
+    original_partition: int
+    original_offset: int
+    original_key: str | None = Field(description="Key as text, or base64 if not UTF-8.")
+    original_key_encoding: Literal["utf-8", "base64"] = "utf-8"
+    original_value: str | None
+    original_value_encoding: Literal["utf-8", "base64"] = "utf-8"
+    error: str = Field(max_length=8192)
+    stage: str = Field(description="Which consumer rejected it.")
+
+
+DiskEvent = Annotated[
+    SnapshotTaken
+    | SyncPlanned
+    | SyncSuperseded
+    | SyncProgress
+    | ChangeIdCommitted
+    | SyncFailed
+    | SnapshotRemoved,
+    Field(discriminator="event_type"),
+]
+Event = SnapshotTaken | SyncPlanned | SyncSuperseded | SyncProgress | ChangeIdCommitted | SyncFailed | SnapshotRemoved | DeadLetter  # noqa: E501
+
+EVENT_TYPES: dict[str, type[BaseModel]] = {
+    cls.__name__: cls
+    for cls in (
+        SnapshotTaken,
+        SyncPlanned,
+        SyncSuperseded,
+        SyncProgress,
+        ChangeIdCommitted,
+        SyncFailed,
+        SnapshotRemoved,
+        DeadLetter,
+    )
+}
+
+DISK_EVENT_ADAPTER: TypeAdapter[DiskEvent] = TypeAdapter(DiskEvent)

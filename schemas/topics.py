@@ -1,0 +1,102 @@
+"""The topic catalogue: every topic of cbtstream is defined here, once.
+
+All topics are keyed by the disk key ``<vm instance uuid>/disk-<device key>`` (except the
+dead-letter topic, keyed by the original record's key) and have the same partition count, so the
+Faust table (keyed by disk key) co-partitions with every source topic. Values are single-line JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from schemas.events import (
+    ChangeIdCommitted,
+    DeadLetter,
+    SnapshotRemoved,
+    SnapshotTaken,
+    SyncFailed,
+    SyncPlanned,
+    SyncProgress,
+    SyncSuperseded,
+)
+
+_DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic: its base name, the event types it carries and its creation config."""
+
+    name: str
+    value_types: tuple[type[BaseModel], ...]
+    config: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+
+    def full_name(self, prefix: str = "") -> str:
+        return f"{prefix}{self.name}"
+
+
+SNAPSHOT_TAKEN = TopicSpec(
+    "cbt.snapshot.taken",
+    (SnapshotTaken,),
+    {"cleanup.policy": "delete", "retention.ms": str(30 * _DAY_MS)},
+    "One event per disk of each VM snapshot (input from producers and upstream systems).",
+)
+SYNC_PLANNED = TopicSpec(
+    "cbt.sync.planned",
+    (SyncPlanned, SyncSuperseded),
+    # Kept forever: auditors check that every commit had a plan.
+    {"cleanup.policy": "delete", "retention.ms": "-1"},
+    "The planner's decision per disk snapshot: incremental from a change ID, or full + reason.",
+)
+CHANGEID_COMMITTED = TopicSpec(
+    "cbt.changeid.committed",
+    (ChangeIdCommitted,),
+    # The audit log: never deleted, never compacted.
+    {"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"},
+    "A disk's replica is durable up to a change ID. The audit log of record.",
+)
+SYNC_FAILED = TopicSpec(
+    "cbt.sync.failed",
+    (SyncFailed,),
+    {"cleanup.policy": "delete", "retention.ms": str(90 * _DAY_MS)},
+    "Syncs or commits that did not happen, with a reason.",
+)
+SYNC_PROGRESS = TopicSpec(
+    "cbt.sync.progress",
+    (SyncProgress,),
+    {"cleanup.policy": "delete", "retention.ms": str(1 * _DAY_MS)},
+    "Periodic progress of running syncs.",
+)
+SNAPSHOT_REMOVED = TopicSpec(
+    "cbt.snapshot.removed",
+    (SnapshotRemoved,),
+    {"cleanup.policy": "delete", "retention.ms": str(90 * _DAY_MS)},
+    "The VM snapshot behind a disk's sync was removed in vSphere.",
+)
+DEADLETTER = TopicSpec(
+    "cbt.deadletter",
+    (DeadLetter,),
+    {"cleanup.policy": "delete", "retention.ms": str(90 * _DAY_MS)},
+    "Records that could not be decoded or validated, with their origin and the error.",
+)
+
+ALL_TOPICS: tuple[TopicSpec, ...] = (
+    SNAPSHOT_TAKEN,
+    SYNC_PLANNED,
+    CHANGEID_COMMITTED,
+    SYNC_FAILED,
+    SYNC_PROGRESS,
+    SNAPSHOT_REMOVED,
+    DEADLETTER,
+)
+
+
+def topic_for(event: BaseModel) -> TopicSpec:
+    """The topic an event is published to."""
+    for spec in ALL_TOPICS:
+        if isinstance(event, spec.value_types):
+            return spec
+    raise LookupError(f"no topic carries {type(event).__name__}")
