@@ -20,6 +20,7 @@ from cbtstream.log import configure_logging
 
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS: tuple[str, ...] = (
+    "cbtstream.commands.topics",
     "cbtstream.commands.schemas",
 )
 

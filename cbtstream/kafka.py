@@ -1,0 +1,159 @@
+"""The Kafka adapter: connection options, the event publisher and topic administration.
+
+This is the module that imports aiokafka's producer and admin client. Consumers of the pipeline
+build their ``AIOKafkaConsumer`` with :func:`client_kwargs` so security settings live in one place.
+Every publish waits for ``acks=all`` with an idempotent producer: a commit event that was not
+acknowledged is retried, and consumers drop duplicates by event id.
+"""
+
+from __future__ import annotations
+
+import ssl
+from types import TracebackType
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from pydantic import BaseModel
+
+from cbtstream.config import KafkaSettings
+from cbtstream.errors import CbtStreamError, TransientError
+from schemas.codec import Headers, encode
+from schemas.topics import ALL_TOPICS, TopicSpec, topic_for
+
+
+class KafkaUnavailable(TransientError):
+    """The broker did not acknowledge in time; the caller may retry."""
+
+    reason = "kafka_unavailable"
+
+
+def ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
+    if settings.security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    ctx = ssl.create_default_context(
+        cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None
+    )
+    if not settings.ssl_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
+    """Connection options shared by every aiokafka client we create."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "security_protocol": settings.security_protocol,
+    }
+    ctx = ssl_context(settings)
+    if ctx is not None:
+        kwargs["ssl_context"] = ctx
+    if settings.sasl_mechanism:
+        kwargs["sasl_mechanism"] = settings.sasl_mechanism
+        kwargs["sasl_plain_username"] = settings.sasl_username
+        kwargs["sasl_plain_password"] = (
+            settings.sasl_password.get_secret_value() if settings.sasl_password else None
+        )
+    return kwargs
+
+
+def topic_name(spec: TopicSpec, settings: KafkaSettings) -> str:
+    return spec.full_name(settings.topic_prefix)
+
+
+class Publisher:
+    """Publishes events to their topic, keyed by disk key, with type headers.
+
+    Use ``async with Publisher(settings) as pub: await pub.publish(event)``. ``stop()`` may be
+    called twice.
+    """
+
+    def __init__(self, settings: KafkaSettings, *, linger_ms: int = 5) -> None:
+        self._settings = settings
+        self._producer = AIOKafkaProducer(
+            **client_kwargs(settings),
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=linger_ms,
+            max_request_size=2 * 1024 * 1024,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        try:
+            await self._producer.start()
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"cannot connect to Kafka: {exc}") from exc
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._started:
+            self._started = False
+            await self._producer.stop()
+
+    async def __aenter__(self) -> Publisher:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def publish(self, event: BaseModel) -> tuple[int, int]:
+        """Publish and wait for the broker's acknowledgement; returns (partition, offset)."""
+        key, value, headers = encode(event)
+        return await self.publish_raw(topic_name(topic_for(event), self._settings), key, value,
+                                      headers)
+
+    async def publish_raw(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers
+    ) -> tuple[int, int]:
+        try:
+            meta = await self._producer.send_and_wait(topic, value=value, key=key,
+                                                      headers=headers)
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"publish to {topic} failed: {exc}") from exc
+        return meta.partition, meta.offset
+
+    async def flush(self) -> None:
+        await self._producer.flush()
+
+
+async def create_topics(settings: KafkaSettings, extra: dict[str, int] | None = None) -> list[str]:
+    """Create every topic of the catalogue (idempotent); returns the names created now."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    try:
+        await admin.start()
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"cannot connect to Kafka: {exc}") from exc
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(
+                name=topic_name(spec, settings),
+                num_partitions=settings.partitions,
+                replication_factor=settings.replication_factor,
+                topic_configs=dict(spec.config),
+            )
+            for spec in ALL_TOPICS
+            if topic_name(spec, settings) not in existing
+        ]
+        if new:
+            try:
+                resp = await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                return []
+            for name, code, *rest in getattr(resp, "topic_errors", []):
+                if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a concurrent creator)
+                    raise CbtStreamError(f"creating topic {name} failed: error {code} {rest}")
+        return [t.name for t in new]
+    finally:
+        await admin.close()
