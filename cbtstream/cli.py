@@ -21,7 +21,9 @@ from cbtstream.log import configure_logging
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS: tuple[str, ...] = (
     "cbtstream.commands.topics",
+    "cbtstream.commands.worker",
     "cbtstream.commands.schemas",
+    "cbtstream.commands.stack",
 )
 
 Handler = Callable[[argparse.Namespace, Settings], int]

@@ -16,10 +16,11 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from cbtstream.config import Settings
 from cbtstream.errors import StackError
+from cbtstream.stack.system import OsUser
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,18 @@ class ServiceStatus:
     detail: str = ""
 
 
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (clock ticks since boot), or None if it is gone.
+
+    Stored next to the pid so a pid recycled by another process is never mistaken for ours.
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(") ", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def pid_alive(pid: int) -> bool:
     """True if a process with this pid exists and is not a zombie."""
     try:
@@ -43,7 +56,7 @@ def pid_alive(pid: int) -> bool:
         return True
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][:1] != "Z"
+            return fh.read().rsplit(") ", 1)[1][:1] != "Z"
     except OSError:
         return True
 
@@ -53,6 +66,8 @@ class Service(ABC):
 
     #: Short name: pid file ``<state>/run/<name>.pid``, log file ``<state>/logs/<name>.log``.
     name: str = ""
+    #: The signal that asks the service for a clean, prompt shutdown.
+    stop_signal: signal.Signals = signal.SIGTERM
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -73,13 +88,31 @@ class Service(ABC):
     def probe(self) -> bool:
         """True when the service really answers (not merely when its process exists)."""
 
+    # -- optional hooks -----------------------------------------------------------------------
+    def run_as(self) -> OsUser | None:
+        """The system user the process runs as; None for the current user."""
+        return None
+
+    def after_ready(self) -> None:  # noqa: B027 - an optional hook, deliberately empty
+        """Idempotent set-up that needs the running service (users, databases); default none."""
+
+    def endpoint(self) -> str:
+        """How clients reach the service (no secrets), for ``stack up``/``status`` output."""
+        return ""
+
     # -- shared behaviour ---------------------------------------------------------------------
     def pid(self) -> int | None:
+        """The pid of the process this stack started, if it is still that process and alive."""
         try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
+            fields = self.pid_file.read_text().split()
+            pid = int(fields[0])
+        except (OSError, ValueError, IndexError):
             return None
-        return pid if pid_alive(pid) else None
+        if not pid_alive(pid):
+            return None
+        if len(fields) > 1 and process_start_time(pid) != fields[1]:
+            return None  # the pid was recycled by a process we did not start
+        return pid
 
     def start(self) -> None:
         if self.pid() is not None:
@@ -91,17 +124,23 @@ class Service(ABC):
         env = dict(os.environ)
         if extra_env:
             env.update(extra_env)
+        user = self.run_as()
+        kwargs: dict[str, Any] = user.popen_kwargs() if user is not None else {}
         with open(self.log_file, "ab") as log:
-            proc = subprocess.Popen(  # noqa: S603 - argv built by us, never from input
-                list(argv),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=self.state_dir,
-                start_new_session=True,  # survives the CLI; stop() signals the whole group
-            )
-        self.pid_file.write_text(f"{proc.pid}\n")
+            try:
+                proc = subprocess.Popen(  # argv built by us, never from input
+                    list(argv),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    cwd=self.state_dir,
+                    start_new_session=True,  # survives the CLI; stop() signals the whole group
+                    **kwargs,
+                )
+            except OSError as exc:
+                raise StackError(f"cannot start {self.name} ({argv[0]}): {exc}") from exc
+        self.pid_file.write_text(f"{proc.pid} {process_start_time(proc.pid) or ''}\n")
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -111,6 +150,7 @@ class Service(ABC):
                     f"{self.name} exited during start-up; see {self.log_file}:\n{self.log_tail()}"
                 )
             if self.probe():
+                self.after_ready()
                 return
             time.sleep(0.25)
         raise StackError(f"{self.name} not ready after {timeout:.0f}s; see {self.log_file}")
@@ -121,7 +161,7 @@ class Service(ABC):
             self.pid_file.unlink(missing_ok=True)
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
+            os.killpg(pid, self.stop_signal)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.1)
@@ -133,7 +173,7 @@ class Service(ABC):
     def status(self) -> ServiceStatus:
         pid = self.pid()
         ready = pid is not None and self.probe()
-        return ServiceStatus(self.name, pid is not None, ready, pid)
+        return ServiceStatus(self.name, pid is not None, ready, pid, self.endpoint())
 
     def log_tail(self, lines: int = 20) -> str:
         try:
