@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from cbtstream.config import Settings
 from cbtstream.stack import system
 from cbtstream.stack.kafka import Kafka
+from cbtstream.stack.postgres import Postgres
 from cbtstream.stack.service import Service, ServiceStatus
 
 #: Service classes in start order. Add a service with one line here.
 SERVICES: list[type[Service]] = [
     Kafka,
+    Postgres,
 ]
 
 #: How long one service may take to answer after its process started.
