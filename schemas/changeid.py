@@ -1,4 +1,6 @@
-"""CBT change IDs: ``<epoch>/<sequence>``, e.g. ``52 8a b4 5c 7b ab 8e 51-7a 73 16 d1 76 9a 0d a6/2``.
+"""CBT change IDs: ``<epoch>/<sequence>``.
+
+Example: ``52 8a b4 5c 7b ab 8e 51-7a 73 16 d1 76 9a 0d a6/2``.
 
 The epoch identifies one CBT tracking session of a disk; a new epoch means CBT was reset and every
 change ID of the old epoch is void. The sequence grows within an epoch. Beyond that the value is

@@ -106,3 +106,37 @@ def text_or_base64(data: bytes | None) -> tuple[str | None, str]:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         return base64.b64encode(data).decode(), "base64"
+
+
+def dead_letter_record(
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    error: str,
+    stage: str,
+) -> tuple[bytes | None, bytes, Headers]:
+    """The dead-letter record for an input record that could not be used: the original key and
+    value kept losslessly, and headers naming its origin and the error (for kcat users)."""
+    k_text, k_enc = text_or_base64(key)
+    v_text, v_enc = text_or_base64(value)
+    letter = DeadLetter(
+        original_topic=topic,
+        original_partition=partition,
+        original_offset=offset,
+        original_key=k_text,
+        original_key_encoding=k_enc,  # type: ignore[arg-type]
+        original_value=v_text,
+        original_value_encoding=v_enc,  # type: ignore[arg-type]
+        error=error[:8192],
+        stage=stage,
+    )
+    out_key, out_value, headers = encode(letter)
+    headers += [
+        ("original-topic", topic.encode()),
+        ("original-partition", str(partition).encode()),
+        ("original-offset", str(offset).encode()),
+        ("error", error[:1000].encode(errors="replace")),
+    ]
+    return out_key, out_value, headers

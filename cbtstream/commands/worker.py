@@ -1,0 +1,34 @@
+"""``cbtstream worker``: run the Faust planner (table + agents + HTTP views)."""
+
+from __future__ import annotations
+
+import argparse
+
+from cbtstream.config import Settings
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="run the Faust planner worker",
+        description="Runs the Faust application: materialises each disk's latest committed "
+        "change ID from cbt.changeid.committed (through the commit guard) and plans a sync for "
+        "every cbt.snapshot.taken event. Stop with Ctrl-C or SIGTERM.",
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    import faust
+
+    from streams.app import Planner
+
+    planner = Planner(settings)
+    worker = faust.Worker(
+        planner.app,
+        loglevel=settings.log_level.lower(),
+        override_logging=False,
+        quiet=True,
+    )
+    worker.execute_from_commandline()
+    return 0

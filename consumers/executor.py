@@ -1,0 +1,63 @@
+"""What a copier does with one plan, behind a small interface so the Kafka loop (``copier``) is
+independent of where blocks come from.
+
+``SyncExecutor.execute`` copies the blocks of one planned sync and returns only once the target is
+durable (flushed) for every byte it reports. It raises a ``CbtStreamError`` subclass on failure;
+retriable ones (``.retriable``) are retried by the copier with backoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from schemas.events import FullReason, ReplicationType, SyncPlanned
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """Bytes done so far for one running sync."""
+
+    bytes_done: int
+    bytes_total: int
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What was copied (and made durable) for one sync."""
+
+    replication_type: ReplicationType
+    reason: FullReason
+    bytes_copied: int
+    bytes_zeroed: int
+    extents: int
+    digest: str
+    duration_s: float
+
+
+ProgressCallback = Callable[[ProgressUpdate], None]
+
+
+class SyncExecutor(Protocol):
+    """Copies one planned sync to its configured target."""
+
+    async def execute(self, plan: SyncPlanned, progress: ProgressCallback) -> SyncResult:
+        """Copy, flush the target, return the result. May fall back from incremental to full
+        (then ``result.replication_type`` is full and ``result.reason`` says why)."""
+        ...
+
+    async def release(self, plan: SyncPlanned) -> None:
+        """Called after the sync's outcome is published (committed or failed)."""
+        ...
+
+
+class NoopExecutor:
+    """Copies nothing and reports success at once. For pipeline benchmarks and load tests,
+    where only the orchestration is measured; never used for real replication."""
+
+    async def execute(self, plan: SyncPlanned, progress: ProgressCallback) -> SyncResult:
+        return SyncResult(plan.replication_type, plan.reason, 0, 0, 0, "sha256:" + "0" * 64, 0.0)
+
+    async def release(self, plan: SyncPlanned) -> None:
+        return None

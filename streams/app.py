@@ -1,0 +1,188 @@
+"""The Faust application (the only module that imports Faust): topics, the ``disks`` table and the
+agents that feed the pure planner.
+
+Delivery: at-least-once. For each input record an agent reads the disk's row, runs the pure
+function (``streams.planner``), writes the new row (table changelog) and sends the outputs, then
+Faust commits the input offset after its producer has flushed. A crash in between re-processes the
+record; the planner recognises redelivered snapshots and commits (event ids, uuid5-derived sync
+ids), so the replay produces the same ids and consumers drop duplicates.
+
+Every topic, including the table's changelog ``<app id>-disks-changelog``, has
+``settings.kafka.partitions`` partitions and is keyed by disk key, so a row always lives in the
+partition of the events that change it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+from faust.types import EventT
+from pydantic import BaseModel
+
+from cbtstream.config import Settings
+from cbtstream.kafka import ssl_context
+from cbtstream.log import bind_disk
+from schemas.codec import EventDecodeError, dead_letter_record, decode, encode
+from schemas.events import ChangeIdCommitted, SnapshotTaken, SyncFailed
+from schemas.topics import (
+    CHANGEID_COMMITTED,
+    DEADLETTER,
+    SNAPSHOT_TAKEN,
+    SYNC_FAILED,
+    TopicSpec,
+    topic_for,
+)
+from streams import planner
+from streams.state import DiskState, from_json, to_json
+
+log = logging.getLogger("cbtstream.streams")
+
+TABLE_NAME = "disks"
+
+
+def _credentials(settings: Settings) -> Any:
+    k = settings.kafka
+    ctx = ssl_context(k)
+    if k.sasl_mechanism:
+        password = k.sasl_password.get_secret_value() if k.sasl_password else ""
+        return faust.SASLCredentials(
+            username=k.sasl_username or "",
+            password=password,
+            mechanism=k.sasl_mechanism,
+            ssl_context=ctx,
+        )
+    if ctx is not None:
+        return faust.SSLCredentials(ctx)
+    return None
+
+
+class Planner:
+    """Composition root of the Faust side: builds the app, its topics, table and agents."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        k = settings.kafka
+        s = settings.streams
+        self.app = faust.App(
+            f"{k.topic_prefix}{s.app_id}",
+            broker=[f"kafka://{h.strip()}" for h in k.bootstrap_servers.split(",")],
+            broker_credentials=_credentials(settings),
+            store="memory://",
+            topic_partitions=k.partitions,
+            topic_replication_factor=k.replication_factor,
+            web_host=s.web_host,
+            web_bind=s.web_host,
+            web_port=s.web_port,
+            datadir=str(s.data_dir / f"{k.topic_prefix}{s.app_id}"),
+            consumer_auto_offset_reset="earliest",
+            producer_acks=-1,
+            autodiscover=False,
+        )
+        self._topics: dict[str, faust.TopicT] = {}
+        self.table = self.app.Table(
+            TABLE_NAME,
+            default=None,
+            partitions=k.partitions,
+            schema=faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json"),
+            help="Latest committed change ID and sync state per disk key.",
+        )
+        self._agent(SNAPSHOT_TAKEN, (SnapshotTaken,), self._on_snapshot)
+        self._agent(CHANGEID_COMMITTED, (ChangeIdCommitted,), self._on_commit)
+        self._agent(SYNC_FAILED, (SyncFailed,), self._on_failed)
+
+    # -- topics ---------------------------------------------------------------------------------
+    def topic(self, spec: TopicSpec) -> faust.TopicT:
+        if spec.name not in self._topics:
+            self._topics[spec.name] = self.app.topic(
+                spec.full_name(self.settings.kafka.topic_prefix),
+                key_type=bytes,
+                value_type=bytes,
+                key_serializer="raw",
+                value_serializer="raw",
+                partitions=self.settings.kafka.partitions,
+                config=dict(spec.config),
+            )
+        return self._topics[spec.name]
+
+    async def send(self, event: BaseModel) -> None:
+        key, value, headers = encode(event)
+        await self.topic(topic_for(event)).send(key=key, value=value, headers=headers)
+
+    # -- rows -----------------------------------------------------------------------------------
+    def row(self, key: bytes) -> DiskState | None:
+        return from_json(self.table.get(key))
+
+    def put(self, key: bytes, state: DiskState | None) -> None:
+        if state is not None:
+            self.table[key] = to_json(state)
+
+    # -- agents ---------------------------------------------------------------------------------
+    def _agent(
+        self,
+        spec: TopicSpec,
+        expect: tuple[type[BaseModel], ...],
+        handle: Callable[[bytes, Any], Awaitable[None]],
+    ) -> None:
+        topic = self.topic(spec)
+
+        async def agent(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+            async for event in stream.events():
+                await self._dispatch(spec, expect, handle, event)
+                yield None
+
+        agent.__name__ = agent.__qualname__ = f"on_{spec.name.replace('.', '_')}"
+        self.app.agent(topic, name=agent.__name__)(agent)
+
+    async def _dispatch(
+        self,
+        spec: TopicSpec,
+        expect: Sequence[type[BaseModel]],
+        handle: Callable[[bytes, Any], Awaitable[None]],
+        event: EventT[bytes],
+    ) -> None:
+        msg = event.message
+        try:
+            parsed = decode(msg.value, key=msg.key, expect=tuple(expect))
+        except EventDecodeError as exc:
+            await self.dead_letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value,
+                                   str(exc))
+            return
+        with bind_disk(parsed.disk.key):
+            await handle(parsed.disk.key.encode(), parsed)
+
+    async def dead_letter(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+        error: str,
+    ) -> None:
+        k, v, headers = dead_letter_record(topic, partition, offset, key, value, error, "planner")
+        log.warning("dead letter", extra={"topic": topic, "partition": partition,
+                                          "offset": offset, "error": error[:300]})
+        await self.topic(DEADLETTER).send(key=k, value=v, headers=headers)
+
+    async def _on_snapshot(self, key: bytes, ev: SnapshotTaken) -> None:
+        state, out = planner.on_snapshot(self.row(key), ev, datetime.now(UTC))
+        self.put(key, state)
+        for o in out:
+            log.info("planned" if o.event_type == "SyncPlanned" else o.event_type,
+                     extra={"event": o.model_dump(mode="json", exclude={"disk"})})
+            await self.send(o)
+
+    async def _on_commit(self, key: bytes, ev: ChangeIdCommitted) -> None:
+        state, out = planner.on_commit(self.row(key), ev, datetime.now(UTC))
+        self.put(key, state)
+        if not out or out[0].event_type != "SyncFailed":
+            log.info(
+                "commit applied", extra={"change_id": ev.change_id, "sync_id": str(ev.sync_id)}
+            )
+        for o in out:
+            await self.send(o)
+
+    async def _on_failed(self, key: bytes, ev: SyncFailed) -> None:
+        state, out = planner.on_failed(self.row(key), ev, datetime.now(UTC))
+        self.put(key, state)
+        for o in out:
+            await self.send(o)
