@@ -1,0 +1,1 @@
+"""A pure-Python asyncio NBD client (no libnbd binding is on PyPI)."""
