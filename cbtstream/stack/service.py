@@ -61,6 +61,12 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+#: Processes started by this Python process, by pid: kept so the ``Popen`` object is not
+#: garbage-collected while the service runs (a ResourceWarning) and so ``stop()`` can reap it
+#: instead of leaving a zombie in a long-lived caller such as the test runner.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 class Service(ABC):
     """One background process of the stack."""
 
@@ -140,6 +146,7 @@ class Service(ABC):
                 )
             except OSError as exc:
                 raise StackError(f"cannot start {self.name} ({argv[0]}): {exc}") from exc
+        _CHILDREN[proc.pid] = proc
         self.pid_file.write_text(f"{proc.pid} {process_start_time(proc.pid) or ''}\n")
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -168,6 +175,9 @@ class Service(ABC):
         if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+        child = _CHILDREN.pop(pid, None)
+        if child is not None:
+            child.wait(timeout=10)
         self.pid_file.unlink(missing_ok=True)
 
     def status(self) -> ServiceStatus:
