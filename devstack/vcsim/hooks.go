@@ -1,0 +1,170 @@
+package main
+
+// Hooks into govmomi's simulator, the documented way: Registry.Handler returns a wrapper object
+// (cbtVM embeds *simulator.VirtualMachine, as in simulator/example_extend_test.go) for the SOAP
+// methods we add or extend, and a RegisterObject handler sees snapshots appear and disappear.
+// The registry keeps the original *VirtualMachine, so the simulator's own code is unaffected.
+
+import (
+	"fmt"
+
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/mo"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+const (
+	keyCannotGetChanges = "vim.hostd.vmsvc.cbt.cannotGetChanges"
+	keyNoTrack          = "vim.hostd.vmsvc.cbt.noTrack"
+)
+
+type cbtVM struct {
+	*simulator.VirtualMachine
+	cbt *CBT
+}
+
+// install wires the hooks into the simulator's vim25 registry.
+func (c *CBT) install(m *simulator.Registry) {
+	m.Handler = func(ctx *simulator.Context, method *simulator.Method) (mo.Reference, types.BaseMethodFault) {
+		if method.This.Type != "VirtualMachine" {
+			return nil, nil
+		}
+		switch method.Name {
+		case "QueryChangedDiskAreas", "CreateSnapshot_Task", "CreateSnapshotEx_Task", "ReconfigVM_Task":
+			if vm, ok := ctx.Map.Get(method.This).(*simulator.VirtualMachine); ok {
+				return &cbtVM{VirtualMachine: vm, cbt: c}, nil
+			}
+		}
+		return nil, nil
+	}
+	m.AddHandler(&registryHook{cbt: c})
+}
+
+type registryHook struct{ cbt *CBT }
+
+func (h *registryHook) Reference() types.ManagedObjectReference {
+	return types.ManagedObjectReference{Type: "CbtRegistryHook", Value: "cbt-hook"}
+}
+
+func (h *registryHook) PutObject(_ *simulator.Context, obj mo.Reference) {
+	if snap, ok := obj.(*simulator.VirtualMachineSnapshot); ok {
+		h.cbt.snapshotCreated(snap)
+	}
+}
+
+func (h *registryHook) UpdateObject(*simulator.Context, mo.Reference, []types.PropertyChange) {}
+
+func (h *registryHook) RemoveObject(_ *simulator.Context, ref types.ManagedObjectReference) {
+	if ref.Type == "VirtualMachineSnapshot" {
+		h.cbt.snapshotRemoved(ref)
+	}
+}
+
+func (vm *cbtVM) CreateSnapshotTask(ctx *simulator.Context, req *types.CreateSnapshot_Task) soap.HasFault {
+	if err := vm.cbt.freeze(ctx, vm.VirtualMachine); err != nil {
+		return &methods.CreateSnapshot_TaskBody{Fault_: simulator.Fault(err.Error(), &types.FileFault{File: err.Error()})}
+	}
+	res := vm.VirtualMachine.CreateSnapshotTask(ctx, req)
+	if res.Fault() != nil {
+		vm.cbt.unfreeze(vm.Self)
+	}
+	return res
+}
+
+func (vm *cbtVM) CreateSnapshotExTask(ctx *simulator.Context, req *types.CreateSnapshotEx_Task) soap.HasFault {
+	if err := vm.cbt.freeze(ctx, vm.VirtualMachine); err != nil {
+		return &methods.CreateSnapshotEx_TaskBody{Fault_: simulator.Fault(err.Error(), &types.FileFault{File: err.Error()})}
+	}
+	res := vm.VirtualMachine.CreateSnapshotExTask(ctx, req)
+	if res.Fault() != nil {
+		vm.cbt.unfreeze(vm.Self)
+	}
+	return res
+}
+
+func (vm *cbtVM) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_Task) soap.HasFault {
+	if req.Spec.ChangeTrackingEnabled != nil {
+		if err := vm.cbt.setTracking(ctx, vm.VirtualMachine, *req.Spec.ChangeTrackingEnabled); err != nil {
+			return &methods.ReconfigVM_TaskBody{Fault_: simulator.Fault(err.Error(), &types.FileFault{File: err.Error()})}
+		}
+	}
+	return vm.VirtualMachine.ReconfigVMTask(ctx, req)
+}
+
+func cbtFault(key, msg, file string) types.BaseMethodFault {
+	return &types.FileFault{
+		VimFault: types.VimFault{MethodFault: types.MethodFault{
+			FaultMessage: []types.LocalizableMessage{{Key: key, Message: msg}},
+		}},
+		File: file,
+	}
+}
+
+func invalidArgument(prop string) types.BaseMethodFault {
+	return &types.InvalidArgument{InvalidProperty: prop}
+}
+
+// QueryChangedDiskAreas answers from the snapshot's frozen CBT state. Faults follow ESXi:
+// InvalidArgument for a missing snapshot argument, an unknown device key, an offset outside
+// the disk or a malformed change ID; NotFound for a snapshot that no longer exists;
+// FileFault(noTrack) when change tracking is off (now, or when the snapshot was taken);
+// FileFault(cannotGetChanges) for a change ID of another epoch (CBT reset, another disk) or
+// from the future.
+func (vm *cbtVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryChangedDiskAreas) soap.HasFault {
+	body := &methods.QueryChangedDiskAreasBody{}
+	info, msg, fault := vm.query(req)
+	if fault != nil {
+		body.Fault_ = simulator.Fault(msg, fault)
+		return body
+	}
+	body.Res = &types.QueryChangedDiskAreasResponse{Returnval: *info}
+	return body
+}
+
+func (vm *cbtVM) query(req *types.QueryChangedDiskAreas) (*types.DiskChangeInfo, string, types.BaseMethodFault) {
+	if req.Snapshot == nil {
+		return nil, "snapshot argument required", invalidArgument("snapshot")
+	}
+	fd, owner := vm.cbt.frozen(req.Snapshot.Value, req.DeviceKey)
+	if owner.Value == "" {
+		return nil, "snapshot not found", &types.NotFound{}
+	}
+	if owner != vm.Self {
+		return nil, "snapshot belongs to another VM", invalidArgument("snapshot")
+	}
+	if fd == nil {
+		return nil, fmt.Sprintf("no disk with key %d", req.DeviceKey), invalidArgument("deviceKey")
+	}
+	if req.StartOffset < 0 || req.StartOffset >= fd.capacity {
+		return nil, "startOffset outside the disk", invalidArgument("startOffset")
+	}
+	vm.cbt.mu.Lock()
+	tracking := vm.cbt.isTracking(vm.VirtualMachine)
+	vm.cbt.mu.Unlock()
+	file := fmt.Sprintf("%s-disk-%d.ctk", vm.Name, req.DeviceKey)
+	if !tracking || fd.changeID == "" {
+		return nil, "change tracking is not enabled", cbtFault(keyNoTrack, "Change tracking is not active on the disk", file)
+	}
+	var blocks []int64
+	if req.ChangeId == "*" {
+		blocks = fd.allocated
+	} else {
+		epoch, seq, ok := parseChangeID(req.ChangeId)
+		if !ok {
+			return nil, "malformed change ID", invalidArgument("changeId")
+		}
+		if epoch != fd.epoch || seq > fd.gen {
+			return nil, "cannot get changes for this change ID", cbtFault(keyCannotGetChanges,
+				"Cannot compute changes for disk; change ID does not match the tracking state", file)
+		}
+		blocks = blocksSince(fd.stamps, seq)
+	}
+	length, areas := page(blocks, req.StartOffset, fd.capacity, vm.cbt.maxRange, vm.cbt.maxAreas)
+	info := &types.DiskChangeInfo{StartOffset: req.StartOffset, Length: length}
+	for _, a := range areas {
+		info.ChangedArea = append(info.ChangedArea, types.DiskChangeExtent{Start: a.Start, Length: a.Length})
+	}
+	return info, "", nil
+}

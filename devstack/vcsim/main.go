@@ -1,0 +1,172 @@
+// Command vcsim-cbt is govmomi's vSphere simulator (v0.52.0) with Changed Block Tracking added:
+// change IDs on snapshot disk backings, frozen snapshot images exported read-only over NBD by
+// Debian's nbdkit, QueryChangedDiskAreas with paging and ESXi's faults, and a JSON side channel
+// (/cbt/...) that plays the guest and the administrator for tests and demos.
+//
+// Everything it writes lives under -dir: datastores/ (vcsim's datastore folders, each disk a
+// flat extent), frozen/ (one immutable image per snapshot disk, the NBD export names), cert.pem
+// (the self-signed certificate clients verify against) and vcsim.json (addresses, written once
+// the simulator is ready). State is in memory: a restart starts an empty inventory.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"encoding/pem"
+	"flag"
+	"fmt"
+	"log"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25"
+)
+
+func main() {
+	listen := flag.String("listen", "127.0.0.1:18989", "SOAP and side-channel address (host:port; port 0 = any)")
+	nbdListen := flag.String("nbd-listen", "127.0.0.1:0", "NBD address of the frozen images (port 0 = any)")
+	dir := flag.String("dir", "", "state directory (required)")
+	useTLS := flag.Bool("tls", true, "serve HTTPS with a self-signed certificate written to <dir>/cert.pem")
+	// ESXi bounds one QueryChangedDiskAreas answer; clients must page. 2 GiB and 2000 areas are
+	// in the range seen on real hosts; tests lower them to exercise paging on small disks.
+	pageBytes := flag.Int64("page-bytes", 2<<30, "largest range one QueryChangedDiskAreas call covers")
+	maxAreas := flag.Int("max-areas", 2000, "most areas in one QueryChangedDiskAreas answer")
+	machines := flag.Int("machines", 1, "stock VMs to create per host (each one 10 GiB disk)")
+	flag.Parse()
+	if *dir == "" || *pageBytes < blockSize || *maxAreas < 1 {
+		flag.Usage()
+		os.Exit(2)
+	}
+	if err := run(*listen, *nbdListen, *dir, *useTLS, *pageBytes, *maxAreas, *machines); err != nil {
+		log.Fatalf("vcsim-cbt: %v", err)
+	}
+}
+
+func run(listen, nbdListen, dir string, useTLS bool, pageBytes int64, maxAreas, machines int) error {
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return err
+	}
+	frozen := filepath.Join(dir, "frozen")
+	datastores := filepath.Join(dir, "datastores")
+	for _, d := range []string{frozen, datastores} {
+		if err := os.RemoveAll(d); err != nil { // state is in memory; stale files would lie
+			return err
+		}
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return err
+		}
+	}
+	// vcsim puts its datastores under os.MkdirTemp(""), i.e. $TMPDIR.
+	if err := os.Setenv("TMPDIR", datastores); err != nil {
+		return err
+	}
+
+	nbdAddr, nbd, err := startNBD(nbdListen, frozen)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = nbd.Process.Kill(); _ = nbd.Wait() }()
+
+	model := simulator.VPX()
+	model.Cluster = 0 // one standalone host: every VM lives on it, no DRS placement
+	model.Host = 1
+	model.Machine = machines
+	model.Autostart = false
+	if err := model.Create(); err != nil {
+		return err
+	}
+	defer model.Remove()
+
+	cbt := newCBT(frozen, pageBytes, maxAreas)
+	cbt.install(model.Service.Context.Map)
+
+	model.Service.Listen = &url.URL{Host: listen}
+	if useTLS {
+		model.Service.TLS = new(tls.Config)
+	}
+	model.Service.RegisterEndpoints = true
+	server := model.Service.NewServer()
+	defer server.Close()
+
+	client, err := vim25.NewClient(context.Background(), model.Service)
+	if err != nil {
+		return err
+	}
+	sc := &sideChannel{cbt: cbt, model: model, client: client, nbdAddr: nbdAddr}
+	sc.register(model.Service.ServeMux)
+
+	base := *server.URL
+	base.User = nil
+	info := map[string]any{"sdk": base.String(), "nbd": nbdAddr, "pid": os.Getpid()}
+	base.Path = "/cbt"
+	info["side_channel"] = base.String()
+	if useTLS {
+		cert := filepath.Join(dir, "cert.pem")
+		pemBytes := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: server.Certificate().Raw})
+		if err := os.WriteFile(cert, pemBytes, 0o644); err != nil {
+			return err
+		}
+		info["cert"] = cert
+	}
+	if err := writeJSON(filepath.Join(dir, "vcsim.json"), info); err != nil {
+		return err
+	}
+	log.Printf("vcsim-cbt ready: sdk=%s side_channel=%s nbd=%s", server.URL.Redacted(), info["side_channel"], nbdAddr)
+
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	exited := make(chan error, 1)
+	go func() { exited <- nbd.Wait() }()
+	select {
+	case s := <-sig:
+		log.Printf("vcsim-cbt: %s, stopping", s)
+		return nil
+	case err := <-exited:
+		return fmt.Errorf("nbdkit exited: %v", err)
+	}
+}
+
+func writeJSON(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// startNBD runs one read-only `nbdkit file dir=<frozen>`: every frozen image is an export named
+// after its file. We open the listening socket ourselves and hand it over with systemd socket
+// activation (LISTEN_FDS), so port 0 works without a race; --exit-with-parent ties its life to
+// ours.
+func startNBD(addr, frozen string) (string, *exec.Cmd, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", nil, err
+	}
+	f, err := ln.(*net.TCPListener).File()
+	_ = ln.Close()
+	if err != nil {
+		return "", nil, err
+	}
+	defer f.Close()
+	cmd := exec.Command("/bin/sh", "-c",
+		`LISTEN_PID=$$ LISTEN_FDS=1 exec nbdkit --foreground --exit-with-parent --readonly file dir="$0"`, frozen)
+	cmd.ExtraFiles = []*os.File{f}
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	if err := cmd.Start(); err != nil {
+		return "", nil, fmt.Errorf("starting nbdkit: %w", err)
+	}
+	return ln.Addr().String(), cmd, nil
+}

@@ -1,0 +1,369 @@
+package main
+
+// CBT state of the simulator: per-disk tracking, frozen snapshot images and the
+// QueryChangedDiskAreas implementation. Locking order: a simulator object lock (taken by the SOAP
+// dispatcher or WithLock) may be held while taking cbt.mu, never the other way round.
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/types"
+)
+
+type diskTrack struct {
+	file      string // "[LocalDS_0] vm/disk.vmdk"
+	flat      string // local path of the flat extent the guest writes to
+	capacity  int64
+	epoch     string // "" when change tracking is off
+	gen       int64
+	stamps    map[int64]int64    // block -> generation of its last write (this epoch)
+	allocated map[int64]struct{} // blocks ever written ("*" answers these)
+}
+
+type frozenDisk struct {
+	key       int32
+	changeID  string // "" when the snapshot was taken with CBT off
+	epoch     string
+	gen       int64
+	capacity  int64
+	stamps    map[int64]int64
+	allocated []int64
+	image     string // frozen image path; its base name is the NBD export name
+}
+
+type frozenSnapshot struct {
+	vm    types.ManagedObjectReference
+	disks map[int32]*frozenDisk
+}
+
+type diskID struct {
+	vm  string
+	key int32
+}
+
+// CBT holds every piece of change-tracking state of the simulator.
+type CBT struct {
+	mu        sync.Mutex
+	frozenDir string
+	maxRange  int64
+	maxAreas  int
+	tracking  map[string]bool // vm moref -> CBT enabled (our truth; config follows)
+	disks     map[diskID]*diskTrack
+	pending   map[string][]*frozenSnapshot // vm moref -> frozen, waiting for their snapshot object
+	snapshots map[string]*frozenSnapshot   // snapshot moref -> frozen disks
+}
+
+func newCBT(frozenDir string, maxRange int64, maxAreas int) *CBT {
+	return &CBT{
+		frozenDir: frozenDir,
+		maxRange:  maxRange,
+		maxAreas:  maxAreas,
+		tracking:  map[string]bool{},
+		disks:     map[diskID]*diskTrack{},
+		pending:   map[string][]*frozenSnapshot{},
+		snapshots: map[string]*frozenSnapshot{},
+	}
+}
+
+// vmDisks lists the VirtualDisks of a VM config (caller holds the VM's lock).
+func vmDisks(devices []types.BaseVirtualDevice) []*types.VirtualDisk {
+	var out []*types.VirtualDisk
+	for _, d := range devices {
+		if disk, ok := d.(*types.VirtualDisk); ok {
+			out = append(out, disk)
+		}
+	}
+	return out
+}
+
+func diskFile(disk *types.VirtualDisk) string {
+	if b, ok := disk.Backing.(types.BaseVirtualDeviceFileBackingInfo); ok {
+		return b.GetVirtualDeviceFileBackingInfo().FileName
+	}
+	return ""
+}
+
+// resolveFlat maps "[ds] path/x.vmdk" to the local "…/path/x-flat.vmdk" of that datastore.
+func resolveFlat(ctx *simulator.Context, file string) (string, error) {
+	p, err := parseDSPath(file)
+	if err != nil {
+		return "", err
+	}
+	for _, obj := range ctx.Map.All("Datastore") {
+		ds := obj.(*simulator.Datastore)
+		if ds.Name == p.Datastore {
+			return simulator.VirtualDiskBackingFileName(filepath.Join(ds.Summary.Url, p.Path)), nil
+		}
+	}
+	return "", fmt.Errorf("datastore %q not found", p.Datastore)
+}
+
+// track returns the tracking state of one disk of vm, creating or refreshing it from the VM's
+// current config (a new backing file under the same key is a new disk; a grown capacity extends
+// the flat file). Caller holds the VM's lock and c.mu.
+func (c *CBT) track(ctx *simulator.Context, vm *simulator.VirtualMachine, disk *types.VirtualDisk) (*diskTrack, error) {
+	id := diskID{vm.Self.Value, disk.Key}
+	file := diskFile(disk)
+	t := c.disks[id]
+	if t == nil || t.file != file {
+		flat, err := resolveFlat(ctx, file)
+		if err != nil {
+			return nil, err
+		}
+		t = &diskTrack{file: file, flat: flat, stamps: map[int64]int64{}, allocated: map[int64]struct{}{}}
+		if c.isTracking(vm) {
+			t.epoch, t.gen = newEpoch(), 1
+			if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
+				b.ChangeId = formatChangeID(t.epoch, 0)
+			}
+		}
+		c.disks[id] = t
+	}
+	if disk.CapacityInBytes != t.capacity {
+		if err := ensureSize(t.flat, disk.CapacityInBytes); err != nil {
+			return nil, err
+		}
+		t.capacity = disk.CapacityInBytes
+	}
+	return t, nil
+}
+
+func (c *CBT) isTracking(vm *simulator.VirtualMachine) bool {
+	on, seen := c.tracking[vm.Self.Value]
+	if !seen {
+		on = vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled
+		c.tracking[vm.Self.Value] = on
+	}
+	return on
+}
+
+// setTracking handles ReconfigVM(changeTrackingEnabled): enabling starts a new epoch on every
+// disk (voiding old change IDs, as a CBT reset does on ESXi); disabling forgets the history.
+// Takes effect immediately (ESXi waits for the next stun; the observable result is the same for
+// a snapshot-based workflow). Caller holds the VM's lock.
+func (c *CBT) setTracking(ctx *simulator.Context, vm *simulator.VirtualMachine, on bool) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	was := c.isTracking(vm)
+	c.tracking[vm.Self.Value] = on
+	if was == on {
+		return nil
+	}
+	for _, disk := range vmDisks(vm.Config.Hardware.Device) {
+		t, err := c.track(ctx, vm, disk)
+		if err != nil {
+			return err
+		}
+		t.stamps = map[int64]int64{}
+		t.epoch, t.gen = "", 0
+		changeID := ""
+		if on {
+			t.epoch, t.gen = newEpoch(), 1
+			changeID = formatChangeID(t.epoch, 0)
+		}
+		if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
+			b.ChangeId = changeID
+		}
+	}
+	return nil
+}
+
+// write stores guest data at offset of a disk and stamps the touched blocks. Caller holds the
+// VM's lock (so the config cannot change under us).
+func (c *CBT) write(ctx *simulator.Context, vm *simulator.VirtualMachine, key int32, offset int64, data []byte) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	disk := findDisk(vm.Config.Hardware.Device, key)
+	if disk == nil {
+		return fmt.Errorf("%w: no disk with key %d", errNotFound, key)
+	}
+	t, err := c.track(ctx, vm, disk)
+	if err != nil {
+		return err
+	}
+	if offset < 0 || offset+int64(len(data)) > t.capacity {
+		return fmt.Errorf("%w: write [%d, +%d) outside disk of %d bytes", errBadRequest, offset, len(data), t.capacity)
+	}
+	if len(data) == 0 {
+		return nil
+	}
+	f, err := os.OpenFile(t.flat, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(data, offset); err != nil {
+		return err
+	}
+	first, last := markBlocks(offset, int64(len(data)))
+	for b := first; b <= last; b++ {
+		t.allocated[b] = struct{}{}
+		if t.epoch != "" {
+			t.stamps[b] = t.gen
+		}
+	}
+	return nil
+}
+
+// read returns live disk content (for tests comparing live and frozen data).
+func (c *CBT) read(ctx *simulator.Context, vm *simulator.VirtualMachine, key int32, offset, length int64) ([]byte, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	disk := findDisk(vm.Config.Hardware.Device, key)
+	if disk == nil {
+		return nil, fmt.Errorf("%w: no disk with key %d", errNotFound, key)
+	}
+	t, err := c.track(ctx, vm, disk)
+	if err != nil {
+		return nil, err
+	}
+	if offset < 0 || length < 0 || offset+length > t.capacity {
+		return nil, fmt.Errorf("%w: read outside disk", errBadRequest)
+	}
+	f, err := os.Open(t.flat)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	buf := make([]byte, length)
+	_, err = f.ReadAt(buf, offset)
+	if err == io.EOF {
+		err = nil
+	}
+	return buf, err
+}
+
+func findDisk(devices []types.BaseVirtualDevice, key int32) *types.VirtualDisk {
+	for _, disk := range vmDisks(devices) {
+		if disk.Key == key {
+			return disk
+		}
+	}
+	return nil
+}
+
+// freeze runs before CreateSnapshot: it copies every disk's data to an immutable image, records
+// the block stamps, assigns the change IDs and opens a new generation. The live disks' backings
+// carry the new change IDs, so the snapshot's config (copied from the VM by the simulator) gets
+// them; snapshotCreated then deep-copies that config. Caller holds the VM's lock.
+func (c *CBT) freeze(ctx *simulator.Context, vm *simulator.VirtualMachine) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	fs := &frozenSnapshot{vm: vm.Self, disks: map[int32]*frozenDisk{}}
+	for _, disk := range vmDisks(vm.Config.Hardware.Device) {
+		t, err := c.track(ctx, vm, disk)
+		if err != nil {
+			return err
+		}
+		fd := &frozenDisk{key: disk.Key, epoch: t.epoch, gen: t.gen, capacity: t.capacity,
+			stamps: make(map[int64]int64, len(t.stamps)), allocated: sortedBlocks(t.allocated)}
+		for b, g := range t.stamps {
+			fd.stamps[b] = g
+		}
+		if t.epoch != "" {
+			fd.changeID = formatChangeID(t.epoch, t.gen)
+			t.gen++
+		}
+		img, err := os.CreateTemp(c.frozenDir, ".freezing-*")
+		if err != nil {
+			return err
+		}
+		fd.image = img.Name()
+		err = copyBlocks(t.flat, img, fd.allocated, t.capacity)
+		_ = img.Close()
+		if err != nil {
+			return err
+		}
+		if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
+			b.ChangeId = fd.changeID
+		}
+		fs.disks[disk.Key] = fd
+	}
+	c.pending[vm.Self.Value] = append(c.pending[vm.Self.Value], fs)
+	return nil
+}
+
+// unfreeze drops the oldest pending freeze of vm (its CreateSnapshot call failed).
+func (c *CBT) unfreeze(vm types.ManagedObjectReference) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	q := c.pending[vm.Value]
+	if len(q) == 0 {
+		return
+	}
+	for _, fd := range q[len(q)-1].disks {
+		_ = os.Remove(fd.image)
+	}
+	c.pending[vm.Value] = q[:len(q)-1]
+}
+
+// snapshotCreated binds the oldest pending freeze of the snapshot's VM to the new snapshot
+// object, names the images after it, and gives the snapshot its own copy of every disk device
+// (the simulator copies the config shallowly; later changes to the live VM must not leak in).
+func (c *CBT) snapshotCreated(snap *simulator.VirtualMachineSnapshot) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	q := c.pending[snap.Vm.Value]
+	if len(q) == 0 {
+		return
+	}
+	fs := q[0]
+	c.pending[snap.Vm.Value] = q[1:]
+	c.snapshots[snap.Self.Value] = fs
+	for key, fd := range fs.disks {
+		final := filepath.Join(c.frozenDir, exportName(snap.Self.Value, key))
+		if err := os.Rename(fd.image, final); err == nil {
+			fd.image = final
+		}
+	}
+	devices := make([]types.BaseVirtualDevice, len(snap.Config.Hardware.Device))
+	for i, d := range snap.Config.Hardware.Device {
+		devices[i] = d
+		disk, ok := d.(*types.VirtualDisk)
+		if !ok {
+			continue
+		}
+		cp := *disk
+		if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
+			bc := *b
+			if fd := fs.disks[disk.Key]; fd != nil {
+				bc.ChangeId = fd.changeID
+			}
+			cp.Backing = &bc
+		}
+		devices[i] = &cp
+	}
+	snap.Config.Hardware.Device = devices
+}
+
+// snapshotRemoved deletes the frozen images of a removed snapshot (their NBD exports vanish).
+func (c *CBT) snapshotRemoved(ref types.ManagedObjectReference) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if fs := c.snapshots[ref.Value]; fs != nil {
+		for _, fd := range fs.disks {
+			_ = os.Remove(fd.image)
+		}
+		delete(c.snapshots, ref.Value)
+	}
+}
+
+func exportName(snapshot string, key int32) string {
+	return fmt.Sprintf("%s-disk-%d", snapshot, key)
+}
+
+// frozen returns the frozen disk of a snapshot, or nil.
+func (c *CBT) frozen(snapshot string, key int32) (*frozenDisk, types.ManagedObjectReference) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	fs := c.snapshots[snapshot]
+	if fs == nil {
+		return nil, types.ManagedObjectReference{}
+	}
+	return fs.disks[key], fs.vm
+}
