@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cbtstream.errors import StackError
 
@@ -122,7 +123,7 @@ class OsUser:
             raise StackError(f"system user {name!r} does not exist") from exc
         return cls(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
 
-    def popen_kwargs(self) -> dict[str, object]:
+    def popen_kwargs(self) -> dict[str, Any]:
         """``subprocess`` arguments that drop privileges to this user in the child."""
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
@@ -141,7 +142,7 @@ def run(
     ``input_text`` goes to stdin (secrets are passed this way, never in ``argv``), and is never
     part of an error message.
     """
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if user is not None:
         kwargs.update(user.popen_kwargs())
     try:
@@ -154,7 +155,7 @@ def run(
             text=True,
             timeout=timeout,
             check=False,
-            **kwargs,  # type: ignore[call-overload]
+            **kwargs,
         )
     except FileNotFoundError as exc:
         raise StackError(f"{argv[0]} not found") from exc
@@ -163,7 +164,7 @@ def run(
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise StackError(f"{' '.join(argv[:3])} ... failed (exit {proc.returncode}):\n{tail}")
-    return proc.stdout
+    return str(proc.stdout)
 
 
 def make_traversable(path: Path) -> None:
