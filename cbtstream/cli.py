@@ -22,6 +22,7 @@ from cbtstream.log import configure_logging
 COMMANDS: tuple[str, ...] = (
     "cbtstream.commands.topics",
     "cbtstream.commands.worker",
+    "cbtstream.commands.copier",
     "cbtstream.commands.schemas",
     "cbtstream.commands.stack",
 )

@@ -77,7 +77,7 @@ class PostgresSettings(BaseModel):
     password: SecretStr = SecretStr("cbtstream")
     password_file: Path | None = None
     database: str = "cbtstream"
-    schema_: str = Field(default="public", alias="schema")
+    db_schema: str = "public"
 
     @model_validator(mode="after")
     def _password_from_file(self) -> PostgresSettings:

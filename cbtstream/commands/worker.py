@@ -23,6 +23,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from streams.app import Planner
 
+    settings.streams.data_dir.mkdir(parents=True, exist_ok=True)
     planner = Planner(settings)
     worker = faust.Worker(
         planner.app,
