@@ -1,0 +1,45 @@
+# cbtstream: two commands on a fresh machine.
+#   make demo   sets up everything (Python env, Kafka, PostgreSQL, vSphere simulator) and runs a
+#               demo replication of a three-disk VM over three cycles.
+#   make test   sets up the same and runs the whole test suite against the real services.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install stack demo test unit lint down clean bench-copy bench-pipeline
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+stack: install
+	$(BIN)/cbtstream --log-format console stack up
+
+demo: stack
+	$(BIN)/cbtstream --log-format console demo
+
+test: stack
+	$(BIN)/pytest
+
+unit: install
+	$(BIN)/pytest tests/unit
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench-copy: install
+	$(BIN)/cbtstream bench copy
+
+bench-pipeline: stack
+	$(BIN)/cbtstream bench pipeline
+
+down:
+	-$(BIN)/cbtstream --log-format console stack down
+
+clean: down
+	rm -rf .stack $(VENV)
