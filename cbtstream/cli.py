@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "cbtstream.commands.topics",
     "cbtstream.commands.worker",
     "cbtstream.commands.copier",
+    "cbtstream.commands.publish",
     "cbtstream.commands.schemas",
     "cbtstream.commands.stack",
 )
