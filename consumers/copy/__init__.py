@@ -1,0 +1,1 @@
+"""The block copy engine: changed extents from a source to a durable target."""

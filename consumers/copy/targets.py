@@ -1,0 +1,294 @@
+"""Where replicas are written: a local file or block device, or an NBD export.
+
+Which file a disk goes to is decided here, by :class:`TargetResolver`, from the configuration
+(``copier.target_root``) and the disk key alone. Nothing in an event names a path, so nothing
+outside the target root can be written: the disk key must parse as ``<vm uuid>/disk-<n>``, the
+file is created as ``<root>/<vm uuid>/disk-<n>.img``, and no component below the root may be a
+symlink (opened with ``O_NOFOLLOW`` relative to directory descriptors, so a symlink swapped in
+between a check and the open is refused too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import os
+import stat
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, runtime_checkable
+
+from cbtstream.config import CopierSettings
+from cbtstream.errors import CbtStreamError, PermissionDenied
+from consumers.nbd.client import NbdClient
+from consumers.nbd.errors import NbdError
+from consumers.nbd.uri import NbdAddress
+from schemas.disk import parse_disk_key
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_ZEROS = bytes(1024 * 1024)
+#: Zero runs are issued in pieces no larger than this (NBD lengths are 32-bit).
+_MAX_ZERO = 1 << 30
+
+
+class TargetError(CbtStreamError):
+    """The target could not be opened, written or flushed."""
+
+    reason = "target_error"
+
+
+@runtime_checkable
+class BlockTarget(Protocol):
+    """Write side of a copy. ``flush`` makes every completed write durable."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def max_request(self) -> int: ...
+
+    async def write(self, offset: int, buf: memoryview) -> None: ...
+
+    async def zero(self, offset: int, length: int) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def read_into(self, offset: int, buf: memoryview) -> None: ...
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class FileTarget:
+    """A replica file or block device: ``pwrite``, hole punching for zero runs, ``fdatasync``."""
+
+    def __init__(self, path: str | os.PathLike[str], fd: int) -> None:
+        self.path = os.fspath(path)
+        self._fd = fd
+        self._size = os.lseek(fd, 0, os.SEEK_END)
+        self._punch = True
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> FileTarget:
+        """Open an existing file or block device for writing (no resolution, for tests/tools)."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise TargetError(f"cannot open target {path}: {exc.strerror}") from exc
+        return cls(path, fd)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def max_request(self) -> int:
+        return 1 << 30
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    async def __aenter__(self) -> FileTarget:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def write_sync(self, offset: int, buf: memoryview) -> None:
+        """Blocking ``pwrite`` of all of ``buf`` (releases the GIL; call from a thread)."""
+        if offset + len(buf) > self._size:
+            raise TargetError(f"write beyond the end of {self.path}")
+        done = 0
+        try:
+            while done < len(buf):
+                done += os.pwrite(self._fd, buf[done:], offset + done)
+        except OSError as exc:
+            raise TargetError(f"write to {self.path} at {offset} failed: {exc.strerror}") from exc
+
+    async def write(self, offset: int, buf: memoryview) -> None:
+        await asyncio.to_thread(self.write_sync, offset, buf)
+
+    def zero_sync(self, offset: int, length: int) -> None:
+        if offset + length > self._size:
+            raise TargetError(f"zeroing beyond the end of {self.path}")
+        try:
+            if self._punch:
+                try:
+                    _fallocate(
+                        self._fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length
+                    )
+                    return
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        raise
+                    self._punch = False
+            for start in range(offset, offset + length, len(_ZEROS)):
+                n = min(len(_ZEROS), offset + length - start)
+                self.write_sync(start, memoryview(_ZEROS)[:n])
+        except OSError as exc:
+            raise TargetError(f"zeroing {self.path} at {offset} failed: {exc.strerror}") from exc
+
+    async def zero(self, offset: int, length: int) -> None:
+        await asyncio.to_thread(self.zero_sync, offset, length)
+
+    async def flush(self) -> None:
+        try:
+            await asyncio.to_thread(os.fdatasync, self._fd)
+        except OSError as exc:
+            raise TargetError(f"fdatasync of {self.path} failed: {exc.strerror}") from exc
+
+    def read_sync(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self._fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise TargetError(f"unexpected end of {self.path}")
+            done += n
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        await asyncio.to_thread(self.read_sync, offset, buf)
+
+
+class NbdTarget:
+    """An NBD export as the target: WRITE, WRITE_ZEROES, FLUSH over one connection."""
+
+    def __init__(self, address: NbdAddress, **client_kwargs: object) -> None:
+        self.client = NbdClient(address, want_block_status=False, **client_kwargs)  # type: ignore[arg-type]
+
+    @property
+    def size(self) -> int:
+        return self.client.size
+
+    @property
+    def max_request(self) -> int:
+        return self.client.max_block
+
+    async def start(self) -> None:
+        await self.client.start()
+        if self.client.read_only:
+            await self.client.stop()
+            raise TargetError(f"NBD target {self.client.address.endpoint()} is read-only")
+
+    async def stop(self) -> None:
+        with contextlib.suppress(NbdError):
+            await self.client.stop()
+
+    async def __aenter__(self) -> NbdTarget:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def write(self, offset: int, buf: memoryview) -> None:
+        await self.client.write(offset, buf)
+
+    async def zero(self, offset: int, length: int) -> None:
+        for start in range(offset, offset + length, _MAX_ZERO):
+            await self.client.write_zeroes(start, min(_MAX_ZERO, offset + length - start))
+
+    async def flush(self) -> None:
+        await self.client.flush()
+
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        await self.client.read_into(offset, buf)
+
+
+class TargetResolver:
+    """Maps a disk key to its replica file under ``copier.target_root``; refuses escapes."""
+
+    def __init__(self, settings: CopierSettings) -> None:
+        self.root = Path(os.path.abspath(settings.target_root))
+
+    def path_for(self, disk_key: str) -> Path:
+        """The replica path of a disk (pure: no file system access)."""
+        try:
+            vm_uuid, device_key = parse_disk_key(disk_key)
+        except ValueError as exc:
+            raise PermissionDenied(f"not a disk key: {disk_key[:100]!r}") from exc
+        if device_key < 0 or "/" in vm_uuid or vm_uuid in ("", ".", ".."):
+            raise PermissionDenied(f"not a disk key: {disk_key[:100]!r}")
+        return self.root / vm_uuid / f"disk-{device_key}.img"
+
+    def target_for(self, disk_key: str, capacity: int) -> FileTarget:
+        """Open (creating if needed) the replica of ``disk_key``, at least ``capacity`` bytes.
+
+        A regular file is created or extended to ``capacity`` (never truncated: a larger replica
+        is refused, since a shrunk disk is a different disk). An existing block device node (not
+        a symlink) must be at least ``capacity`` bytes.
+        """
+        path = self.path_for(disk_key)
+        vm_dir, name = path.parent.name, path.name
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise TargetError(f"cannot open target root {self.root}: {exc.strerror}") from exc
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(vm_dir, 0o750, dir_fd=root_fd)
+            dir_fd = _open_nofollow(vm_dir, os.O_RDONLY | os.O_DIRECTORY, root_fd, path)
+            try:
+                fd = _open_nofollow(name, os.O_RDWR | os.O_CREAT, dir_fd, path, mode=0o640)
+                try:
+                    target = self._prepare(path, fd, capacity)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                os.fsync(dir_fd)  # the file's directory entry is durable too
+                return target
+            finally:
+                os.close(dir_fd)
+        finally:
+            os.close(root_fd)
+
+    @staticmethod
+    def _prepare(path: Path, fd: int, capacity: int) -> FileTarget:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            if st.st_size > capacity:
+                raise TargetError(
+                    f"replica {path} is {st.st_size} bytes, larger than the disk ({capacity})"
+                )
+            if st.st_size < capacity:
+                os.ftruncate(fd, capacity)
+        elif stat.S_ISBLK(st.st_mode):
+            if os.lseek(fd, 0, os.SEEK_END) < capacity:
+                raise TargetError(f"block device {path} is smaller than the disk ({capacity})")
+        else:
+            raise PermissionDenied(f"replica {path} is neither a regular file nor a block device")
+        return FileTarget(path, fd)
+
+
+def _open_nofollow(name: str, flags: int, dir_fd: int, full: Path, mode: int = 0o777) -> int:
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise PermissionDenied(
+                f"refusing {full}: a symlink or non-directory below the target root"
+            ) from exc
+        raise TargetError(f"cannot open {full}: {exc.strerror}") from exc
