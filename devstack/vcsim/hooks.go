@@ -1,9 +1,13 @@
 package main
 
-// Hooks into govmomi's simulator, the documented way: Registry.Handler returns a wrapper object
-// (cbtVM embeds *simulator.VirtualMachine, as in simulator/example_extend_test.go) for the SOAP
-// methods we add or extend, and a RegisterObject handler sees snapshots appear and disappear.
-// The registry keeps the original *VirtualMachine, so the simulator's own code is unaffected.
+// Hooks into govmomi's simulator. The documented extension is a wrapper type embedding
+// *simulator.VirtualMachine (simulator/example_extend_test.go); putting such a wrapper into the
+// registry would break the simulator's own `Map.Get(ref).(*VirtualMachine)` assertions (snapshot
+// removal, for one), and Registry.Handler's returned object is overridden by the session lookup.
+// So Registry.Handler re-targets the few VirtualMachine methods we add or extend to one proxy
+// object registered in the map; the proxy looks the VM up, takes the VM's lock exactly as the
+// dispatcher would, and calls cbtVM (the wrapper) on it. Everything else reaches the stock VM.
+// A RegisterObject handler sees snapshots appear and disappear.
 
 import (
 	"fmt"
@@ -20,22 +24,78 @@ const (
 	keyNoTrack          = "vim.hostd.vmsvc.cbt.noTrack"
 )
 
+var proxyRef = types.ManagedObjectReference{Type: "CbtProxy", Value: "cbt-proxy"}
+
 type cbtVM struct {
 	*simulator.VirtualMachine
 	cbt *CBT
 }
 
+// cbtProxy receives the re-targeted calls; req.This still names the real VM.
+// Its first field is an mo type because the simulator walks every registry object as one.
+type cbtProxy struct {
+	mo.ExtensibleManagedObject
+	cbt *CBT
+}
+
+func (p *cbtProxy) Reference() types.ManagedObjectReference { return p.Self }
+
+// with runs f on the wrapped VM under the VM's lock, or returns ManagedObjectNotFound.
+func (p *cbtProxy) with(ctx *simulator.Context, ref types.ManagedObjectReference, f func(*cbtVM) soap.HasFault) (soap.HasFault, *soap.Fault) {
+	vm, ok := ctx.Map.Get(ref).(*simulator.VirtualMachine)
+	if !ok {
+		return nil, simulator.Fault("managed object not found", &types.ManagedObjectNotFound{Obj: ref})
+	}
+	var res soap.HasFault
+	ctx.WithLock(vm, func() { res = f(&cbtVM{VirtualMachine: vm, cbt: p.cbt}) })
+	return res, nil
+}
+
+func (p *cbtProxy) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryChangedDiskAreas) soap.HasFault {
+	res, fault := p.with(ctx, req.This, func(vm *cbtVM) soap.HasFault { return vm.QueryChangedDiskAreas(ctx, req) })
+	if fault != nil {
+		return &methods.QueryChangedDiskAreasBody{Fault_: fault}
+	}
+	return res
+}
+
+func (p *cbtProxy) CreateSnapshotTask(ctx *simulator.Context, req *types.CreateSnapshot_Task) soap.HasFault {
+	res, fault := p.with(ctx, req.This, func(vm *cbtVM) soap.HasFault { return vm.CreateSnapshotTask(ctx, req) })
+	if fault != nil {
+		return &methods.CreateSnapshot_TaskBody{Fault_: fault}
+	}
+	return res
+}
+
+func (p *cbtProxy) CreateSnapshotExTask(ctx *simulator.Context, req *types.CreateSnapshotEx_Task) soap.HasFault {
+	res, fault := p.with(ctx, req.This, func(vm *cbtVM) soap.HasFault { return vm.CreateSnapshotExTask(ctx, req) })
+	if fault != nil {
+		return &methods.CreateSnapshotEx_TaskBody{Fault_: fault}
+	}
+	return res
+}
+
+func (p *cbtProxy) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_Task) soap.HasFault {
+	res, fault := p.with(ctx, req.This, func(vm *cbtVM) soap.HasFault { return vm.ReconfigVMTask(ctx, req) })
+	if fault != nil {
+		return &methods.ReconfigVM_TaskBody{Fault_: fault}
+	}
+	return res
+}
+
 // install wires the hooks into the simulator's vim25 registry.
 func (c *CBT) install(m *simulator.Registry) {
+	proxy := &cbtProxy{cbt: c}
+	proxy.Self = proxyRef
+	m.Put(proxy)
 	m.Handler = func(ctx *simulator.Context, method *simulator.Method) (mo.Reference, types.BaseMethodFault) {
 		if method.This.Type != "VirtualMachine" {
 			return nil, nil
 		}
 		switch method.Name {
 		case "QueryChangedDiskAreas", "CreateSnapshot_Task", "CreateSnapshotEx_Task", "ReconfigVM_Task":
-			if vm, ok := ctx.Map.Get(method.This).(*simulator.VirtualMachine); ok {
-				return &cbtVM{VirtualMachine: vm, cbt: c}, nil
-			}
+			method.This = proxyRef
+			return proxy, nil
 		}
 		return nil, nil
 	}

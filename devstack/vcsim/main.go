@@ -56,6 +56,7 @@ func run(listen, nbdListen, dir string, useTLS bool, pageBytes int64, maxAreas, 
 	}
 	frozen := filepath.Join(dir, "frozen")
 	datastores := filepath.Join(dir, "datastores")
+	_ = os.Remove(filepath.Join(dir, "vcsim.json")) // written again once ready
 	for _, d := range []string{frozen, datastores} {
 		if err := os.RemoveAll(d); err != nil { // state is in memory; stale files would lie
 			return err

@@ -1,0 +1,407 @@
+"""The vSphere adapter: the only module that imports pyvmomi.
+
+pyvmomi is blocking, so every SOAP call runs on a small thread pool owned by the client, never on
+the event loop; task completion is polled with ``asyncio.sleep`` between calls, so waiting for a
+snapshot occupies no thread. Properties are read through the PropertyCollector with explicit
+paths (``config.hardware.device``, ``snapshot.rootSnapshotList``): lazy attribute reads of unset
+properties fail on the simulator and cost one round trip each on a real vCenter.
+
+Change IDs are read from the **snapshot's** config (``snapshot.config.hardware.device[i].backing
+.changeId``), never from the live VM, and always returned together with the :class:`DiskRef` of
+the disk they belong to. pyvmomi faults become :mod:`cbtstream.vsphere.errors` with
+``raise ... from``.
+
+TLS: certificates are verified by default (system trust store, or ``settings.cafile``); only
+``settings.insecure=True`` turns verification off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import http.client
+import ssl
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim, vmodl
+
+from cbtstream.config import VSphereSettings
+from cbtstream.extents import Extent
+from cbtstream.vsphere.errors import (
+    CANNOT_GET_CHANGES_KEY,
+    NO_TRACK_KEY,
+    CbtNotEnabled,
+    StaleChangeId,
+    VSphereAuthError,
+    VSphereError,
+    VSphereInvalidArgument,
+    VSphereNotFound,
+    VSphereTransient,
+)
+from schemas.disk import DiskRef
+
+T = TypeVar("T")
+
+#: pyvmomi calls that may run at once (QueryChangedDiskAreas of several disks, task polls).
+_THREADS = 4
+#: Task polling: start fast (the simulator finishes in milliseconds), back off to this.
+_TASK_POLL_MAX_S = 1.0
+_TASK_TIMEOUT_S = 1800.0
+
+_TRANSIENT_FAULTS: tuple[type[BaseException], ...] = (
+    vmodl.fault.SystemError,
+    vmodl.fault.HostCommunication,
+    vmodl.fault.RequestCanceled,
+    vim.fault.Timedout,
+    vim.fault.InvalidState,
+    vim.fault.TaskInProgress,
+)
+_AUTH_FAULTS: tuple[type[BaseException], ...] = (
+    vim.fault.InvalidLogin,
+    vim.fault.NotAuthenticated,
+    vim.fault.NoPermission,
+)
+
+
+@dataclass(frozen=True)
+class VmRef:
+    """A VM as found in the inventory: its moref on this vCenter and its stable identity."""
+
+    moref: str
+    name: str
+    instance_uuid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """One VM snapshot and, per disk, the disk's identity and change ID as of the snapshot."""
+
+    moref: str
+    name: str
+    created: datetime
+    vm: VmRef
+    quiesced: bool
+    disks: list[tuple[DiskRef, str | None]]
+
+
+def _fault_keys(fault: Any) -> set[str]:
+    return {m.key for m in (getattr(fault, "faultMessage", None) or []) if getattr(m, "key", None)}
+
+
+def translate(exc: BaseException, what: str = "") -> VSphereError:
+    """Map a pyvmomi fault (raised, or a task's ``info.error``) or an I/O error to our errors."""
+    msg = getattr(exc, "msg", None) or str(exc) or type(exc).__name__
+    text = f"{what}: {msg}" if what else msg
+    keys = _fault_keys(exc)
+    if CANNOT_GET_CHANGES_KEY in keys:
+        return StaleChangeId(text)
+    if NO_TRACK_KEY in keys:
+        return CbtNotEnabled(text)
+    if isinstance(exc, (vim.fault.NotFound, vmodl.fault.ManagedObjectNotFound)):
+        return VSphereNotFound(text)
+    if isinstance(exc, vmodl.fault.InvalidArgument):
+        return VSphereInvalidArgument(text)
+    if isinstance(exc, _AUTH_FAULTS):
+        return VSphereAuthError(text)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return VSphereAuthError(f"{what}: TLS certificate not trusted ({exc.verify_message}); "
+                                "set vsphere.cafile, or vsphere.insecure=true for a lab")
+    if isinstance(exc, (*_TRANSIENT_FAULTS, OSError, http.client.HTTPException)):
+        return VSphereTransient(text)
+    return VSphereError(text)
+
+
+def _ssl_context(settings: VSphereSettings) -> ssl.SSLContext | None:
+    if settings.insecure:
+        return None
+    return ssl.create_default_context(cafile=str(settings.cafile) if settings.cafile else None)
+
+
+class VSphereClient:
+    """An async client of one vCenter/ESXi. ``async with VSphereClient(settings) as c: ...``."""
+
+    def __init__(self, settings: VSphereSettings) -> None:
+        self._settings = settings
+        parts = urlsplit(settings.url)
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise VSphereInvalidArgument(f"vsphere.url must be https://host[:port]/sdk: "
+                                         f"{settings.url!r}")
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._path = parts.path or "/sdk"
+        self._si: Any = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def vcenter(self) -> str:
+        """Identity of the endpoint for events: ``host[:port]`` (never credentials)."""
+        default = 443 if self._scheme == "https" else 80
+        return self._host if self._port == default else f"{self._host}:{self._port}"
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._si is not None:
+            return
+        self._executor = ThreadPoolExecutor(_THREADS, thread_name_prefix="pyvmomi")
+        try:
+            self._si = await self._call(self._connect, what="connect")
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    def _connect(self) -> Any:
+        s = self._settings
+        return SmartConnect(
+            protocol=self._scheme,
+            host=self._host,
+            port=self._port,
+            path=self._path,
+            user=s.username,
+            pwd=s.password.get_secret_value(),
+            sslContext=_ssl_context(s),
+            disableSslCertValidation=s.insecure,
+            httpConnectionTimeout=60,
+        )
+
+    async def stop(self) -> None:
+        si, executor = self._si, self._executor
+        self._si, self._executor = None, None
+        if executor is None:
+            return
+        if si is not None:
+            loop = asyncio.get_running_loop()
+            # Logout is best effort: the session expires on the server anyway.
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(executor, Disconnect, si)
+        executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> VSphereClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- plumbing -------------------------------------------------------------------------------
+    async def _call(self, fn: Callable[..., T], *args: Any, what: str = "", **kw: Any) -> T:
+        if self._executor is None:
+            raise VSphereError("VSphereClient is not started")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kw))
+        except (vmodl.MethodFault, OSError, http.client.HTTPException, TimeoutError) as exc:
+            raise translate(exc, what) from exc
+
+    @property
+    def _stub(self) -> Any:
+        if self._si is None:
+            raise VSphereError("VSphereClient is not started")
+        return self._si._stub
+
+    def _vm(self, vm: VmRef) -> Any:
+        return vim.VirtualMachine(vm.moref, self._stub)
+
+    def _snapshot(self, moref: str) -> Any:
+        return vim.vm.Snapshot(moref, self._stub)
+
+    def _props(self, obj: Any, paths: list[str]) -> dict[str, Any]:
+        """Read ``paths`` of one managed object with a single PropertyCollector call."""
+        pc = vmodl.query.PropertyCollector
+        spec = pc.FilterSpec(
+            objectSet=[pc.ObjectSpec(obj=obj, skip=False)],
+            propSet=[pc.PropertySpec(type=type(obj), pathSet=paths, all=False)],
+        )
+        result = self._si.content.propertyCollector.RetrieveContents([spec])
+        if not result:
+            raise vmodl.fault.ManagedObjectNotFound(obj=obj)
+        content = result[0]
+        for missing in getattr(content, "missingSet", None) or []:
+            fault = missing.fault
+            if isinstance(fault, vmodl.fault.ManagedObjectNotFound):
+                raise fault
+        return {p.name: p.val for p in content.propSet or []}
+
+    async def _wait(self, task: Any, what: str) -> Any:
+        delay, waited = 0.02, 0.0
+        while waited < _TASK_TIMEOUT_S:
+            info = await self._call(self._props, task, ["info.state", "info.error", "info.result"],
+                                    what=what)
+            state = info.get("info.state")
+            if state == vim.TaskInfo.State.success:
+                return info.get("info.result")
+            if state == vim.TaskInfo.State.error:
+                error = info.get("info.error")
+                raise translate(error, what) from error
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, _TASK_POLL_MAX_S)
+        raise VSphereTransient(f"{what}: task not finished after {_TASK_TIMEOUT_S:.0f}s")
+
+    def _inventory_path(self, obj: Any) -> str:
+        names: list[str] = []
+        while obj is not None:
+            props = self._props(obj, ["name", "parent"])
+            parent = props.get("parent")
+            if parent is None:  # the root folder is not part of inventory paths
+                break
+            names.append(props["name"])
+            obj = parent
+        return "/" + "/".join(reversed(names))
+
+    # -- VMs ------------------------------------------------------------------------------------
+    async def find_vm(self, *, instance_uuid: str | None = None, path: str | None = None) -> VmRef:
+        """Find a VM by ``config.instanceUuid`` or by inventory path (``/DC/vm/name``)."""
+        if (instance_uuid is None) == (path is None):
+            raise VSphereInvalidArgument("give exactly one of instance_uuid or path")
+        return await self._call(self._find_vm, instance_uuid, path,
+                                what=f"find VM {instance_uuid or path}")
+
+    def _find_vm(self, instance_uuid: str | None, path: str | None) -> VmRef:
+        index = self._si.content.searchIndex
+        if instance_uuid is not None:
+            obj = index.FindByUuid(None, instance_uuid, True, True)
+        else:
+            obj = index.FindByInventoryPath((path or "").lstrip("/"))
+        if obj is None or not isinstance(obj, vim.VirtualMachine):
+            raise VSphereNotFound(f"no VM with {'instance uuid' if instance_uuid else 'path'} "
+                                  f"{instance_uuid or path}")
+        props = self._props(obj, ["name", "config.instanceUuid"])
+        return VmRef(
+            moref=obj._moId,
+            name=props["name"],
+            instance_uuid=str(props["config.instanceUuid"]).lower(),
+            path=self._inventory_path(obj),
+        )
+
+    async def _reconfigure(self, vm: VmRef, spec: Any, what: str) -> None:
+        task = await self._call(self._vm(vm).ReconfigVM_Task, spec, what=what)
+        await self._wait(task, what)
+
+    async def enable_cbt(self, vm: VmRef) -> None:
+        """Turn change tracking on (ESXi applies it at the next stun, e.g. the next snapshot)."""
+        await self._reconfigure(vm, vim.vm.ConfigSpec(changeTrackingEnabled=True),
+                                f"enable CBT on {vm.path}")
+
+    async def disable_cbt(self, vm: VmRef) -> None:
+        """Turn change tracking off; re-enabling starts a new epoch (old change IDs are void)."""
+        await self._reconfigure(vm, vim.vm.ConfigSpec(changeTrackingEnabled=False),
+                                f"disable CBT on {vm.path}")
+
+    async def cbt_enabled(self, vm: VmRef) -> bool:
+        props = await self._call(self._props, self._vm(vm), ["config.changeTrackingEnabled"],
+                                 what=f"read {vm.path}")
+        return bool(props.get("config.changeTrackingEnabled"))
+
+    # -- snapshots ------------------------------------------------------------------------------
+    async def create_snapshot(
+        self, vm: VmRef, name: str, *, quiesce: bool = False, description: str = ""
+    ) -> SnapshotInfo:
+        """Take ONE snapshot of all the VM's disks (crash-consistent across disks, or quiesced)
+        and return each disk's identity and change ID from the snapshot's config."""
+        what = f"snapshot {vm.path}"
+        task = await self._call(
+            self._vm(vm).CreateSnapshot_Task, name=name, description=description, memory=False,
+            quiesce=quiesce, what=what,
+        )
+        snap = await self._wait(task, what)
+        return await self.snapshot_info(vm, snap._moId)
+
+    async def snapshot_info(self, vm: VmRef, moref: str) -> SnapshotInfo:
+        return await self._call(self._snapshot_info, vm, moref, what=f"read snapshot {moref}")
+
+    def _snapshot_info(self, vm: VmRef, moref: str) -> SnapshotInfo:
+        props = self._props(self._snapshot(moref), ["vm", "config.hardware.device"])
+        owner = props.get("vm")
+        if owner is None or owner._moId != vm.moref:
+            raise VSphereInvalidArgument(f"snapshot {moref} does not belong to VM {vm.moref}")
+        tree = self._props(self._vm(vm), ["snapshot.rootSnapshotList"])
+        node = _find_in_tree(tree.get("snapshot.rootSnapshotList") or [], moref)
+        if node is None:
+            raise VSphereNotFound(f"snapshot {moref} not in the snapshot tree of {vm.path}")
+        disks = [
+            _disk(vm, device)
+            for device in props.get("config.hardware.device") or []
+            if isinstance(device, vim.vm.device.VirtualDisk)
+        ]
+        created = node.createTime
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=UTC)
+        return SnapshotInfo(moref=moref, name=node.name, created=created, vm=vm,
+                            quiesced=bool(node.quiesced), disks=disks)
+
+    async def remove_snapshot(self, vm: VmRef, moref: str) -> None:
+        what = f"remove snapshot {moref} of {vm.path}"
+        task = await self._call(self._snapshot(moref).RemoveSnapshot_Task, removeChildren=False,
+                                what=what)
+        await self._wait(task, what)
+
+    # -- changed areas --------------------------------------------------------------------------
+    async def changed_areas(
+        self, vm: VmRef, snapshot_moref: str, device_key: int, change_id: str, capacity_bytes: int
+    ) -> AsyncIterator[Extent]:
+        """Yield the areas of a disk changed between ``change_id`` and the snapshot (``"*"``:
+        the allocated areas), paging QueryChangedDiskAreas until ``capacity_bytes``.
+
+        Every answer is checked: a page must start where asked, make progress and hold areas
+        inside itself and the disk, otherwise the result is not trusted.
+        """
+        vm_obj, snap = self._vm(vm), self._snapshot(snapshot_moref)
+        what = f"QueryChangedDiskAreas {vm.path} {snapshot_moref} disk {device_key}"
+        offset = 0
+        while offset < capacity_bytes:
+            info = await self._call(vm_obj.QueryChangedDiskAreas, snapshot=snap,
+                                    deviceKey=device_key, startOffset=offset, changeId=change_id,
+                                    what=what)
+            page_end = info.startOffset + info.length
+            if info.startOffset != offset or page_end <= offset:
+                raise VSphereError(f"{what}: page [{info.startOffset}, +{info.length}) makes no "
+                                   f"progress from offset {offset}")
+            for area in info.changedArea or []:
+                if area.length <= 0 or area.start < offset or area.start + area.length > min(
+                    page_end, capacity_bytes
+                ):
+                    raise VSphereError(f"{what}: area [{area.start}, +{area.length}) outside page "
+                                       f"[{offset}, {page_end}) or disk of {capacity_bytes}")
+                yield Extent(area.start, area.length)
+            offset = page_end
+
+
+def _find_in_tree(nodes: list[Any], moref: str) -> Any:
+    for node in nodes:
+        if node.snapshot._moId == moref:
+            return node
+        found = _find_in_tree(node.childSnapshotList or [], moref)
+        if found is not None:
+            return found
+    return None
+
+
+def _disk(vm: VmRef, device: Any) -> tuple[DiskRef, str | None]:
+    backing = device.backing
+    capacity = device.capacityInBytes or (device.capacityInKB or 0) * 1024
+    ref = DiskRef(
+        vm_instance_uuid=vm.instance_uuid,
+        vm_path=vm.path,
+        vm_name=vm.name,
+        device_key=device.key,
+        backing_uuid=getattr(backing, "uuid", None) or "",
+        backing_file=getattr(backing, "fileName", None) or "",
+        capacity_bytes=capacity,
+    )
+    return ref, getattr(backing, "changeId", None) or None

@@ -1,0 +1,161 @@
+"""Client of the simulator's side channel (``/cbt/...`` on vcsim-cbt's HTTPS port).
+
+The side channel exists only in the simulator (devstack/vcsim): it plays the guest (writes and
+reads disk data), the administrator (VMs with several disks, add/resize disks, fault injection)
+and tells where each snapshot disk is exported over NBD. Tests and the demo use it; production
+code never does. Calls are blocking (``urllib``); async callers wrap them in
+``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from cbtstream.errors import CbtStreamError
+
+#: One PUT carries at most this much guest data (the simulator's limit is 64 MiB).
+_WRITE_CHUNK = 16 * 1024 * 1024
+
+
+class SimulatorError(CbtStreamError):
+    """The side channel refused a request or did not answer."""
+
+    reason = "simulator_error"
+
+
+@dataclass(frozen=True)
+class SimDisk:
+    key: int
+    file: str
+    uuid: str
+    capacity: int
+    change_id: str
+
+
+@dataclass(frozen=True)
+class SimVm:
+    moref: str
+    name: str
+    instance_uuid: str
+    path: str
+    cbt: bool
+    disks: tuple[SimDisk, ...]
+
+    def disk(self, key: int) -> SimDisk:
+        for d in self.disks:
+            if d.key == key:
+                return d
+        raise KeyError(key)
+
+
+@dataclass(frozen=True)
+class SimExport:
+    uri: str
+    host_port: str
+    export: str
+    capacity: int
+    change_id: str
+
+
+def _vm(doc: dict[str, Any]) -> SimVm:
+    return SimVm(
+        moref=doc["moref"], name=doc["name"], instance_uuid=doc["instance_uuid"],
+        path=doc["path"], cbt=doc["cbt"],
+        disks=tuple(SimDisk(d["key"], d["file"], d["uuid"], d["capacity"], d["change_id"])
+                    for d in doc.get("disks") or []),
+    )
+
+
+class SimulatorControl:
+    """``SimulatorControl("https://127.0.0.1:18989/cbt", cafile=...)``."""
+
+    def __init__(self, base_url: str, *, cafile: Path | None = None, insecure: bool = False,
+                 timeout: float = 30.0) -> None:
+        self._base = base_url.rstrip("/")
+        self._timeout = timeout
+        self._ctx: ssl.SSLContext | None = None
+        if self._base.startswith("https:"):
+            self._ctx = ssl.create_default_context(cafile=str(cafile) if cafile else None)
+            if insecure:
+                self._ctx.check_hostname = False
+                self._ctx.verify_mode = ssl.CERT_NONE
+
+    @classmethod
+    def from_state(cls, data_dir: Path) -> SimulatorControl:
+        """Connect to the simulator whose ``vcsim.json`` is in ``data_dir``."""
+        info = json.loads((data_dir / "vcsim.json").read_text())
+        cert = info.get("cert")
+        return cls(info["side_channel"], cafile=Path(cert) if cert else None)
+
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 content_type: str = "application/json") -> bytes:
+        req = urllib.request.Request(self._base + path, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(req, timeout=self._timeout, context=self._ctx) as resp:
+                return bytes(resp.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise SimulatorError(f"{method} {path}: HTTP {exc.code} {detail}") from exc
+        except OSError as exc:
+            raise SimulatorError(f"{method} {path}: {exc}") from exc
+
+    def _json(self, method: str, path: str, doc: Any = None) -> Any:
+        body = None if doc is None else json.dumps(doc).encode()
+        return json.loads(self._request(method, path, body))
+
+    def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._json("GET", "/health")
+        return result
+
+    def create_vm(self, name: str, disk_sizes: list[int], *, cbt: bool = False,
+                  power_on: bool = False) -> SimVm:
+        """A VM with one SCSI controller and one thin disk per size (bytes, multiple of 1 KiB)."""
+        return _vm(self._json("POST", "/vms", {"name": name, "disks": disk_sizes, "cbt": cbt,
+                                               "power_on": power_on}))
+
+    def vm(self, moref: str) -> SimVm:
+        return _vm(self._json("GET", f"/vms/{moref}"))
+
+    def add_disk(self, moref: str, capacity: int) -> SimVm:
+        return _vm(self._json("POST", f"/vms/{moref}/disks", {"capacity": capacity}))
+
+    def resize_disk(self, moref: str, key: int, capacity: int) -> SimVm:
+        return _vm(self._json("POST", f"/vms/{moref}/disks/{key}/resize", {"capacity": capacity}))
+
+    def write(self, moref: str, key: int, offset: int, data: bytes) -> None:
+        """Guest write: stores ``data`` at ``offset`` and marks the 64 KiB blocks changed."""
+        for start in range(0, max(len(data), 1), _WRITE_CHUNK):
+            chunk = data[start:start + _WRITE_CHUNK]
+            q = urlencode({"offset": offset + start})
+            self._request("PUT", f"/vms/{moref}/disks/{key}/data?{q}", chunk,
+                          "application/octet-stream")
+
+    def read(self, moref: str, key: int, offset: int, length: int) -> bytes:
+        """Live (current) content of a disk."""
+        q = urlencode({"offset": offset, "length": length})
+        return self._request("GET", f"/vms/{moref}/disks/{key}/data?{q}")
+
+    def export(self, snapshot: str, key: int) -> SimExport:
+        """Where the frozen image of one snapshot disk is served over NBD."""
+        d = self._json("GET", f"/snapshots/{snapshot}/disks/{key}/export")
+        return SimExport(d["uri"], d["host_port"], d["export"], d["capacity"], d["change_id"])
+
+    def inject_fault(self, method: str, fault: str, *, count: int = 0, obj: str = "*",
+                     delay_ms: int = 0) -> None:
+        """Make ``method`` (e.g. ``QueryChangedDiskAreas``) fail with ``fault`` (timeout, network,
+        invalid_state, not_authenticated, no_permission, ...) ``count`` times (0: until
+        cleared)."""
+        self._json("POST", "/faults", {"method": method, "fault": fault, "count": count,
+                                       "object": obj, "delay_ms": delay_ms})
+
+    def clear_faults(self) -> None:
+        self._json("DELETE", "/faults")
