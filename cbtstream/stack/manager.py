@@ -17,11 +17,13 @@ from cbtstream.stack import system
 from cbtstream.stack.kafka import Kafka
 from cbtstream.stack.postgres import Postgres
 from cbtstream.stack.service import Service, ServiceStatus
+from cbtstream.stack.vcsim import VcsimService
 
 #: Service classes in start order. Add a service with one line here.
 SERVICES: list[type[Service]] = [
     Kafka,
     Postgres,
+    VcsimService,
 ]
 
 #: How long one service may take to answer after its process started.

@@ -1,0 +1,1 @@
+"""Producers: the edges that turn facts from vSphere into events on Kafka."""

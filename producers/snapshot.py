@@ -1,0 +1,93 @@
+"""Snapshot a VM and publish one ``SnapshotTaken`` per disk.
+
+One vSphere snapshot covers all disks of the VM (crash-consistent across disks, or quiesced);
+each disk's change ID comes from that snapshot's config and travels with the disk's identity.
+Event ids are deterministic (``stable_event_id``), so republishing after a partial failure gives
+consumers duplicates they can drop, never a second fact.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from cbtstream.log import bind_disk
+from cbtstream.vsphere.adapter import SnapshotInfo, VmRef, VSphereClient
+from schemas.events import SnapshotTaken, stable_event_id
+
+log = logging.getLogger(__name__)
+
+
+class EventPublisher(Protocol):
+    """What the producer needs of :class:`cbtstream.kafka.Publisher`."""
+
+    async def publish(self, event: BaseModel) -> tuple[int, int]: ...
+
+
+def is_instance_uuid(selector: str) -> bool:
+    try:
+        uuid.UUID(selector)
+    except ValueError:
+        return False
+    return True
+
+
+async def resolve_vm(client: VSphereClient, selector: VmRef | str) -> VmRef:
+    """A VM given as a :class:`VmRef`, an instance UUID or an inventory path (``/DC/vm/x``)."""
+    if isinstance(selector, VmRef):
+        return selector
+    if is_instance_uuid(selector):
+        return await client.find_vm(instance_uuid=selector)
+    return await client.find_vm(path=selector)
+
+
+def default_snapshot_name(now: datetime | None = None) -> str:
+    return f"cbtstream-{(now or datetime.now(UTC)).strftime('%Y%m%dT%H%M%SZ')}"
+
+
+def snapshot_events(vcenter: str, info: SnapshotInfo) -> list[SnapshotTaken]:
+    """The ``SnapshotTaken`` events of one snapshot, one per disk (pure)."""
+    return [
+        SnapshotTaken(
+            event_id=stable_event_id("SnapshotTaken", vcenter, disk.vm_instance_uuid,
+                                     info.moref, disk.device_key),
+            disk=disk,
+            vcenter=vcenter,
+            vm_snapshot=info.moref,
+            snapshot_name=info.name,
+            change_id=change_id,
+            taken_at=info.created,
+        )
+        for disk, change_id in info.disks
+    ]
+
+
+async def snapshot_and_publish(
+    client: VSphereClient,
+    publisher: EventPublisher,
+    vm: VmRef | str,
+    *,
+    name: str | None = None,
+    quiesce: bool = False,
+    description: str = "taken by cbtstream",
+) -> list[SnapshotTaken]:
+    """Take one snapshot of ``vm`` and publish a ``SnapshotTaken`` for each of its disks.
+
+    The snapshot is left in place: it is the copier's source, removed after the sync
+    (``SnapshotRemoved``). If publishing fails part-way, the snapshot stays and the error
+    propagates; calling again publishes the same event ids for a new snapshot only.
+    """
+    ref = await resolve_vm(client, vm)
+    info = await client.create_snapshot(ref, name or default_snapshot_name(), quiesce=quiesce,
+                                        description=description)
+    events = snapshot_events(client.vcenter, info)
+    for event in events:
+        with bind_disk(event.disk.key):
+            await publisher.publish(event)
+            log.info("snapshot taken", extra={"vm_snapshot": info.moref,
+                                              "change_id": event.change_id})
+    return events
