@@ -137,6 +137,16 @@ class CopierSettings(BaseModel):
     max_parallel_disks: int = Field(default=4, ge=1)
     #: Seconds between SyncProgress events per disk.
     progress_interval_s: float = Field(default=2.0, gt=0)
+    #: Resume checkpoints of running syncs (must survive restarts; small files).
+    state_dir: Path = Path(".stack/copier")
+    #: Parallel NBD connections per source disk.
+    nbd_connections: int = Field(default=2, ge=1, le=16)
+    #: Where snapshot disks are exported over NBD. "simulator": ask the vcsim-cbt side channel
+    #: (development and tests); production resolvers (nbdkit vddk) plug in at
+    #: ``cbtstream.vsphere.exports.ExportResolver``.
+    exports: Literal["simulator"] = "simulator"
+    #: Re-read every sync's written ranges from the target and compare digests (slower).
+    verify: bool = False
 
 
 class StreamsSettings(BaseModel):
