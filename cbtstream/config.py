@@ -158,6 +158,8 @@ class StreamsSettings(BaseModel):
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     data_dir: Path = Path(".stack/faust")
+    #: Remove a VM snapshot in vSphere once every disk in it is synced (needs ``[vsphere]``).
+    remove_snapshots: bool = True
 
 
 class ApiSettings(BaseModel):

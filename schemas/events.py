@@ -89,6 +89,13 @@ class SnapshotTaken(_Event):
         description="backing.changeId of this disk in the snapshot's config; null if CBT is off."
     )
     taken_at: AwareDatetime
+    snapshot_device_keys: tuple[int, ...] | None = Field(
+        default=None,
+        max_length=256,
+        description="Device keys of every disk in this VM snapshot. When set, the pipeline "
+        "removes the snapshot once every one of them is synced (or failed, or superseded); "
+        "null: the publisher manages the snapshot's lifetime.",
+    )
 
     _v_change_id = field_validator("change_id")(_check_change_id)
 

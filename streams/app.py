@@ -14,6 +14,7 @@ partition of the events that change it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -27,7 +28,13 @@ from cbtstream.config import Settings
 from cbtstream.kafka import ssl_context
 from cbtstream.log import bind_disk
 from schemas.codec import EventDecodeError, dead_letter_record, decode, encode
-from schemas.events import ChangeIdCommitted, SnapshotTaken, SyncFailed
+from schemas.events import (
+    ChangeIdCommitted,
+    SnapshotRemoved,
+    SnapshotTaken,
+    SyncFailed,
+    stable_event_id,
+)
 from schemas.topics import (
     CHANGEID_COMMITTED,
     DEADLETTER,
@@ -36,12 +43,16 @@ from schemas.topics import (
     TopicSpec,
     topic_for,
 )
-from streams import planner
+from streams import lifecycle, planner
+from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.state import DiskState, from_json, to_json
 
 log = logging.getLogger("cbtstream.streams")
 
 TABLE_NAME = "disks"
+SNAPSHOTS_TABLE = "snapshots"
+#: Attempts to remove a finished VM snapshot before giving up (logged; the snapshot stays).
+REMOVE_ATTEMPTS = 3
 
 
 def _credentials(settings: Settings) -> Any:
@@ -63,8 +74,9 @@ def _credentials(settings: Settings) -> Any:
 class Planner:
     """Composition root of the Faust side: builds the app, its topics, table and agents."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, remover: SnapshotRemover | None = None) -> None:
         self.settings = settings
+        self.remover = remover
         k = settings.kafka
         s = settings.streams
         self.app = faust.App(
@@ -90,6 +102,19 @@ class Planner:
             schema=faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json"),
             help="Latest committed change ID and sync state per disk key.",
         )
+        self.snapshots = self.app.Table(
+            SNAPSHOTS_TABLE,
+            default=None,
+            partitions=k.partitions,
+            schema=faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json"),
+            help="Per VM snapshot: the disks it covers and those finished with it.",
+        )
+        self.lifecycle_topic = self.app.topic(
+            f"{k.topic_prefix}{s.app_id}-snapshot-lifecycle",
+            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+            partitions=k.partitions, internal=True,
+        )
+        self.app.agent(self.lifecycle_topic, name="on_snapshot_lifecycle")(self._lifecycle_agent)
         self._agent(SNAPSHOT_TAKEN, (SnapshotTaken,), self._on_snapshot)
         self._agent(CHANGEID_COMMITTED, (ChangeIdCommitted,), self._on_commit)
         self._agent(SYNC_FAILED, (SyncFailed,), self._on_failed)
@@ -163,26 +188,65 @@ class Planner:
                                           "offset": offset, "error": error[:300]})
         await self.topic(DEADLETTER).send(key=k, value=v, headers=headers)
 
-    async def _on_snapshot(self, key: bytes, ev: SnapshotTaken) -> None:
-        state, out = planner.on_snapshot(self.row(key), ev, datetime.now(UTC))
-        self.put(key, state)
+    async def _step(self, key: bytes, before: DiskState | None, after: DiskState | None,
+                    out: list[planner.Output], notices: list[Notice]) -> None:
+        """Write the row, send the planner's outputs and the lifecycle notices."""
+        self.put(key, after)
         for o in out:
-            log.info("planned" if o.event_type == "SyncPlanned" else o.event_type,
-                     extra={"event": o.model_dump(mode="json", exclude={"disk"})})
+            log.info(o.event_type, extra={"event": o.model_dump(mode="json", exclude={"disk"})})
             await self.send(o)
+        for n in [*notices, *lifecycle.finished(before, after, list(out))]:
+            await self.lifecycle_topic.send(key=n.key, value=n.model_dump_json().encode())
+
+    async def _on_snapshot(self, key: bytes, ev: SnapshotTaken) -> None:
+        before = self.row(key)
+        after, out = planner.on_snapshot(before, ev, datetime.now(UTC))
+        await self._step(key, before, after, list(out), [lifecycle.taken(ev)])
 
     async def _on_commit(self, key: bytes, ev: ChangeIdCommitted) -> None:
-        state, out = planner.on_commit(self.row(key), ev, datetime.now(UTC))
-        self.put(key, state)
-        if not out or out[0].event_type != "SyncFailed":
-            log.info(
-                "commit applied", extra={"change_id": ev.change_id, "sync_id": str(ev.sync_id)}
-            )
-        for o in out:
-            await self.send(o)
+        before = self.row(key)
+        after, out = planner.on_commit(before, ev, datetime.now(UTC))
+        if after is not None and after.commit_event_id == ev.event_id and after != before:
+            log.info("commit applied", extra={"change_id": ev.change_id,
+                                              "sync_id": str(ev.sync_id)})
+        await self._step(key, before, after, list(out), [])
 
     async def _on_failed(self, key: bytes, ev: SyncFailed) -> None:
-        state, out = planner.on_failed(self.row(key), ev, datetime.now(UTC))
-        self.put(key, state)
-        for o in out:
-            await self.send(o)
+        before = self.row(key)
+        after, out = planner.on_failed(before, ev, datetime.now(UTC))
+        await self._step(key, before, after, list(out), [])
+
+    # -- snapshot lifecycle ---------------------------------------------------------------------
+    async def _lifecycle_agent(self, stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+        async for value in stream:
+            notice = Notice.model_validate_json(value)
+            key = notice.key
+            raw = self.snapshots.get(key)
+            row = lifecycle.apply(SnapshotRow.model_validate(raw) if raw else None, notice)
+            if lifecycle.releasable(row) and self.remover is not None:
+                row = await self._remove(row)
+            self.snapshots[key] = row.model_dump(mode="json")
+            yield None
+
+    async def _remove(self, row: SnapshotRow) -> SnapshotRow:
+        """Remove the snapshot in vSphere, then record it per disk. A failure is logged and the
+        row kept, so the snapshot is never forgotten silently."""
+        from cbtstream.errors import CbtStreamError
+
+        for attempt in range(1, REMOVE_ATTEMPTS + 1):
+            try:
+                await self.remover.remove(row.vm_instance_uuid, row.vm_snapshot)  # type: ignore[union-attr]
+                break
+            except CbtStreamError as exc:
+                log.warning("snapshot removal failed", extra={
+                    "vm_snapshot": row.vm_snapshot, "attempt": attempt, "error": str(exc)})
+                if attempt == REMOVE_ATTEMPTS or not exc.retriable:
+                    return row
+                await asyncio.sleep(2**attempt)
+        for disk in row.disks.values():
+            await self.send(SnapshotRemoved(
+                event_id=stable_event_id("SnapshotRemoved", disk.key, row.vm_snapshot),
+                disk=disk, vm_snapshot=row.vm_snapshot))
+        log.info("snapshot removed", extra={"vm_snapshot": row.vm_snapshot,
+                                            "vm": row.vm_instance_uuid})
+        return row.model_copy(update={"removed": True})

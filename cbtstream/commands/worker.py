@@ -24,7 +24,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from streams.app import Planner
 
     settings.streams.data_dir.mkdir(parents=True, exist_ok=True)
-    planner = Planner(settings)
+    remover = None
+    if settings.streams.remove_snapshots:
+        from streams.vsphere_remover import VSphereSnapshotRemover
+
+        remover = VSphereSnapshotRemover(settings.vsphere)
+    planner = Planner(settings, remover)
     worker = faust.Worker(
         planner.app,
         loglevel=settings.log_level.lower(),
