@@ -30,8 +30,9 @@ from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from pyVim.connect import Disconnect, SmartConnect
-from pyVmomi import vim, vmodl
+from pyVim.connect import Disconnect, SmartStubAdapter
+from pyVmomi import vim as _vim
+from pyVmomi import vmodl as _vmodl
 
 from cbtstream.config import VSphereSettings
 from cbtstream.extents import Extent
@@ -46,9 +47,14 @@ from cbtstream.vsphere.errors import (
     VSphereNotFound,
     VSphereTransient,
 )
-from schemas.disk import DiskRef
+from schemas.disk import DiskRef, disk_id_for
 
 T = TypeVar("T")
+
+# pyvmomi's dynamic types (vim.fault.*, vim.vm.ConfigSpec...) are built at run time; its partial
+# stubs do not describe them, so we treat the namespaces as dynamic.
+vim: Any = _vim
+vmodl: Any = _vmodl
 
 #: pyvmomi calls that may run at once (QueryChangedDiskAreas of several disks, task polls).
 _THREADS = 4
@@ -132,12 +138,11 @@ class VSphereClient:
     def __init__(self, settings: VSphereSettings) -> None:
         self._settings = settings
         parts = urlsplit(settings.url)
-        if parts.scheme not in ("https", "http") or not parts.hostname:
+        if parts.scheme != "https" or not parts.hostname:
             raise VSphereInvalidArgument(f"vsphere.url must be https://host[:port]/sdk: "
                                          f"{settings.url!r}")
-        self._scheme = parts.scheme
         self._host = parts.hostname
-        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._port = parts.port or 443
         self._path = parts.path or "/sdk"
         self._si: Any = None
         self._executor: ThreadPoolExecutor | None = None
@@ -145,8 +150,7 @@ class VSphereClient:
     @property
     def vcenter(self) -> str:
         """Identity of the endpoint for events: ``host[:port]`` (never credentials)."""
-        default = 443 if self._scheme == "https" else 80
-        return self._host if self._port == default else f"{self._host}:{self._port}"
+        return self._host if self._port == 443 else f"{self._host}:{self._port}"
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -161,18 +165,24 @@ class VSphereClient:
             raise
 
     def _connect(self) -> Any:
+        # SmartStubAdapter + Login rather than SmartConnect: no process-global "current" service
+        # instance, and a failed login drops the stub's sockets instead of leaking them.
         s = self._settings
-        return SmartConnect(
-            protocol=self._scheme,
+        stub = SmartStubAdapter(  # type: ignore[no-untyped-call]
             host=self._host,
             port=self._port,
             path=self._path,
-            user=s.username,
-            pwd=s.password.get_secret_value(),
             sslContext=_ssl_context(s),
             disableSslCertValidation=s.insecure,
             httpConnectionTimeout=60,
         )
+        si = vim.ServiceInstance("ServiceInstance", stub)
+        try:
+            si.RetrieveContent().sessionManager.Login(s.username, s.password.get_secret_value())
+        except BaseException:
+            stub.DropConnections()
+            raise
+        return si
 
     async def stop(self) -> None:
         si, executor = self._si, self._executor
@@ -247,7 +257,9 @@ class VSphereClient:
                 return info.get("info.result")
             if state == vim.TaskInfo.State.error:
                 error = info.get("info.error")
-                raise translate(error, what) from error
+                if isinstance(error, BaseException):
+                    raise translate(error, what) from error
+                raise VSphereError(f"{what}: task failed without a fault")
             await asyncio.sleep(delay)
             waited += delay
             delay = min(delay * 2, _TASK_POLL_MAX_S)
@@ -400,6 +412,7 @@ def _disk(vm: VmRef, device: Any) -> tuple[DiskRef, str | None]:
         vm_path=vm.path,
         vm_name=vm.name,
         device_key=device.key,
+        disk_id=disk_id_for(device.key),
         backing_uuid=getattr(backing, "uuid", None) or "",
         backing_file=getattr(backing, "fileName", None) or "",
         capacity_bytes=capacity,
