@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -17,6 +13,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cbtstream.config import Settings
+from cbtstream.demo.processes import Proc, child_env
 from cbtstream.kafka import client_kwargs, topic_name
 from schemas.codec import decode
 from schemas.topics import TopicSpec
@@ -41,56 +38,7 @@ def isolated_settings(base: Settings, tmp: Path, **sections: dict[str, Any]) -> 
     return Settings.model_validate(data)
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """Environment variables that reproduce ``settings`` in a child process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CBTSTREAM_")}
-    for section in ("kafka", "postgres", "vsphere", "copier", "streams", "api", "stack"):
-        model = getattr(settings, section)
-        for field, value in model.model_dump(by_alias=True).items():
-            if value is None:
-                continue
-            if hasattr(value, "get_secret_value"):
-                value = value.get_secret_value()
-            if isinstance(value, list | tuple):
-                import json
-
-                value = json.dumps([str(v) for v in value])
-            env[f"CBTSTREAM_{section.upper()}__{field.upper()}"] = str(value)
-    env["CBTSTREAM_LOG_FORMAT"] = "json"
-    return env
-
-
-class Proc:
-    """A ``cbtstream`` subcommand running as a child process, with its output in a log file."""
-
-    def __init__(self, args: list[str], settings: Settings, log: Path) -> None:
-        self.log = log
-        self._fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cbtstream.cli", *args],
-            env=settings_env(settings),
-            stdout=self._fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def kill(self) -> None:
-        """SIGKILL: the process gets no chance to clean up (crash tests)."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._fh.close()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
+settings_env = child_env
 
 
 async def read_topic(
@@ -123,7 +71,7 @@ async def read_topic(
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name}: condition not met; got {len(events)} records")
             for proc in watch:
-                if proc.proc.poll() is not None:
+                if not proc.alive:
                     raise RuntimeError(f"{proc.log.name} exited:\n{proc.output()[-3000:]}")
             batch = await consumer.getmany(timeout_ms=200)
             for records in batch.values():
