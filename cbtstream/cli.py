@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "cbtstream.commands.worker",
     "cbtstream.commands.copier",
     "cbtstream.commands.publish",
+    "cbtstream.commands.demo",
     "cbtstream.commands.snapshot",
     "cbtstream.commands.schemas",
     "cbtstream.commands.stack",
