@@ -90,8 +90,10 @@ class VSphereExecutor:
                 extents = await self._areas(vm, plan, plan.base_change_id)
                 return ReplicationType.INCREMENTAL, reason, extents, False
             except _REJECTED as exc:
-                log.warning("base change ID rejected, falling back to full copy",
-                            extra={"base_change_id": plan.base_change_id, "error": str(exc)})
+                log.warning(
+                    "base change ID rejected, falling back to full copy",
+                    extra={"base_change_id": plan.base_change_id, "error": str(exc)},
+                )
                 reason = FullReason.BASE_CHANGE_ID_REJECTED
         try:
             allocated = await self._areas(vm, plan, "*")
@@ -100,10 +102,15 @@ class VSphereExecutor:
         except VSphereError as exc:
             if exc.retriable:
                 raise
-            log.warning("allocated areas unavailable, copying the whole disk",
-                        extra={"error": str(exc)})
-            return ReplicationType.FULL, FullReason.ALLOCATED_AREAS_FAILED, [
-                Extent(0, capacity)], False
+            log.warning(
+                "allocated areas unavailable, copying the whole disk", extra={"error": str(exc)}
+            )
+            return (
+                ReplicationType.FULL,
+                FullReason.ALLOCATED_AREAS_FAILED,
+                [Extent(0, capacity)],
+                False,
+            )
         return ReplicationType.FULL, reason, allocated, True
 
     async def execute(self, plan: SyncPlanned, progress: ProgressCallback) -> SyncResult:
@@ -118,20 +125,37 @@ class VSphereExecutor:
         def on_progress(p: CopyProgress) -> None:
             progress(ProgressUpdate(p.bytes_done, p.bytes_total))
 
-        async with open_nbd_source(
-            uri, self.settings.copier.nbd_allow, connections=self.settings.copier.nbd_connections
-        ) as source, self.targets.target_for(plan.disk.key, capacity) as target:
+        async with (
+            open_nbd_source(
+                uri,
+                self.settings.copier.nbd_allow,
+                connections=self.settings.copier.nbd_connections,
+            ) as source,
+            self.targets.target_for(plan.disk.key, capacity) as target,
+        ):
             if zero_rest:
                 for gap in complement(extents, capacity):
                     await target.zero(gap.start, gap.length)
             result = await copy_disk(
-                source, target, extents, capacity=capacity, options=options,
-                checkpoint=self._checkpoint(plan), on_progress=on_progress,
+                source,
+                target,
+                extents,
+                capacity=capacity,
+                options=options,
+                checkpoint=self._checkpoint(plan),
+                on_progress=on_progress,
             )
-        log.info("copied", extra={"replication_type": rtype, "reason": reason,
-                                  "bytes_copied": result.bytes_copied,
-                                  "bytes_zeroed": result.bytes_zeroed,
-                                  "extents": result.extents, "resumed_from": result.resumed_from})
+        log.info(
+            "copied",
+            extra={
+                "replication_type": rtype,
+                "reason": reason,
+                "bytes_copied": result.bytes_copied,
+                "bytes_zeroed": result.bytes_zeroed,
+                "extents": result.extents,
+                "resumed_from": result.resumed_from,
+            },
+        )
         return SyncResult(
             replication_type=rtype,
             reason=reason,

@@ -583,6 +583,8 @@ class NbdClient:
                     wire.skip(p.SIMPLE_REPLY_SIZE)
                     self._on_simple(hdr)
                     continue
+                if magic != p.STRUCTURED_REPLY_MAGIC:
+                    raise NbdProtocolError(f"bad reply magic {magic:#x}")
                 if wire.available < p.STRUCTURED_HEADER_SIZE:
                     return
                 hdr = p.parse_chunk_header(wire.peek(p.STRUCTURED_HEADER_SIZE))
