@@ -92,7 +92,10 @@ class VcsimService(Service):
             argv += ["-page-bytes", str(self.page_bytes)]
         if self.max_areas is not None:
             argv += ["-max-areas", str(self.max_areas)]
-        return argv, None
+        vs = self.settings.vsphere
+        # The simulator accepts exactly the configured login; env, not argv, keeps it out of ps.
+        return argv, {"VCSIM_USERNAME": vs.username,
+                      "VCSIM_PASSWORD": vs.password.get_secret_value()}
 
     def info(self) -> dict[str, object]:
         """``vcsim.json``: sdk, side_channel, nbd (host:port), cert, pid."""

@@ -83,8 +83,10 @@ func (p *cbtProxy) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_
 	return res
 }
 
-// install wires the hooks into the simulator's vim25 registry.
-func (c *CBT) install(m *simulator.Registry) {
+// install wires the hooks into the simulator's vim25 registry. Fault injection rules are
+// checked here, against the VM's name, because after re-targeting the dispatcher would only see
+// the proxy.
+func (c *CBT) install(m *simulator.Registry, faults *simulator.FaultInjector) {
 	proxy := &cbtProxy{cbt: c}
 	proxy.Self = proxyRef
 	m.Put(proxy)
@@ -94,6 +96,13 @@ func (c *CBT) install(m *simulator.Registry) {
 		}
 		switch method.Name {
 		case "QueryChangedDiskAreas", "CreateSnapshot_Task", "CreateSnapshotEx_Task", "ReconfigVM_Task":
+			if vm, ok := ctx.Map.Get(method.This).(*simulator.VirtualMachine); ok {
+				if rule := faults.ShouldInjectFault(method, vm.Name); rule != nil {
+					if f, ok := faults.CreateFault(rule, method).Fault().Detail.Fault.(types.BaseMethodFault); ok {
+						return nil, f
+					}
+				}
+			}
 			method.This = proxyRef
 			return proxy, nil
 		}

@@ -87,9 +87,15 @@ func run(listen, nbdListen, dir string, useTLS bool, pageBytes int64, maxAreas, 
 	defer model.Remove()
 
 	cbt := newCBT(frozen, pageBytes, maxAreas)
-	cbt.install(model.Service.Context.Map)
+	cbt.install(model.Service.Context.Map, model.Service.FaultInjector())
 
-	model.Service.Listen = &url.URL{Host: listen}
+	// Only this user/password may log in (vcsim accepts any non-empty login otherwise). From
+	// the environment, so the password is not visible in ps.
+	user, pass := os.Getenv("VCSIM_USERNAME"), os.Getenv("VCSIM_PASSWORD")
+	if user == "" || pass == "" {
+		user, pass = "user", "pass"
+	}
+	model.Service.Listen = &url.URL{Host: listen, User: url.UserPassword(user, pass)}
 	if useTLS {
 		model.Service.TLS = new(tls.Config)
 	}

@@ -477,10 +477,17 @@ func (s *sideChannel) addFault(w http.ResponseWriter, r *http.Request) {
 	if obj == "" {
 		obj = "*"
 	}
-	s.model.Service.FaultInjector().AddRule(&simulator.FaultInjectionRule{
+	rule := &simulator.FaultInjectionRule{
 		MethodName: req.Method, ObjectType: "*", ObjectName: obj, Probability: 1.0,
 		FaultType: ft, MaxCount: req.Count, Delay: req.Delay, Enabled: true,
-	})
+	}
+	if ft == simulator.FaultTypeTimeout || ft == simulator.FaultTypeNetworkFailure || ft == simulator.FaultTypeGeneric {
+		// The injector's own fault for these is types.SystemErrorFault, which serializes under
+		// a name pyvmomi does not know; vmodl's real fault is SystemError.
+		rule.FaultType = simulator.FaultTypeCustom
+		rule.Fault = &types.SystemError{Reason: "injected " + req.Fault}
+	}
+	s.model.Service.FaultInjector().AddRule(rule)
 	reply(w, map[string]bool{"ok": true}, nil)
 }
 
