@@ -120,10 +120,12 @@ class Service(ABC):
             return None  # the pid was recycled by a process we did not start
         return pid
 
-    def start(self) -> None:
+    def start(self, *, install: bool = True) -> None:
+        """Start the process unless it runs already; ``install=False`` when the caller just did."""
         if self.pid() is not None:
             return
-        self.install()
+        if install:
+            self.install()
         argv, extra_env = self.command()
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)

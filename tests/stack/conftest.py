@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from cbtstream.config import KafkaSettings, PostgresSettings, Settings, StackSettings
+from cbtstream.config import (
+    KafkaSettings,
+    PostgresSettings,
+    Settings,
+    StackSettings,
+    VSphereSettings,
+)
 
 
 def free_ports(count: int) -> list[int]:
@@ -36,14 +42,16 @@ def state_dir() -> Iterator[Path]:
 @pytest.fixture
 def stack_settings(state_dir: Path) -> Settings:
     """Settings of a private stack: its own folder and ports, clients pointed at them."""
-    kafka_port, controller_port, pg_port = free_ports(3)
+    kafka_port, controller_port, pg_port, vcsim_port = free_ports(4)
     return Settings(
         stack=StackSettings(
             dir=state_dir,
             kafka_port=kafka_port,
             kafka_controller_port=controller_port,
             postgres_port=pg_port,
+            vcsim_port=vcsim_port,
         ),
         kafka=KafkaSettings(bootstrap_servers=f"127.0.0.1:{kafka_port}"),
         postgres=PostgresSettings(port=pg_port, user="stacktest", database="stacktest_db"),
+        vsphere=VSphereSettings(url=f"https://127.0.0.1:{vcsim_port}/sdk", insecure=True),
     )
