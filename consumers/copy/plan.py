@@ -103,9 +103,15 @@ def segments(
     if align <= 0:
         raise ValueError("align must be > 0")
     end = start + length
+    joined: list[tuple[int, int, bool]] = []
+    for off, n, zero in sorted(status):
+        if joined and joined[-1][2] == zero and joined[-1][0] + joined[-1][1] == off:
+            prev = joined.pop()
+            off, n = prev[0], prev[1] + n
+        joined.append((off, n, zero))
     raw: list[Segment] = []
     pos = start
-    for off, n, zero in sorted(status):
+    for off, n, zero in joined:
         s, e = max(off, pos), min(off + n, end)
         if e <= s:
             continue
