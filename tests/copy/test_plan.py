@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import struct
 
 import pytest
@@ -63,7 +64,7 @@ def test_segments_cover_range_exactly() -> None:
     status = [(0, 123, False), (123, 3 * M, True), (3 * M + 123, 77, False)]
     segs = segments(0, 3 * M + 200, status, M)
     assert segs[0].start == 0 and segs[-1].end == 3 * M + 200
-    assert all(a.end == b.start for a, b in zip(segs, segs[1:], strict=False))
+    assert all(a.end == b.start for a, b in itertools.pairwise(segs))
 
 
 def test_digest_records_match_definition() -> None:
