@@ -27,6 +27,8 @@ COMMANDS: tuple[str, ...] = (
     "cbtstream.commands.demo",
     "cbtstream.commands.snapshot",
     "cbtstream.commands.schemas",
+    "cbtstream.commands.copy",
+    "cbtstream.commands.bench",
     "cbtstream.commands.stack",
 )
 
