@@ -75,9 +75,6 @@ def server_properties(stack: StackSettings, data_dir: Path) -> str:
         "num.partitions": 1,
         # Consumer groups (and Faust workers) start consuming at once instead of after 3 s.
         "group.initial.rebalance.delay.ms": 0,
-        # A dev node stops promptly: no waiting for a controlled shutdown that has nobody to
-        # hand leadership to.
-        "controlled.shutdown.enable": "false",
         "log.retention.hours": 168,
         "log.segment.bytes": 64 * 1024 * 1024,
     }
