@@ -119,7 +119,9 @@ class VSphereExecutor:
         uri = await self.exports.nbd_uri(plan.disk, plan.vm_snapshot)
         capacity = plan.disk.capacity_bytes
         options = CopyOptions.from_settings(
-            self.settings.copier, disk_key=plan.disk.key, verify=self.settings.copier.verify,
+            self.settings.copier,
+            disk_key=plan.disk.key,
+            verify=self.settings.copier.verify,
             checkpoint_interval_bytes=self.settings.copier.checkpoint_bytes,
         )
 

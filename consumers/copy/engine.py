@@ -34,6 +34,8 @@ from consumers.copy.targets import BlockTarget
 
 #: Block status is asked for this much of a range at a time (bounds the status list in memory).
 _STATUS_WINDOW = 1 << 30
+#: Items up to this size are hashed on the event loop thread (about 0.1 ms of work).
+_INLINE_HASH = 256 * 1024
 
 
 class CopyFailed(CbtStreamError):
@@ -114,6 +116,7 @@ class _Run:
         plan_id: str,
         resume: CheckpointState | None,
         on_progress: ProgressCallback | None,
+        capacity: int,
     ) -> None:
         self.source, self.target, self.ranges, self.o = source, target, ranges, options
         self.checkpoint, self.plan_id, self.on_progress = checkpoint, plan_id, on_progress
@@ -136,8 +139,27 @@ class _Run:
         self._t0 = time.monotonic()
         self._last_progress = 0.0
         self._pool = ThreadPoolExecutor(max(1, options.hash_threads), "cbt-hash")
+        self.capacity = capacity
+        self._cache: list[tuple[int, int, bool]] = []
+        self._cache_start = self._cache_end = 0
 
     # -- work items ----------------------------------------------------------------------------
+    async def _zero_map(self, pos: int, end: int) -> list[tuple[int, int, bool]]:
+        """Source zero map from ``pos``, answered from a cache when possible.
+
+        One block status query asks for a whole window (not just this range): servers such as
+        nbdkit's file plugin pay about the same per query whatever its length, and incremental
+        plans have many small ranges, so one query serves many ranges.
+        """
+        if not (self._cache_start <= pos < self._cache_end):
+            want = min(self.capacity, max(end, pos + _STATUS_WINDOW)) - pos
+            status = await self.source.zero_map(pos, want)
+            nxt = max((s + n for s, n, _ in status), default=pos)
+            if nxt <= pos:
+                raise CopyFailed(f"source block status made no progress at offset {pos}")
+            self._cache, self._cache_start, self._cache_end = status, pos, nxt
+        return [d for d in self._cache if d[0] + d[1] > pos and d[0] < end]
+
     async def _status(self, pos: int, end: int) -> tuple[list[tuple[int, int, bool]], int]:
         """Zero map of ``[pos, x)``, where x is ``end`` or a piece-aligned offset > pos."""
         want = min(end, pos + _STATUS_WINDOW)
@@ -146,12 +168,9 @@ class _Run:
         out: list[tuple[int, int, bool]] = []
         cur = pos
         while cur < want:
-            status = await self.source.zero_map(cur, want - cur)
-            nxt = max((s + n for s, n, _ in status), default=cur)
-            if nxt <= cur:
-                raise CopyFailed(f"source block status made no progress at offset {cur}")
+            status = await self._zero_map(cur, want)
             out.extend(status)
-            cur = min(nxt, want)
+            cur = min(max(s + n for s, n, _ in status), want)
         if cur < end:
             cur = cur // dg.PIECE * dg.PIECE
         return out, cur
@@ -210,11 +229,16 @@ class _Run:
                     buf = memoryview(bytearray(self.request))
                 view = buf[: seg.length]
                 await self.source.read_into(seg.start, view)
-                hashed = loop.run_in_executor(self._pool, dg.data_records, seg.start, view)
-                try:
+                if seg.length <= _INLINE_HASH:
+                    # Small: hashing here is cheaper than a thread hop (and its GIL hand-off).
+                    records = dg.data_records(seg.start, view)
                     await self.target.write(seg.start, view)
-                finally:
-                    records = await hashed
+                else:
+                    hashed = loop.run_in_executor(self._pool, dg.data_records, seg.start, view)
+                    try:
+                        await self.target.write(seg.start, view)
+                    finally:
+                        records = await hashed
                 copied = seg.length
             self._complete(seq, seg, records, copied, zeroed)
 
@@ -317,7 +341,7 @@ async def copy_disk(
         raise CopyFailed(f"target has {target.size} bytes, the disk {capacity}")
     plan_id = fingerprint(ranges, capacity)
     resume = checkpoint.load(plan_id) if checkpoint is not None else None
-    run = _Run(source, target, ranges, options, checkpoint, plan_id, resume, on_progress)
+    run = _Run(source, target, ranges, options, checkpoint, plan_id, resume, on_progress, capacity)
     try:
         await run.execute()
         await target.flush()
