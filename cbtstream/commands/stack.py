@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from typing import TYPE_CHECKING
 
 from cbtstream.config import Settings
 
+if TYPE_CHECKING:
+    from cbtstream.stack.manager import StartReport
+
 _DESCRIPTION = """\
 Install and run the services cbtstream needs on this machine, without Docker:
-Apache Kafka 3.9.1 (KRaft, jars from Maven Central) and PostgreSQL 15 (Debian).
-Missing system packages are installed with apt-get when run as root.
+Apache Kafka 3.9.1 (KRaft, jars from Maven Central), PostgreSQL 15 (Debian) and the CBT-capable
+vSphere simulator (govmomi, built with Go). Missing system packages are installed with
+apt-get when run as root.
 
   up      install what is missing, start every service, wait until each really answers,
           create cbtstream's Kafka topics and print how to connect (idempotent)
@@ -20,14 +25,16 @@ Missing system packages are installed with apt-get when run as root.
 
 Everything (data, logs/<service>.log, run/<service>.pid, jars, bin/kafka-* console tools) lives
 under the state folder (CBTSTREAM_STACK__DIR, default .stack). Ports: CBTSTREAM_STACK__KAFKA_PORT
-(19092), CBTSTREAM_STACK__KAFKA_CONTROLLER_PORT (19093), CBTSTREAM_STACK__POSTGRES_PORT (15432).
+(19092), CBTSTREAM_STACK__KAFKA_CONTROLLER_PORT (19093), CBTSTREAM_STACK__POSTGRES_PORT (15432),
+CBTSTREAM_STACK__VCSIM_PORT (18989). Clients read CBTSTREAM_KAFKA__BOOTSTRAP_SERVERS and
+CBTSTREAM_POSTGRES__PORT: change them together with the stack's ports.
 """
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "stack",
-        help="start, stop or inspect the local dev stack (Kafka, PostgreSQL)",
+        help="start, stop or inspect the local dev stack (Kafka, PostgreSQL, vcsim)",
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -40,8 +47,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from cbtstream.stack import manager
 
     if args.action == "up":
-        manager.up(settings)
-        print(_connection_info(settings))
+        reports = manager.up(settings)
+        print(_connection_info(settings, reports))
         return 0
     if args.action == "down":
         manager.down(settings)
@@ -56,15 +63,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all(s.ready for s in statuses) else 1
 
 
-def _connection_info(settings: Settings) -> str:
-    """How to reach the stack; the password is never printed."""
+def _connection_info(settings: Settings, reports: list[StartReport]) -> str:
+    """How to reach each service; passwords are never printed."""
     state = settings.stack.dir.resolve()
-    pg = settings.postgres
-    return "\n".join([
-        "",
-        f"Kafka bootstrap servers: {settings.stack.host}:{settings.stack.kafka_port}"
-        f"  (console tools: {state}/bin/kafka-*)",
-        f"PostgreSQL: {pg.host}:{settings.stack.postgres_port} database={pg.database} "
-        f"user={pg.user} (password from settings)",
-        f"Logs: {state}/logs/",
-    ])
+    lines = ["", "Connect:"]
+    lines += [f"  {r.name:<10} {r.endpoint}" for r in reports]
+    lines += [
+        f"  clients    CBTSTREAM_KAFKA__BOOTSTRAP_SERVERS={settings.kafka.bootstrap_servers} "
+        f"CBTSTREAM_POSTGRES__PORT={settings.postgres.port} (password: settings.postgres)",
+        f"  tools      {state}/bin/kafka-{{topics,console-consumer,console-producer,"
+        "consumer-groups}",
+        f"  logs       {state}/logs/",
+    ]
+    return "\n".join(lines)
