@@ -48,7 +48,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--in-flight", type=int, default=8)
     c.add_argument("--connections", type=int, default=2)
     c.set_defaults(handler=run_copy)
-    p.set_defaults(handler=lambda args, settings: (p.print_help(), 2)[1])
+
+    def usage(args: argparse.Namespace, settings: Settings) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(handler=usage)
 
 
 def _make_images(work: Path, size: int) -> tuple[Path, Path]:

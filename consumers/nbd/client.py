@@ -420,7 +420,7 @@ class NbdClient:
         except ssl.SSLError as exc:
             raise NbdNegotiationError(f"TLS handshake failed: {exc}") from exc
         assert tls_transport is not None
-        wire.transport = tls_transport  # type: ignore[assignment]
+        wire.transport = tls_transport
 
     @staticmethod
     def _check_tls_required(header: p.OptionReply, payload: bytes) -> None:
