@@ -165,8 +165,10 @@ class Service(ABC):
         raise StackError(f"{self.name} not ready after {timeout:.0f}s; see {self.log_file}")
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Ask our process to stop (``stop_signal`` to its group), SIGKILL after ``timeout``."""
         pid = self.pid()
         if pid is None:
+            self._reap_dead_child()
             self.pid_file.unlink(missing_ok=True)
             return
         with contextlib.suppress(ProcessLookupError):
@@ -181,6 +183,16 @@ class Service(ABC):
         if child is not None:
             child.wait(timeout=10)
         self.pid_file.unlink(missing_ok=True)
+
+    def _reap_dead_child(self) -> None:
+        """Collect the exit status of a process of ours that died on its own (no zombie)."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        child = _CHILDREN.get(pid)
+        if child is not None and child.poll() is not None:
+            del _CHILDREN[pid]
 
     def status(self) -> ServiceStatus:
         pid = self.pid()

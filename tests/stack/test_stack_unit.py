@@ -15,7 +15,7 @@ from cbtstream.errors import StackError
 from cbtstream.stack import system
 from cbtstream.stack.kafka import TOOLS, server_properties, tool_script
 from cbtstream.stack.postgres import Postgres, bootstrap_sql, quote_ident, quote_literal
-from cbtstream.stack.service import Service, pid_alive, process_start_time
+from cbtstream.stack.service import _CHILDREN, Service, pid_alive, process_start_time
 
 
 def _props(text: str) -> dict[str, str]:
@@ -136,3 +136,42 @@ def test_recycled_pid_is_never_signalled(tmp_path: Path) -> None:
     finally:
         os.killpg(bystander.pid, signal.SIGKILL)
         bystander.wait()
+
+
+class Crasher(Sleeper):
+    """A service whose process dies at once, as Kafka does when its port is taken."""
+
+    name = "crasher"
+
+    def command(self) -> tuple[Sequence[str], Mapping[str, str] | None]:
+        return ["sh", "-c", "echo 'bind: address already in use' >&2; exit 3"], None
+
+    def probe(self) -> bool:
+        return False
+
+
+def test_a_service_that_exits_fails_loudly_with_its_log(tmp_path: Path) -> None:
+    svc = Crasher(Settings(stack=StackSettings(dir=tmp_path)))
+    svc.start()
+    with pytest.raises(StackError, match="address already in use"):
+        svc.wait_ready(10)
+    svc.stop()
+    assert not svc.pid_file.exists()
+    assert not [c for c in _CHILDREN.values() if c.args[0] == "sh"]  # reaped: no zombie left
+
+
+def test_connection_info_never_shows_the_password(tmp_path: Path) -> None:
+    from pydantic import SecretStr
+
+    from cbtstream.commands.stack import _connection_info
+    from cbtstream.config import PostgresSettings
+    from cbtstream.stack.manager import StartReport
+
+    settings = Settings(
+        stack=StackSettings(dir=tmp_path),
+        postgres=PostgresSettings(password=SecretStr("hunter2-secret")),
+    )
+    reports = [StartReport("postgres", True, 0.1, 0.2, Postgres(settings).endpoint())]
+    text = _connection_info(settings, reports)
+    assert "postgresql://cbtstream@127.0.0.1:15432/cbtstream" in text
+    assert "hunter2" not in text
