@@ -145,6 +145,8 @@ class CopierSettings(BaseModel):
     #: (development and tests); production resolvers (nbdkit vddk) plug in at
     #: ``cbtstream.vsphere.exports.ExportResolver``.
     exports: Literal["simulator"] = "simulator"
+    #: Save a resume checkpoint after at least this many bytes (each save flushes the target).
+    checkpoint_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     #: Re-read every sync's written ranges from the target and compare digests (slower).
     verify: bool = False
 
@@ -233,3 +235,28 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return Settings(**overrides)
     except ValueError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """``CBTSTREAM_*`` variables that reproduce ``settings`` in a child process (secrets
+    included: pass them only to processes of ours, never print them)."""
+    import json
+
+    env: dict[str, str] = {
+        "CBTSTREAM_LOG_LEVEL": settings.log_level,
+        "CBTSTREAM_LOG_FORMAT": settings.log_format,
+    }
+    for section in type(settings).model_fields:
+        model = getattr(settings, section)
+        if not isinstance(model, BaseModel):
+            continue
+        for field in type(model).model_fields:
+            value = getattr(model, field)
+            if value is None:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if isinstance(value, list | tuple):
+                value = json.dumps([str(v) for v in value])
+            env[f"CBTSTREAM_{section.upper()}__{field.upper()}"] = str(value)
+    return env

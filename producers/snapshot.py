@@ -50,7 +50,9 @@ def default_snapshot_name(now: datetime | None = None) -> str:
 
 
 def snapshot_events(vcenter: str, info: SnapshotInfo) -> list[SnapshotTaken]:
-    """The ``SnapshotTaken`` events of one snapshot, one per disk (pure)."""
+    """The ``SnapshotTaken`` events of one snapshot, one per disk (pure). Each names every disk
+    of the snapshot, so the pipeline can remove it once all of them are synced."""
+    keys = tuple(disk.device_key for disk, _ in info.disks)
     return [
         SnapshotTaken(
             event_id=stable_event_id("SnapshotTaken", vcenter, disk.vm_instance_uuid,
@@ -61,6 +63,7 @@ def snapshot_events(vcenter: str, info: SnapshotInfo) -> list[SnapshotTaken]:
             snapshot_name=info.name,
             change_id=change_id,
             taken_at=info.created,
+            snapshot_device_keys=keys,
         )
         for disk, change_id in info.disks
     ]

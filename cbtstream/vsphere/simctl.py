@@ -131,6 +131,10 @@ class SimulatorControl:
     def resize_disk(self, moref: str, key: int, capacity: int) -> SimVm:
         return _vm(self._json("POST", f"/vms/{moref}/disks/{key}/resize", {"capacity": capacity}))
 
+    def reset_disk_cbt(self, moref: str, key: int) -> SimVm:
+        """Void one disk's change tracking (new epoch), as ESXi does after a power loss."""
+        return _vm(self._json("POST", f"/vms/{moref}/disks/{key}/cbt-reset", {}))
+
     def write(self, moref: str, key: int, offset: int, data: bytes) -> None:
         """Guest write: stores ``data`` at ``offset`` and marks the 64 KiB blocks changed."""
         for start in range(0, max(len(data), 1), _WRITE_CHUNK):

@@ -23,7 +23,9 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"sync"
 	"syscall"
+	"time"
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25"
@@ -70,11 +72,12 @@ func run(listen, nbdListen, dir string, useTLS bool, pageBytes int64, maxAreas, 
 		return err
 	}
 
-	nbdAddr, nbd, err := startNBD(nbdListen, frozen)
+	nbd, err := startNBD(nbdListen, frozen)
 	if err != nil {
 		return err
 	}
-	defer func() { _ = nbd.Process.Kill(); _ = nbd.Wait() }()
+	defer nbd.close()
+	nbdAddr := nbd.addr
 
 	model := simulator.VPX()
 	model.Cluster = 0 // one standalone host: every VM lives on it, no DRS placement
@@ -130,15 +133,9 @@ func run(listen, nbdListen, dir string, useTLS bool, pageBytes int64, maxAreas, 
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
-	exited := make(chan error, 1)
-	go func() { exited <- nbd.Wait() }()
-	select {
-	case s := <-sig:
-		log.Printf("vcsim-cbt: %s, stopping", s)
-		return nil
-	case err := <-exited:
-		return fmt.Errorf("nbdkit exited: %v", err)
-	}
+	s := <-sig
+	log.Printf("vcsim-cbt: %s, stopping", s)
+	return nil
 }
 
 func writeJSON(path string, v any) error {
@@ -153,27 +150,80 @@ func writeJSON(path string, v any) error {
 	return os.Rename(tmp, path)
 }
 
-// startNBD runs one read-only `nbdkit file dir=<frozen>`: every frozen image is an export named
+// nbdServer runs one read-only `nbdkit file dir=<frozen>`: every frozen image is an export named
 // after its file. We open the listening socket ourselves and hand it over with systemd socket
-// activation (LISTEN_FDS), so port 0 works without a race; --exit-with-parent ties its life to
-// ours.
-func startNBD(addr, frozen string) (string, *exec.Cmd, error) {
+// activation (LISTEN_FDS), so port 0 works without a race and the address survives a restart.
+// nbdkit 1.32 can abort when a client vanishes mid-reply (a copier killed with SIGKILL): the
+// supervisor restarts it on the same socket, so one crashed client never takes the exports away
+// from the others for more than a moment.
+type nbdServer struct {
+	addr   string
+	file   *os.File
+	frozen string
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	stop   bool
+}
+
+func startNBD(addr, frozen string) (*nbdServer, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return "", nil, err
+		return nil, err
 	}
 	f, err := ln.(*net.TCPListener).File()
 	_ = ln.Close()
 	if err != nil {
-		return "", nil, err
+		return nil, err
 	}
-	defer f.Close()
+	n := &nbdServer{addr: ln.Addr().String(), file: f, frozen: frozen}
+	if err := n.spawn(); err != nil {
+		return nil, err
+	}
+	go n.supervise()
+	return n, nil
+}
+
+func (n *nbdServer) spawn() error {
 	cmd := exec.Command("/bin/sh", "-c",
-		`LISTEN_PID=$$ LISTEN_FDS=1 exec nbdkit --foreground --exit-with-parent --readonly file dir="$0"`, frozen)
-	cmd.ExtraFiles = []*os.File{f}
+		`LISTEN_PID=$$ LISTEN_FDS=1 exec nbdkit --foreground --exit-with-parent --readonly file dir="$0"`, n.frozen)
+	cmd.ExtraFiles = []*os.File{n.file}
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Start(); err != nil {
-		return "", nil, fmt.Errorf("starting nbdkit: %w", err)
+		return fmt.Errorf("starting nbdkit: %w", err)
 	}
-	return ln.Addr().String(), cmd, nil
+	n.mu.Lock()
+	n.cmd = cmd
+	n.mu.Unlock()
+	return nil
+}
+
+func (n *nbdServer) supervise() {
+	for {
+		n.mu.Lock()
+		cmd := n.cmd
+		n.mu.Unlock()
+		err := cmd.Wait()
+		n.mu.Lock()
+		stopping := n.stop
+		n.mu.Unlock()
+		if stopping {
+			return
+		}
+		log.Printf("vcsim-cbt: nbdkit exited (%v), restarting it on %s", err, n.addr)
+		time.Sleep(200 * time.Millisecond)
+		for n.spawn() != nil {
+			time.Sleep(time.Second)
+		}
+	}
+}
+
+func (n *nbdServer) close() {
+	n.mu.Lock()
+	n.stop = true
+	cmd := n.cmd
+	n.mu.Unlock()
+	if cmd != nil && cmd.Process != nil {
+		_ = cmd.Process.Kill()
+	}
+	_ = n.file.Close()
 }

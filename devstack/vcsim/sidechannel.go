@@ -44,6 +44,7 @@ func (s *sideChannel) register(mux *http.ServeMux) {
 	mux.HandleFunc("POST /cbt/vms/{vm}/disks", s.addDisk)
 	mux.HandleFunc("POST /cbt/vms/{vm}/disks/{key}/resize", s.resizeDisk)
 	mux.HandleFunc("PUT /cbt/vms/{vm}/disks/{key}/data", s.writeData)
+	mux.HandleFunc("POST /cbt/vms/{vm}/disks/{key}/cbt-reset", s.resetDiskCBT)
 	mux.HandleFunc("GET /cbt/vms/{vm}/disks/{key}/data", s.readData)
 	mux.HandleFunc("GET /cbt/snapshots/{snap}/disks/{key}/export", s.export)
 	mux.HandleFunc("POST /cbt/faults", s.addFault)
@@ -393,6 +394,25 @@ func (s *sideChannel) writeData(w http.ResponseWriter, r *http.Request) {
 		ctx.Map.WithLock(ctx, vm, func() { err = s.cbt.write(ctx, vm, key, offset, data) })
 	}
 	reply(w, map[string]int{"written": len(data)}, err)
+}
+
+// resetDiskCBT starts a new CBT epoch for one disk (see CBT.resetDisk).
+func (s *sideChannel) resetDiskCBT(w http.ResponseWriter, r *http.Request) {
+	key, err := pathKey(r)
+	var vm *simulator.VirtualMachine
+	if err == nil {
+		vm, err = s.lookupVM(r.PathValue("vm"))
+	}
+	if err == nil {
+		ctx := s.ctx()
+		ctx.Map.WithLock(ctx, vm, func() { err = s.cbt.resetDisk(ctx, vm, key) })
+	}
+	if err != nil {
+		reply(w, nil, err)
+		return
+	}
+	info, err := s.describe(r.PathValue("vm"))
+	reply(w, info, err)
 }
 
 func (s *sideChannel) readData(w http.ResponseWriter, r *http.Request) {

@@ -173,6 +173,32 @@ func (c *CBT) setTracking(ctx *simulator.Context, vm *simulator.VirtualMachine, 
 	return nil
 }
 
+// resetDisk voids one disk's change tracking, as ESXi does for a single disk after a power loss
+// ("Change tracking invalid; reinitializing") or corrupt CBT data: the disk gets a new epoch, so
+// every change ID it handed out before is rejected, while the VM's other disks keep theirs.
+// Caller holds the VM's lock.
+func (c *CBT) resetDisk(ctx *simulator.Context, vm *simulator.VirtualMachine, key int32) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	disk := findDisk(vm.Config.Hardware.Device, key)
+	if disk == nil {
+		return fmt.Errorf("%w: no disk with key %d", errNotFound, key)
+	}
+	if !c.isTracking(vm) {
+		return fmt.Errorf("%w: change tracking is off for this VM", errBadRequest)
+	}
+	t, err := c.track(ctx, vm, disk)
+	if err != nil {
+		return err
+	}
+	t.stamps = map[int64]int64{}
+	t.epoch, t.gen = newEpoch(), 1
+	if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
+		b.ChangeId = formatChangeID(t.epoch, 0)
+	}
+	return nil
+}
+
 // write stores guest data at offset of a disk and stamps the touched blocks. Caller holds the
 // VM's lock (so the config cannot change under us).
 func (c *CBT) write(ctx *simulator.Context, vm *simulator.VirtualMachine, key int32, offset int64, data []byte) error {

@@ -1,0 +1,90 @@
+"""End-to-end fixtures: the dev stack's Kafka and vSphere simulator, an isolated topic prefix,
+and the pipeline processes (Faust worker, copier) as real child processes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from cbtstream.config import Settings
+from cbtstream.demo.processes import Proc
+from cbtstream.demo.run import stack_settings
+from cbtstream.demo.scenario import Scenario, random_name
+from cbtstream.vsphere.simctl import SimulatorControl
+
+
+@pytest.fixture
+def e2e_settings(kafka_settings: Settings, tmp_path: Path) -> Settings:
+    s = stack_settings(kafka_settings)
+    copier = s.copier.model_copy(update={"state_dir": tmp_path / "copier",
+                                         "checkpoint_bytes": 8 * 1024 * 1024})
+    return s.model_copy(update={"copier": copier})
+
+
+@pytest.fixture
+def sim(e2e_settings: Settings) -> SimulatorControl:
+    return SimulatorControl.from_state(e2e_settings.stack.dir.resolve() / "vcsim")
+
+
+class Pipeline:
+    """The worker and the copier of one test; the copier can be killed and restarted."""
+
+    def __init__(self, settings: Settings, logs: Path) -> None:
+        self.settings = settings
+        self.logs = logs
+        self.worker = Proc(["worker"], settings, logs / "worker.log")
+        self.copier: Proc | None = None
+        self.copier_runs = 0
+
+    def start_copier(self) -> Proc:
+        self.copier_runs += 1
+        self.copier = Proc(["copier"], self.settings, self.logs / f"copier-{self.copier_runs}.log")
+        return self.copier
+
+    def check(self) -> None:
+        for p in (self.worker, self.copier):
+            if p is not None and not p.alive:
+                raise RuntimeError(f"{p.log.name} exited:\n{p.output()[-4000:]}")
+
+    def stop(self) -> None:
+        for p in (self.copier, self.worker):
+            if p is not None:
+                p.stop()
+
+    def dump(self) -> str:
+        return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-6000:]}"
+                         for f in sorted(self.logs.glob("*.log")))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    report = yield
+    if report.when == "call":
+        item.stash[_FAILED] = report.failed
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture
+def pipeline(e2e_settings: Settings, tmp_path: Path, request: pytest.FixtureRequest
+             ) -> Iterator[Pipeline]:
+    p = Pipeline(e2e_settings, tmp_path / "logs")
+    yield p
+    p.stop()
+    if request.node.stash.get(_FAILED, False):
+        print(p.dump())
+
+
+@pytest.fixture
+async def scenario(e2e_settings: Settings, sim: SimulatorControl, tmp_path: Path,
+                   pipeline: Pipeline) -> AsyncIterator[Scenario]:
+    sc = Scenario(e2e_settings, sim, tmp_path / "models", seed=1234, timeout_s=120)
+    sc.check_alive.append(pipeline.check)
+    try:
+        yield sc
+    finally:
+        await sc.close()
