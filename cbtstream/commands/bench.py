@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -83,7 +84,11 @@ class _Nbdkit:
             ["nbdkit", "--exit-with-parent", "-f", "-r", "-U", str(sock), "file", str(image)]
         )
         deadline = time.monotonic() + 10
-        while not sock.exists():
+        while True:  # bind() creates the socket file before listen(): wait for a connect
+            if sock.exists():
+                with socket.socket(socket.AF_UNIX) as s:
+                    if s.connect_ex(str(sock)) == 0:
+                        break
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise StackError("nbdkit did not start")
             time.sleep(0.01)

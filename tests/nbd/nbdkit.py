@@ -52,7 +52,10 @@ def nbdkit(workdir: Path, *args: str, tcp: bool = False) -> Iterator[str]:
                     if s.connect_ex(("127.0.0.1", port)) == 0:
                         break
             elif sock.exists():
-                break
+                # bind() creates the file before listen(): ready only once a connect succeeds.
+                with socket.socket(socket.AF_UNIX) as s:
+                    if s.connect_ex(str(sock)) == 0:
+                        break
             if time.monotonic() > deadline:
                 raise RuntimeError("nbdkit did not start")
             time.sleep(0.01)
