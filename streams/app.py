@@ -99,14 +99,18 @@ class Planner:
             TABLE_NAME,
             default=None,
             partitions=k.partitions,
-            schema=faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json"),
+            # bytes keys -> "raw" key codec for the table AND its changelog (a Schema here
+            # would leave the changelog on JSON keys and break recovery).
+            key_type=bytes,
             help="Latest committed change ID and sync state per disk key.",
         )
         self.snapshots = self.app.Table(
             SNAPSHOTS_TABLE,
             default=None,
             partitions=k.partitions,
-            schema=faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json"),
+            # bytes keys -> "raw" key codec for the table AND its changelog (a Schema here
+            # would leave the changelog on JSON keys and break recovery).
+            key_type=bytes,
             help="Per VM snapshot: the disks it covers and those finished with it.",
         )
         self.lifecycle_topic = self.app.topic(

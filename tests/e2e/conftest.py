@@ -43,6 +43,12 @@ class Pipeline:
         self.copier = Proc(["copier"], self.settings, self.logs / f"copier-{self.copier_runs}.log")
         return self.copier
 
+    def restart_worker(self) -> None:
+        """Stop the Faust worker and start a new one: its table recovers from the changelog."""
+        self.worker.stop()
+        n = len(list(self.logs.glob("worker*.log")))
+        self.worker = Proc(["worker"], self.settings, self.logs / f"worker-{n + 1}.log")
+
     def check(self) -> None:
         for p in (self.worker, self.copier):
             if p is not None and not p.alive:
