@@ -23,8 +23,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
     from rich.console import Console
 
     from cbtstream.demo.run import run_demo
 
-    return asyncio.run(run_demo(settings, Console(), name=args.name))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)  # logs and CI: keep the table on one line per disk
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.WARNING)  # the progress bars tell the story
+    return asyncio.run(run_demo(settings, console, name=args.name))
