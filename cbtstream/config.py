@@ -147,6 +147,9 @@ class CopierSettings(BaseModel):
     exports: Literal["simulator"] = "simulator"
     #: Save a resume checkpoint after at least this many bytes (each save flushes the target).
     checkpoint_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    #: Read rate limit per disk copy in bytes/s, to spare a WAN link or a busy datastore
+    #: (0: unlimited).
+    max_bytes_per_s: int = Field(default=0, ge=0)
     #: Re-read every sync's written ranges from the target and compare digests (slower).
     verify: bool = False
 

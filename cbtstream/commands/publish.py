@@ -1,4 +1,4 @@
-"""``cbtstream publish``: validate SnapshotTaken JSON lines from upstream systems and publish them."""
+"""``cbtstream publish``: validate upstream SnapshotTaken JSON lines and publish them."""
 
 from __future__ import annotations
 

@@ -113,6 +113,9 @@ class Kafka(Service):
         self.log4j = DEVSTACK_KAFKA / "log4j.properties"
         self.tools_log4j = DEVSTACK_KAFKA / "tools-log4j.properties"
 
+    def ports(self) -> list[int]:
+        return [self.settings.stack.kafka_port, self.settings.stack.kafka_controller_port]
+
     @property
     def bootstrap(self) -> str:
         return f"{self.settings.stack.host}:{self.settings.stack.kafka_port}"

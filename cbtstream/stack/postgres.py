@@ -77,6 +77,9 @@ class Postgres(Service):
     def run_as(self) -> OsUser | None:
         return OsUser.lookup(system.POSTGRES_OS_USER) if system.is_root() else None
 
+    def ports(self) -> list[int]:
+        return [self.port]
+
     def endpoint(self) -> str:
         pg = self.settings.postgres
         return f"postgresql://{pg.user}@{self.host}:{self.port}/{pg.database}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from abc import ABC, abstractmethod
@@ -120,10 +121,26 @@ class Service(ABC):
             return None  # the pid was recycled by a process we did not start
         return pid
 
+    def ports(self) -> list[int]:
+        """TCP ports on ``stack.host`` the service listens on (checked free before a start)."""
+        return []
+
+    def _check_ports_free(self) -> None:
+        for port in self.ports():
+            with socket.socket() as sock:
+                sock.settimeout(0.5)
+                if sock.connect_ex((self.settings.stack.host, port)) == 0:
+                    raise StackError(
+                        f"{self.name}: port {port} on {self.settings.stack.host} is already in "
+                        "use by a process this stack did not start (another cbtstream stack?); "
+                        "stop it or choose other ports (CBTSTREAM_STACK__*_PORT)"
+                    )
+
     def start(self, *, install: bool = True) -> None:
         """Start the process unless it runs already; ``install=False`` when the caller just did."""
         if self.pid() is not None:
             return
+        self._check_ports_free()
         if install:
             self.install()
         argv, extra_env = self.command()

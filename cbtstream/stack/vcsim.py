@@ -57,6 +57,9 @@ class VcsimService(Service):
     def sdk_url(self) -> str:
         return f"https://{self.host}:{self.port}/sdk"
 
+    def ports(self) -> list[int]:
+        return [self.port]
+
     @property
     def side_channel_url(self) -> str:
         return f"https://{self.host}:{self.port}/cbt"

@@ -31,6 +31,7 @@ from consumers.copy.plan import Segment, fingerprint, plan_ranges, segments, spl
 from consumers.copy.progress import CopyProgress, ProgressCallback
 from consumers.copy.sources import BlockSource
 from consumers.copy.targets import BlockTarget
+from consumers.copy.throttle import Throttle
 
 #: Block status is asked for this much of a range at a time (bounds the status list in memory).
 _STATUS_WINDOW = 1 << 30
@@ -64,6 +65,8 @@ class CopyOptions:
     checkpoint_interval_bytes: int = 256 * 1024 * 1024
     checkpoint_interval_s: float = 10.0
     hash_threads: int = 2
+    #: Average read rate limit of this disk copy in bytes/s (0: unlimited).
+    max_bytes_per_s: int = 0
 
     @classmethod
     def from_settings(cls, copier: CopierSettings, **overrides: object) -> CopyOptions:
@@ -71,6 +74,7 @@ class CopyOptions:
             "request_bytes": copier.request_bytes,
             "merge_gap_bytes": copier.merge_gap_bytes,
             "progress_interval_s": copier.progress_interval_s,
+            "max_bytes_per_s": copier.max_bytes_per_s,
         }
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]
@@ -142,6 +146,7 @@ class _Run:
         self.capacity = capacity
         self._cache: list[tuple[int, int, bool]] = []
         self._cache_start = self._cache_end = 0
+        self.throttle = Throttle(options.max_bytes_per_s)
 
     # -- work items ----------------------------------------------------------------------------
     async def _zero_map(self, pos: int, end: int) -> list[tuple[int, int, bool]]:
@@ -228,6 +233,7 @@ class _Run:
                 if buf is None:
                     buf = memoryview(bytearray(self.request))
                 view = buf[: seg.length]
+                await self.throttle.acquire(seg.length)
                 await self.source.read_into(seg.start, view)
                 if seg.length <= _INLINE_HASH:
                     # Small: hashing here is cheaper than a thread hop (and its GIL hand-off).

@@ -55,6 +55,9 @@ async def test_copier_killed_mid_sync_resumes(scenario: Scenario, pipeline: Pipe
     vm = await scenario.create_vm(random_name("e2e-resume"), [160 * MiB])
     (key,) = [d.key for d in vm.disks]
     await scenario.write(initial_fill(scenario.rng, key, vm.disks[0].capacity, fraction=0.9))
+    # A bandwidth limit makes the copy last a few seconds, so the kill lands mid-sync.
+    throttled = pipeline.settings.copier.model_copy(update={"max_bytes_per_s": 48 * MiB})
+    pipeline.settings = pipeline.settings.model_copy(update={"copier": throttled})
     copier = pipeline.start_copier()
     events = await scenario.snapshot()
     snap = events[0].vm_snapshot
