@@ -1,4 +1,4 @@
-# ruff: noqa: ASYNC220, ASYNC240  (tests compare files synchronously on purpose)
+# ruff: noqa: ASYNC220  (tests compare files synchronously on purpose)
 """The copy engine end to end: real nbdkit sources, file and NBD targets, byte-for-byte checks."""
 
 from __future__ import annotations

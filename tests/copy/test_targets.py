@@ -1,4 +1,4 @@
-# ruff: noqa: ASYNC240  (tests compare files synchronously on purpose)
+
 """TargetResolver: replicas only under the target root, never through symlinks."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 from cbtstream.config import Settings
 from cbtstream.demo.processes import Proc
 from cbtstream.demo.run import stack_settings
-from cbtstream.demo.scenario import Scenario, random_name
+from cbtstream.demo.scenario import Scenario
 from cbtstream.vsphere.simctl import SimulatorControl
 
 

@@ -21,7 +21,8 @@ def disk(key: int = 2000, *, capacity: int = 1 << 30, backing_uuid: str | None =
         vm_name="pgtest1",
         device_key=key,
         backing_uuid=backing_uuid if backing_uuid is not None else f"6000C29{key:05d}",
-        backing_file=backing_file if backing_file is not None else f"[ds1] pgtest1/pgtest1_{key}.vmdk",
+        backing_file=backing_file if backing_file is not None
+        else f"[ds1] pgtest1/pgtest1_{key}.vmdk",
         capacity_bytes=capacity,
     )
 

@@ -67,6 +67,7 @@ def test_no_plaintext_secrets(compose: dict[str, Any]) -> None:
 def test_docker_compose_config_accepts_file() -> None:
     proc = subprocess.run(
         ["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-        capture_output=True, text=True, env={"CBTSTREAM_POSTGRES_PASSWORD": "x", "PATH": "/usr/bin"},
+        capture_output=True, text=True,
+        env={"CBTSTREAM_POSTGRES_PASSWORD": "x", "PATH": "/usr/bin"},
     )
     assert proc.returncode == 0, proc.stderr

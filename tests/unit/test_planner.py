@@ -168,7 +168,7 @@ def test_guard_refuses_commit_that_does_not_match_plan(overrides) -> None:
 
 
 def test_guard_refuses_commit_for_unknown_disk() -> None:
-    s, out = on_snapshot(None, snap(disk(), f"{EPOCH_A}/1"), NOW)
+    _, out = on_snapshot(None, snap(disk(), f"{EPOCH_A}/1"), NOW)
     assert check_commit(None, commit_for(_plan(out))).verdict == Verdict.REFUSE
 
 
