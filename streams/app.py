@@ -44,6 +44,7 @@ from schemas.topics import (
     topic_for,
 )
 from streams import lifecycle, planner
+from streams.api import register_api
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.state import DiskState, from_json, to_json
 
@@ -122,6 +123,7 @@ class Planner:
         self._agent(SNAPSHOT_TAKEN, (SnapshotTaken,), self._on_snapshot)
         self._agent(CHANGEID_COMMITTED, (ChangeIdCommitted,), self._on_commit)
         self._agent(SYNC_FAILED, (SyncFailed,), self._on_failed)
+        register_api(self)
 
     # -- topics ---------------------------------------------------------------------------------
     def topic(self, spec: TopicSpec) -> faust.TopicT:
