@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from cbtstream.config import KafkaSettings
 from cbtstream.errors import CbtStreamError, TransientError
-from schemas.codec import Headers, encode
+from schemas.codec import MAX_REQUEST_BYTES, Headers, encode
 from schemas.topics import ALL_TOPICS, TopicSpec, topic_for
 
 
@@ -77,7 +77,7 @@ class Publisher:
             acks="all",
             enable_idempotence=True,
             linger_ms=linger_ms,
-            max_request_size=2 * 1024 * 1024,
+            max_request_size=MAX_REQUEST_BYTES,  # a dead letter may be large
         )
         self._started = False
 

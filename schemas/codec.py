@@ -9,6 +9,7 @@ another disk's change ID is exactly the bug this project exists to prevent.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -19,6 +20,13 @@ from schemas.events import DISK_EVENT_ADAPTER, EVENT_TYPES, SCHEMA_VERSION, Dead
 CONTENT_TYPE = b"application/json"
 #: Values larger than this are refused before parsing (Kafka's default max message is ~1 MiB).
 MAX_VALUE_BYTES = 1024 * 1024
+#: Largest dead-letter value published. JSON escaping can grow a text value up to 6x, so an
+#: original value too large for this is left out of its letter (the letter names its size and
+#: sha256; the record stays readable at its origin until retention) rather than failing the send.
+MAX_DEAD_LETTER_BYTES = 6 * 1024 * 1024
+#: ``max_request_size`` of our producers: room for a dead letter plus headers and batch overhead.
+#: The dead-letter topic is created with ``max.message.bytes`` above it (``schemas.topics``).
+MAX_REQUEST_BYTES = MAX_DEAD_LETTER_BYTES + 256 * 1024
 
 Headers = list[tuple[str, bytes]]
 
@@ -133,6 +141,13 @@ def dead_letter_record(
         stage=stage,
     )
     out_key, out_value, headers = encode(letter)
+    if len(out_value) > MAX_DEAD_LETTER_BYTES:
+        assert value is not None
+        omitted = f"{len(value)} bytes sha256:{hashlib.sha256(value).hexdigest()}"
+        error = f"{error[:7000]}; original value ({omitted}) too large to keep: read it at origin"
+        letter = letter.model_copy(update={"original_value": None, "error": error})
+        out_key, out_value, headers = encode(letter)
+        headers.append(("original-value-omitted", omitted.encode()))
     headers += [
         ("original-topic", topic.encode()),
         ("original-partition", str(partition).encode()),

@@ -79,7 +79,9 @@ SNAPSHOT_REMOVED = TopicSpec(
 DEADLETTER = TopicSpec(
     "cbt.deadletter",
     (DeadLetter,),
-    {"cleanup.policy": "delete", "retention.ms": str(90 * _DAY_MS)},
+    # Room for a dead letter keeping an input record of up to ~1 MiB whole (schemas.codec).
+    {"cleanup.policy": "delete", "retention.ms": str(90 * _DAY_MS),
+     "max.message.bytes": str(8 * 1024 * 1024)},
     "Records that could not be decoded or validated, with their origin and the error.",
 )
 

@@ -27,7 +27,13 @@ from pydantic import BaseModel
 from cbtstream.config import Settings
 from cbtstream.kafka import ssl_context
 from cbtstream.log import bind_disk
-from schemas.codec import EventDecodeError, dead_letter_record, decode, encode
+from schemas.codec import (
+    MAX_REQUEST_BYTES,
+    EventDecodeError,
+    dead_letter_record,
+    decode,
+    encode,
+)
 from schemas.events import (
     ChangeIdCommitted,
     SnapshotRemoved,
@@ -93,6 +99,7 @@ class Planner:
             datadir=str(s.data_dir / f"{k.topic_prefix}{s.app_id}"),
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
+            producer_max_request_size=MAX_REQUEST_BYTES,  # a dead letter may be large
             autodiscover=False,
         )
         self._topics: dict[str, faust.TopicT] = {}
