@@ -23,6 +23,8 @@ COMMANDS: tuple[str, ...] = (
     "cbtstream.commands.topics",
     "cbtstream.commands.worker",
     "cbtstream.commands.copier",
+    "cbtstream.commands.replay",
+    "cbtstream.commands.status",
     "cbtstream.commands.audit",
     "cbtstream.commands.db",
     "cbtstream.commands.publish",
