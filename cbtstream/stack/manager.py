@@ -63,6 +63,9 @@ def up(settings: Settings, echo: Echo = print) -> list[StartReport]:
             svc.wait_ready(READY_TIMEOUT_S)
             report = StartReport(svc.name, False, 0.0, 0.0, svc.endpoint())
             echo(f"{svc.name}: already running; {report.endpoint}")
+            note = svc.restart_needed()
+            if note:
+                echo(f"{svc.name}: restart needed: {note}")
         else:
             echo(f"{svc.name}: installing and starting")
             t0 = time.monotonic()

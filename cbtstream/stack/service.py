@@ -107,6 +107,10 @@ class Service(ABC):
         """How clients reach the service (no secrets), for ``stack up``/``status`` output."""
         return ""
 
+    def restart_needed(self) -> str | None:
+        """Why the running process no longer matches the settings (``stack up`` says so)."""
+        return None
+
     # -- shared behaviour ---------------------------------------------------------------------
     def pid(self) -> int | None:
         """The pid of the process this stack started, if it is still that process and alive."""

@@ -42,12 +42,13 @@ def state_dir() -> Iterator[Path]:
 @pytest.fixture
 def stack_settings(state_dir: Path) -> Settings:
     """Settings of a private stack: its own folder and ports, clients pointed at them."""
-    kafka_port, controller_port, pg_port, vcsim_port = free_ports(4)
+    kafka_port, controller_port, pg_port, vcsim_port, sasl_port = free_ports(5)
     return Settings(
         stack=StackSettings(
             dir=state_dir,
             kafka_port=kafka_port,
             kafka_controller_port=controller_port,
+            kafka_sasl_port=sasl_port,
             postgres_port=pg_port,
             vcsim_port=vcsim_port,
         ),
