@@ -152,6 +152,15 @@ class CopierSettings(BaseModel):
     max_bytes_per_s: int = Field(default=0, ge=0)
     #: Re-read every sync's written ranges from the target and compare digests (slower).
     verify: bool = False
+    #: Talk TLS to NBD servers even for ``nbd://`` URIs (``nbds://`` always does). The server's
+    #: certificate is verified against ``nbd_cafile`` (or the system trust store).
+    nbd_tls: bool = False
+    nbd_cafile: Path | None = None
+    #: Verify the NBD server's certificate and host name. Only an explicit opt-out turns it off.
+    nbd_tls_verify: bool = True
+    #: Port of the copier's Prometheus ``/metrics`` endpoint (0: no endpoint).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
 
 class StreamsSettings(BaseModel):
@@ -187,6 +196,10 @@ class StackSettings(BaseModel):
     host: str = "127.0.0.1"
     kafka_port: int = 19092
     kafka_controller_port: int = 19093
+    #: A second Kafka listener, ``SASL_SSL`` with SCRAM-SHA-512 and a certificate from the
+    #: stack's own CA (``<dir>/kafka/tls``), to test secured clients (0: no such listener).
+    kafka_sasl_port: int = 19094
+    kafka_sasl_username: str = "cbtstream"
     postgres_port: int = 15432
     vcsim_port: int = 18989
 
