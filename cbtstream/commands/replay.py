@@ -49,7 +49,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     start = StartAt(
         since_ms=int(parse_time(args.since).timestamp() * 1000) if args.since else None,
         offsets=parse_offsets(args.offset))
-    console = Console() if not args.json else Console(width=10**6)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # logs and pipes: one line per row
     result = asyncio.run(load(settings, start, disk=args.disk, vm=args.vm))
     if args.as_of:
         t = parse_time(args.as_of)

@@ -39,7 +39,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return [disk_status(d) for d in result.disks.values()], list(lags)
 
     rows, lags = asyncio.run(gather())
-    console = Console() if not args.json else Console(width=10**6)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # logs and pipes: one line per row
     if args.json:
         render.print_json(console, render.status_json(rows, lags))
     else:

@@ -238,7 +238,7 @@ async def consumer_lag(settings: KafkaSettings, stages: tuple[Stage, ...]) -> li
     try:
         await admin.start()
         await consumer.start()
-        await consumer.topics()  # loads metadata of every topic
+        await consumer._client.force_metadata_update()  # metadata of every topic
         out = []
         for stage in stages:
             names = [topic_name(s, settings) for s in stage.inputs]

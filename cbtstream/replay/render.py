@@ -23,6 +23,11 @@ def _t(t: datetime | None) -> str | None:
     return t.isoformat().replace("+00:00", "Z") if t is not None else None
 
 
+def _ts(t: datetime | None) -> str:
+    """Table times: to the millisecond, UTC."""
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z") if t else "-"
+
+
 def _short(change_id: str | None, width: int = 14) -> str:
     """Change IDs are long; tables show the epoch's tail and the sequence (JSON has them whole)."""
     if change_id is None:
@@ -141,7 +146,7 @@ def print_replay(console: Console, result: ReplayResult, *, show_info: bool = Fa
             table.add_row("0", "", "", "", "(window start)", "", _short(lin.baseline), "", "", "")
         for link in lin.links:
             c = link.commit
-            table.add_row(str(link.index), _t(link.time), c.vm_snapshot,
+            table.add_row(str(link.index), _ts(link.time), c.vm_snapshot,
                           str(c.replication_type), str(c.reason), _short(c.previous_change_id),
                           _short(c.change_id), _bytes(c.bytes_copied), c.digest[:15],
                           str(link.coord))
@@ -197,7 +202,7 @@ def print_status(console: Console, rows: list[DiskStatus], lags: list[StageLag])
             detail += f" (waiting: {s.waiting})"
         style = {"running": "cyan", "failed": "red", "synced": "green"}.get(s.state, "")
         table.add_row(s.vm_name, s.key, f"[{style}]{s.state}[/]" if style else s.state,
-                      _short(s.change_id), _t(s.last_sync_at) or "-",
+                      _short(s.change_id), _ts(s.last_sync_at),
                       f"{s.last_type}/{s.last_reason}" if s.last_type else "-", str(s.commits),
                       detail)
     console.print(table)
