@@ -20,7 +20,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, f
 from schemas.changeid import ChangeId
 from schemas.disk import MAX_TEXT, DiskRef
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 #: Namespace of the deterministic event ids (uuid5); any fixed UUID works, this one is ours.
 _ID_NAMESPACE = uuid.UUID("6c6f8e52-3b9a-4d8e-9f4e-2f0b4c1d7a10")
 

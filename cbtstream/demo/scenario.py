@@ -180,21 +180,17 @@ class Scenario:
         for ev in events:
             key = ev.disk.device_key
             plan, out = plans.get(key), outcomes[key]
-            committed = isinstance(out, ChangeIdCommitted)
-            equal = committed and await asyncio.to_thread(
-                files_equal, self.replica(key), self.model(key))
-            rows.append(CycleRow(
-                cycle=number, disk_id=ev.disk.disk_id,
-                replication_type=str(out.replication_type) if committed else "-",
-                reason=str(out.reason) if isinstance(out, ChangeIdCommitted | SyncFailed)
-                else "superseded",
-                base_change_id=plan.base_change_id if plan else None,
-                new_change_id=out.change_id if committed else None,
-                bytes_copied=out.bytes_copied if committed else 0,
-                capacity=ev.disk.capacity_bytes,
-                verified=equal,
-                outcome="committed" if committed else type(out).__name__,
-            ))
+            base = plan.base_change_id if plan else None
+            if isinstance(out, ChangeIdCommitted):
+                equal = await asyncio.to_thread(files_equal, self.replica(key), self.model(key))
+                row = CycleRow(number, ev.disk.disk_id, str(out.replication_type),
+                               str(out.reason), base, out.change_id, out.bytes_copied,
+                               ev.disk.capacity_bytes, equal)
+            else:
+                reason = out.reason if isinstance(out, SyncFailed) else "superseded"
+                row = CycleRow(number, ev.disk.disk_id, "-", reason, base, None, 0,
+                               ev.disk.capacity_bytes, False, type(out).__name__)
+            rows.append(row)
         return CycleResult(vm_snapshot, events, rows)
 
 
