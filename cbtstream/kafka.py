@@ -14,7 +14,13 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
+)
 from pydantic import BaseModel
 
 from cbtstream.config import KafkaSettings
@@ -27,6 +33,41 @@ class KafkaUnavailable(TransientError):
     """The broker did not acknowledge in time; the caller may retry."""
 
     reason = "kafka_unavailable"
+
+
+class KafkaAuthError(CbtStreamError):
+    """The broker refused our credentials or we refused its certificate: retrying won't help."""
+
+    reason = "kafka_auth_failed"
+
+
+async def explain_connect_failure(settings: KafkaSettings) -> CbtStreamError | None:
+    """Why a connection to the first bootstrap server fails, as our error, or None if it works.
+
+    aiokafka only logs the cause of a failed bootstrap ("Unable to bootstrap from ..."); this
+    opens one connection the same way to surface it: a refused SASL login or an untrusted
+    certificate becomes :class:`KafkaAuthError`. The message names the user, never the password.
+    """
+    host, _, port = settings.bootstrap_servers.split(",")[0].strip().rpartition(":")
+    kwargs = client_kwargs(settings)
+    del kwargs["bootstrap_servers"]
+    where = f"Kafka at {host}:{port} ({settings.security_protocol})"
+    try:
+        conn = await create_conn(host, int(port), request_timeout_ms=10000, **kwargs)
+    except ssl.SSLCertVerificationError as exc:
+        return KafkaAuthError(
+            f"{where}: TLS certificate not trusted ({exc.verify_message}); set kafka.ssl_cafile "
+            "to the CA that signed it (kafka.ssl_verify=false only for a lab)")
+    except ssl.SSLError as exc:
+        return KafkaAuthError(f"{where}: TLS handshake failed: {exc.reason or exc}")
+    except (SaslAuthenticationFailed, UnsupportedSaslMechanismError) as exc:
+        return KafkaAuthError(
+            f"{where}: SASL {settings.sasl_mechanism} login as {settings.sasl_username!r} "
+            f"refused: {exc}")
+    except (OSError, TimeoutError, KafkaError, ValueError) as exc:
+        return KafkaUnavailable(f"{where}: {type(exc).__name__}: {exc}")
+    conn.close()
+    return None
 
 
 def ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
@@ -87,6 +128,10 @@ class Publisher:
         try:
             await self._producer.start()
         except KafkaError as exc:
+            await self._producer.stop()  # a half-started producer still holds its client
+            cause = await explain_connect_failure(self._settings)
+            if isinstance(cause, KafkaAuthError):
+                raise cause from exc
             raise KafkaUnavailable(f"cannot connect to Kafka: {exc}") from exc
         self._started = True
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from cbtstream.config import Settings
 from cbtstream.extents import Extent
+from cbtstream.tls import nbd_tls_context
 from cbtstream.vsphere.adapter import VmRef, VSphereClient
 from cbtstream.vsphere.errors import (
     CbtNotEnabled,
@@ -133,6 +134,7 @@ class VSphereExecutor:
                 uri,
                 self.settings.copier.nbd_allow,
                 connections=self.settings.copier.nbd_connections,
+                tls_context=nbd_tls_context(self.settings.copier),
             ) as source,
             self.targets.target_for(plan.disk.key, capacity) as target,
         ):
