@@ -53,6 +53,8 @@ log = logging.getLogger("cbtstream.copier")
 #: Backoff before each retry of a retriable failure (seconds). Three retries ride out a broker
 #: leader election or a vCenter hiccup without holding a disk for minutes.
 RETRY_DELAYS = (1.0, 4.0, 15.0)
+#: Backoff before re-publishing an outcome: about a minute in all, longer than a broker restart.
+PUBLISH_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
 def commit_event(plan: SyncPlanned, result: SyncResult) -> ChangeIdCommitted:
@@ -160,13 +162,29 @@ class Copier:
     ) -> None:
         while not queue.empty():
             rec = queue.get_nowait()
-            await self._process(rec)
+            try:
+                await self._process(rec)
+            except Exception as exc:
+                # Kafka unreachable for longer than the publish retries (or a bug): nothing was
+                # committed for this record, so re-read it and everything after it later.
+                log.error("record not processed; it will be retried",
+                          extra={"tp": str(tp), "offset": rec.offset, "error": str(exc)})
+                while not queue.empty():
+                    queue.get_nowait()
+                if tp in self.consumer.assignment():
+                    self.consumer.seek(tp, rec.offset)
+                await self._sleep(RETRY_DELAYS[0])
+                break
             try:
                 await self.consumer.commit({tp: rec.offset + 1})
-            except (CommitFailedError, KafkaError) as exc:
+            except CommitFailedError as exc:
                 # The partition moved to another member: it will redo this plan idempotently.
-                log.warning("offset commit failed", extra={"tp": str(tp), "error": str(exc)})
+                log.warning("offset commit refused", extra={"tp": str(tp), "error": str(exc)})
                 return
+            except KafkaError as exc:
+                # Coordinator unavailable (broker restart): offsets are cumulative, so the
+                # next successful commit of this partition covers this record too.
+                log.warning("offset commit failed", extra={"tp": str(tp), "error": str(exc)})
         if tp in self.consumer.assignment():
             self.consumer.resume(tp)
 
@@ -209,7 +227,7 @@ class Copier:
         outcome: ChangeIdCommitted | SyncFailed
         async with self._slots:
             outcome = await self._execute_with_retries(plan)
-        await self.publisher.publish(outcome)
+        await self._publish_outcome(outcome)
         log.info(
             "sync committed" if isinstance(outcome, ChangeIdCommitted) else "sync failed",
             extra={
@@ -221,6 +239,20 @@ class Copier:
             await self.executor.release(plan)
         except CbtStreamError as exc:
             log.warning("release failed", extra={"error": str(exc)})
+
+    async def _publish_outcome(self, outcome: ChangeIdCommitted | SyncFailed) -> None:
+        """Publish with patience: the data is durable already, so ride out a broker restart
+        rather than redo the copy. Raises if Kafka stays away (the record is then re-read)."""
+        for delay in (*PUBLISH_RETRY_DELAYS, None):
+            try:
+                await self.publisher.publish(outcome)
+                return
+            except CbtStreamError as exc:
+                if delay is None or not exc.retriable or self._stopping.is_set():
+                    raise
+                log.warning("publishing the outcome failed; retrying",
+                            extra={"error": str(exc), "retry_in_s": delay})
+                await self._sleep(delay)
 
     async def _execute_with_retries(self, plan: SyncPlanned) -> ChangeIdCommitted | SyncFailed:
         attempt = 0
