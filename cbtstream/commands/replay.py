@@ -8,6 +8,8 @@ from cbtstream.config import Settings
 
 #: Exit status when the log holds a break of a chain (1 is any other error).
 EXIT_BREAK = 3
+#: Exit status when the rebuilt audit tables differ from the live ones (and no chain broke).
+EXIT_AUDIT_DIFF = 4
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,7 +21,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "rules and the commit guard, and prints each disk's chain of applied commits (type, "
         "reason, change IDs, bytes, digest, time, record). Breaks of a chain are reported with "
         f"their records (topic/partition@offset) and exit status {EXIT_BREAK}; commits the "
-        "pipeline refused (SyncFailed lineage_mismatch) are reported but are not breaks.",
+        "pipeline refused (SyncFailed lineage_mismatch) are reported but are not breaks. "
+        f"--rebuild-audit exits {EXIT_AUDIT_DIFF} if the rebuilt tables differ.",
     )
     p.add_argument("--since", metavar="TIME",
                    help="start at the first record at or after TIME (ISO 8601, UTC if no zone)")
@@ -32,6 +35,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--rebuild-audit", action="store_true",
                    help="rebuild the PostgreSQL audit tables from the log into a fresh schema "
                    "and report every difference from the live tables")
+    p.add_argument("--audit-schema", metavar="NAME",
+                   help="rebuild into this schema and keep it (default: a temporary schema, "
+                   "dropped after the comparison)")
     p.add_argument("--json", action="store_true", help="JSON lines instead of tables")
     p.add_argument("--info", action="store_true", help="also list info findings (duplicates...)")
     p.set_defaults(handler=run)
@@ -66,8 +72,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         render.print_replay(console, result, show_info=args.info)
     status = EXIT_BREAK if result.breaks else 0
     if args.rebuild_audit:
-        from cbtstream.replay.audit import rebuild_and_compare
+        from cbtstream.replay.audit import comparison_json, print_comparison, rebuild_audit
 
-        diff = asyncio.run(rebuild_and_compare(settings, console, json_lines=args.json))
-        status = status or (EXIT_BREAK if diff else 0)
+        cmp = asyncio.run(rebuild_audit(settings, schema=args.audit_schema))
+        if args.json:
+            render.print_json(console, iter([comparison_json(cmp)]))
+        else:
+            print_comparison(console, cmp)
+        status = status or (EXIT_AUDIT_DIFF if cmp.differences else 0)
     return status

@@ -24,6 +24,7 @@ from cbtstream.kafka import KafkaUnavailable, client_kwargs, topic_name
 from cbtstream.replay.records import Coord, LogRecord
 from schemas.codec import EventDecodeError, decode
 from schemas.topics import (
+    ALL_TOPICS,
     CHANGEID_COMMITTED,
     SNAPSHOT_REMOVED,
     SNAPSHOT_TAKEN,
@@ -127,31 +128,39 @@ class LogReader:
 
     async def read(self, start: StartAt) -> list[LogRecord]:
         """Every record from ``start`` up to the end offsets as of now, decoded."""
+        return [_record(r.spec, r.topic, r.partition, r.offset, r.timestamp_ms, r.key, r.value)
+                for r in await self.read_raw(start)]
+
+    async def read_raw(self, start: StartAt, *, cap: dict[TopicPartition, int] | None = None
+                       ) -> list[RawRecord]:
+        """Undecoded records from ``start`` up to the end offsets as of now, or up to ``cap``
+        for the partitions it names (an offset such as a consumer group's committed one)."""
         try:
-            return await self._read(start)
+            return await self._read(start, cap or {})
         except KafkaError as exc:
             raise KafkaUnavailable(f"reading the log failed: {exc}") from exc
 
-    async def _read(self, start: StartAt) -> list[LogRecord]:
+    async def _read(self, start: StartAt, cap: dict[TopicPartition, int]) -> list[RawRecord]:
         c = self._consumer
         tps = await self._partitions()
         c.assign(list(tps))
         begin = await c.beginning_offsets(list(tps))
         end = await c.end_offsets(list(tps))
+        end = {tp: min(off, cap.get(tp, off)) for tp, off in end.items()}
         at: dict[TopicPartition, int] = dict(begin)
         if start.since_ms is not None:
             found = await c.offsets_for_times({tp: start.since_ms for tp in tps})
             at = {tp: (found[tp].offset if found.get(tp) is not None else end[tp])
                   for tp in tps}
         for (base, part), off in start.offsets.items():
-            tp = TopicPartition(topic_name(_spec(base), self._settings), part)
+            tp = TopicPartition(topic_name(_spec(base, self._topics), self._settings), part)
             if tp not in tps:
                 raise ReplayError(f"no partition {part} in {tp.topic}")
             at[tp] = max(off, begin[tp])
         todo = {tp for tp in tps if at[tp] < end[tp]}
         for tp in tps:
             c.seek(tp, at[tp])
-        records: list[LogRecord] = []
+        records: list[RawRecord] = []
         while todo:
             batch = await c.getmany(*todo, timeout_ms=500)
             for tp, msgs in batch.items():
@@ -159,23 +168,37 @@ class LogReader:
                 for m in msgs:
                     if m.offset >= end[tp]:
                         break
-                    records.append(_record(spec, tp, m.offset, m.timestamp, m.key, m.value))
+                    records.append(RawRecord(spec, tp.topic, tp.partition, m.offset,
+                                             m.timestamp, m.key, m.value))
             for tp in list(todo):
                 if await c.position(tp) >= end[tp]:
                     todo.discard(tp)
         return records
 
 
-def _spec(base: str) -> TopicSpec:
-    for spec in DISK_TOPICS:
+@dataclass(frozen=True)
+class RawRecord:
+    """A record as read, before decoding."""
+
+    spec: TopicSpec
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+
+
+def _spec(base: str, topics: tuple[TopicSpec, ...]) -> TopicSpec:
+    for spec in topics:
         if spec.name == base:
             return spec
-    raise ReplayError(f"{base!r} is not one of {', '.join(s.name for s in DISK_TOPICS)}")
+    raise ReplayError(f"{base!r} is not one of {', '.join(s.name for s in topics)}")
 
 
-def _record(spec: TopicSpec, tp: TopicPartition, offset: int, ts: int, key: bytes | None,
-            value: bytes | None) -> LogRecord:
-    coord = Coord(tp.topic, tp.partition, offset)
+def _record(spec: TopicSpec, topic: str, partition: int, offset: int, ts: int,
+            key: bytes | None, value: bytes | None) -> LogRecord:
+    coord = Coord(topic, partition, offset)
     key_text = key.decode(errors="replace") if key is not None else None
     try:
         ev = decode(value, key=key, expect=spec.value_types)
@@ -225,7 +248,7 @@ def pipeline_stages(settings: Settings) -> tuple[Stage, ...]:
         Stage("planner", f"{prefix}{settings.streams.app_id}",
               (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)),
         Stage("copier", f"{prefix}cbtstream-copier", (SYNC_PLANNED,)),
-        Stage("audit", f"{prefix}cbtstream-audit", DISK_TOPICS),
+        Stage("audit", f"{prefix}cbtstream-audit", ALL_TOPICS),
     )
 
 
