@@ -187,6 +187,17 @@ WHERE disk_key = $1 AND vm_snapshot = $2
 """
 
 
+#: Every statement :func:`project` emits, in the order a batch executes them. Each statement is
+#: order-independent across events (see the module docstring), so a batch may run all events'
+#: statements grouped by kind (one pipelined ``executemany`` each) as long as rows exist before
+#: they are updated (jobs before disks) and commit columns are recomputed after every history
+#: row and refusal of the batch is in.
+PHASES: tuple[str, ...] = (
+    _UPSERT_PLANNED_JOB, _UPSERT_JOB, _UPSERT_DISK, _PLAN_DISK, _INSERT_HISTORY, _FAIL_JOB,
+    _REFUSE, RECOMPUTE_VM_DISK, RECOMPUTE_JOB, _PROGRESS, _SNAPSHOT_REMOVED,
+)
+
+
 def _job_and_disk(sync_id: uuid.UUID, disk: DiskRef, vm_snapshot: str | None,
                   at: object) -> list[Stmt]:
     vm = uuid.UUID(disk.vm_instance_uuid)

@@ -25,7 +25,13 @@ import asyncpg
 from cbtstream.config import PostgresSettings
 from cbtstream.errors import CbtStreamError, TransientError
 from consumers.audit.migrations import Migration, load_migrations
-from consumers.audit.projection import INSERT_EVENTS, event_row, project, stored_in_events
+from consumers.audit.projection import (
+    INSERT_EVENTS,
+    PHASES,
+    event_row,
+    project,
+    stored_in_events,
+)
 from schemas.events import Event
 
 
@@ -170,7 +176,9 @@ class AuditRepository:
         """Store a batch in one transaction; returns how many events were new.
 
         Order: insert the events rows (``on conflict (event_id) do nothing``), apply the
-        projection of each event inserted now, commit. The caller commits its Kafka offsets only
+        projections of the events inserted now (grouped by statement, in
+        :data:`~consumers.audit.projection.PHASES` order, one pipelined ``executemany`` each),
+        commit. The caller commits its Kafka offsets only
         after this returned, so a crash anywhere before redelivers events that are then dropped
         as duplicates, or applied for the first time.
         """
@@ -185,6 +193,7 @@ class AuditRepository:
                 columns = [list(col) for col in zip(*rows, strict=True)]
                 inserted = {r["event_id"] for r in await conn.fetch(INSERT_EVENTS, *columns)}
             fresh = set(inserted)
+            phases: dict[str, dict[tuple[Any, ...], None]] = {sql: {} for sql in PHASES}
             for rec in records:
                 ev = rec.event
                 if stored_in_events(ev):
@@ -192,7 +201,10 @@ class AuditRepository:
                         continue  # a duplicate: applied when first stored
                     fresh.discard(ev.event_id)
                 for stmt in project(ev):
-                    await conn.execute(stmt.sql, *stmt.args)
+                    phases[stmt.sql][stmt.args] = None  # ordered set: drops repeats
+            for sql, args in phases.items():
+                if args:
+                    await conn.executemany(sql, list(args))
         return len(inserted)
 
     # -- migrations ---------------------------------------------------------------------------
