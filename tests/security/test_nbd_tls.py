@@ -14,7 +14,7 @@ from cbtstream.stack.certs import CertFiles, make_certs
 from cbtstream.tls import nbd_tls_context
 from consumers.copy.sources import open_nbd_source
 from consumers.nbd.errors import NbdError, NbdNegotiationError
-from tests.nbd.nbdkit import needs_nbdkit, nbdkit
+from tests.nbd.nbdkit import nbdkit, needs_nbdkit
 
 pytestmark = [pytest.mark.integration, needs_nbdkit]
 
@@ -66,10 +66,10 @@ async def test_verified_tls_reads_the_bytes(
 async def test_server_requiring_tls_refuses_plain_client(
     tmp_path: Path, pki: tuple[CertFiles, CertFiles], image: tuple[Path, bytes]
 ) -> None:
-    with _tls_server(tmp_path, pki[0], image[0]) as uri:
-        with pytest.raises(NbdNegotiationError, match="requires TLS"):
-            async with open_nbd_source(uri, ("127.0.0.1",), tls_context=None):
-                pass
+    with (_tls_server(tmp_path, pki[0], image[0]) as uri,
+          pytest.raises(NbdNegotiationError, match="requires TLS")):
+        async with open_nbd_source(uri, ("127.0.0.1",), tls_context=None):
+            pass
 
 
 @pytest.mark.parametrize("cafile", ["other", "system"])
