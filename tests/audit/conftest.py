@@ -138,3 +138,7 @@ class PgProxy:
 
         await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
         self._transports -= {writer.transport, up_w.transport}
+
+
+# The real pipeline (Faust worker + copier + simulator) for the end-to-end audit test.
+from tests.e2e.conftest import e2e_settings, pipeline, scenario, sim  # noqa: E402, F401
