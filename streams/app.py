@@ -52,6 +52,7 @@ from schemas.topics import (
 from streams import lifecycle, planner
 from streams.api import register_api
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
+from streams.metrics import register_metrics
 from streams.state import DiskState, from_json, to_json
 
 log = logging.getLogger("cbtstream.streams")
@@ -100,6 +101,8 @@ class Planner:
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,
             producer_max_request_size=MAX_REQUEST_BYTES,  # a dead letter may be large
+            # Batch the per-event sends (row, plan, lifecycle) instead of one request each.
+            producer_linger=0.005,
             autodiscover=False,
         )
         self._topics: dict[str, faust.TopicT] = {}
@@ -131,6 +134,7 @@ class Planner:
         self._agent(CHANGEID_COMMITTED, (ChangeIdCommitted,), self._on_commit)
         self._agent(SYNC_FAILED, (SyncFailed,), self._on_failed)
         register_api(self)
+        self.metrics = register_metrics(self)
 
     # -- topics ---------------------------------------------------------------------------------
     def topic(self, spec: TopicSpec) -> faust.TopicT:

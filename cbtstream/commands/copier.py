@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from cbtstream.kafka import Publisher
+    from cbtstream.metrics import MeteredPublisher, Metrics, serve_consumer_metrics
     from consumers.copier import Copier
     from consumers.executor import NoopExecutor, SyncExecutor
     from consumers.local import LocalImageExecutor
@@ -50,10 +50,14 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         from consumers.vsphere_executor import build_vsphere_executor
 
         executor = await build_vsphere_executor(settings)
-    async with Publisher(settings.kafka) as publisher:
+    metrics = Metrics()
+    async with MeteredPublisher(settings.kafka, metrics, "copier") as publisher:
         copier = Copier(settings, executor, publisher)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, copier.request_stop)
-        await copier.run()
+        async with serve_consumer_metrics(metrics, settings.copier.metrics_host,
+                                          settings.copier.metrics_port, copier.consumer,
+                                          copier.group_id):
+            await copier.run()
     return 0

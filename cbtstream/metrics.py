@@ -1,0 +1,258 @@
+"""Prometheus metrics of a cbtstream process, and the copier's small ``/metrics`` HTTP server.
+
+This is the module that imports ``prometheus_client``. Each process builds one :class:`Metrics`
+with its own registry (no global state, so tests can run several in one interpreter) and
+records **events at the edges**: the copier after an outcome is published
+(:class:`MeteredPublisher`), the planner after a decision is sent (``streams.metrics``), both
+when a record is dead-lettered. Pure modules (planner, engine, guard) know nothing of metrics.
+
+Metric names (all ``cbtstream_``-prefixed):
+
+``cbtstream_syncs_total{outcome,replication_type,reason}``        finished syncs (copier)
+``cbtstream_syncs_planned_total{replication_type,reason}``        planned syncs (planner)
+``cbtstream_fallbacks_total{stage,reason}``                       full copies where an
+    incremental was expected: ``stage=planner`` (lineage check: epoch, sequence, backing,
+    capacity) or ``stage=copier`` (vSphere rejected the base change ID, or the allocated areas)
+``cbtstream_bytes_copied_total{replication_type}``, ``cbtstream_bytes_zeroed_total{...}``
+``cbtstream_sync_duration_seconds{replication_type}``             histogram, no disk label
+``cbtstream_dead_letters_total{component}``
+``cbtstream_consumer_lag{group,topic,partition}``                 records behind the end
+``cbtstream_disk_last_commit_timestamp_seconds{disk_key}``        one series per disk: fine
+    for thousands of disks, and the one per-disk signal an alert needs ("disk not synced in N h")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+
+from cbtstream.config import KafkaSettings
+from cbtstream.kafka import Publisher, topic_name
+from schemas.codec import Headers
+from schemas.events import (
+    ChangeIdCommitted,
+    FullReason,
+    ReplicationType,
+    SyncFailed,
+    SyncPlanned,
+)
+from schemas.topics import DEADLETTER
+
+log = logging.getLogger("cbtstream.metrics")
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+#: Sync durations span seconds (a few changed blocks) to hours (a first full copy of a TiB disk).
+DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, float("inf"))
+
+#: Full-copy reasons decided by the copier when vSphere refused the incremental path.
+COPIER_FALLBACKS = frozenset({FullReason.BASE_CHANGE_ID_REJECTED,
+                              FullReason.ALLOCATED_AREAS_FAILED})
+#: Full-copy reasons that are not a fallback: there was nothing to be incremental from.
+NOT_A_FALLBACK = frozenset({FullReason.NO_PREVIOUS_COMMIT, FullReason.PREVIOUS_COMMIT})
+
+
+class Metrics:
+    """Every metric of one process, in a private registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.syncs = Counter("cbtstream_syncs", "Finished syncs by outcome, type and reason.",
+                             ["outcome", "replication_type", "reason"], registry=r)
+        self.planned = Counter("cbtstream_syncs_planned", "Syncs planned, by type and reason.",
+                               ["replication_type", "reason"], registry=r)
+        self.fallbacks = Counter(
+            "cbtstream_fallbacks",
+            "Full copies where an incremental one was expected, by deciding stage and reason.",
+            ["stage", "reason"], registry=r)
+        self.bytes_copied = Counter("cbtstream_bytes_copied", "Bytes read and written.",
+                                    ["replication_type"], registry=r)
+        self.bytes_zeroed = Counter("cbtstream_bytes_zeroed", "Bytes zeroed on replicas.",
+                                    ["replication_type"], registry=r)
+        self.duration = Histogram("cbtstream_sync_duration_seconds",
+                                  "Duration of committed syncs.", ["replication_type"],
+                                  buckets=DURATION_BUCKETS, registry=r)
+        self.dead_letters = Counter("cbtstream_dead_letters", "Records sent to the dead letter "
+                                    "topic.", ["component"], registry=r)
+        self.lag = Gauge("cbtstream_consumer_lag", "Records between the committed offset and "
+                         "the end of the partition.", ["group", "topic", "partition"],
+                         registry=r)
+        self.last_commit = Gauge("cbtstream_disk_last_commit_timestamp_seconds",
+                                 "When the disk's last change ID was committed (Unix time).",
+                                 ["disk_key"], registry=r)
+
+    # -- recording ------------------------------------------------------------------------------
+    def observe_outcome(self, event: BaseModel) -> None:
+        """A copier outcome was published (other events are ignored)."""
+        if isinstance(event, ChangeIdCommitted):
+            rtype = str(event.replication_type)
+            self.syncs.labels("committed", rtype, str(event.reason)).inc()
+            self.bytes_copied.labels(rtype).inc(event.bytes_copied)
+            self.bytes_zeroed.labels(rtype).inc(event.bytes_zeroed)
+            self.duration.labels(rtype).observe(event.duration_s)
+            self.last_commit.labels(event.disk.key).set(time.time())
+            if event.reason in COPIER_FALLBACKS:
+                self.fallbacks.labels("copier", str(event.reason)).inc()
+        elif isinstance(event, SyncFailed):
+            self.syncs.labels("failed", "", event.reason).inc()
+
+    def observe_plan(self, plan: SyncPlanned) -> None:
+        """The planner decided a sync."""
+        self.planned.labels(str(plan.replication_type), str(plan.reason)).inc()
+        if plan.replication_type == ReplicationType.FULL and plan.reason not in NOT_A_FALLBACK:
+            self.fallbacks.labels("planner", str(plan.reason)).inc()
+
+    def observe_dead_letter(self, component: str) -> None:
+        self.dead_letters.labels(component).inc()
+
+    def set_lag(self, group: str, lags: Mapping[tuple[str, int], int]) -> None:
+        """Replace the group's lag series with ``{(topic, partition): lag}`` (revoked
+        partitions disappear)."""
+        for labels in list(self._lag_series(group)):
+            self.lag.remove(*labels)
+        for (topic, partition), value in lags.items():
+            self.lag.labels(group, topic, str(partition)).set(max(0, value))
+
+    def _lag_series(self, group: str) -> list[tuple[str, ...]]:
+        return [
+            (s.labels["group"], s.labels["topic"], s.labels["partition"])
+            for metric in self.lag.collect() for s in metric.samples
+            if s.labels.get("group") == group
+        ]
+
+    def render(self) -> bytes:
+        """The text exposition format (``CONTENT_TYPE``)."""
+        return generate_latest(self.registry)
+
+
+class MeteredPublisher(Publisher):
+    """A :class:`Publisher` that records what it published: outcomes and dead letters."""
+
+    def __init__(self, settings: KafkaSettings, metrics: Metrics, component: str,
+                 **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
+        self.metrics = metrics
+        self._component = component
+        self._deadletter = topic_name(DEADLETTER, settings)
+
+    async def publish(self, event: BaseModel) -> tuple[int, int]:
+        where = await super().publish(event)
+        self.metrics.observe_outcome(event)
+        return where
+
+    async def publish_raw(self, topic: str, key: bytes | None, value: bytes,
+                          headers: Headers) -> tuple[int, int]:
+        where = await super().publish_raw(topic, key, value, headers)
+        if topic == self._deadletter:
+            self.metrics.observe_dead_letter(self._component)
+        return where
+
+
+#: How long one scrape waits for the coordinator's committed offset of a partition.
+COMMITTED_TIMEOUT_S = 2.0
+
+
+async def consumer_lag(consumer: Any) -> dict[tuple[str, int], int]:
+    """Lag per assigned partition of an ``AIOKafkaConsumer``: the high watermark of the last
+    fetch minus the group's committed offset (asked from the coordinator)."""
+    lags: dict[tuple[str, int], int] = {}
+    for tp in list(consumer.assignment()):
+        end = consumer.highwater(tp)
+        if end is None:
+            continue
+        try:
+            async with asyncio.timeout(COMMITTED_TIMEOUT_S):
+                committed = await consumer.committed(tp)
+        except Exception:  # a rebalance or a slow coordinator: skip this scrape
+            continue
+        lags[(tp.topic, tp.partition)] = end - (committed or 0)
+    return lags
+
+
+class MetricsServer:
+    """``GET /metrics`` on ``host:port`` (aiohttp). ``refresh`` runs before each scrape (to
+    sample values that are cheap to read only on demand, such as consumer lag)."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int,
+                 refresh: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.metrics = metrics
+        self.host = host
+        self.port = port
+        self._refresh = refresh
+        self._runner: Any = None
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        if self._refresh is not None:
+            try:
+                await self._refresh()
+            except Exception:
+                log.warning("metrics refresh failed", exc_info=True)
+        return web.Response(body=self.metrics.render(),
+                            headers={"Content-Type": CONTENT_TYPE})
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        if self._runner is not None:
+            return
+        app = web.Application()
+        app.router.add_get("/metrics", self._handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        if self.port == 0:  # an ephemeral port: report the real one
+            sockets = getattr(site._server, "sockets", None)
+            if sockets:
+                self.port = int(sockets[0].getsockname()[1])
+        log.info("metrics endpoint listening", extra={"url": self.url})
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+
+    async def __aenter__(self) -> MetricsServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+
+@contextlib.asynccontextmanager
+async def serve_consumer_metrics(metrics: Metrics, host: str, port: int, consumer: Any,
+                                 group: str) -> AsyncIterator[MetricsServer | None]:
+    """Serve ``metrics`` with the lag of ``consumer`` (an ``AIOKafkaConsumer`` in ``group``)
+    refreshed on each scrape; does nothing when ``port`` is 0."""
+    if not port:
+        yield None
+        return
+
+    async def refresh() -> None:
+        metrics.set_lag(group, await consumer_lag(consumer))
+
+    async with MetricsServer(metrics, host, port, refresh) as server:
+        yield server
