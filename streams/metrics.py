@@ -35,6 +35,9 @@ log = logging.getLogger("cbtstream.streams.metrics")
 class _PlannerSensor(faust.Sensor):
     """Sees each message the worker sends; never lets a metrics error disturb a send."""
 
+    #: mode logs a service's start/stop at INFO on this logger: keep it with Faust's (WARNING).
+    logger = logging.getLogger("faust.sensors.cbtstream")
+
     def __init__(self, metrics: Metrics, planned_topic: str, deadletter_topic: str,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -75,7 +78,7 @@ def register_metrics(planner: Planner) -> Metrics:
 
     async def metrics_page(view: Any, request: Any) -> Any:
         metrics.set_lag(app.conf.id, worker_lag(app))
-        return view.bytes(metrics.render(), content_type=CONTENT_TYPE)
+        return view.bytes(metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     app.page("/metrics", name="metrics")(metrics_page)
     return metrics
