@@ -74,6 +74,19 @@ def refusal_event_id(commit_event_id: uuid.UUID) -> uuid.UUID:
     return stable_event_id("SyncFailed", LINEAGE_MISMATCH, commit_event_id)
 
 
+def newest_progress_only(events: list[Event]) -> list[Event]:
+    """Drop every ``SyncProgress`` of a batch but the newest of its sync (the projection keeps
+    only the newest anyway; progress is the high-volume topic)."""
+    newest: dict[uuid.UUID, SyncProgress] = {}
+    for e in events:
+        if isinstance(e, SyncProgress):
+            kept = newest.get(e.sync_id)
+            if kept is None or (e.occurred_at, str(e.event_id)) > (kept.occurred_at,
+                                                                   str(kept.event_id)):
+                newest[e.sync_id] = e
+    return [e for e in events if not isinstance(e, SyncProgress) or newest[e.sync_id] is e]
+
+
 def stored_in_events(event: Event) -> bool:
     return not isinstance(event, SyncProgress)
 

@@ -29,6 +29,7 @@ from consumers.audit.projection import (
     INSERT_EVENTS,
     PHASES,
     event_row,
+    newest_progress_only,
     project,
     stored_in_events,
 )
@@ -194,8 +195,7 @@ class AuditRepository:
                 inserted = {r["event_id"] for r in await conn.fetch(INSERT_EVENTS, *columns)}
             fresh = set(inserted)
             phases: dict[str, dict[tuple[Any, ...], None]] = {sql: {} for sql in PHASES}
-            for rec in records:
-                ev = rec.event
+            for ev in newest_progress_only([r.event for r in records]):
                 if stored_in_events(ev):
                     if ev.event_id not in fresh:
                         continue  # a duplicate: applied when first stored
