@@ -180,8 +180,10 @@ class Lane:
         self.cycles: list[CycleRecord] = []
         self.kills: list[Kill] = []
 
-    async def start(self, vm_name: str, sizes: list[int] = SIZES) -> None:
-        self.pipeline.start_copier()
+    async def start(self, vm_name: str, sizes: list[int] = SIZES, *, copier: bool = True
+                    ) -> None:
+        if copier:
+            self.pipeline.start_copier()
         await self.scenario.create_vm(vm_name, sizes)
         self.auditor.start()
 
@@ -240,13 +242,13 @@ class Lane:
         await sc.write(writes)
         t0 = time.monotonic()
         copier = self.pipeline.copier
-        assert copier is not None
-        started = len(log_lines(copier, "sync started"))
+        started = len(log_lines(copier, "sync started")) if copier is not None else 0
         events = await sc.snapshot()
         snap = events[0].vm_snapshot
         self.auditor.current = snap
         record: Kill | None = None
         if kill == "copier":
+            assert copier is not None
             await self._wait_started(copier, started)
             record = Kill(number, self.rng.uniform(0, self.expected_copy_s(writes)))
             await asyncio.sleep(record.delay_s)
