@@ -1,5 +1,27 @@
-"""The audit trail: every pipeline event, idempotently, in PostgreSQL (see docs/architecture.md).
+"""The audit trail: every pipeline event, idempotently, in PostgreSQL.
 
-``consumer`` reads the topics, ``projection`` turns events into SQL (pure), ``repository`` is the
-only module that imports asyncpg, ``migrations`` lists the versioned schema files.
+Modules: ``consumer`` reads every topic (group ``<prefix>cbtstream-audit``), ``projection`` turns
+events into SQL (pure), ``repository`` is the only module that imports asyncpg (writes, migrations,
+read API, ``rebuild``), ``migrations`` lists the versioned ``migrations/NNNN_*.sql`` files that
+``cbtstream db migrate`` (and ``cbtstream audit`` at start) applies.
+
+Tables (all in ``postgres.db_schema``):
+
+* ``events``: the raw log, one row per event id (``"offset"`` and ``"partition"`` are quoted
+  identifiers). ``SyncProgress`` is not logged; the newest per sync is on its job.
+* ``replication_jobs``: the seed's table, **one row per sync** (``id`` = ``sync_id``, so one disk
+  per job). ``replication_type`` uses the seed's vocabulary: ``initial`` = a full copy of a disk
+  that never committed (reason ``no_previous_commit``), ``incremental``, and ``full`` = a full
+  copy for any other reason (CBT reset, resized disk, rejected base change ID...; see ``reason``).
+  It is the committed commit's type if there is one (a copier fallback shows), else the plan's.
+  ``status``: ``planned`` -> ``running`` (progress seen) -> ``completed`` (a commit not refused) or
+  ``failed`` (a ``SyncFailed``, including a refused commit: ``failure_reason``).
+* ``vm_disks``: the seed's table, one row per (job, disk); ``disk_id`` is ``disk-<device key>``,
+  ``disk_change_id`` is the committed change ID, null until committed and for refused commits.
+  ``updated_at`` is the time of the newest event of that sync (event time, not ingestion time).
+* ``cbt_history``: one row per ``ChangeIdCommitted`` (the lineage of each disk), ``refused`` set
+  when the planner's guard answered it with ``SyncFailed(lineage_mismatch)``.
+
+Every projection column is derived from event contents only, in an order-independent way, so a
+rebuild from the Kafka log equals the live tables (see ``projection``).
 """
