@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install stack demo test unit lint down clean bench-copy bench-pipeline
+.PHONY: install stack demo test soak unit lint down clean bench-copy bench-pipeline
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: stack
 
 test: stack
 	$(BIN)/pytest
+
+# Long hardening runs (crash tests with many more kills); not part of `make test`.
+soak: stack
+	$(BIN)/pytest -m soak tests/hardening
 
 unit: install
 	$(BIN)/pytest tests/unit

@@ -53,9 +53,9 @@ async def make_lane(kafka_settings: Settings, sim: SimulatorControl, tmp_path: P
     printed if the test failed)."""
     lanes: list[Lane] = []
 
-    async def make(name: str, seed: int, **kw: object) -> Lane:
+    async def make(name: str, seed: int, *, base: Settings | None = None, **kw: object) -> Lane:
         work = tmp_path / name
-        settings = await lane_settings(kafka_settings, work, **kw)  # type: ignore[arg-type]
+        settings = await lane_settings(base or kafka_settings, work, **kw)  # type: ignore[arg-type]
         lane = Lane(name, settings, sim, work, seed)
         lanes.append(lane)
         return lane
