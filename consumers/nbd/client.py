@@ -193,11 +193,15 @@ class NbdClient:
         *,
         tls_context: ssl.SSLContext | None = None,
         connect_timeout: float = 30.0,
+        request_timeout: float = 300.0,
         want_block_status: bool = True,
     ) -> None:
         self.address = address
         self._tls_context = tls_context
         self._connect_timeout = connect_timeout
+        #: A request without a reply for this long fails the whole connection: a stalled
+        #: server must end in an error the copier can retry, never in a hung sync.
+        self._request_timeout = request_timeout
         self._want_block_status = want_block_status
         self._wire: _Wire | None = None
         self._pending: dict[int, _Request] = {}
@@ -465,8 +469,17 @@ class NbdClient:
         wire.transport.write(p.encode_request(flags, command, handle, offset, length))
         if data is not None:
             wire.transport.write(data)
-        await wire.drain()
-        await fut
+        try:
+            async with asyncio.timeout(self._request_timeout):
+                await wire.drain()
+                await fut
+        except TimeoutError:
+            # The reply may still come and write into ``dest`` later: the connection cannot be
+            # trusted any more, so drop it and fail everything in flight.
+            wire.abort(NbdConnectionError(
+                f"no reply from {self.address} within {self._request_timeout:g}s "
+                f"({p.CMD_NAMES.get(command, command)} at {offset})"))
+            raise self._failed or NbdConnectionError("request timed out") from None
         if req.error is not None:
             raise req.error
         return req
