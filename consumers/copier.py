@@ -7,6 +7,11 @@ Order of effects for one plan (at-least-once, idempotent):
 3. let the executor release what it holds for the sync (e.g. the vSphere snapshot);
 4. commit the plan's offset in the copier's consumer group.
 
+Steps 2-3 of one plan overlap the copy of the next plan of the same partition; offsets are
+committed per partition once the outcome of every plan up to them is acknowledged (every
+``COMMIT_EVERY`` plans, or when the partition's queue is empty), so an offset is still never
+committed before the outcomes of the plans it covers were published.
+
 A crash before 2 re-executes the plan on restart (same bytes to the same place; the engine resumes
 from its checkpoint). A crash between 2 and 4 publishes the same commit again with the same event
 id (uuid5 of the sync id), which the table drops as a duplicate. No change ID is ever published
@@ -53,6 +58,9 @@ log = logging.getLogger("cbtstream.copier")
 #: Backoff before each retry of a retriable failure (seconds). Three retries ride out a broker
 #: leader election or a vCenter hiccup without holding a disk for minutes.
 RETRY_DELAYS = (1.0, 4.0, 15.0)
+#: Plans of one partition whose outcomes may be in flight before their offsets are committed:
+#: one commit (a broker round trip) per batch instead of one per plan.
+COMMIT_EVERY = 64
 #: Backoff before re-publishing an outcome: about a minute in all, longer than a broker restart.
 PUBLISH_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
@@ -160,31 +168,54 @@ class Copier:
     async def _drain(
         self, tp: TopicPartition, queue: asyncio.Queue[ConsumerRecord[bytes, bytes]]
     ) -> None:
-        while not queue.empty():
-            rec = queue.get_nowait()
-            try:
-                await self._process(rec)
-            except Exception as exc:
-                # Kafka unreachable for longer than the publish retries (or a bug): nothing was
-                # committed for this record, so re-read it and everything after it later.
-                log.error("record not processed; it will be retried",
-                          extra={"tp": str(tp), "offset": rec.offset, "error": str(exc)})
-                while not queue.empty():
-                    queue.get_nowait()
-                if tp in self.consumer.assignment():
-                    self.consumer.seek(tp, rec.offset)
-                await self._sleep(RETRY_DELAYS[0])
-                break
-            try:
-                await self.consumer.commit({tp: rec.offset + 1})
-            except CommitFailedError as exc:
-                # The partition moved to another member: it will redo this plan idempotently.
-                log.warning("offset commit refused", extra={"tp": str(tp), "error": str(exc)})
-                return
-            except KafkaError as exc:
-                # Coordinator unavailable (broker restart): offsets are cumulative, so the
-                # next successful commit of this partition covers this record too.
-                log.warning("offset commit failed", extra={"tp": str(tp), "error": str(exc)})
+        pending: list[asyncio.Task[None]] = []
+        first: int | None = None  # first offset of the plans not committed yet
+        try:
+            while not queue.empty():
+                rec = queue.get_nowait()
+                first = rec.offset if first is None else first
+                settle = False
+                try:
+                    finish = await self._process(rec)
+                    if finish is not None:
+                        pending.append(finish)
+                    settle = len(pending) >= COMMIT_EVERY or queue.empty()
+                    if settle:
+                        await asyncio.gather(*pending)  # outcomes acknowledged, then offsets
+                except Exception as exc:
+                    # Kafka unreachable for longer than the publish retries (or a bug): nothing
+                    # was committed from ``first`` on, so re-read those records later.
+                    log.error("records not processed; they will be retried",
+                              extra={"tp": str(tp), "offset": first, "error": str(exc)})
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    while not queue.empty():
+                        queue.get_nowait()
+                    if tp in self.consumer.assignment():
+                        self.consumer.seek(tp, first)
+                    await self._sleep(RETRY_DELAYS[0])
+                    break
+                finally:
+                    if settle:
+                        pending.clear()
+                if not settle:
+                    continue
+                first = None
+                try:
+                    await self.consumer.commit({tp: rec.offset + 1})
+                except CommitFailedError as exc:
+                    # The partition moved to another member: it will redo these plans
+                    # idempotently.
+                    log.warning("offset commit refused", extra={"tp": str(tp), "error": str(exc)})
+                    return
+                except KafkaError as exc:
+                    # Coordinator unavailable (broker restart): offsets are cumulative, so the
+                    # next successful commit of this partition covers these records too.
+                    log.warning("offset commit failed", extra={"tp": str(tp), "error": str(exc)})
+        except asyncio.CancelledError:
+            # Revoked or stopping: let outcomes being published finish (they are facts); their
+            # offsets stay uncommitted and whoever reads the partition next redoes the plans.
+            await asyncio.gather(*pending, return_exceptions=True)
+            raise
         if tp in self.consumer.assignment():
             self.consumer.resume(tp)
 
@@ -199,7 +230,9 @@ class Copier:
                 await task
 
     # -- one record -----------------------------------------------------------------------------
-    async def _process(self, rec: ConsumerRecord[bytes, bytes]) -> None:
+    async def _process(self, rec: ConsumerRecord[bytes, bytes]) -> asyncio.Task[None] | None:
+        """Copy one plan (step 1); returns the task publishing its outcome (steps 2-3), or None
+        if there is nothing to wait for."""
         try:
             event = decode(rec.value, key=rec.key, expect=(SyncPlanned, SyncSuperseded))
         except EventDecodeError as exc:
@@ -208,14 +241,19 @@ class Copier:
             )
             log.warning("dead letter", extra={"offset": rec.offset, "error": str(exc)[:300]})
             await self.publisher.publish_raw(topic_name(DEADLETTER, self.settings.kafka), k, v, h)
-            return
+            return None
         if not isinstance(event, SyncPlanned):
-            return  # superseded snapshots are the lifecycle's business, not the copier's
+            return None  # superseded snapshots are the lifecycle's business, not the copier's
         with bind_disk(event.disk.key):
-            await self.execute_plan(event)
+            outcome = await self._copy(event)
+        return asyncio.create_task(self._finish(event, outcome))
 
     async def execute_plan(self, plan: SyncPlanned) -> None:
         """Execute one plan with retries and publish exactly one outcome for it."""
+        await self._finish(plan, await self._copy(plan))
+
+    async def _copy(self, plan: SyncPlanned) -> ChangeIdCommitted | SyncFailed:
+        """Step 1 (copy and flush, with retries); returns the outcome to publish."""
         log.info(
             "sync started",
             extra={
@@ -224,10 +262,20 @@ class Copier:
                 "base_change_id": plan.base_change_id,
             },
         )
-        outcome: ChangeIdCommitted | SyncFailed
         async with self._slots:
-            outcome = await self._execute_with_retries(plan)
-        await self._publish_outcome(outcome)
+            return await self._execute_with_retries(plan)
+
+    async def _finish(self, plan: SyncPlanned, outcome: ChangeIdCommitted | SyncFailed) -> None:
+        """Steps 2-3: publish the outcome (acks=all), then release what the sync holds."""
+        with bind_disk(plan.disk.key):
+            await self._publish_outcome(outcome)
+            self._log_outcome(plan, outcome)
+            try:
+                await self.executor.release(plan)
+            except CbtStreamError as exc:
+                log.warning("release failed", extra={"error": str(exc)})
+
+    def _log_outcome(self, plan: SyncPlanned, outcome: ChangeIdCommitted | SyncFailed) -> None:
         log.info(
             "sync committed" if isinstance(outcome, ChangeIdCommitted) else "sync failed",
             extra={
@@ -235,10 +283,6 @@ class Copier:
                 "outcome": outcome.model_dump(mode="json", exclude={"disk"}),
             },
         )
-        try:
-            await self.executor.release(plan)
-        except CbtStreamError as exc:
-            log.warning("release failed", extra={"error": str(exc)})
 
     async def _publish_outcome(self, outcome: ChangeIdCommitted | SyncFailed) -> None:
         """Publish with patience: the data is durable already, so ride out a broker restart

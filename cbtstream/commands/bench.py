@@ -14,7 +14,8 @@ wall time. The last line is machine-readable::
     full_ratio=<cbtstream MB/s / nbdcopy MB/s> sparse_ratio=<same> incr_fraction=<incr time /
     full time> peak_rss_mib=<n>
 
-Subcommands live in a sub-subparser so ``bench pipeline`` can be added next to ``bench copy``.
+``bench pipeline`` (disks/s through the whole orchestration) is described in
+:mod:`cbtstream.bench.pipeline`.
 """
 
 from __future__ import annotations
@@ -49,12 +50,36 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--in-flight", type=int, default=8)
     c.add_argument("--connections", type=int, default=2)
     c.set_defaults(handler=run_copy)
+    pl = bench_sub.add_parser(
+        "pipeline", help="disks/s and latency through snapshot -> plan -> no-op copy -> table")
+    pl.add_argument("--disks", type=int, default=20_000, help="disks (default 20000)")
+    pl.add_argument("--disks-per-vm", type=int, default=2)
+    pl.add_argument("--partitions", type=int, help="partitions per topic (default: settings)")
+    pl.add_argument("--rate", type=float, default=0.0,
+                    help="publish at this many disks/s (default 0: as fast as possible)")
+    pl.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    pl.add_argument("--log-level", default="WARNING",
+                    choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                    help="of the worker and copier (default WARNING)")
+    pl.add_argument("--keep-topics", action="store_true", help="do not delete the run's topics")
+    pl.set_defaults(handler=run_pipeline)
 
     def usage(args: argparse.Namespace, settings: Settings) -> int:
         p.print_help()
         return 2
 
     p.set_defaults(handler=usage)
+
+
+def run_pipeline(args: argparse.Namespace, settings: Settings) -> int:
+    """``bench pipeline``: see :mod:`cbtstream.bench.pipeline`."""
+    from cbtstream.bench.pipeline import Options
+    from cbtstream.bench.pipeline import run_pipeline as run
+
+    return run(settings, Options(
+        disks=args.disks, disks_per_vm=args.disks_per_vm,
+        partitions=args.partitions or settings.kafka.partitions, rate=args.rate,
+        timeout_s=args.timeout, log_level=args.log_level, keep=args.keep_topics))
 
 
 def _make_images(work: Path, size: int) -> tuple[Path, Path]:

@@ -1,0 +1,1 @@
+"""Benchmarks run by hand (``cbtstream bench ...``); never imported by the pipeline."""
