@@ -49,6 +49,8 @@ def parse_line(line_no: int, line: str) -> SnapshotTaken | LineError | None:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         return LineError(line_no, f"not JSON: {exc.msg} at column {exc.colno}")
+    except (ValueError, RecursionError) as exc:  # too many digits, too deeply nested
+        return LineError(line_no, f"not JSON: {str(exc)[:200]}")
     if not isinstance(raw, dict):
         return LineError(line_no, f"expected a JSON object, got {type(raw).__name__}")
     raw.setdefault("event_type", "SnapshotTaken")

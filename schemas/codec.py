@@ -83,12 +83,14 @@ def decode(
         raise EventDecodeError(f"value is {len(value)} bytes, more than {MAX_VALUE_BYTES}")
     try:
         raw: Any = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EventDecodeError(f"value is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError: JSONDecodeError, UnicodeDecodeError and Python's limit on integer digits;
+        # RecursionError: nesting deeper than the parser's stack. All mean "not an event".
+        raise EventDecodeError(f"value is not JSON: {str(exc)[:300]}") from None
     if not isinstance(raw, dict):
         raise EventDecodeError(f"value is JSON {type(raw).__name__}, not an object")
     etype = raw.get("event_type")
-    if etype not in EVENT_TYPES or etype == "DeadLetter":
+    if not isinstance(etype, str) or etype not in EVENT_TYPES or etype == "DeadLetter":
         raise EventDecodeError(f"unknown event_type {str(etype)[:64]!r}")
     try:
         event = DISK_EVENT_ADAPTER.validate_python(raw)
