@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -38,7 +39,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from cbtstream.config import Settings
-from cbtstream.errors import CbtStreamError
+from cbtstream.errors import CbtStreamError, PermissionDenied
 from cbtstream.kafka import Publisher, client_kwargs, topic_name
 from cbtstream.log import bind_disk
 from consumers.executor import ProgressUpdate, SyncExecutor, SyncResult
@@ -63,6 +64,18 @@ RETRY_DELAYS = (1.0, 4.0, 15.0)
 COMMIT_EVERY = 64
 #: Backoff before re-publishing an outcome: about a minute in all, longer than a broker restart.
 PUBLISH_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+#: A VM snapshot is named by its managed object id (``snapshot-42``). Executors hand it to vSphere
+#: and to export resolvers (URL paths, file names), so anything else (``..``, ``/``, NUL,
+#: look-alike unicode) is refused before any I/O.
+_SNAPSHOT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+def check_plan(plan: SyncPlanned) -> None:
+    """Raise :class:`PermissionDenied` for a plan naming something no executor may touch."""
+    if not _SNAPSHOT_ID_RE.match(plan.vm_snapshot):
+        raise PermissionDenied(
+            f"vm_snapshot {plan.vm_snapshot[:60]!r} is not a snapshot managed object id"
+        )
 
 
 def commit_event(plan: SyncPlanned, result: SyncResult) -> ChangeIdCommitted:
@@ -299,6 +312,10 @@ class Copier:
                 await self._sleep(delay)
 
     async def _execute_with_retries(self, plan: SyncPlanned) -> ChangeIdCommitted | SyncFailed:
+        try:
+            check_plan(plan)
+        except PermissionDenied as exc:
+            return failure_event(plan, exc.reason, str(exc), False)
         attempt = 0
         while True:
             try:
