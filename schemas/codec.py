@@ -70,13 +70,22 @@ def _short(exc: ValidationError) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
+class _Unchecked:
+    """Type of the default of ``decode(key=...)``: no record key to check."""
+
+
+_UNCHECKED = _Unchecked()
+
+
 def decode(
     value: bytes | str | None,
-    key: bytes | str | None = None,
+    key: bytes | str | _Unchecked | None = _UNCHECKED,
     expect: tuple[type[BaseModel], ...] | None = None,
 ) -> DiskEvent:
-    """Parse and validate one disk event. If ``key`` is given it must equal the body's disk key;
-    if ``expect`` is given the event must be one of those types."""
+    """Parse and validate one disk event. If ``key`` is given (a record's key) it must equal the
+    body's disk key; a record without a key (``key=None``) is refused too: the producer put it in
+    any partition, maybe not the one holding its disk's row. If ``expect`` is given the event must
+    be one of those types."""
     if value is None:
         raise EventDecodeError("record has no value (tombstone)")
     if len(value) > MAX_VALUE_BYTES:
@@ -99,7 +108,9 @@ def decode(
     if expect is not None and not isinstance(event, expect):
         names = ", ".join(t.__name__ for t in expect)
         raise EventDecodeError(f"{etype} is not expected here (expected {names})")
-    if key is not None:
+    if key is None:
+        raise EventDecodeError(f"record has no key (expected the disk key {event.disk.key!r})")
+    if not isinstance(key, _Unchecked):
         key_text = key.decode(errors="replace") if isinstance(key, bytes) else key
         if key_text != event.disk.key:
             raise EventDecodeError(
