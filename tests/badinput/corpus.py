@@ -304,7 +304,7 @@ class Generator:
 
     # -- outcome of a well-formed record ---------------------------------------------------------
     def record(self, topic: str, category: str, kind: str, doc: Any, *,
-               key: bytes | None | str = "auto", value: bytes | None | str = "auto",
+               key: bytes | str | None = "auto", value: bytes | str | None = "auto",
                dead: bool) -> BadRecord:
         """Encode ``doc`` and state the expectation (``dead``: undecodable by construction)."""
         if value == "auto":
@@ -431,7 +431,8 @@ class Generator:
         other = self.ctx.device_keys[0] if k != self.ctx.device_keys[0] else k + 1
         keys = [f"{vm}/disk-{k + 1}", f"{vm}/disk-{other}", f"{_uuid(rng)}/disk-{k}",
                 f"{self.ctx.vm}/disk-{k}" if vm != self.ctx.vm else f"{_uuid(rng)}/disk-{k}",
-                "", f"{vm.upper() if vm.upper() != vm else 'F' + vm[1:]}/disk-{k}", f"{vm}/disk-{k}\n", f"{vm}/disk-{k}\x00",
+                "", f"{vm.upper() if vm.upper() != vm else 'F' + vm[1:]}/disk-{k}",
+                f"{vm}/disk-{k}\n", f"{vm}/disk-{k}\x00",
                 f"{vm}/../disk-{k}", f"{vm}/disk-0{k}", f"{vm}/{rng.choice(self.paths)}"]
         key = rng.choice(keys).encode(errors="surrogatepass")
         return [self.record(topic, "key_body_mismatch", "key names another disk", doc,
