@@ -8,11 +8,13 @@ acknowledged is retried, and consumers drop duplicates by event id.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import time
 from types import TracebackType
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
@@ -202,3 +204,21 @@ async def create_topics(settings: KafkaSettings, extra: dict[str, int] | None = 
         return [t.name for t in new]
     finally:
         await admin.close()
+
+
+async def topic_partitions(
+    consumer: AIOKafkaConsumer, name: str, *, timeout_s: float = 30.0
+) -> list[TopicPartition]:
+    """The partitions of topic ``name``, refreshing the client's metadata until they are known
+    (a topic created a moment ago is not in the metadata yet). Raises ``LookupError`` if the
+    topic does not appear within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    parts = consumer.partitions_for_topic(name)
+    while not parts:
+        if time.monotonic() > deadline:
+            raise LookupError(f"topic {name} does not exist")
+        await consumer._client.force_metadata_update()
+        parts = consumer.partitions_for_topic(name)
+        if not parts:
+            await asyncio.sleep(0.2)
+    return [TopicPartition(name, p) for p in sorted(parts)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 import uuid
@@ -10,11 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from cbtstream.config import Settings
 from cbtstream.demo.processes import Proc, child_env
-from cbtstream.kafka import client_kwargs, topic_name
+from cbtstream.kafka import client_kwargs, topic_name, topic_partitions
 from schemas.codec import decode
 from schemas.topics import TopicSpec
 
@@ -57,15 +56,8 @@ async def read_topic(
     await consumer.start()
     events: list[Any] = []
     try:
-        parts = consumer.partitions_for_topic(name)
         deadline = time.monotonic() + timeout
-        while not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(name)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"topic {name} does not exist")
-            await asyncio.sleep(0.2)
-        consumer.assign([TopicPartition(name, p) for p in parts])
+        consumer.assign(await topic_partitions(consumer, name, timeout_s=timeout))
         await consumer.seek_to_beginning()
         while not until(events):
             if time.monotonic() > deadline:

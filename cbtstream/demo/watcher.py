@@ -8,10 +8,10 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from cbtstream.config import Settings
-from cbtstream.kafka import client_kwargs, topic_name
+from cbtstream.kafka import client_kwargs, topic_name, topic_partitions
 from schemas.codec import EventDecodeError, decode
 from schemas.events import (
     ChangeIdCommitted,
@@ -51,12 +51,7 @@ class Watcher:
         tps = []
         for spec in (SYNC_PLANNED, CHANGEID_COMMITTED, SYNC_FAILED, SYNC_PROGRESS,
                      SNAPSHOT_REMOVED):
-            name = topic_name(spec, self.settings.kafka)
-            parts = self._consumer.partitions_for_topic(name)
-            while not parts:
-                await self._consumer._client.force_metadata_update()
-                parts = self._consumer.partitions_for_topic(name)
-            tps += [TopicPartition(name, p) for p in parts]
+            tps += await topic_partitions(self._consumer, topic_name(spec, self.settings.kafka))
         self._consumer.assign(tps)
         await self._consumer.seek_to_end()
         for tp in tps:  # resolve the end offsets now, so nothing published later is skipped

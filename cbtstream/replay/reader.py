@@ -9,8 +9,6 @@ log even while the pipeline keeps writing.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -20,7 +18,7 @@ from aiokafka.errors import KafkaError
 
 from cbtstream.config import KafkaSettings, Settings
 from cbtstream.errors import CbtStreamError
-from cbtstream.kafka import KafkaUnavailable, client_kwargs, topic_name
+from cbtstream.kafka import KafkaUnavailable, client_kwargs, topic_name, topic_partitions
 from cbtstream.replay.records import Coord, LogRecord
 from schemas.codec import EventDecodeError, decode
 from schemas.topics import (
@@ -112,18 +110,13 @@ class LogReader:
 
     async def _partitions(self) -> dict[TopicPartition, TopicSpec]:
         out: dict[TopicPartition, TopicSpec] = {}
-        deadline = time.monotonic() + METADATA_TIMEOUT_S
         for spec in self._topics:
-            name = topic_name(spec, self._settings)
-            parts = self._consumer.partitions_for_topic(name)
-            while not parts:
-                if time.monotonic() > deadline:
-                    raise ReplayError(f"topic {name} does not exist")
-                await self._consumer._client.force_metadata_update()
-                parts = self._consumer.partitions_for_topic(name)
-                if not parts:
-                    await asyncio.sleep(0.2)
-            out.update({TopicPartition(name, p): spec for p in sorted(parts)})
+            try:
+                tps = await topic_partitions(self._consumer, topic_name(spec, self._settings),
+                                             timeout_s=METADATA_TIMEOUT_S)
+            except LookupError as exc:
+                raise ReplayError(str(exc)) from exc
+            out.update(dict.fromkeys(tps, spec))
         return out
 
     async def read(self, start: StartAt) -> list[LogRecord]:
