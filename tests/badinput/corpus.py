@@ -568,7 +568,7 @@ class Generator:
 
     def _c_tombstone(self, topic: str, etype: str) -> list[BadRecord]:
         doc = self.base(etype, topic)
-        key = _key_of(doc) if self.rng.random() < 0.7 else None
+        key = _key_of(doc) if self.rng.random() < 0.7 else b""  # (a null key needs a value)
         return [self.record(topic, "tombstone", "null value", doc, key=key, value=None,
                             dead=True)]
 
