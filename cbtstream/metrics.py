@@ -107,9 +107,14 @@ class Metrics:
 
     def observe_plan(self, plan: SyncPlanned) -> None:
         """The planner decided a sync."""
-        self.planned.labels(str(plan.replication_type), str(plan.reason)).inc()
-        if plan.replication_type == ReplicationType.FULL and plan.reason not in NOT_A_FALLBACK:
-            self.fallbacks.labels("planner", str(plan.reason)).inc()
+        self.observe_plan_fields(plan.replication_type, plan.reason)
+
+    def observe_plan_fields(self, replication_type: ReplicationType, reason: FullReason) -> None:
+        """:meth:`observe_plan` from the two fields it reads (the worker's sensor reads them
+        from the record it sends, without validating the whole event again)."""
+        self.planned.labels(str(replication_type), str(reason)).inc()
+        if replication_type == ReplicationType.FULL and reason not in NOT_A_FALLBACK:
+            self.fallbacks.labels("planner", str(reason)).inc()
 
     def observe_dead_letter(self, component: str) -> None:
         self.dead_letters.labels(component).inc()

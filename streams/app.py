@@ -102,10 +102,13 @@ class Planner:
             producer_acks=-1,
             producer_max_request_size=MAX_REQUEST_BYTES,  # a dead letter may be large
             # Batch the per-event sends (row, plan, lifecycle) instead of one request each.
-            producer_linger=0.005,
+            producer_linger=0.03,
             autodiscover=False,
         )
         self._topics: dict[str, faust.TopicT] = {}
+        self._topic_of: dict[type, faust.TopicT] = {}
+        #: Decoded ``disks`` rows: key -> (the table's JSON value, its DiskState). See ``row``.
+        self._decoded: dict[bytes, tuple[object, DiskState]] = {}
         self.table = self.app.Table(
             TABLE_NAME,
             default=None,
@@ -151,16 +154,33 @@ class Planner:
         return self._topics[spec.name]
 
     async def send(self, event: BaseModel) -> None:
+        """Hand the event to Faust's producer (returns once it is queued, not acknowledged:
+        Faust flushes its producer before it commits the input offset)."""
         key, value, headers = encode(event)
-        await self.topic(topic_for(event)).send(key=key, value=value, headers=headers)
+        topic = self._topic_of.get(type(event))
+        if topic is None:
+            topic = self._topic_of[type(event)] = self.topic(topic_for(event))
+        await topic.send(key=key, value=value, headers=headers)
 
     # -- rows -----------------------------------------------------------------------------------
     def row(self, key: bytes) -> DiskState | None:
-        return from_json(self.table.get(key))
+        """The disk's row, decoded. The table holds JSON (what its changelog carries); the decoded
+        row is cached next to the very object it was decoded from, so a row replaced behind our
+        back (changelog recovery after a rebalance) is never served stale."""
+        raw = self.table.get(key)
+        cached = self._decoded.get(key)
+        if cached is not None and cached[0] is raw:
+            return cached[1]
+        state = from_json(raw)
+        if raw is not None and state is not None:
+            self._decoded[key] = (raw, state)
+        return state
 
     def put(self, key: bytes, state: DiskState | None) -> None:
         if state is not None:
-            self.table[key] = to_json(state)
+            raw = to_json(state)
+            self.table[key] = raw
+            self._decoded[key] = (raw, state)
 
     # -- agents ---------------------------------------------------------------------------------
     def _agent(
@@ -206,19 +226,26 @@ class Planner:
         await self.topic(DEADLETTER).send(key=k, value=v, headers=headers)
 
     async def _step(self, key: bytes, before: DiskState | None, after: DiskState | None,
-                    out: list[planner.Output], notices: list[Notice]) -> None:
-        """Write the row, send the planner's outputs and the lifecycle notices."""
+                    out: list[planner.Output], incoming: SnapshotTaken | None = None) -> None:
+        """Write the row, send the planner's outputs and the lifecycle notices (only for
+        snapshots the pipeline removes: see ``streams.lifecycle``)."""
         self.put(key, after)
+        verbose = log.isEnabledFor(logging.INFO)
         for o in out:
-            log.info(o.event_type, extra={"event": o.model_dump(mode="json", exclude={"disk"})})
+            if verbose:
+                log.info(o.event_type,
+                         extra={"event": o.model_dump(mode="json", exclude={"disk"})})
             await self.send(o)
-        for n in [*notices, *lifecycle.finished(before, after, list(out))]:
+        notices = lifecycle.finished(before, after, list(out), incoming)
+        if incoming is not None and (first := lifecycle.taken(incoming)) is not None:
+            notices.insert(0, first)
+        for n in notices:
             await self.lifecycle_topic.send(key=n.key, value=n.model_dump_json().encode())
 
     async def _on_snapshot(self, key: bytes, ev: SnapshotTaken) -> None:
         before = self.row(key)
         after, out = planner.on_snapshot(before, ev, datetime.now(UTC))
-        await self._step(key, before, after, list(out), [lifecycle.taken(ev)])
+        await self._step(key, before, after, list(out), ev)
 
     async def _on_commit(self, key: bytes, ev: ChangeIdCommitted) -> None:
         before = self.row(key)
@@ -226,12 +253,12 @@ class Planner:
         if after is not None and after.commit_event_id == ev.event_id and after != before:
             log.info("commit applied", extra={"change_id": ev.change_id,
                                               "sync_id": str(ev.sync_id)})
-        await self._step(key, before, after, list(out), [])
+        await self._step(key, before, after, list(out))
 
     async def _on_failed(self, key: bytes, ev: SyncFailed) -> None:
         before = self.row(key)
         after, out = planner.on_failed(before, ev, datetime.now(UTC))
-        await self._step(key, before, after, list(out), [])
+        await self._step(key, before, after, list(out))
 
     # -- snapshot lifecycle ---------------------------------------------------------------------
     async def _lifecycle_agent(self, stream: faust.StreamT[bytes]) -> AsyncIterator[None]:

@@ -5,6 +5,11 @@ removed only when every disk listed in ``SnapshotTaken.snapshot_device_keys`` ha
 it: its sync committed, failed, or was superseded. Pure functions; ``streams.app`` feeds them
 through a topic keyed by ``<vm instance uuid>/<vm snapshot>`` so one table row sees all of a
 snapshot's disks, and calls a :class:`SnapshotRemover` when the row is complete.
+
+Only snapshots the pipeline will remove make notices: a ``SnapshotTaken`` without
+``snapshot_device_keys`` (published by an upstream system that manages the snapshot itself) can
+never become releasable, so its notices would only cost two records and two table writes per
+disk. :func:`taken` returns None for it and :func:`finished` skips it (``RunningSync.release``).
 """
 
 from __future__ import annotations
@@ -57,27 +62,38 @@ def snapshot_key(vm_instance_uuid: str, vm_snapshot: str) -> bytes:
     return f"{vm_instance_uuid}/{vm_snapshot}".encode()
 
 
-def taken(ev: SnapshotTaken) -> Notice:
+def taken(ev: SnapshotTaken) -> Notice | None:
+    """The notice that a disk is in a VM snapshot; None if the pipeline will not remove it."""
+    if ev.snapshot_device_keys is None:
+        return None
     return Notice(kind="taken", disk=ev.disk, vm_snapshot=ev.vm_snapshot,
                   expected=ev.snapshot_device_keys)
 
 
 def finished(before: DiskState | None, after: DiskState | None,
-             outputs: list[BaseModel]) -> list[Notice]:
+             outputs: list[BaseModel], incoming: SnapshotTaken | None = None) -> list[Notice]:
     """Snapshots a disk is done with after one planner step: the running sync ended (committed
-    or failed), or a waiting/arriving snapshot was superseded."""
+    or failed), or a waiting/arriving snapshot was superseded. Snapshots the pipeline does not
+    remove are left out; ``incoming`` is the step's ``SnapshotTaken``, if any, so a superseded
+    snapshot can be told apart (one not found there nor waiting still gets its notice)."""
     out: list[Notice] = []
     ran = before.running if before is not None else None
     now = after.running if after is not None else None
-    if ran is not None and (now is None or now.sync_id != ran.sync_id):
+    if ran is not None and ran.release and (now is None or now.sync_id != ran.sync_id):
         outcome = "committed" if after is not None and after.commit_sync_id == ran.sync_id \
             else "failed"
         out.append(Notice(kind="finished", disk=ran.disk, vm_snapshot=ran.vm_snapshot,
                           outcome=outcome))
+    waiting = before.waiting if before is not None else None
+    known = {snap.event_id: snap for snap in (incoming, waiting) if snap is not None}
     for o in outputs:
-        if isinstance(o, SyncSuperseded):
-            out.append(Notice(kind="finished", disk=o.disk, vm_snapshot=o.vm_snapshot,
-                              outcome="superseded"))
+        if not isinstance(o, SyncSuperseded):
+            continue
+        snap = known.get(o.snapshot_event_id)
+        if snap is not None and snap.snapshot_device_keys is None:
+            continue
+        out.append(Notice(kind="finished", disk=o.disk, vm_snapshot=o.vm_snapshot,
+                          outcome="superseded"))
     return out
 
 

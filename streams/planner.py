@@ -116,6 +116,7 @@ def start_sync(state: DiskState, snap: SnapshotTaken, now: datetime) -> tuple[Di
         disk=snap.disk,
         taken_at=snap.taken_at,
         planned_at=now,
+        release=snap.snapshot_device_keys is not None,
     )
     return state.model_copy(update={"running": running, "waiting": None}), plan
 

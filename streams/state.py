@@ -33,6 +33,10 @@ class RunningSync(BaseModel):
     disk: DiskRef
     taken_at: AwareDatetime
     planned_at: AwareDatetime
+    #: The pipeline removes this VM snapshot when its disks are done (the ``SnapshotTaken`` had
+    #: ``snapshot_device_keys``), so the end of this sync is news for ``streams.lifecycle``.
+    #: Rows written before this field existed default to True: they still send the notice.
+    release: bool = True
 
 
 class DiskState(BaseModel):

@@ -62,6 +62,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                     help="of the worker and copier (default WARNING)")
     pl.add_argument("--keep-topics", action="store_true", help="do not delete the run's topics")
+    pl.add_argument("--device-keys", action=argparse.BooleanOptionalAction, default=True,
+                    help="publish snapshot_device_keys like `cbtstream snapshot` does, so every "
+                    "VM snapshot goes through the lifecycle (--no-device-keys: like an upstream "
+                    "publisher that manages its snapshots; default: with)")
     pl.set_defaults(handler=run_pipeline)
 
     def usage(args: argparse.Namespace, settings: Settings) -> int:
@@ -79,7 +83,8 @@ def run_pipeline(args: argparse.Namespace, settings: Settings) -> int:
     return run(settings, Options(
         disks=args.disks, disks_per_vm=args.disks_per_vm,
         partitions=args.partitions or settings.kafka.partitions, rate=args.rate,
-        timeout_s=args.timeout, log_level=args.log_level, keep=args.keep_topics))
+        timeout_s=args.timeout, log_level=args.log_level, keep=args.keep_topics,
+        device_keys=args.device_keys))
 
 
 def _make_images(work: Path, size: int) -> tuple[Path, Path]:

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     from cbtstream.metrics import MeteredPublisher, Metrics, serve_consumer_metrics
-    from consumers.copier import Copier
+    from consumers.copier import OUTCOME_LINGER_MS, Copier
     from consumers.executor import NoopExecutor, SyncExecutor
     from consumers.local import LocalImageExecutor
 
@@ -51,7 +51,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
         executor = await build_vsphere_executor(settings)
     metrics = Metrics()
-    async with MeteredPublisher(settings.kafka, metrics, "copier") as publisher:
+    async with MeteredPublisher(settings.kafka, metrics, "copier",
+                                linger_ms=OUTCOME_LINGER_MS) as publisher:
         copier = Copier(settings, executor, publisher)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
