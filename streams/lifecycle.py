@@ -6,10 +6,16 @@ it: its sync committed, failed, or was superseded. Pure functions; ``streams.app
 through a topic keyed by ``<vm instance uuid>/<vm snapshot>`` so one table row sees all of a
 snapshot's disks, and calls a :class:`SnapshotRemover` when the row is complete.
 
+One notice per disk and snapshot: when the disk is finished with it. The notice repeats the
+snapshot's ``snapshot_device_keys`` (kept in ``RunningSync`` or the waiting ``SnapshotTaken``), so
+the first notice of a VM snapshot already tells the row which disks to wait for; a separate
+"taken" notice per disk would add a record and a table write without changing when the snapshot
+becomes releasable (only finished disks count). Rows still accept "taken" notices written by
+earlier versions.
+
 Only snapshots the pipeline will remove make notices: a ``SnapshotTaken`` without
 ``snapshot_device_keys`` (published by an upstream system that manages the snapshot itself) can
-never become releasable, so its notices would only cost two records and two table writes per
-disk. :func:`taken` returns None for it and :func:`finished` skips it (``RunningSync.release``).
+never become releasable, so :func:`finished` skips it (``RunningSync.release``).
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ class Notice(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    kind: str  # "taken" | "finished"
+    kind: str  # "finished" ("taken": written by earlier versions, still understood)
     disk: DiskRef
     vm_snapshot: str
     expected: tuple[int, ...] | None = None
@@ -60,14 +66,6 @@ class Notice(BaseModel):
 
 def snapshot_key(vm_instance_uuid: str, vm_snapshot: str) -> bytes:
     return f"{vm_instance_uuid}/{vm_snapshot}".encode()
-
-
-def taken(ev: SnapshotTaken) -> Notice | None:
-    """The notice that a disk is in a VM snapshot; None if the pipeline will not remove it."""
-    if ev.snapshot_device_keys is None:
-        return None
-    return Notice(kind="taken", disk=ev.disk, vm_snapshot=ev.vm_snapshot,
-                  expected=ev.snapshot_device_keys)
 
 
 def finished(before: DiskState | None, after: DiskState | None,
@@ -83,7 +81,7 @@ def finished(before: DiskState | None, after: DiskState | None,
         outcome = "committed" if after is not None and after.commit_sync_id == ran.sync_id \
             else "failed"
         out.append(Notice(kind="finished", disk=ran.disk, vm_snapshot=ran.vm_snapshot,
-                          outcome=outcome))
+                          outcome=outcome, expected=ran.snapshot_device_keys))
     waiting = before.waiting if before is not None else None
     known = {snap.event_id: snap for snap in (incoming, waiting) if snap is not None}
     for o in outputs:
@@ -93,7 +91,8 @@ def finished(before: DiskState | None, after: DiskState | None,
         if snap is not None and snap.snapshot_device_keys is None:
             continue
         out.append(Notice(kind="finished", disk=o.disk, vm_snapshot=o.vm_snapshot,
-                          outcome="superseded"))
+                          outcome="superseded",
+                          expected=snap.snapshot_device_keys if snap is not None else None))
     return out
 
 
@@ -102,7 +101,7 @@ def apply(row: SnapshotRow | None, notice: Notice) -> SnapshotRow:
                              vm_snapshot=notice.vm_snapshot)
     key = notice.disk.device_key
     update: dict[str, object] = {"disks": {**row.disks, key: notice.disk}}
-    if notice.kind == "taken" and notice.expected is not None:
+    if notice.expected is not None:
         update["expected"] = notice.expected
     if notice.kind == "finished":
         update["finished"] = {**row.finished, key: notice.outcome}

@@ -117,6 +117,7 @@ def start_sync(state: DiskState, snap: SnapshotTaken, now: datetime) -> tuple[Di
         taken_at=snap.taken_at,
         planned_at=now,
         release=snap.snapshot_device_keys is not None,
+        snapshot_device_keys=snap.snapshot_device_keys,
     )
     return state.model_copy(update={"running": running, "waiting": None}), plan
 

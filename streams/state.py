@@ -37,6 +37,8 @@ class RunningSync(BaseModel):
     #: ``snapshot_device_keys``), so the end of this sync is news for ``streams.lifecycle``.
     #: Rows written before this field existed default to True: they still send the notice.
     release: bool = True
+    #: ``SnapshotTaken.snapshot_device_keys``, repeated in the lifecycle notice of this sync.
+    snapshot_device_keys: tuple[int, ...] | None = None
 
 
 class DiskState(BaseModel):
