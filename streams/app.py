@@ -216,8 +216,9 @@ class Planner:
             await self.dead_letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value,
                                    str(exc))
             return
-        with bind_disk(parsed.disk.key):
-            await handle(parsed.disk.key.encode(), parsed)
+        disk_key = parsed.disk.key  # a computed property: derive it once per event
+        with bind_disk(disk_key):
+            await handle(disk_key.encode(), parsed)
 
     async def dead_letter(
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,

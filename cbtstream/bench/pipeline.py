@@ -20,7 +20,9 @@ Definitions:
   writes, so the ratio is well below 1 even with no overhead of ours.
 
 A warm-up disk is pushed through first (worker and copier started, partitions assigned) and is
-not counted. The run uses its own topic prefix and deletes every topic with it at the end.
+not counted; with ``--workers`` > 1 the run first waits for the worker group to be stable and
+warms up eight disks per partition. The run uses its own topic prefix and deletes every topic
+with it at the end.
 The last line is machine-readable::
 
     disks_per_s=<n> p50_ms=<n> p99_ms=<n> ceiling_ratio=<disks_per_s / raw rate>
@@ -67,6 +69,9 @@ class Options:
     #: Publish ``snapshot_device_keys`` (as ``cbtstream snapshot`` does): each VM snapshot is then
     #: tracked through the lifecycle topic and ``snapshots`` table (never removed: no vSphere).
     device_keys: bool = True
+    #: Worker processes in the Faust group (each takes a share of the partitions): one Python
+    #: process is one core at most, and the worker is the busiest process of the pipeline.
+    workers: int = 1
 
 
 @dataclass
@@ -122,6 +127,32 @@ def bench_settings(base: Settings, work: Path, opts: Options) -> Settings:
                         "remove_snapshots": False}
     data["copier"] |= {"target_root": work / "replicas", "state_dir": work / "copier"}
     return Settings.model_validate(data)
+
+
+def worker_settings(settings: Settings, work: Path, i: int) -> Settings:
+    """Settings of the ``i``-th worker: its own web port and data directory."""
+    data = settings.model_dump()
+    data["streams"] |= {"web_port": _free_port(), "data_dir": work / f"faust{i}"}
+    return Settings.model_validate(data)
+
+
+async def wait_group_stable(settings: Settings, members: int, deadline: float) -> None:
+    """Wait until the worker group is Stable with ``members`` members (no rebalance left to
+    happen while measuring)."""
+    group = f"{settings.kafka.topic_prefix}{settings.streams.app_id}"
+    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
+    await admin.start()
+    try:
+        while True:
+            (resp,) = await admin.describe_consumer_groups([group])
+            _, _, state, *_, group_members = resp.groups[0][:6]
+            if state == "Stable" and len(group_members) == members:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker group {group}: {state}, {len(group_members)} members")
+            await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
 
 
 class _ChangelogWatch:
@@ -244,57 +275,66 @@ async def _push(settings: Settings, watch: _ChangelogWatch, events: list[Snapsho
 async def bench(base: Settings, opts: Options, work: Path) -> Result:
     settings = bench_settings(base, work, opts)
     print(f"topic prefix {settings.kafka.topic_prefix} partitions {opts.partitions} "
-          f"disks {opts.disks} device keys {'on' if opts.device_keys else 'off'} logs {work}",
-          flush=True)
+          f"disks {opts.disks} device keys {'on' if opts.device_keys else 'off'} "
+          f"workers {opts.workers} logs {work}", flush=True)
     await create_topics(settings.kafka)
-    worker = Proc(["worker"], settings, work / "worker.log")
+    workers = [Proc(["worker"], worker_settings(settings, work, i), work / f"worker{i}.log")
+               for i in range(opts.workers)]
     copier = Proc(["copier", "--noop"], settings, work / "copier.log")
+    procs = [*workers, copier]
     try:
         run = uuid.uuid4().hex
         warm = _ChangelogWatch(settings)
+        # With several workers, warm up every partition (several disks each), so each worker
+        # has recovered its tables and processed events before the clock starts.
+        n_warm = 1 if opts.workers == 1 else 8 * opts.partitions
         events = [snapshot_event(i, opts.disks_per_vm, run, opts.device_keys)
-                  for i in range(opts.disks + 1)]
+                  for i in range(opts.disks + n_warm)]
         watch = None
         try:
-            await _push(settings, warm, events[:1], 0)
+            if opts.workers > 1:
+                await wait_group_stable(settings, opts.workers, time.monotonic() + 120)
+            await _push(settings, warm, events[:n_warm], 0)
             while True:  # the changelog topic appears once the worker wrote its first row
                 try:
                     await asyncio.wait_for(warm.start(), 60)
                     break
                 except TimeoutError:
-                    if not worker.alive:
+                    if not all(w.alive for w in workers):
                         raise
-            await warm.run(1, time.monotonic() + 120)
-            print("warm-up disk committed; measuring", flush=True)
+            await warm.run(n_warm, time.monotonic() + 120)
+            print(f"warm-up ({n_warm} disks) committed; measuring", flush=True)
             watch = _ChangelogWatch(settings)
             await watch.start()
-            cpu0 = {p.args[0]: cpu_seconds(p.proc.pid) for p in (worker, copier)}
-            cpu0["bench"] = time.process_time()
+            cpu0 = {p: cpu_seconds(p.proc.pid) for p in procs}
+            bench0 = time.process_time()
             reader = asyncio.create_task(watch.run(opts.disks, time.monotonic() + opts.timeout_s))
-            sent = await _push(settings, watch, events[1:], opts.rate)
+            sent = await _push(settings, watch, events[n_warm:], opts.rate)
             while not reader.done():
                 await asyncio.wait([reader], timeout=5)
-                for p in (worker, copier):
+                for p in procs:
                     if not p.alive:
                         reader.cancel()
                         raise RuntimeError(f"{p.log.name} exited:\n{p.output()[-3000:]}")
                 print(f"  {len(watch.seen)}/{opts.disks} committed", flush=True)
             await reader
-            cpu = {p.args[0]: cpu_seconds(p.proc.pid) - cpu0[p.args[0]] for p in (worker, copier)}
-            cpu["bench"] = time.process_time() - cpu0["bench"]
+            cpu: dict[str, float] = {}
+            for p in procs:
+                cpu[p.args[0]] = cpu.get(p.args[0], 0.0) + cpu_seconds(p.proc.pid) - cpu0[p]
+            cpu["bench"] = time.process_time() - bench0
         finally:
             await warm.stop()
             if watch is not None:
                 await watch.stop()
         lat = [(watch.seen[k] - t) * 1000 for k, t in sent.items()]
         seconds = max(watch.seen.values()) - min(sent.values())
-        value = encode(events[1])[1]
+        value = encode(events[n_warm])[1]
         print("measuring the raw produce->consume rate ...", flush=True)
         raw = await raw_rate(settings, opts.disks, value, opts.partitions)
         return Result(opts.disks, seconds, lat, raw, cpu)
     finally:
-        copier.stop()
-        worker.stop()
+        for p in procs:
+            p.stop()
         if not opts.keep:
             n = await delete_topics(settings)
             print(f"deleted {n} topics with prefix {settings.kafka.topic_prefix}", flush=True)

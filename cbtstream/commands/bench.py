@@ -66,6 +66,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="publish snapshot_device_keys like `cbtstream snapshot` does, so every "
                     "VM snapshot goes through the lifecycle (--no-device-keys: like an upstream "
                     "publisher that manages its snapshots; default: with)")
+    pl.add_argument("--workers", type=int, default=1,
+                    help="worker processes sharing the partitions (default 1)")
     pl.set_defaults(handler=run_pipeline)
 
     def usage(args: argparse.Namespace, settings: Settings) -> int:
@@ -84,7 +86,7 @@ def run_pipeline(args: argparse.Namespace, settings: Settings) -> int:
         disks=args.disks, disks_per_vm=args.disks_per_vm,
         partitions=args.partitions or settings.kafka.partitions, rate=args.rate,
         timeout_s=args.timeout, log_level=args.log_level, keep=args.keep_topics,
-        device_keys=args.device_keys))
+        device_keys=args.device_keys, workers=args.workers))
 
 
 def _make_images(work: Path, size: int) -> tuple[Path, Path]:
