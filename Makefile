@@ -25,9 +25,9 @@ demo: stack
 test: stack
 	$(BIN)/pytest
 
-# Long hardening runs (crash tests with many more kills); not part of `make test`.
+# Long hardening runs (crash tests with many more kills, 10k-disk load); not part of `make test`.
 soak: stack
-	$(BIN)/pytest -m soak tests/hardening
+	$(BIN)/pytest -m soak tests/hardening tests/load
 
 unit: install
 	$(BIN)/pytest tests/unit
