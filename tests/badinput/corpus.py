@@ -35,9 +35,12 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from schemas.disk import DiskRef
 from schemas.events import (
     ChangeIdCommitted,
     DeadLetter,
+    FullReason,
+    ReplicationType,
     SnapshotRemoved,
     SnapshotTaken,
     SyncFailed,
@@ -196,7 +199,7 @@ REQUIRED = {
 DISK_REQUIRED = ["vm_instance_uuid", "vm_path", "vm_name", "device_key", "backing_file",
                  "capacity_bytes"]
 #: Values no lax conversion turns into the field's type.
-WRONG = {
+WRONG: dict[str, list[Any]] = {
     "text": [[], {"a": 1}, 12.5, False], "int": ["abc", [], {}, 2.5, "12abc"],
     "float": ["fast", [], {}], "uuid": [5, [], {}, "xyz", 1.5], "time": [[], {}, "yesterday"],
     "bool": ["maybe", [], {}, 7], "disk": [[], "disk", 5, None], "keys": ["1,2", {}, ["a"]],
@@ -223,9 +226,9 @@ def _valid_string(kind: str, value: str) -> bool:
     return not (base == "snap" and not value)
 
 
-def _moref(name: str | None) -> bool:
-    return bool(name) and name[0] != "-" and name[0] != "_" and set(name) <= _MOREF_CHARS \
-        and len(name) <= 128  # type: ignore[arg-type,index]
+def _moref(name: object) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= 128 and name[0] not in "-_" \
+        and set(name) <= _MOREF_CHARS
 
 
 class Generator:
@@ -261,11 +264,11 @@ class Generator:
         real = topic in ("cbt.changeid.committed", "cbt.sync.failed", "cbt.sync.progress",
                          "cbt.snapshot.removed") or (topic == "cbt.sync.planned"
                                                      and rng.random() < 0.5)
-        d = self.disk(real=real)
-        common = {"event_id": _uuid(rng), "occurred_at": _time(rng)}
+        d = DiskRef.model_validate(self.disk(real=real))
+        common: dict[str, Any] = {"event_id": _uuid(rng), "occurred_at": _time(rng)}
         ev: Any
         if etype == "SnapshotTaken":
-            keys = (d["device_key"],) if rng.random() < 0.3 else None
+            keys = (d.device_key,) if rng.random() < 0.3 else None
             ev = SnapshotTaken(disk=d, vcenter="vc.hostile", vm_snapshot=self.hostile_snapshot(),
                                change_id=_change_id(rng), taken_at=_time(rng),
                                snapshot_device_keys=keys, **common)
@@ -273,8 +276,10 @@ class Generator:
             full = rng.random() < 0.5
             ev = SyncPlanned(disk=d, sync_id=_uuid(rng), snapshot_event_id=_uuid(rng),
                              vm_snapshot=self.hostile_snapshot(),
-                             replication_type="full" if full else "incremental",
-                             reason="no_previous_commit" if full else "previous_commit",
+                             replication_type=ReplicationType.FULL if full
+                             else ReplicationType.INCREMENTAL,
+                             reason=FullReason.NO_PREVIOUS_COMMIT if full
+                             else FullReason.PREVIOUS_COMMIT,
                              previous_change_id=None if full else _change_id(rng),
                              base_change_id=None if full else _change_id(rng),
                              change_id=_change_id(rng), **common)
@@ -285,7 +290,8 @@ class Generator:
         elif etype == "ChangeIdCommitted":
             ev = ChangeIdCommitted(disk=d, sync_id=_uuid(rng), vm_snapshot=self.hostile_snapshot(),
                                    previous_change_id=_change_id(rng), change_id=_change_id(rng),
-                                   replication_type="incremental", reason="previous_commit",
+                                   replication_type=ReplicationType.INCREMENTAL,
+                                   reason=FullReason.PREVIOUS_COMMIT,
                                    bytes_copied=4096, extents=1, digest="sha256:" + "0" * 64,
                                    duration_s=0.5, **common)
         elif etype == "SyncFailed":
@@ -300,7 +306,8 @@ class Generator:
             ev = DeadLetter(original_topic="cbt.snapshot.taken", original_partition=0,
                             original_offset=rng.randint(0, 1000), original_key="k",
                             original_value="v", error="forged", stage="planner", **common)
-        return json.loads(ev.model_dump_json())
+        doc: dict[str, Any] = json.loads(ev.model_dump_json())
+        return doc
 
     # -- outcome of a well-formed record ---------------------------------------------------------
     def record(self, topic: str, category: str, kind: str, doc: Any, *,

@@ -45,7 +45,8 @@ class Fleet:
         key = 2000 + i % DISKS_PER_VM
         vm = i // DISKS_PER_VM
         return DiskRef(vm_instance_uuid=self.vm(i), vm_path=f"/load/vm/vm{vm}",
-                       vm_name=f"vm{vm}", device_key=key, backing_uuid=f"6000C29-{i}",
+                       vm_name=f"vm{vm}", device_key=key, disk_id=f"disk-{key}",
+                       backing_uuid=f"6000C29-{i}",
                        backing_file=f"[ds] vm{vm}/vm{vm}_{key}.vmdk", capacity_bytes=1 << 30)
 
     def key(self, i: int) -> str:
