@@ -7,6 +7,17 @@ Faust commits the input offset after its producer has flushed. A crash in betwee
 record; the planner recognises redelivered snapshots and commits (event ids, uuid5-derived sync
 ids), so the replay produces the same ids and consumers drop duplicates.
 
+What this relies on in faust-streaming 0.15 (read in its source, ``faust/transport/consumer.py``
+``Consumer._commit_offsets``): an event's offset becomes committable only once the agent moved
+past it (acked after our handler returned), and every commit first awaits
+``app.producer.flush()``, which drains Faust's buffer of table writes and then awaits aiokafka's
+``flush()`` (every batch queued so far delivered, acks=-1). Our sends are not awaited one by
+one: ``Topic.send`` returns once the record is in aiokafka's accumulator, in call order, and
+aiokafka keeps one request in flight per partition, so records of one disk (one partition) keep
+their order. Known limits, from the same source: a record whose delivery fails after the
+producer's retries (``producer_request_timeout``) is only logged by Faust and the commit goes on;
+and ``ProducerBuffer.flush`` gives up waiting after 0.1 s without progress.
+
 Every topic, including the table's changelog ``<app id>-disks-changelog``, has
 ``settings.kafka.partitions`` partitions and is keyed by disk key, so a row always lives in the
 partition of the events that change it.
