@@ -135,10 +135,19 @@ def _cycles_ok(cycles: list[CycleResult]) -> None:
             assert r.base_change_id == before[r.disk_id]
 
 
-async def test_hostile_corpus_on_every_input(
-    badinput_settings: Settings, tmp_path: Path
-) -> None:
-    settings = badinput_settings
+async def test_hostile_corpus_on_every_input(badinput_settings: Settings, tmp_path: Path
+                                            ) -> None:
+    await run_corpus(badinput_settings, tmp_path, FIRST, LATER)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(1800)
+async def test_hostile_corpus_soak(badinput_settings: Settings, tmp_path: Path) -> None:
+    """About 4,700 records: 3 + 45 per category per topic."""
+    await run_corpus(badinput_settings, tmp_path, FIRST, 45)
+
+
+async def run_corpus(settings: Settings, tmp_path: Path, first_n: int, later_n: int) -> None:
     t0 = time.monotonic()
     await _allow_big_records(settings)
     marker = f"cbtmark{uuid.uuid4().hex[:8]}"
@@ -165,7 +174,7 @@ async def test_hostile_corpus_on_every_input(
         vm = await sc.create_vm(random_name("badinput"), SIZES)
         keys = tuple(d.key for d in vm.disks)
         ctx = Context(vm=vm.instance_uuid, device_keys=keys, marker=marker)
-        first = corpus(SEED, ctx, per_category=FIRST)
+        first = corpus(SEED, ctx, per_category=first_n)
         rng = sc.rng
 
         async def cycle(n: int, writes: Any, chunk: list[BadRecord]) -> CycleResult:
@@ -178,7 +187,7 @@ async def test_hostile_corpus_on_every_input(
                          first)
         ctx.change_ids.update({e.disk.device_key: e.change_id for e in c1.events
                                if e.change_id is not None})
-        later = corpus(SEED + 1, ctx, per_category=LATER)
+        later = corpus(SEED + 1, ctx, per_category=later_n)
         lines = publish_lines(SEED + 2, ctx, per_category=4)
         half = len(later) // 2
         published = asyncio.create_task(asyncio.to_thread(

@@ -155,27 +155,28 @@ def api_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, dict[str, 
         return 0, None
 
 
-async def wait_api(port: int, expect: dict[str, dict[str, str]], timeout: float,
-                   alive: object = None) -> float:
-    """Poll ``GET /api/v1/vms/<vm>/disks`` until every VM in ``expect`` (vm uuid -> disk key ->
-    change ID) answers with the expected change ID for each of those disks. Returns the
-    monotonic time it was complete."""
+async def wait_api(port: int, expect: dict[str, str], timeout: float,
+                   alive: object = None) -> tuple[float, float]:
+    """Poll ``GET /api/v1/disks/<key>`` (one row lookup, routed to the partition's owner) until
+    every disk key in ``expect`` answers with its expected change ID. Returns the monotonic times
+    of the first HTTP answer of any kind and of the last expected one."""
     deadline = time.monotonic() + timeout
     todo = dict(expect)
+    first: float | None = None
     while todo:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(todo)} of {len(expect)} VMs not answered by the API")
+            raise TimeoutError(f"{len(todo)} of {len(expect)} disks not answered by the API")
         if callable(alive):
             alive()
-        for vm, disks in list(todo.items()):
-            status, doc = await asyncio.to_thread(api_get, port, f"/api/v1/vms/{vm}/disks")
-            if status != 200 or doc is None:
-                break  # not up (or not recovered) yet: wait a little
-            got = {d["disk_key"]: d["change_id"] for d in doc["disks"]}
-            if any(got.get(k) != c for k, c in disks.items()):
-                break
-            del todo[vm]
+        for key, change_id in list(todo.items()):
+            status, doc = await asyncio.to_thread(api_get, port, f"/api/v1/disks/{key}")
+            if status and first is None:
+                first = time.monotonic()
+            if status != 200 or doc is None or doc.get("change_id") != change_id:
+                break  # not up, or not recovered yet: wait a little
+            del todo[key]
         else:
             continue
         await asyncio.sleep(0.05)
-    return time.monotonic()
+    end = time.monotonic()
+    return (first if first is not None else end), end
