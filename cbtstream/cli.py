@@ -73,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         level = "DEBUG" if args.verbose else settings.log_level
-        configure_logging(level, args.log_format or settings.log_format)
+        configure_logging(level, args.log_format or settings.log_format,
+                          settings.library_log_level)
         return handler(args, settings)
     except CbtStreamError as exc:
         print(f"cbtstream: error: {exc}", file=sys.stderr)

@@ -217,6 +217,9 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
+    #: Level of third-party libraries' logs (Kafka clients, Faust): INFO shows rebalances and
+    #: table recovery, which helps when a worker seems idle.
+    library_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     kafka: KafkaSettings = KafkaSettings()
     postgres: PostgresSettings = PostgresSettings()
     vsphere: VSphereSettings = VSphereSettings()
@@ -261,6 +264,7 @@ def to_env(settings: Settings) -> dict[str, str]:
     env: dict[str, str] = {
         "CBTSTREAM_LOG_LEVEL": settings.log_level,
         "CBTSTREAM_LOG_FORMAT": settings.log_format,
+        "CBTSTREAM_LIBRARY_LOG_LEVEL": settings.library_log_level,
     }
     for section in type(settings).model_fields:
         model = getattr(settings, section)

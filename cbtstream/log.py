@@ -76,8 +76,10 @@ class ConsoleFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
-    """Send all logs to stderr in the chosen format (idempotent)."""
+def configure_logging(level: str = "INFO", fmt: str = "json",
+                      library_level: str = "WARNING") -> None:
+    """Send all logs to stderr in the chosen format (idempotent). Third-party libraries
+    (Kafka clients, Faust) log at ``library_level`` or ``level``, whichever is higher."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     root = logging.getLogger()
@@ -85,4 +87,5 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
     # Third-party libraries are chatty at INFO; keep them at WARNING unless debugging.
     for noisy in ("aiokafka", "kafka", "faust", "mode", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+        logging.getLogger(noisy).setLevel(
+            max(logging.getLevelName(library_level), logging.getLevelName(level)))
