@@ -341,8 +341,9 @@ class Generator:
     def _copier_reasons(self, doc: dict[str, Any]) -> frozenset[str]:
         if not _moref(doc.get("vm_snapshot")):
             return frozenset({"not_allowed"})
-        # A VM that does not exist, or a snapshot of the real VM that does not exist.
-        return frozenset({"not_found"})
+        # A VM that does not exist, or a snapshot of the real VM that does not exist (vSphere
+        # says so; for a disk of capacity 0 no area is queried and the export is not found).
+        return frozenset({"not_found", "export_not_found"})
 
     # -- categories ----------------------------------------------------------------------------
     def generate(self, topic: str, etypes: tuple[str, ...], per_category: int
@@ -354,6 +355,21 @@ class Generator:
             for i in range(per_category):
                 etype = etypes[i % len(etypes)]
                 out += makers[category](topic, etype)
+        return out
+
+    def path_snapshots(self, topic: str) -> list[BadRecord]:
+        """Every path-like string that fits ``vm_snapshot`` (1-128 characters), in a well-formed
+        snapshot (another VM's disk) or plan (a disk of the real VM): the copier must refuse it
+        before any vSphere or NBD call."""
+        etype = TOPIC_TYPES[topic][0]
+        out = []
+        for value in self.paths:
+            if not 0 < len(value) <= 128:
+                continue
+            doc = self.base(etype, topic)
+            doc["vm_snapshot"] = value
+            out.append(self.record(topic, "path_like", f"vm_snapshot={value[:30]!r}", doc,
+                                   dead=False))
         return out
 
     def _c_invalid_json(self, topic: str, etype: str) -> list[BadRecord]:
@@ -617,6 +633,8 @@ def corpus(seed: int, ctx: Context, per_category: int = 3,
     out: list[BadRecord] = []
     for topic in topics:
         out += gen.generate(topic, TOPIC_TYPES[topic], per_category)
+        if topic in ("cbt.snapshot.taken", "cbt.sync.planned"):
+            out += gen.path_snapshots(topic)
     gen.rng.shuffle(out)
     return out
 

@@ -11,8 +11,8 @@ consumer), in three chunks sent while the VM's cycles run. Checked:
 - a forged ``ChangeIdCommitted`` (another disk's change ID, a sync that is not running) is
   answered by ``SyncFailed(lineage_mismatch)`` with its derived id and never applied;
 - a well-formed snapshot or plan naming a path-like snapshot, a VM or snapshot that does not
-  exist ends in the copier's ``SyncFailed`` with the stated reason (``not_allowed``,
-  ``not_found``), never in a commit;
+  exist ends in the copier's ``SyncFailed`` with the stated reason (``not_allowed`` before any
+  vSphere/NBD call, ``not_found`` / ``export_not_found``), never in a commit;
 - ``cbtstream publish`` rejects exactly the bad lines (``line N: reason``, exit 1) and publishes
   the others, which end like the well-formed snapshots above;
 - the VM's cycles complete as without the corpus: full, then incremental from each disk's own
@@ -70,7 +70,8 @@ pytestmark = pytest.mark.integration
 
 SEED = 8
 #: Records per category per topic: 3 (cycle 1, synthetic change IDs) + 9 (cycles 2-3, the real
-#: disks' change IDs known) -> 7 topics x 14 categories x 12 = 1,176 records.
+#: disks' change IDs known) -> 7 topics x 14 categories x 12 = 1,176 records, plus every path-like
+#: vm_snapshot in a snapshot and a plan (2 x 2 x 26) = 1,280.
 FIRST, LATER = 3, 9
 SIZES = [4 * MiB, 2 * MiB + 64 * 1024]
 BIG = 4 * 1024 * 1024
