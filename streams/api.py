@@ -230,6 +230,14 @@ def register_api(planner: Planner) -> None:
         return Answer(200, {"vm_instance_uuid": vm.lower(),
                             "disks": [disk_view(r) for r in found]})
 
+    async def ready(view: Any, request: Any) -> Any:
+        """Readiness (for probes and tests): tables recovered and no rebalance in progress.
+        Unauthenticated: it reveals nothing but this one bit."""
+        recovery = app.tables.recovery  # type: ignore[attr-defined]
+        ok = recovery.completed.is_set() and not app.rebalancing
+        return view.json({"ready": ok}, status=200 if ok else 503)
+
+    app.page("/api/v1/ready", name="api_ready")(ready)
     app.page("/api/v1/replications/changeid", name="api_changeid")(guarded(changeid))
     app.page("/api/v1/disks/{vm}/{disk_id}", name="api_disk")(guarded(disk))
     app.page("/api/v1/vms/{vm}/disks", name="api_vm_disks")(guarded(vm_disks))

@@ -65,6 +65,7 @@ from streams.api import register_api
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import register_metrics
 from streams.state import DiskState, from_json, to_json
+from streams.watchdog import register_watchdog
 
 log = logging.getLogger("cbtstream.streams")
 
@@ -151,6 +152,9 @@ class Planner:
         self._agent(SYNC_FAILED, (SyncFailed,), self._on_failed)
         register_api(self)
         self.metrics = register_metrics(self)
+        register_watchdog(self, {self.topic(spec).get_topic_name() for spec in (
+            SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)} | {
+            self.lifecycle_topic.get_topic_name()})
 
     # -- topics ---------------------------------------------------------------------------------
     def topic(self, spec: TopicSpec) -> faust.TopicT:

@@ -3,6 +3,8 @@ and the pipeline processes (Faust worker, copier) as real child processes."""
 
 from __future__ import annotations
 
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -43,11 +45,29 @@ class Pipeline:
         self.copier = Proc(["copier"], self.settings, self.logs / f"copier-{self.copier_runs}.log")
         return self.copier
 
-    def restart_worker(self) -> None:
-        """Stop the Faust worker and start a new one: its table recovers from the changelog."""
+    def restart_worker(self, *, wait_ready: bool = True) -> None:
+        """Stop the Faust worker and start a new one: its table recovers from the changelog.
+        Waits until it reports ready (tables recovered), like a rolling restart would."""
         self.worker.stop()
         n = len(list(self.logs.glob("worker*.log")))
         self.worker = Proc(["worker"], self.settings, self.logs / f"worker-{n + 1}.log")
+        if wait_ready:
+            self.wait_worker_ready()
+
+    def wait_worker_ready(self, timeout_s: float = 90.0) -> None:
+        url = (f"http://{self.settings.streams.web_host}:{self.settings.streams.web_port}"
+               "/api/v1/ready")
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check()
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"worker not ready after {timeout_s}s")
 
     def check(self) -> None:
         for p in (self.worker, self.copier):

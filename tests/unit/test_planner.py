@@ -178,3 +178,13 @@ def test_guard_allows_fallback_from_incremental_to_full() -> None:
     c = commit_for(_plan(out), replication_type=ReplicationType.FULL,
                    reason=FullReason.BASE_CHANGE_ID_REJECTED)
     assert check_commit(s, c).verdict == Verdict.ACCEPT
+
+
+def test_watchdog_flags_only_idle_partitions_with_pending_records() -> None:
+    from streams.watchdog import stalled
+
+    assert stalled(committed=2, highwater=3, in_flight=False, previous=2)
+    assert not stalled(committed=2, highwater=3, in_flight=False, previous=1)  # progressing
+    assert not stalled(committed=3, highwater=3, in_flight=False, previous=3)  # caught up
+    assert not stalled(committed=2, highwater=3, in_flight=True, previous=2)  # being handled
+    assert not stalled(committed=None, highwater=3, in_flight=False, previous=None)
