@@ -86,6 +86,9 @@ class CommitAuditor:
         self.duplicates = 0
         self._next = 0
         self._task: asyncio.Task[None] | None = None
+        # The background task and the test both drain: one at a time, so a drain that returns
+        # has really checked every event seen so far (not left one to the other mid-compare).
+        self._draining = asyncio.Lock()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -103,6 +106,10 @@ class CommitAuditor:
 
     async def drain(self) -> None:
         """Check every event the watcher has collected so far."""
+        async with self._draining:
+            await self._drain()
+
+    async def _drain(self) -> None:
         assert self.sc.watcher is not None
         events = self.sc.watcher.events
         while self._next < len(events):
