@@ -110,7 +110,8 @@ def snapshot_event(i: int, per_vm: int, run: str, device_keys: bool = True) -> S
     vm = str(uuid.uuid5(uuid.NAMESPACE_OID, f"{run}/{i // per_vm}"))
     key = 2000 + i % per_vm
     disk = DiskRef(vm_instance_uuid=vm, vm_path=f"/bench/vm/vm{i // per_vm}",
-                   vm_name=f"vm{i // per_vm}", device_key=key, backing_uuid=f"6000C29-{i}",
+                   vm_name=f"vm{i // per_vm}", device_key=key, disk_id=f"disk-{key}",
+                   backing_uuid=f"6000C29-{i}",
                    backing_file=f"[ds] vm{i // per_vm}/disk_{key}.vmdk", capacity_bytes=1 << 30)
     keys = tuple(2000 + k for k in range(per_vm)) if device_keys else None
     return SnapshotTaken(disk=disk, vcenter="bench", vm_snapshot="snapshot-1",
