@@ -9,6 +9,7 @@ acknowledged is retried, and consumers drop duplicates by event id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from types import TracebackType
@@ -222,3 +223,41 @@ async def topic_partitions(
         if not parts:
             await asyncio.sleep(0.2)
     return [TopicPartition(name, p) for p in sorted(parts)]
+
+
+async def ensure_topics(
+    settings: KafkaSettings, topics: dict[str, tuple[int, dict[str, str]]],
+    *, timeout_s: float = 60.0,
+) -> None:
+    """Create the given topics if missing (name -> (partitions, config)) and wait until every one
+    is visible in a client's metadata.
+
+    A Faust worker that starts before its topics are in the cluster metadata has its assignor
+    ignore them ("Ignoring missing topic") and never consumes them until the next rebalance; the
+    worker command calls this first so a worker started right after ``topics create`` works.
+    """
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(name=name, num_partitions=parts,
+                     replication_factor=settings.replication_factor, topic_configs=config)
+            for name, (parts, config) in topics.items() if name not in existing
+        ]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(new)
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"cannot create topics: {exc}") from exc
+    finally:
+        await admin.close()
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), group_id=None)
+    await consumer.start()
+    try:
+        for name in topics:
+            await topic_partitions(consumer, name, timeout_s=timeout_s)
+    except LookupError as exc:
+        raise KafkaUnavailable(f"topic not visible after creation: {exc}") from exc
+    finally:
+        await consumer.stop()

@@ -12,7 +12,9 @@ committed per partition once the outcome of every plan up to them is acknowledge
 ``COMMIT_EVERY`` plans, or when the partition's queue is empty), so an offset is still never
 committed before the outcomes of the plans it covers were published.
 
-A crash before 2 re-executes the plan on restart (same bytes to the same place; the engine resumes
+A redelivered plan whose outcome was already published (the ledger, ``consumers/ledger.py``,
+records each published outcome before the offset commit) is skipped. A crash before 2
+re-executes the plan on restart (same bytes to the same place; the engine resumes
 from its checkpoint). A crash between 2 and 4 publishes the same commit again with the same event
 id (uuid5 of the sync id), which the table drops as a duplicate. No change ID is ever published
 before the data behind it is durable.
@@ -43,6 +45,7 @@ from cbtstream.errors import CbtStreamError, PermissionDenied
 from cbtstream.kafka import Publisher, client_kwargs, topic_name
 from cbtstream.log import bind_disk
 from consumers.executor import ProgressUpdate, SyncExecutor, SyncResult
+from consumers.ledger import SyncLedger
 from schemas.codec import EventDecodeError, dead_letter_record, decode
 from schemas.events import (
     ChangeIdCommitted,
@@ -141,6 +144,8 @@ class Copier:
     ) -> None:
         self.settings = settings
         self.executor = executor
+        self.ledger = SyncLedger(settings.copier.state_dir / "finished")
+        self.ledger.prune()
         self.publisher = publisher
         self._sleep = sleep
         k = settings.kafka
@@ -263,6 +268,11 @@ class Copier:
             return None
         if not isinstance(event, SyncPlanned):
             return None  # superseded snapshots are the lifecycle's business, not the copier's
+        if self.ledger.finished(event.sync_id):
+            with bind_disk(event.disk.key):
+                log.info("plan redelivered after its outcome was published; skipped",
+                         extra={"sync_id": str(event.sync_id)})
+            return None
         with bind_disk(event.disk.key):
             outcome = await self._copy(event)
         return asyncio.create_task(self._finish(event, outcome))
@@ -289,6 +299,7 @@ class Copier:
         """Steps 2-3: publish the outcome (acks=all), then release what the sync holds."""
         with bind_disk(plan.disk.key):
             await self._publish_outcome(outcome)
+            await asyncio.to_thread(self.ledger.record, plan.sync_id)
             self._log_outcome(plan, outcome)
             try:
                 await self.executor.release(plan)

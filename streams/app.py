@@ -156,6 +156,21 @@ class Planner:
             SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)} | {
             self.lifecycle_topic.get_topic_name()})
 
+    def kafka_topics(self) -> dict[str, tuple[int, dict[str, str]]]:
+        """Every topic the worker consumes or writes, with its partitions and config: our
+        source topics and Faust's internal ones (table changelogs, compacted; the lifecycle
+        topic; the assignor's leader topic), so they can be created before Faust starts."""
+        k = self.settings.kafka
+        parts = k.partitions
+        topics = {self.topic(spec).get_topic_name(): (parts, dict(spec.config))
+                  for spec in (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)}
+        for table in (self.table, self.snapshots):
+            topics[table.changelog_topic.get_topic_name()] = (
+                parts, {"cleanup.policy": "compact"})
+        topics[self.lifecycle_topic.get_topic_name()] = (parts, {})
+        topics[f"{self.app.conf.id}-__assignor-__leader"] = (1, {})
+        return topics
+
     # -- topics ---------------------------------------------------------------------------------
     def topic(self, spec: TopicSpec) -> faust.TopicT:
         if spec.name not in self._topics:

@@ -30,7 +30,8 @@ def isolated_settings(base: Settings, tmp: Path, **sections: dict[str, Any]) -> 
     data = base.model_dump()
     data["kafka"] |= {"topic_prefix": prefix, "partitions": 2}
     data["streams"] |= {"web_port": free_port(), "data_dir": tmp / "faust"}
-    data["copier"] |= {"target_root": tmp / "replicas", "progress_interval_s": 0.5}
+    data["copier"] |= {"target_root": tmp / "replicas", "state_dir": tmp / "copier",
+                       "progress_interval_s": 0.5}
     data["api"] |= {"port": free_port()}
     for name, values in sections.items():
         data[name] |= values

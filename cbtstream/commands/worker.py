@@ -19,8 +19,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     import faust
 
+    from cbtstream.kafka import ensure_topics
     from streams.app import Planner
 
     settings.streams.data_dir.mkdir(parents=True, exist_ok=True)
@@ -30,6 +33,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         remover = VSphereSnapshotRemover(settings.vsphere)
     planner = Planner(settings, remover)
+    # Every topic must be in the cluster metadata before Faust's first assignment, or its
+    # assignor skips it until the next rebalance (a worker started right after topic creation
+    # would consume nothing).
+    asyncio.run(ensure_topics(settings.kafka, planner.kafka_topics()))
     worker = faust.Worker(
         planner.app,
         loglevel=settings.log_level.lower(),

@@ -1,9 +1,11 @@
-"""``make demo``: a three-disk VM replicated over three cycles through the whole local pipeline.
+"""``make demo``: a three-disk VM replicated over three cycles through the whole local pipeline
+(worker, copier and audit consumer).
 
 Cycle 1 is a full copy of every disk; cycle 2 is incremental for every disk, each from its own
 change ID; before cycle 3 one disk's CBT is reset, so that disk alone goes full again with the
 reason ``epoch_changed``. Every replica is compared with its snapshot byte for byte after every
-cycle, and the run fails on any mismatch. The events stay in Kafka for ``cbtstream replay``.
+cycle, and the run fails on any mismatch. It ends with the seed's two database queries on the
+audit trail. The events stay in Kafka for ``cbtstream replay``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from cbtstream.config import Settings
 from cbtstream.demo.processes import Proc
 from cbtstream.demo.report import CycleRow, render
 from cbtstream.demo.scenario import Scenario, random_name
+from cbtstream.demo.seed import SEED_QUERY_1, SEED_QUERY_2, render_rows, seed_queries
 from cbtstream.demo.workload import MiB, Write, initial_fill, scattered
 from cbtstream.errors import StackError
 from cbtstream.kafka import create_topics
@@ -71,7 +74,8 @@ async def run_demo(settings: Settings, console: Console, *, name: str | None = N
     console.print(f"[bold]cbtstream demo[/]: VM [cyan]{name}[/] with disks of "
                   f"{', '.join(f'{s // MiB} MiB' for s in DISK_SIZES)}; logs in {logs}")
     procs = [Proc(["worker"], settings, logs / "demo-worker.log"),
-             Proc(["copier"], settings, logs / "demo-copier.log")]
+             Proc(["copier"], settings, logs / "demo-copier.log"),
+             Proc(["audit"], settings, logs / "demo-audit.log")]
     scenario = Scenario(settings, sim, state / "demo" / name, console=console)
 
     def alive() -> None:
@@ -101,6 +105,11 @@ async def run_demo(settings: Settings, console: Console, *, name: str | None = N
                 lambda: all(len(removed(s)) == len(DISK_SIZES) for s in snapshots), 30,
                 alive=alive)
             console.print(f"snapshots removed in vSphere: {', '.join(snapshots)}")
+        q1, q2 = await seed_queries(settings, vm.path, vm.name, len(rows))
+        render_rows("The seed's query 1 (per-disk change IDs), on the audit trail",
+                    SEED_QUERY_1.format(vm_path=vm.path), q1, console)
+        render_rows("The seed's query 2 (latest jobs)", SEED_QUERY_2.format(vm_name=vm.name),
+                    q2, console)
     finally:
         await scenario.close()
         for p in procs:

@@ -21,7 +21,9 @@ from tests.hardening.conftest import LaneFactory
 from tests.hardening.harness import log_lines
 from tests.stack.conftest import free_ports
 
-pytestmark = pytest.mark.integration
+# A private broker start-up, a stop and a restart take about 75 s, and the aiokafka clients of the
+# stopped broker leave noisy background errors: this long infrastructure test runs in `make soak`.
+pytestmark = [pytest.mark.integration, pytest.mark.soak]
 
 
 @pytest.fixture
