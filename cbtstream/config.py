@@ -177,12 +177,12 @@ class StreamsSettings(BaseModel):
 
 
 class ApiSettings(BaseModel):
-    """The seed-compatible HTTP API."""
+    """The seed-compatible HTTP API. It is served by the planner worker's web server, so its
+    address is ``streams.web_host``/``streams.web_port``."""
 
     model_config = _Frozen
 
-    host: str = "127.0.0.1"
-    port: int = 8082
+    #: When set, every /api request needs ``Authorization: Bearer <token>``.
     token: SecretStr | None = None
 
 

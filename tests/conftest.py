@@ -4,7 +4,6 @@ events."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 
 from cbtstream.config import Settings, load_settings
 from cbtstream.kafka import create_topics
-from tests.support import isolated_settings
+from tests.support import isolated_settings, kafka_answers
 
 
 @pytest.fixture(scope="session")
@@ -21,26 +20,10 @@ def stack_settings() -> Settings:
     return load_settings()
 
 
-async def _kafka_answers(settings: Settings) -> bool:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    from cbtstream.kafka import client_kwargs
-
-    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka), request_timeout_ms=3000)
-    try:
-        await asyncio.wait_for(admin.start(), 5)
-        await admin.list_topics()
-        return True
-    except Exception:
-        return False
-    finally:
-        await admin.close()
-
-
 @pytest.fixture
 async def kafka_settings(stack_settings: Settings, tmp_path: Path) -> AsyncIterator[Settings]:
     """Isolated settings on the real broker, with every topic created."""
-    if not await _kafka_answers(stack_settings):
+    if not await kafka_answers(stack_settings):
         pytest.fail(
             f"Kafka does not answer at {stack_settings.kafka.bootstrap_servers}: "
             "run `cbtstream stack up` (make test does)"

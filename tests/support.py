@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import uuid
@@ -32,13 +33,27 @@ def isolated_settings(base: Settings, tmp: Path, **sections: dict[str, Any]) -> 
     data["streams"] |= {"web_port": free_port(), "data_dir": tmp / "faust"}
     data["copier"] |= {"target_root": tmp / "replicas", "state_dir": tmp / "copier",
                        "progress_interval_s": 0.5}
-    data["api"] |= {"port": free_port()}
     for name, values in sections.items():
         data[name] |= values
     return Settings.model_validate(data)
 
 
 settings_env = child_env
+
+
+async def kafka_answers(settings: Settings) -> bool:
+    """True if the broker of ``settings`` answers a metadata request within a few seconds."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka), request_timeout_ms=3000)
+    try:
+        await asyncio.wait_for(admin.start(), 5)
+        await admin.list_topics()
+        return True
+    except Exception:
+        return False
+    finally:
+        await admin.close()
 
 
 async def read_topic(

@@ -10,6 +10,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cbtstream.config import Settings
+from cbtstream.demo import seed
 from cbtstream.kafka import Publisher, client_kwargs, topic_name
 from consumers.audit.repository import AuditRecord, AuditRepository, rebuild
 from schemas.codec import decode, encode
@@ -20,20 +21,9 @@ from tests.audit.history import Fleet, vm
 
 pytestmark = pytest.mark.integration
 
-SEED_QUERY_1 = """
-SELECT vm_disks.job_id, vm_disks.disk_id, vm_disks.disk_change_id
-FROM vm_disks
-JOIN replication_jobs ON vm_disks.job_id = replication_jobs.id
-WHERE replication_jobs.source_vm_path = '/DatabanxDC/vm/pgtest1'
-AND vm_disks.disk_change_id IS NOT NULL
-ORDER BY vm_disks.updated_at DESC;
-"""
-SEED_QUERY_2 = """
-SELECT id, source_vm_name, replication_type, status
-FROM replication_jobs
-WHERE source_vm_name IN ('pgtest1', 'QCDev-Jump05')
-ORDER BY created_at DESC LIMIT 4;
-"""
+# The seed's queries as the demo runs them, with the seed's own VM names.
+SEED_QUERY_1 = seed.SEED_QUERY_1.format(vm_path="/DatabanxDC/vm/pgtest1")
+SEED_QUERY_2 = seed.SEED_QUERY_2.format(vm_name="pgtest1")
 
 
 def records(events: list[Event]) -> list[AuditRecord]:

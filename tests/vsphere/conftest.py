@@ -4,7 +4,6 @@ paging is exercised on small disks."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,7 +16,7 @@ from cbtstream.kafka import create_topics
 from cbtstream.stack.vcsim import VcsimService
 from cbtstream.vsphere.adapter import VSphereClient
 from cbtstream.vsphere.simctl import SimulatorControl
-from tests.support import free_port, isolated_settings
+from tests.support import free_port, isolated_settings, kafka_answers
 
 #: Small pages (1 MiB, at most 3 areas) so every test pages through several answers.
 PAGE_BYTES = 1 << 20
@@ -66,28 +65,12 @@ def vm_name() -> str:
     return f"t-{uuid.uuid4().hex[:10]}"
 
 
-async def _kafka_answers(settings: Settings) -> bool:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    from cbtstream.kafka import client_kwargs
-
-    admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka), request_timeout_ms=3000)
-    try:
-        await asyncio.wait_for(admin.start(), 5)
-        await admin.list_topics()
-        return True
-    except Exception:
-        return False
-    finally:
-        await admin.close()
-
-
 @pytest.fixture
 async def producer_settings(vcsim: VcsimService, tmp_path: Path) -> Settings:
     """Settings on the real broker with a unique topic prefix (topics created), and vsphere
     pointing at the private simulator. Skips only when no broker answers."""
     base = load_settings()
-    if not await _kafka_answers(base):
+    if not await kafka_answers(base):
         pytest.skip(f"no Kafka broker answers at {base.kafka.bootstrap_servers}")
     settings = isolated_settings(base, tmp_path, vsphere={
         "url": vcsim.sdk_url, "cafile": vcsim.cert_file, "insecure": False,
