@@ -27,7 +27,7 @@ test: stack
 
 # Long hardening runs (crash tests with many more kills, 10k-disk load); not part of `make test`.
 soak: stack
-	$(BIN)/pytest -m soak tests/hardening tests/load
+	$(BIN)/pytest -m soak tests
 
 unit: install
 	$(BIN)/pytest tests/unit

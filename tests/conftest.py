@@ -14,6 +14,17 @@ from cbtstream.kafka import create_topics
 from tests.support import isolated_settings, kafka_answers
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``soak`` tests (long crash, fault, bad-input and load runs) only run with ``-m soak``
+    (``make soak``)."""
+    if "soak" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="soak test: run with `make soak` (pytest -m soak)")
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def stack_settings() -> Settings:
     """Settings of the running dev stack (env vars may point elsewhere)."""

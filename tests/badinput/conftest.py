@@ -1,5 +1,5 @@
-"""Bad-input fixtures: the simulator stack's settings with a fresh audit schema, and the
-``soak`` marker for the bigger corpus (``pytest -m soak tests/badinput``; skipped otherwise)."""
+"""Bad-input fixtures: the simulator stack's settings with a fresh audit schema (the bigger
+corpus is a ``soak`` test, run by ``make soak``)."""
 
 from __future__ import annotations
 
@@ -38,17 +38,3 @@ def stack_settings_for(kafka_settings: Settings, tmp_path: Path, schema: str) ->
     copier = s.copier.model_copy(update={"state_dir": tmp_path / "copier"})
     pg = s.postgres.model_copy(update={"db_schema": schema})
     return s.model_copy(update={"copier": copier, "postgres": pg})
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "soak: long runs (make soak)")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if "soak" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="soak test: run with `make soak` (pytest -m soak)")
-    here = Path(__file__).parent
-    for item in items:
-        if item.get_closest_marker("soak") is not None and here in Path(item.path).parents:
-            item.add_marker(skip)

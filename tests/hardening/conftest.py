@@ -1,5 +1,5 @@
 """Fixtures of the hardening tests: isolated lanes (pipeline + VM) on the dev stack's Kafka and
-simulator, and the ``soak`` marker for the long variants (``make soak``; skipped otherwise)."""
+simulator (``soak`` tests run with ``make soak``)."""
 
 from __future__ import annotations
 
@@ -12,19 +12,6 @@ from cbtstream.config import Settings
 from cbtstream.demo.run import stack_settings as sim_settings
 from cbtstream.vsphere.simctl import SimulatorControl
 from tests.hardening.harness import Lane, lane_settings
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "soak: long hardening runs (make soak)")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if "soak" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="soak test: run with `make soak` (pytest -m soak)")
-    for item in items:
-        if item.get_closest_marker("soak") is not None:
-            item.add_marker(skip)
 
 
 @pytest.fixture
