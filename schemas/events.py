@@ -55,6 +55,13 @@ class FullReason(StrEnum):
     CAPACITY_CHANGED = "capacity_changed"
     BASE_CHANGE_ID_REJECTED = "base_change_id_rejected"
     ALLOCATED_AREAS_FAILED = "allocated_areas_failed"
+    # The copier's replica guard (consumers/replica): an incremental plan whose base the replica
+    # does not provably hold is copied in full instead.
+    REPLICA_MISSING = "replica_missing"
+    REPLICA_REPLACED = "replica_replaced"
+    REPLICA_NOT_AT_BASE = "replica_not_at_base"
+    REPLICA_STATE_UNKNOWN = "replica_state_unknown"
+    REPLICA_MISMATCH = "replica_mismatch"
 
 
 def _check_change_id(value: str | None) -> str | None:
@@ -116,6 +123,17 @@ class SyncPlanned(_Event):
         description="Change ID to query changed areas from; null for a full sync."
     )
     change_id: str | None = Field(description="The snapshot's change ID, committed on success.")
+    generation: int = Field(
+        default=0,
+        ge=0,
+        le=(1 << 62),
+        description="Per-disk plan generation: strictly increases with every plan of the disk. "
+        "A copier never writes a plan older than what its replica holds. 0: a plan made "
+        "before generations existed (older than any replica state).",
+    )
+    snapshot_taken_at: AwareDatetime | None = Field(
+        default=None, description="taken_at of the snapshot this plan copies."
+    )
 
     _v_prev = field_validator("previous_change_id")(_check_change_id)
     _v_base = field_validator("base_change_id")(_check_change_id)
@@ -154,8 +172,19 @@ class ChangeIdCommitted(_Event):
     bytes_copied: int = Field(ge=0, description="Bytes of data written to the target.")
     bytes_zeroed: int = Field(default=0, ge=0, description="Bytes written as zeroes/holes.")
     extents: int = Field(ge=0, description="Changed extents reported by vSphere.")
-    digest: str = Field(max_length=200, description="'sha256:<hex>' over (offset, data) written.")
+    digest: str = Field(
+        max_length=200,
+        description="Digest of what this sync wrote: 'sha256:<hex>' (before replica trees) or "
+        "'blake3:<hex>' over the hash-tree leaves it touched.",
+    )
     duration_s: float = Field(ge=0)
+    replica_digest: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Root of the whole replica's hash tree as of this snapshot "
+        "('blake3tree:<leaf bytes>:<hex>'); `cbtstream verify` recomputes it from the replica.",
+    )
+    generation: int = Field(default=0, ge=0, le=(1 << 62), description="The plan's generation.")
 
     _v_prev = field_validator("previous_change_id")(_check_change_id)
     _v_new = field_validator("change_id")(_check_change_id)

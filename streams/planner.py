@@ -11,6 +11,9 @@ Rules (see docs/architecture.md):
   already committed or waiting is superseded at once.
 * Ids are derived (uuid5) from the snapshot event id, so re-processing the same input after a crash
   produces the same sync id and the same events, which consumers drop as duplicates.
+* Every plan of a disk gets a **generation** larger than any earlier plan of that disk
+  (:func:`next_generation`); the copier refuses to write a plan older than what its replica holds,
+  so an offset reset or a re-produced old plan can never roll a replica back.
 """
 
 from __future__ import annotations
@@ -89,9 +92,21 @@ def _superseded(old: SnapshotTaken, by: SnapshotTaken) -> SyncSuperseded:
     )
 
 
+def next_generation(previous: int, snap: SnapshotTaken) -> int:
+    """The generation of the next plan of a disk whose last plan had ``previous``.
+
+    It is the larger of ``previous + 1`` and the snapshot's time in milliseconds: strictly
+    increasing within a row, derived from the input only (re-processing yields the same plan), and
+    still larger than the generations a replica holds if the table is ever rebuilt from scratch,
+    because new snapshots are newer than old ones.
+    """
+    return max(previous + 1, int(snap.taken_at.timestamp() * 1000))
+
+
 def start_sync(state: DiskState, snap: SnapshotTaken, now: datetime) -> tuple[DiskState, Output]:
     """Plan ``snap`` for a disk with no running sync."""
     d = decide(state.committed_disk, state.change_id, snap)
+    generation = next_generation(state.plan_generation, snap)
     sync_id = stable_event_id("sync", snap.event_id)
     plan = SyncPlanned(
         event_id=stable_event_id("SyncPlanned", sync_id),
@@ -105,6 +120,8 @@ def start_sync(state: DiskState, snap: SnapshotTaken, now: datetime) -> tuple[Di
         previous_change_id=state.change_id,
         base_change_id=d.base_change_id,
         change_id=snap.change_id,
+        generation=generation,
+        snapshot_taken_at=snap.taken_at,
     )
     running = RunningSync(
         sync_id=sync_id,
@@ -118,8 +135,10 @@ def start_sync(state: DiskState, snap: SnapshotTaken, now: datetime) -> tuple[Di
         planned_at=now,
         release=snap.snapshot_device_keys is not None,
         snapshot_device_keys=snap.snapshot_device_keys,
+        generation=generation,
     )
-    return state.model_copy(update={"running": running, "waiting": None}), plan
+    update = {"running": running, "waiting": None, "plan_generation": generation}
+    return state.model_copy(update=update), plan
 
 
 def on_snapshot(
@@ -183,6 +202,7 @@ def on_commit(
             "commit_sync_id": ev.sync_id,
             "commit_event_id": ev.event_id,
             "commit_taken_at": state.running.taken_at,
+            "replica_digest": ev.replica_digest,
             "replication_type": ev.replication_type,
             "commits": state.commits + 1,
             "running": None,

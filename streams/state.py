@@ -39,6 +39,8 @@ class RunningSync(BaseModel):
     release: bool = True
     #: ``SnapshotTaken.snapshot_device_keys``, repeated in the lifecycle notice of this sync.
     snapshot_device_keys: tuple[int, ...] | None = None
+    #: The plan's generation (``SyncPlanned.generation``); 0 in rows written before it existed.
+    generation: int = 0
 
 
 class DiskState(BaseModel):
@@ -54,6 +56,10 @@ class DiskState(BaseModel):
     replication_type: ReplicationType | None = None
     commit_taken_at: AwareDatetime | None = None
     commits: int = 0
+    #: Whole-replica digest named by the latest commit (None before replica trees existed).
+    replica_digest: str | None = None
+    #: Generation of the latest plan issued for this disk; the next plan gets a larger one.
+    plan_generation: int = 0
     running: RunningSync | None = None
     waiting: SnapshotTaken | None = None
     last_failure: str | None = None

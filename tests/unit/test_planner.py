@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from schemas import FullReason, ReplicationType, SyncFailed, SyncPlanned, SyncSuperseded
@@ -188,3 +190,24 @@ def test_watchdog_flags_only_idle_partitions_with_pending_records() -> None:
     assert not stalled(committed=3, highwater=3, in_flight=False, previous=3)  # caught up
     assert not stalled(committed=2, highwater=3, in_flight=True, previous=2)  # being handled
     assert not stalled(committed=None, highwater=3, in_flight=False, previous=None)
+
+
+def test_plan_generations_strictly_increase_and_survive_a_table_rebuild() -> None:
+    """Each plan of a disk gets a larger generation than the one before; a table rebuilt from
+    nothing still issues generations above those of plans made before (snapshot time bound)."""
+    d = disk()
+    s, out = on_snapshot(None, snap(d, f"{EPOCH_A}/1"), NOW)
+    g1 = _plan(out).generation
+    assert g1 > 0 and s.plan_generation == g1 and s.running is not None
+    assert s.running.generation == g1
+    s, out = on_commit(s, commit_for(_plan(out)), NOW)
+    # a snapshot with the same time (clock skew) still gets a larger generation
+    assert s is not None
+    _, out2 = on_snapshot(s, snap(d, f"{EPOCH_A}/2", snapshot="snapshot-2").model_copy(
+        update={"taken_at": T0 + timedelta(microseconds=1)}), NOW)
+    g2 = _plan(out2).generation
+    assert g2 > g1
+    # rebuilt table: a fresh row, a newer snapshot -> generation above both
+    _, out3 = on_snapshot(None, snap(d, f"{EPOCH_A}/3", minutes=1, snapshot="snapshot-3"), NOW)
+    assert _plan(out3).generation > g2
+    assert _plan(out3).snapshot_taken_at == T0 + timedelta(minutes=1)
