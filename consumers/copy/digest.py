@@ -1,104 +1,180 @@
-"""The digest of a sync: what was written, recomputable from the target alone.
+"""The replica hash tree: what a replica holds, recomputable from the replica alone.
 
-Definition (version 1). Let the *ranges* of a sync be the planned ranges of the copy
-(:func:`consumers.copy.plan.plan_ranges` of the changed areas, the disk capacity and the merge
-gap), in ascending offset order. Cut every range at each disk offset that is a multiple of
-:data:`PIECE` (1 MiB), giving pieces ``(offset, length)``. Then::
+Definition (``blake3tree`` version 1). Cut the disk of ``capacity`` bytes into leaves of
+:data:`LEAF` bytes (1 MiB; the last leaf may be shorter). Then::
 
-    digest = "sha256:" + hex(sha256( R_1 || R_2 || ... || R_n ))
-    R_i    = u64be(offset_i) || u64be(length_i) || sha256(target bytes [offset_i, +length_i))
+    leaf_i  = blake3(replica bytes [i * LEAF, min((i + 1) * LEAF, capacity)))
+    root    = blake3("cbtstream-tree-v1" || u64be(capacity) || u64be(LEAF) || leaf_0 || ... )
+    replica_digest = "blake3tree:1048576:" + hex(root)
 
-Every byte of a range is on the target after the copy: data that was read, and zero runs (holes,
-zero blocks) that were written as zeroes, which hash as zeroes. So a verifier reads the target
-over the same ranges and recomputes the same value (:func:`digest_of_target` does exactly that).
+A sync rehashes only the leaves it touched (every leaf overlapping one of its planned ranges) and
+keeps the others from the tree of the replica it started from, so maintaining the digest costs
+O(bytes written) hashing plus 32 bytes per MiB of disk to fold the root. A zero leaf hashes to a
+constant (:func:`zero_leaf`), so holes and zero runs are never hashed.
 
-Why per-piece inner hashes: pieces are hashed in worker threads as soon as their bytes are
-written, in any order (hashlib releases the GIL on large buffers), and only 48 bytes per MiB are
-folded in order; zero pieces cost a dictionary lookup instead of hashing zeroes.
+The digest of one sync (``ChangeIdCommitted.digest``) covers just the touched leaves::
+
+    digest = "blake3:" + hex(blake3( for each run of touched leaves: u64be(first) || u64be(count)
+                                     || leaf_first || ... || leaf_(first+count-1) ))
+
+Both are recomputed by ``cbtstream verify`` and by the copier's ``verify`` option by reading the
+replica (:func:`leaves_of_target`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+
+import blake3
 
 from cbtstream.extents import Extent
-from consumers.copy.plan import split_aligned
 
-PIECE = 1024 * 1024
-_HEAD = struct.Struct(">QQ")
-_ZERO_HASH: dict[int, bytes] = {}
+LEAF = 1024 * 1024
+#: Kept for the copy planner's alignment rule (zero runs and requests are cut at leaf edges).
+PIECE = LEAF
+HASH = 32
+PREFIX = "blake3tree"
+_ROOT_TAG = b"cbtstream-tree-v1"
+_U64X2 = struct.Struct(">QQ")
+_ZERO: dict[int, bytes] = {}
+#: Hash buffers at least this large with several threads (the crate releases the GIL).
+_THREADED = 8 * LEAF
 
 
-def zero_piece_hash(length: int) -> bytes:
-    h = _ZERO_HASH.get(length)
+def leaf_hash(data: memoryview | bytes) -> bytes:
+    if len(data) >= _THREADED:
+        return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+    return blake3.blake3(data).digest()
+
+
+def zero_leaf(length: int = LEAF) -> bytes:
+    """Hash of ``length`` zero bytes (cached: at most two lengths occur per disk)."""
+    h = _ZERO.get(length)
     if h is None:
-        h = hashlib.sha256(bytes(length)).digest()
-        if len(_ZERO_HASH) < 64:
-            _ZERO_HASH[length] = h
+        h = blake3.blake3(bytes(length)).digest()
+        if len(_ZERO) < 64:
+            _ZERO[length] = h
     return h
 
 
-def data_records(offset: int, data: memoryview) -> bytes:
-    """Records ``R_i`` of the pieces of ``data`` written at ``offset`` (thread-safe, no GIL use
-    while hashing)."""
-    out = []
-    for start, length in split_aligned(offset, len(data), PIECE):
-        rel = start - offset
-        out.append(_HEAD.pack(start, length) + hashlib.sha256(data[rel : rel + length]).digest())
-    return b"".join(out)
+def leaf_count(capacity: int) -> int:
+    return -(-capacity // LEAF)
 
 
-def zero_records(offset: int, length: int) -> bytes:
-    return b"".join(
-        _HEAD.pack(s, n) + zero_piece_hash(n) for s, n in split_aligned(offset, length, PIECE)
-    )
+def leaf_span(index: int, capacity: int) -> Extent:
+    start = index * LEAF
+    return Extent(start, min(LEAF, capacity - start))
 
 
-class DigestFolder:
-    """Folds records of sequence-numbered work items into the digest, in sequence order.
-
-    Items complete out of order (several requests are in flight); records wait here until all
-    earlier items are in. Memory is bounded by the number of items in flight.
-    """
-
-    def __init__(self, first_seq: int = 0) -> None:
-        self._hash = hashlib.sha256()
-        self._next = first_seq
-        self._waiting: dict[int, bytes] = {}
-
-    def add(self, seq: int, records: bytes) -> None:
-        if seq < self._next or seq in self._waiting:
-            raise ValueError(f"digest item {seq} added twice")
-        self._waiting[seq] = records
-        while self._next in self._waiting:
-            self._hash.update(self._waiting.pop(self._next))
-            self._next += 1
-
-    @property
-    def next_seq(self) -> int:
-        return self._next
-
-    def hexdigest(self) -> str:
-        if self._waiting:
-            raise RuntimeError(f"digest incomplete: items {sorted(self._waiting)[:5]} wait")
-        return "sha256:" + self._hash.hexdigest()
-
-
-async def digest_of_target(
-    ranges: Iterable[Extent],
-    read_into: Callable[[int, memoryview], Awaitable[None]],
-    chunk: int = 8 * PIECE,
-) -> str:
-    """Recompute a sync's digest by reading the target over ``ranges`` (a verifier's view)."""
-    folder = DigestFolder()
-    buf = memoryview(bytearray(chunk))
-    seq = 0
+def touched_leaves(ranges: Iterable[Extent]) -> Iterator[tuple[int, int]]:
+    """Runs ``(first leaf, count)`` of the leaves overlapping ``ranges`` (sorted, disjoint)."""
+    first = end = -1
     for r in ranges:
-        for start, length in split_aligned(r.start, r.length, chunk):
-            view = buf[:length]
-            await read_into(start, view)
-            folder.add(seq, data_records(start, view))
-            seq += 1
-    return folder.hexdigest()
+        if r.length <= 0:
+            continue
+        a, b = r.start // LEAF, (r.end - 1) // LEAF + 1
+        if a <= end:
+            end = max(end, b)
+            continue
+        if end > first >= 0:
+            yield first, end - first
+        first, end = a, b
+    if end > first >= 0:
+        yield first, end - first
+
+
+class HashTree:
+    """Leaf hashes of one replica, ``32 * leaf_count`` bytes in one buffer (32 MiB per TiB)."""
+
+    __slots__ = ("capacity", "leaves")
+
+    def __init__(self, capacity: int, leaves: bytearray) -> None:
+        if len(leaves) != leaf_count(capacity) * HASH:
+            raise ValueError(f"{len(leaves)} bytes of leaves do not fit a {capacity}-byte disk")
+        self.capacity = capacity
+        self.leaves = leaves
+
+    @classmethod
+    def zeros(cls, capacity: int) -> HashTree:
+        """The tree of an all-zero disk."""
+        n = leaf_count(capacity)
+        tail = capacity - (n - 1) * LEAF if n else 0
+        leaves = bytearray(zero_leaf(LEAF) * max(0, n - 1))
+        if n:
+            leaves += zero_leaf(tail)
+        return cls(capacity, leaves)
+
+    def copy(self) -> HashTree:
+        return HashTree(self.capacity, bytearray(self.leaves))
+
+    def __len__(self) -> int:
+        return len(self.leaves) // HASH
+
+    def get(self, index: int) -> bytes:
+        return bytes(self.leaves[index * HASH : (index + 1) * HASH])
+
+    def set(self, index: int, digest: bytes) -> None:
+        if not 0 <= index < len(self) or len(digest) != HASH:
+            raise ValueError(f"leaf {index} outside the tree or bad hash length")
+        self.leaves[index * HASH : (index + 1) * HASH] = digest
+
+    def root(self) -> str:
+        h = blake3.blake3(_ROOT_TAG)
+        h.update(_U64X2.pack(self.capacity, LEAF))
+        h.update(self.leaves)
+        return f"{PREFIX}:{LEAF}:{h.hexdigest()}"
+
+    def touched_digest(self, ranges: Iterable[Extent]) -> str:
+        """The digest of a sync that touched ``ranges`` (see the module docstring)."""
+        h = blake3.blake3()
+        for first, count in touched_leaves(ranges):
+            h.update(_U64X2.pack(first, count))
+            h.update(memoryview(self.leaves)[first * HASH : (first + count) * HASH])
+        return "blake3:" + h.hexdigest()
+
+
+def full_leaves(offset: int, length: int, capacity: int) -> range:
+    """Indexes of the leaves lying entirely inside ``[offset, offset+length)``."""
+    end = offset + length
+    first = -(-offset // LEAF)
+    last = end // LEAF if end < capacity else leaf_count(capacity)
+    return range(first, max(first, last))
+
+
+def hash_item(offset: int, data: memoryview, capacity: int) -> list[tuple[int, bytes]]:
+    """Leaf hashes of the leaves entirely inside ``data`` written at ``offset`` (thread-safe)."""
+    out = []
+    for i in full_leaves(offset, len(data), capacity):
+        span = leaf_span(i, capacity)
+        rel = span.start - offset
+        out.append((i, leaf_hash(data[rel : rel + span.length])))
+    return out
+
+
+def zero_item(offset: int, length: int, capacity: int) -> list[tuple[int, bytes]]:
+    return [(i, zero_leaf(leaf_span(i, capacity).length))
+            for i in full_leaves(offset, length, capacity)]
+
+
+def partial_leaves(offset: int, length: int, capacity: int) -> list[int]:
+    """Leaves that ``[offset, offset+length)`` covers only in part (at most two)."""
+    if length <= 0:
+        return []
+    inside = full_leaves(offset, length, capacity)
+    edges = {offset // LEAF, (offset + length - 1) // LEAF}
+    return sorted(i for i in edges if i not in inside)
+
+
+async def leaves_of_target(
+    indexes: Iterable[int],
+    capacity: int,
+    read_into: Callable[[int, memoryview], Awaitable[None]],
+) -> AsyncIterator[tuple[int, bytes]]:
+    """Hash leaves by reading them from a replica (a verifier's view, and partial leaves)."""
+    view = memoryview(bytearray(LEAF))
+    for i in indexes:
+        span = leaf_span(i, capacity)
+        piece = view[: span.length]
+        await read_into(span.start, piece)
+        yield i, leaf_hash(piece)

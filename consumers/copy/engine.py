@@ -6,7 +6,12 @@ Order of a disk copy (each step only after the previous one succeeded)::
     -> for each range: block status -> data runs read+written, zero runs written as zeroes
        (pipelined: ``max_in_flight`` requests, one buffer each, so memory is bounded)
        -> every few hundred MiB: flush target -> save checkpoint
-    -> flush target -> [verify: re-read target, recompute digest] -> return CopyResult
+    -> rehash the leaves the ranges cover only in part (read back from the target)
+    -> flush target -> [verify: re-read every touched leaf, compare] -> return CopyResult
+
+Every touched leaf of the replica hash tree (``digest.py``) is rehashed as its bytes are written
+(hashing overlaps the writes, in a thread pool); untouched leaves keep the hash they had in the
+``tree`` passed in, i.e. the replica's tree at the sync's base.
 
 The caller commits the change ID only after ``copy_disk`` returned, then calls
 ``checkpoint.done()``. Any failure raises :class:`CopyFailed` (with the reason and retryability
@@ -37,6 +42,8 @@ from consumers.copy.throttle import Throttle
 _STATUS_WINDOW = 1 << 30
 #: Items up to this size are hashed on the event loop thread (about 0.1 ms of work).
 _INLINE_HASH = 256 * 1024
+#: One leaf hash: its index and blake3 digest.
+LeafHashes = list[tuple[int, bytes]]
 
 
 class CopyFailed(CbtStreamError):
@@ -82,13 +89,16 @@ class CopyOptions:
 
 @dataclass(frozen=True, slots=True)
 class CopyResult:
-    """What a successful copy did. ``digest`` is defined in :mod:`consumers.copy.digest`."""
+    """What a successful copy did. ``digest`` (this sync's leaves) and ``replica_digest`` (the
+    whole replica's tree root) are defined in :mod:`consumers.copy.digest`."""
 
     bytes_copied: int
     bytes_zeroed: int
     extents: int
     digest: str
     duration_s: float
+    replica_digest: str = ""
+    tree: dg.HashTree | None = field(default=None, repr=False)
     #: Bytes covered by the plan (merged ranges): bytes_copied + bytes_zeroed when not resumed.
     bytes_planned: int = 0
     #: Disk offset up to which a checkpoint let this run skip work (0: started from scratch).
@@ -121,8 +131,11 @@ class _Run:
         resume: CheckpointState | None,
         on_progress: ProgressCallback | None,
         capacity: int,
+        tree: dg.HashTree,
     ) -> None:
         self.source, self.target, self.ranges, self.o = source, target, ranges, options
+        self.tree = tree
+        self.partial: set[int] = set()
         self.checkpoint, self.plan_id, self.on_progress = checkpoint, plan_id, on_progress
         limit = min(source.max_request, target.max_request)
         self.request = min(_round_piece(options.request_bytes), _round_piece(limit))
@@ -132,7 +145,6 @@ class _Run:
         self.total = sum(r.length for r in ranges)
         self.done_bytes = 0
         self.resumed_bytes = 0
-        self.folder = dg.DigestFolder()
         # In-order completion tracking for checkpoints.
         self._ends: dict[int, tuple[int, int, int]] = {}  # seq -> (end, copied, zeroed)
         self._next = 0
@@ -222,12 +234,13 @@ class _Run:
         while (job := await queue.get()) is not None:
             seq, seg = job
             copied = zeroed = 0
+            cap = self.capacity
             if seg.end <= self.resume_until:
                 records = await self._rehash(seg, buf)
                 self.resumed_bytes += seg.length
             elif seg.zero:
                 await self.target.zero(seg.start, seg.length)
-                records = dg.zero_records(seg.start, seg.length)
+                records = dg.zero_item(seg.start, seg.length, cap)
                 zeroed = seg.length
             else:
                 if buf is None:
@@ -237,10 +250,10 @@ class _Run:
                 await self.source.read_into(seg.start, view)
                 if seg.length <= _INLINE_HASH:
                     # Small: hashing here is cheaper than a thread hop (and its GIL hand-off).
-                    records = dg.data_records(seg.start, view)
+                    records = dg.hash_item(seg.start, view, cap)
                     await self.target.write(seg.start, view)
                 else:
-                    hashed = loop.run_in_executor(self._pool, dg.data_records, seg.start, view)
+                    hashed = loop.run_in_executor(self._pool, dg.hash_item, seg.start, view, cap)
                     try:
                         await self.target.write(seg.start, view)
                     finally:
@@ -248,18 +261,29 @@ class _Run:
                 copied = seg.length
             self._complete(seq, seg, records, copied, zeroed)
 
-    async def _rehash(self, seg: Segment, buf: memoryview | None) -> bytes:
-        """Digest records of an item a previous run made durable (read back from the target)."""
+    async def _rehash(self, seg: Segment, buf: memoryview | None) -> LeafHashes:
+        """Leaf hashes of an item a previous run made durable (read back from the target)."""
         if seg.zero:
-            return dg.zero_records(seg.start, seg.length)
+            return dg.zero_item(seg.start, seg.length, self.capacity)
         view = (buf if buf is not None else memoryview(bytearray(self.request)))[: seg.length]
         await self.target.read_into(seg.start, view)
         return await asyncio.get_running_loop().run_in_executor(
-            self._pool, dg.data_records, seg.start, view
+            self._pool, dg.hash_item, seg.start, view, self.capacity
         )
 
-    def _complete(self, seq: int, seg: Segment, records: bytes, copied: int, zeroed: int) -> None:
-        self.folder.add(seq, records)
+    async def rehash_partial(self) -> None:
+        """Leaves the ranges cover only in part: hash them whole, as the target now holds them
+        (written part from this sync, the rest from the replica's base)."""
+        async for i, h in dg.leaves_of_target(sorted(self.partial), self.capacity,
+                                              self.target.read_into):
+            self.tree.set(i, h)
+
+    def _complete(
+        self, seq: int, seg: Segment, records: LeafHashes, copied: int, zeroed: int
+    ) -> None:
+        for i, h in records:
+            self.tree.set(i, h)
+        self.partial.update(dg.partial_leaves(seg.start, seg.length, self.capacity))
         self.copied += copied
         self.zeroed += zeroed
         self.done_bytes += seg.length
@@ -332,11 +356,14 @@ async def copy_disk(
     options: CopyOptions,
     checkpoint: Checkpoint | None = None,
     on_progress: ProgressCallback | None = None,
+    tree: dg.HashTree | None = None,
 ) -> CopyResult:
     """Copy the changed ``extents`` of one disk of ``capacity`` bytes; flush; return what was done.
 
     Extents outside ``[0, capacity)`` are clipped. With a ``checkpoint`` an interrupted copy of
-    the same plan resumes after the last durable offset. Raises :class:`CopyFailed`.
+    the same plan resumes after the last durable offset. ``tree`` is the replica's hash tree at
+    the sync's base (default: an all-zero disk); it is updated in place for every touched leaf and
+    returned in the result. Raises :class:`CopyFailed`.
     """
     t0 = time.monotonic()
     input_extents = await _collect(extents)
@@ -347,18 +374,20 @@ async def copy_disk(
         raise CopyFailed(f"target has {target.size} bytes, the disk {capacity}")
     plan_id = fingerprint(ranges, capacity)
     resume = checkpoint.load(plan_id) if checkpoint is not None else None
-    run = _Run(source, target, ranges, options, checkpoint, plan_id, resume, on_progress, capacity)
+    if tree is None:
+        tree = dg.HashTree.zeros(capacity)
+    elif tree.capacity != capacity:
+        raise CopyFailed(f"replica tree is for {tree.capacity} bytes, the disk {capacity}")
+    run = _Run(source, target, ranges, options, checkpoint, plan_id, resume, on_progress,
+               capacity, tree)
     try:
         await run.execute()
+        await run.rehash_partial()
         await target.flush()
-        digest = run.folder.hexdigest()
+        digest = tree.touched_digest(ranges)
         verified = False
         if options.verify:
-            again = await dg.digest_of_target(ranges, target.read_into)
-            if again != digest:
-                raise VerifyFailed(
-                    f"verify of {options.disk_key or 'disk'}: target digest {again} != {digest}"
-                )
+            await verify_leaves(target, tree, ranges, options.disk_key)
             verified = True
     except asyncio.CancelledError:
         raise
@@ -373,11 +402,28 @@ async def copy_disk(
         extents=len(input_extents),
         digest=digest,
         duration_s=time.monotonic() - t0,
+        replica_digest=tree.root(),
+        tree=tree,
         bytes_planned=run.total,
         resumed_from=run.resume_until,
         verified=verified,
         ranges=tuple(ranges),
     )
+
+
+async def verify_leaves(
+    target: BlockTarget, tree: dg.HashTree, ranges: Iterable[Extent], disk_key: str = ""
+) -> None:
+    """Re-read every leaf ``ranges`` touch from the target; raise :class:`VerifyFailed` on the
+    first leaf whose bytes do not hash to the tree's entry."""
+    indexes = (i for first, n in dg.touched_leaves(ranges) for i in range(first, first + n))
+    async for i, h in dg.leaves_of_target(indexes, tree.capacity, target.read_into):
+        if h != tree.get(i):
+            span = dg.leaf_span(i, tree.capacity)
+            raise VerifyFailed(
+                f"verify of {disk_key or 'disk'}: bytes {span.start}+{span.length} on the target "
+                "do not match what was written"
+            )
 
 
 @dataclass(slots=True)

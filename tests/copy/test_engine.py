@@ -19,7 +19,9 @@ from cbtstream.config import CopierSettings
 from cbtstream.errors import PermissionDenied
 from cbtstream.extents import Extent
 from consumers.copy.checkpoint import Checkpoint
-from consumers.copy.digest import digest_of_target
+from consumers.copy import digest as dg
+from consumers.copy.engine import verify_leaves
+from tests.copy.treeref import root_of
 from consumers.copy.engine import CopyFailed, CopyOptions, DiskJob, copy_disk, copy_disks
 from consumers.copy.progress import CopyProgress
 from consumers.copy.sources import NbdSource, open_nbd_source
@@ -66,12 +68,14 @@ async def test_full_copy_of_sparse_odd_sized_disk(tmp_path: Path) -> None:
                     options=OPTS,
                     on_progress=seen.append,
                 )
-                again = await digest_of_target(result.ranges, target.read_into)
+                assert result.tree is not None
+                await verify_leaves(target, result.tree, result.ranges)  # re-read: no mismatch
     assert Path(target.path).read_bytes() == image.read_bytes()
+    assert result.replica_digest == root_of(image.read_bytes())
     assert result.bytes_copied + result.bytes_zeroed == SIZE
     assert result.bytes_zeroed >= 2 * M  # holes were written as zeroes, not read
     assert result.bytes_copied >= 3 * M + 100 + 2 * M + 64 * 1024 + 6 * M + 70000
-    assert result.extents == 1 and result.digest == again
+    assert result.extents == 1 and result.digest.startswith("blake3:")
     assert seen[-1].final and seen[-1].bytes_done == seen[-1].bytes_total == SIZE
 
 
@@ -89,11 +93,18 @@ async def test_incremental_copy_with_end_of_disk_and_new_holes(tmp_path: Path) -
     with nbdkit(tmp_path, "-r", "file", str(new)) as uri:
         async with NbdSource(parse_nbd_uri(uri)) as src, target:
             opts = CopyOptions(disk_key=KEY, request_bytes=M, merge_gap_bytes=0, max_in_flight=3)
+            base = dg.HashTree.zeros(SIZE)
+            for i, h in dg.hash_item(0, memoryview(old.read_bytes()), SIZE):
+                base.set(i, h)
             result = await copy_disk(
-                src, target, [Extent(*e) for e in changed], capacity=SIZE, options=opts
+                src, target, [Extent(*e) for e in changed], capacity=SIZE, options=opts,
+                tree=base,
             )
     expected = apply(old.read_bytes(), new.read_bytes(), [e for e in changed if e[0] < SIZE])
     assert Path(target.path).read_bytes() == expected
+    # the whole-replica digest, maintained from the base tree by rehashing touched leaves only
+    # (several changed areas cover a leaf in part: those leaves were read back)
+    assert result.replica_digest == root_of(expected)
     assert result.extents == 5
     assert result.bytes_copied + result.bytes_zeroed == 8192 + 3 * M + 8192 + 3 + 5
 
@@ -283,6 +294,7 @@ async def test_resume_after_kill(tmp_path: Path) -> None:
     assert resumed.resumed_from >= saved
     assert Path(target.path).read_bytes() == image.read_bytes()
     assert resumed.digest == fresh.digest  # resuming does not change what the sync wrote
+    assert resumed.replica_digest == fresh.replica_digest == root_of(image.read_bytes())
     assert resumed.bytes_copied + resumed.bytes_zeroed >= size
     cp.done()
     assert not cp.path.exists()

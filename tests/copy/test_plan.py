@@ -1,15 +1,12 @@
-"""Pure extent planning and the digest definition."""
+"""Pure extent planning (the hash tree definition is tested in test_tree.py)."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import struct
 
 import pytest
 
 from cbtstream.extents import Extent
-from consumers.copy import digest as dg
 from consumers.copy.plan import Segment, merge, normalize, plan_ranges, segments, split_aligned
 
 M = 1 << 20
@@ -67,31 +64,3 @@ def test_segments_cover_range_exactly() -> None:
     assert all(a.end == b.start for a, b in itertools.pairwise(segs))
 
 
-def test_digest_records_match_definition() -> None:
-    data = bytes(range(256)) * 8192  # 2 MiB
-    records = dg.data_records(M // 2, memoryview(data))
-    expected = b""
-    for off, n in [(M // 2, M // 2), (M, M), (2 * M, M // 2)]:
-        rel = off - M // 2
-        expected += struct.pack(">QQ", off, n) + hashlib.sha256(data[rel : rel + n]).digest()
-    assert records == expected
-    assert (
-        dg.zero_records(0, M + 1)
-        == struct.pack(">QQ", 0, M)
-        + hashlib.sha256(bytes(M)).digest()
-        + struct.pack(">QQ", M, 1)
-        + hashlib.sha256(b"\0").digest()
-    )
-
-
-def test_digest_folder_orders_items() -> None:
-    a, b = dg.DigestFolder(), dg.DigestFolder()
-    a.add(0, b"x")
-    a.add(1, b"y")
-    b.add(1, b"y")
-    with pytest.raises(RuntimeError):
-        b.hexdigest()
-    b.add(0, b"x")
-    assert a.hexdigest() == b.hexdigest() == "sha256:" + hashlib.sha256(b"xy").hexdigest()
-    with pytest.raises(ValueError):
-        a.add(1, b"again")
