@@ -118,6 +118,32 @@ class VSphereSettings(BaseModel):
         return self
 
 
+class TargetMapping(BaseModel):
+    """One operator-chosen replica target: for a disk (by key) or every disk of a VM, a file
+    under ``target_root``, a block device matching ``copier.device_allow``, or an NBD export in
+    ``copier.nbd_allow``. ``file``, ``device`` and ``nbd`` may use ``{vm}``, ``{device_key}`` and
+    ``{disk_id}`` (needed in a per-VM mapping, so each disk gets its own target)."""
+
+    model_config = _Frozen
+
+    disk: str | None = None
+    vm: str | None = None
+    file: str | None = None
+    device: str | None = None
+    nbd: str | None = None
+
+    @model_validator(mode="after")
+    def _one_each(self) -> TargetMapping:
+        if (self.disk is None) == (self.vm is None):
+            raise ValueError("a target mapping names exactly one of 'disk' or 'vm'")
+        if sum(x is not None for x in (self.file, self.device, self.nbd)) != 1:
+            raise ValueError("a target mapping has exactly one of 'file', 'device' or 'nbd'")
+        if self.vm is not None and "{" not in (self.file or self.device or self.nbd or ""):
+            raise ValueError("a per-VM target mapping needs {device_key} or {disk_id} in its "
+                             "target, or every disk of the VM would share one replica")
+        return self
+
+
 class CopierSettings(BaseModel):
     """Where replicas may be written and which NBD sources may be read."""
 
@@ -126,6 +152,11 @@ class CopierSettings(BaseModel):
     #: Replicas are files (or block-device symlinks) under this directory, one per disk, named by
     #: the disk key. Nothing outside it is ever opened for writing.
     target_root: Path = Path(".stack/replicas")
+    #: Operator-chosen targets (``[[copier.targets]]`` tables, or JSON in
+    #: ``CBTSTREAM_COPIER__TARGETS``); disks not mapped get ``<target_root>/<vm>/disk-<n>.img``.
+    targets: tuple[TargetMapping, ...] = ()
+    #: Globs of block device paths a mapping may name (e.g. ``/dev/disk/by-id/*``); empty: none.
+    device_allow: tuple[str, ...] = ()
     #: ``host:port`` pairs of NBD servers the copier may read from. Events never name endpoints
     #: the copier is not configured for.
     nbd_allow: tuple[str, ...] = ("127.0.0.1",)
@@ -277,6 +308,7 @@ def to_env(settings: Settings) -> dict[str, str]:
             if isinstance(value, SecretStr):
                 value = value.get_secret_value()
             if isinstance(value, list | tuple):
-                value = json.dumps([str(v) for v in value])
+                value = json.dumps([v.model_dump(mode="json", exclude_none=True)
+                                    if isinstance(v, BaseModel) else str(v) for v in value])
             env[f"CBTSTREAM_{section.upper()}__{field.upper()}"] = str(value)
     return env

@@ -2,7 +2,12 @@
 
 Order of effects for one plan (at-least-once, idempotent):
 
-1. execute the plan: copy the changed blocks and **flush the target** (durable);
+1. execute the plan. For the vSphere executor (``consumers/replica/session.py``): admit it
+   against the replica's record (a stale plan is refused with ``SyncFailed(stale_plan)`` before
+   any write; an incremental onto a replica that does not provably hold its base is copied in
+   full with a ``replica_*`` reason) -> mark the replica **dirty** (durable) -> copy the changed
+   blocks -> **flush the target** -> mark it **clean** at the new change ID with its hash tree
+   (durable);
 2. publish ``ChangeIdCommitted`` (or ``SyncFailed``) and wait for ``acks=all``;
 3. let the executor release what it holds for the sync (e.g. the vSphere snapshot);
 4. commit the plan's offset in the copier's consumer group.
@@ -13,7 +18,11 @@ committed per partition once the outcome of every plan up to them is acknowledge
 committed before the outcomes of the plans it covers were published.
 
 A redelivered plan whose outcome was already published (the ledger, ``consumers/ledger.py``,
-records each published outcome before the offset commit) is skipped. A crash before 2
+records each published outcome before the offset commit) is never written again: the replica
+guard republishes the recorded commit if the replica holds that very sync, refuses it as stale if
+the replica moved on, and otherwise the plan is skipped. Correctness does not depend on the
+ledger (a lost state dir leaves the replica records beside file replicas); it spares a re-copy
+of a plan whose outcome was a failure. A crash before 2
 re-executes the plan on restart (same bytes to the same place; the engine resumes
 from its checkpoint). A crash between 2 and 4 publishes the same commit again with the same event
 id (uuid5 of the sync id), which the table drops as a duplicate. No change ID is ever published
@@ -46,6 +55,7 @@ from cbtstream.kafka import Publisher, client_kwargs, topic_name
 from cbtstream.log import bind_disk
 from consumers.executor import ProgressUpdate, SyncExecutor, SyncResult
 from consumers.ledger import SyncLedger
+from consumers.replica.session import OutcomeAlreadyPublished
 from schemas.codec import EventDecodeError, dead_letter_record, decode
 from schemas.events import (
     ChangeIdCommitted,
@@ -105,6 +115,8 @@ def commit_event(plan: SyncPlanned, result: SyncResult) -> ChangeIdCommitted:
         extents=result.extents,
         digest=result.digest,
         duration_s=round(result.duration_s, 6),
+        replica_digest=result.replica_digest,
+        generation=plan.generation,
     )
 
 
@@ -268,21 +280,28 @@ class Copier:
             return None
         if not isinstance(event, SyncPlanned):
             return None  # superseded snapshots are the lifecycle's business, not the copier's
-        if self.ledger.finished(event.sync_id):
+        published = self.ledger.finished(event.sync_id)
+        if published and not self.executor.guards_replicas:
             with bind_disk(event.disk.key):
                 log.info("plan redelivered after its outcome was published; skipped",
                          extra={"sync_id": str(event.sync_id)})
             return None
         with bind_disk(event.disk.key):
-            outcome = await self._copy(event)
+            outcome = await self._copy(event, outcome_published=published)
+        if outcome is None:
+            return None
         return asyncio.create_task(self._finish(event, outcome))
 
     async def execute_plan(self, plan: SyncPlanned) -> None:
-        """Execute one plan with retries and publish exactly one outcome for it."""
-        await self._finish(plan, await self._copy(plan))
+        """Execute one plan with retries and publish its outcome (if it has one to publish)."""
+        outcome = await self._copy(plan)
+        if outcome is not None:
+            await self._finish(plan, outcome)
 
-    async def _copy(self, plan: SyncPlanned) -> ChangeIdCommitted | SyncFailed:
-        """Step 1 (copy and flush, with retries); returns the outcome to publish."""
+    async def _copy(self, plan: SyncPlanned, *, outcome_published: bool = False
+                    ) -> ChangeIdCommitted | SyncFailed | None:
+        """Step 1 (copy and flush, with retries); returns the outcome to publish (None: the
+        outcome was published before and the plan is skipped)."""
         if log.isEnabledFor(logging.INFO):
             log.info(
                 "sync started",
@@ -293,7 +312,7 @@ class Copier:
                 },
             )
         async with self._slots:
-            return await self._execute_with_retries(plan)
+            return await self._execute_with_retries(plan, outcome_published)
 
     async def _finish(self, plan: SyncPlanned, outcome: ChangeIdCommitted | SyncFailed) -> None:
         """Steps 2-3: publish the outcome (acks=all), then release what the sync holds."""
@@ -331,7 +350,8 @@ class Copier:
                             extra={"error": str(exc), "retry_in_s": delay})
                 await self._sleep(delay)
 
-    async def _execute_with_retries(self, plan: SyncPlanned) -> ChangeIdCommitted | SyncFailed:
+    async def _execute_with_retries(self, plan: SyncPlanned, outcome_published: bool
+                                    ) -> ChangeIdCommitted | SyncFailed | None:
         try:
             check_plan(plan)
         except PermissionDenied as exc:
@@ -339,7 +359,11 @@ class Copier:
         attempt = 0
         while True:
             try:
-                result = await self._execute_once(plan)
+                result = await self._execute_once(plan, outcome_published)
+            except OutcomeAlreadyPublished as exc:
+                log.info("plan redelivered after its outcome was published; skipped",
+                         extra={"sync_id": str(plan.sync_id), "detail": str(exc)})
+                return None
             except CbtStreamError as exc:
                 if exc.retriable and attempt < len(RETRY_DELAYS):
                     log.warning("retrying sync", extra={"attempt": attempt + 1, "error": str(exc)})
@@ -360,7 +384,7 @@ class Copier:
                 )
             return commit_event(plan, result)
 
-    async def _execute_once(self, plan: SyncPlanned) -> SyncResult:
+    async def _execute_once(self, plan: SyncPlanned, outcome_published: bool) -> SyncResult:
         latest: list[ProgressUpdate] = []
         interval = self.settings.copier.progress_interval_s
 
@@ -389,7 +413,8 @@ class Copier:
 
         reporter = asyncio.create_task(report())
         try:
-            return await self.executor.execute(plan, on_progress)
+            return await self.executor.execute(plan, on_progress,
+                                               outcome_published=outcome_published)
         finally:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -34,6 +34,8 @@ class SyncResult:
     extents: int
     digest: str
     duration_s: float
+    #: Root of the whole replica's hash tree after this sync (None: the executor keeps none).
+    replica_digest: str | None = None
 
 
 ProgressCallback = Callable[[ProgressUpdate], None]
@@ -42,9 +44,15 @@ ProgressCallback = Callable[[ProgressUpdate], None]
 class SyncExecutor(Protocol):
     """Copies one planned sync to its configured target."""
 
-    async def execute(self, plan: SyncPlanned, progress: ProgressCallback) -> SyncResult:
+    #: True if the executor keeps replica records and fences stale plans itself; the copier
+    #: then hands it every redelivered plan (with ``outcome_published``) instead of skipping.
+    guards_replicas: bool
+
+    async def execute(self, plan: SyncPlanned, progress: ProgressCallback, *,
+                      outcome_published: bool = False) -> SyncResult:
         """Copy, flush the target, return the result. May fall back from incremental to full
-        (then ``result.replication_type`` is full and ``result.reason`` says why)."""
+        (then ``result.replication_type`` is full and ``result.reason`` says why).
+        ``outcome_published``: the copier's ledger says an outcome of this plan was published."""
         ...
 
     async def release(self, plan: SyncPlanned) -> None:
@@ -56,7 +64,10 @@ class NoopExecutor:
     """Copies nothing and reports success at once. For pipeline benchmarks and load tests,
     where only the orchestration is measured; never used for real replication."""
 
-    async def execute(self, plan: SyncPlanned, progress: ProgressCallback) -> SyncResult:
+    guards_replicas = False
+
+    async def execute(self, plan: SyncPlanned, progress: ProgressCallback, *,
+                      outcome_published: bool = False) -> SyncResult:
         return SyncResult(plan.replication_type, plan.reason, 0, 0, 0, "sha256:" + "0" * 64, 0.0)
 
     async def release(self, plan: SyncPlanned) -> None:

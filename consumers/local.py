@@ -73,7 +73,10 @@ class LocalImageExecutor:
         vm, key = parse_disk_key(disk_key)
         return _inside(self.target_root, vm, f"disk-{key}.img")
 
-    async def execute(self, plan: SyncPlanned, progress: ProgressCallback) -> SyncResult:
+    guards_replicas = False
+
+    async def execute(self, plan: SyncPlanned, progress: ProgressCallback, *,
+                      outcome_published: bool = False) -> SyncResult:
         src = self.source_path(plan)
         if not src.is_file():
             raise SourceMissing(f"snapshot image not found for {plan.disk.key} {plan.vm_snapshot}")

@@ -1,8 +1,13 @@
 """Executes a plan against vSphere and NBD: changed areas from ``QueryChangedDiskAreas``, blocks
 from the snapshot's NBD export, written by the copy engine to the disk's replica.
 
+Before anything is read or written, the replica guard (``consumers/replica``) fences stale plans
+and turns an incremental into a full copy when the replica does not provably hold its base.
+
 The fallback ladder, for this disk only, each step recorded in the result's ``reason``:
 
+0. the replica guard: full with ``replica_*`` when the replica is missing, replaced, of unknown
+   state, mismatched or not at the plan's base;
 1. incremental: the changed areas since the plan's base change ID (the disk's own last commit);
 2. if vSphere rejects that change ID (stale, foreign, CBT reset, CBT off, malformed): full copy of
    the allocated areas (``changeId="*"``), reason ``base_change_id_rejected``;
@@ -17,6 +22,8 @@ publishes ``SyncFailed`` for the rest.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -33,11 +40,22 @@ from cbtstream.vsphere.errors import (
 )
 from cbtstream.vsphere.exports import ExportResolver
 from consumers.copy.checkpoint import Checkpoint
-from consumers.copy.engine import CopyOptions, copy_disk
+from consumers.copy.digest import HashTree
+from consumers.copy.engine import CopyOptions, CopyResult, copy_disk
 from consumers.copy.progress import CopyProgress
-from consumers.copy.sources import open_nbd_source
-from consumers.copy.targets import TargetResolver
+from consumers.copy.sources import BlockSource, open_nbd_source
+from consumers.copy.targets import (
+    BlockTarget,
+    FileTarget,
+    NbdTarget,
+    ReplicaLocation,
+    TargetError,
+    TargetResolver,
+)
 from consumers.executor import ProgressCallback, ProgressUpdate, SyncResult
+from consumers.replica.guard import Admission
+from consumers.replica.session import OutcomeAlreadyPublished, ReplicaSession, pipeline_name
+from consumers.replica.state import TargetKind
 from schemas.events import FullReason, ReplicationType, SyncPlanned
 
 log = logging.getLogger("cbtstream.copier.vsphere")
@@ -62,11 +80,14 @@ def complement(extents: Sequence[Extent], capacity: int) -> list[Extent]:
 class VSphereExecutor:
     """A :class:`consumers.executor.SyncExecutor` for VMware snapshots."""
 
+    guards_replicas = True
+
     def __init__(self, settings: Settings, client: VSphereClient, exports: ExportResolver) -> None:
         self.settings = settings
         self.client = client
         self.exports = exports
         self.targets = TargetResolver(settings.copier)
+        self.pipeline = pipeline_name(settings.kafka.topic_prefix, settings.streams.app_id)
         self._vms: dict[str, VmRef] = {}
 
     async def _vm(self, instance_uuid: str) -> VmRef:
@@ -81,12 +102,13 @@ class VSphereExecutor:
         return [e async for e in areas]
 
     async def changed_extents(
-        self, vm: VmRef, plan: SyncPlanned
+        self, vm: VmRef, plan: SyncPlanned, admission: Admission
     ) -> tuple[ReplicationType, FullReason, list[Extent], bool]:
-        """Walk the ladder: (type, reason, extents to copy, zero the rest of the replica?)."""
+        """Walk the ladder from what the replica guard admitted: (type, reason, extents to
+        copy, zero the rest of the replica?)."""
         capacity = plan.disk.capacity_bytes
-        reason = plan.reason
-        if plan.replication_type == ReplicationType.INCREMENTAL and plan.base_change_id:
+        reason = admission.reason
+        if admission.replication_type == ReplicationType.INCREMENTAL and plan.base_change_id:
             try:
                 extents = await self._areas(vm, plan, plan.base_change_id)
                 return ReplicationType.INCREMENTAL, reason, extents, False
@@ -114,11 +136,75 @@ class VSphereExecutor:
             )
         return ReplicationType.FULL, reason, allocated, True
 
-    async def execute(self, plan: SyncPlanned, progress: ProgressCallback) -> SyncResult:
-        vm = await self._vm(plan.disk.vm_instance_uuid)
-        rtype, reason, extents, zero_rest = await self.changed_extents(vm, plan)
-        uri = await self.exports.nbd_uri(plan.disk, plan.vm_snapshot)
+    async def execute(self, plan: SyncPlanned, progress: ProgressCallback, *,
+                      outcome_published: bool = False) -> SyncResult:
+        """The order of effects of ``consumers/replica/session.py`` around the copy."""
         capacity = plan.disk.capacity_bytes
+        loc = self.targets.locate(plan.disk.key)
+        async with contextlib.AsyncExitStack() as stack:
+            nbd_target: NbdTarget | None = None
+            nbd_identity = None
+            if loc.kind == TargetKind.NBD:
+                nbd_target = await stack.enter_async_context(self._nbd_target(loc, capacity))
+                nbd_identity = TargetResolver.nbd_identity(loc, nbd_target)
+            session = await ReplicaSession.begin(self.targets, plan, self.pipeline, nbd_identity)
+            held = session.already_applied
+            if held is not None:
+                log.info("plan redelivered; the replica already holds it: same outcome again",
+                         extra={"sync_id": str(plan.sync_id)})
+                return held
+            if outcome_published:
+                raise OutcomeAlreadyPublished(
+                    f"the outcome of sync {plan.sync_id} was published and the replica record "
+                    "does not show it applied: not writing it again")
+            vm = await self._vm(plan.disk.vm_instance_uuid)
+            rtype, reason, extents, zero_rest = await self.changed_extents(
+                vm, plan, session.admission)
+            uri = await self.exports.nbd_uri(plan.disk, plan.vm_snapshot)
+            source = await stack.enter_async_context(open_nbd_source(
+                uri,
+                self.settings.copier.nbd_allow,
+                connections=self.settings.copier.nbd_connections,
+                tls_context=nbd_tls_context(self.settings.copier),
+            ))
+            if nbd_target is not None:
+                target: BlockTarget = nbd_target
+                identity = nbd_identity
+            else:
+                opened = await asyncio.to_thread(self.targets.open, loc, capacity)
+                assert isinstance(opened, FileTarget)
+                target = await stack.enter_async_context(opened)
+                identity = await asyncio.to_thread(self.targets.identity, loc)
+            assert identity is not None
+            await session.mark_dirty(rtype, identity)
+            result = await self._copy(plan, source, target, rtype, extents, zero_rest,
+                                      session.base_tree(rtype, capacity), progress)
+            synced = SyncResult(
+                replication_type=rtype,
+                reason=reason,
+                bytes_copied=result.bytes_copied,
+                bytes_zeroed=result.bytes_zeroed,
+                extents=result.extents,
+                digest=result.digest,
+                duration_s=round(result.duration_s, 6),
+            )
+            assert result.tree is not None
+            return await session.mark_clean(synced, result.tree, identity)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _nbd_target(self, loc: ReplicaLocation, capacity: int) -> NbdTarget:
+        target = self.targets.open(loc, capacity, tls_context=nbd_tls_context(
+            self.settings.copier))
+        assert isinstance(target, NbdTarget)
+        return target
+
+    async def _copy(self, plan: SyncPlanned, source: BlockSource, target: BlockTarget,
+                    rtype: ReplicationType, extents: list[Extent], zero_rest: bool,
+                    tree: HashTree, progress: ProgressCallback) -> CopyResult:
+        capacity = plan.disk.capacity_bytes
+        if target.size < capacity:
+            raise TargetError(f"target of {plan.disk.key} has {target.size} bytes, the disk "
+                              f"{capacity}")
         options = CopyOptions.from_settings(
             self.settings.copier,
             disk_key=plan.disk.key,
@@ -129,47 +215,31 @@ class VSphereExecutor:
         def on_progress(p: CopyProgress) -> None:
             progress(ProgressUpdate(p.bytes_done, p.bytes_total))
 
-        async with (
-            open_nbd_source(
-                uri,
-                self.settings.copier.nbd_allow,
-                connections=self.settings.copier.nbd_connections,
-                tls_context=nbd_tls_context(self.settings.copier),
-            ) as source,
-            self.targets.target_for(plan.disk.key, capacity) as target,
-        ):
-            if zero_rest:
-                for gap in complement(extents, capacity):
-                    await target.zero(gap.start, gap.length)
-            result = await copy_disk(
-                source,
-                target,
-                extents,
-                capacity=capacity,
-                options=options,
-                checkpoint=self._checkpoint(plan),
-                on_progress=on_progress,
-            )
+        if zero_rest:
+            for gap in complement(extents, capacity):
+                await target.zero(gap.start, gap.length)
+        result = await copy_disk(
+            source,
+            target,
+            extents,
+            capacity=capacity,
+            options=options,
+            checkpoint=self._checkpoint(plan),
+            on_progress=on_progress,
+            tree=tree,
+        )
         log.info(
             "copied",
             extra={
                 "replication_type": rtype,
-                "reason": reason,
                 "bytes_copied": result.bytes_copied,
                 "bytes_zeroed": result.bytes_zeroed,
                 "extents": result.extents,
                 "resumed_from": result.resumed_from,
+                "replica_digest": result.replica_digest,
             },
         )
-        return SyncResult(
-            replication_type=rtype,
-            reason=reason,
-            bytes_copied=result.bytes_copied,
-            bytes_zeroed=result.bytes_zeroed,
-            extents=result.extents,
-            digest=result.digest,
-            duration_s=result.duration_s,
-        )
+        return result
 
     def _checkpoint(self, plan: SyncPlanned) -> Checkpoint:
         return Checkpoint(self.settings.copier.state_dir, plan.disk.key, str(plan.sync_id))

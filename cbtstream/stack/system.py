@@ -49,10 +49,12 @@ POSTGRES = Tool("postgres", "postgresql", PG_BIN / "postgres")
 PSQL = Tool("psql", "postgresql", PG_BIN / "psql")
 NBDKIT = Tool("nbdkit", "nbdkit")
 NBDCOPY = Tool("nbdcopy", "libnbd-bin")
+#: qemu-nbd serves qcow2 files as NBD targets in the replica tests; qemu-img compares them.
+QEMU_NBD = Tool("qemu-nbd", "qemu-utils")
 
 #: Everything the project needs on a developer machine or CI, services or not (nbdkit and
-#: libnbd-bin are used by the copier and its tests).
-ALL_TOOLS: tuple[Tool, ...] = (JAVA, MAVEN, KCAT, POSTGRES, PSQL, NBDKIT, NBDCOPY)
+#: libnbd-bin are used by the copier and its tests, qemu-utils by the NBD target tests).
+ALL_TOOLS: tuple[Tool, ...] = (JAVA, MAVEN, KCAT, POSTGRES, PSQL, NBDKIT, NBDCOPY, QEMU_NBD)
 
 _apt_updated = False
 

@@ -1,0 +1,138 @@
+"""The replica guard: may this plan be written onto this replica, and how. Pure; no I/O.
+
+Like ZFS ``receive``, which refuses an incremental stream whose base is not the destination's
+latest snapshot, an incremental is applied only to a replica *known* to hold exactly its base.
+The rules, in order (the copier runs them before any write):
+
+1. **Fence** (only with a trustworthy record of this disk and pipeline):
+   * the plan is the sync the replica already holds, and the replica is clean on the same
+     target: nothing to write; the recorded outcome is published again (``ALREADY_APPLIED``);
+   * its generation is below the newest generation that touched the replica, or equal to it
+     without being the sync that left the replica dirty (a resume), or its snapshot is older
+     than the snapshot the replica holds: ``REFUSE`` with ``stale_plan``, never a write. An
+     offset reset, a hand-produced old plan or a fresh copier host cannot roll a replica back.
+2. **Base** (incremental plans): the plan stays incremental only if the replica is clean at
+   exactly its ``base_change_id`` for the same disk (backing uuid, capacity) and the same target
+   identity, or dirty from an interrupted *incremental* from the same base while still holding
+   that base's tree (CBT areas are cumulative, so the new incremental repairs it). Otherwise it is
+   copied in full with the reason: ``replica_missing`` (no target), ``replica_replaced``
+   (another file/volume than recorded), ``replica_state_unknown`` (no record for an existing
+   target, or a torn/foreign one), ``replica_mismatch`` (verify found a difference),
+   ``replica_not_at_base`` (anything else).
+3. Full plans are written as planned (a full copy rewrites every byte: allocated areas, zeroes
+   elsewhere).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from consumers.replica.state import ReplicaState, ReplicaStatus, TargetIdentity, Unknown
+from schemas.events import FullReason, ReplicationType, SyncPlanned
+
+STALE_PLAN = "stale_plan"
+
+
+class Action(StrEnum):
+    WRITE = "write"
+    ALREADY_APPLIED = "already_applied"
+    REFUSE = "refuse"
+
+
+@dataclass(frozen=True)
+class Admission:
+    action: Action
+    replication_type: ReplicationType
+    reason: FullReason
+    detail: str = ""
+    #: Start from the recorded tree (an incremental onto the held base), else from zeroes.
+    use_held_tree: bool = False
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """What the copier found: the record (or why it is unusable) and the target now."""
+
+    record: ReplicaState | Unknown | None
+    #: The target's identity now; None if the target does not exist (yet).
+    target: TargetIdentity | None
+
+
+def _full(reason: FullReason, detail: str) -> Admission:
+    return Admission(Action.WRITE, ReplicationType.FULL, reason, detail)
+
+
+def _same_target(a: TargetIdentity, b: TargetIdentity | None) -> bool:
+    return b is not None and a == b
+
+
+def fence(plan: SyncPlanned, state: ReplicaState, target: TargetIdentity | None
+          ) -> Admission | None:
+    """Rule 1. None: the plan is newer than anything the replica has seen (or resumes it)."""
+    held, writing = state.held, state.writing
+    if (held is not None and held.sync_id == plan.sync_id and state.status == ReplicaStatus.CLEAN
+            and _same_target(state.target, target)):
+        return Admission(Action.ALREADY_APPLIED, plan.replication_type, plan.reason,
+                         "the replica already holds this sync")
+    high = state.high_generation
+    resuming = (state.status == ReplicaStatus.DIRTY and writing is not None
+                and writing.sync_id == plan.sync_id)
+    if plan.generation < high or (plan.generation == high and high > 0 and not resuming
+                                  and not (held is not None and held.sync_id == plan.sync_id)):
+        return Admission(Action.REFUSE, plan.replication_type, plan.reason,
+                         f"plan generation {plan.generation} is not newer than the replica's "
+                         f"{high}: an old plan, delivered again")
+    if (held is not None and held.snapshot_taken_at is not None
+            and plan.snapshot_taken_at is not None
+            and plan.snapshot_taken_at < held.snapshot_taken_at):
+        return Admission(Action.REFUSE, plan.replication_type, plan.reason,
+                         f"plan's snapshot ({plan.snapshot_taken_at.isoformat()}) is older than "
+                         f"the one the replica holds ({held.snapshot_taken_at.isoformat()})")
+    return None
+
+
+def admit(plan: SyncPlanned, view: ReplicaView, pipeline: str) -> Admission:
+    """Decide what to do with ``plan`` given the replica as found (the rules above)."""
+    record = view.record
+    state = (record if isinstance(record, ReplicaState) and record.disk_key == plan.disk.key
+             and record.pipeline == pipeline else None)
+    foreign = isinstance(record, ReplicaState) and state is None
+    if state is not None:
+        fenced = fence(plan, state, view.target)
+        if fenced is not None:
+            return fenced
+    if plan.replication_type != ReplicationType.INCREMENTAL or plan.base_change_id is None:
+        return Admission(Action.WRITE, ReplicationType.FULL, plan.reason)
+    if view.target is None:
+        return _full(FullReason.REPLICA_MISSING, "the replica does not exist")
+    if isinstance(record, Unknown):
+        return _full(FullReason.REPLICA_STATE_UNKNOWN, record.detail)
+    if foreign:
+        return _full(FullReason.REPLICA_STATE_UNKNOWN,
+                     "the replica's record belongs to another disk or pipeline")
+    if state is None:
+        return _full(FullReason.REPLICA_STATE_UNKNOWN, "the replica has no state record")
+    if not _same_target(state.target, view.target):
+        return _full(FullReason.REPLICA_REPLACED,
+                     f"target is {view.target.model_dump()}, recorded {state.target.model_dump()}")
+    if state.status == ReplicaStatus.MISMATCH:
+        return _full(FullReason.REPLICA_MISMATCH, state.mismatch_detail or "verify mismatch")
+    if (state.backing_uuid != plan.disk.backing_uuid
+            or state.capacity_bytes != plan.disk.capacity_bytes):
+        return _full(FullReason.REPLICA_NOT_AT_BASE, "the replica is of another disk identity")
+    held, writing = state.held, state.writing
+    at_base = held is not None and held.change_id == plan.base_change_id
+    if state.status == ReplicaStatus.CLEAN and at_base:
+        return Admission(Action.WRITE, ReplicationType.INCREMENTAL, plan.reason,
+                         use_held_tree=True)
+    if (state.status == ReplicaStatus.DIRTY and at_base and writing is not None
+            and writing.replication_type == ReplicationType.INCREMENTAL
+            and writing.base_change_id == plan.base_change_id):
+        return Admission(Action.WRITE, ReplicationType.INCREMENTAL, plan.reason,
+                         "resuming onto an interrupted incremental from the same base",
+                         use_held_tree=True)
+    holds = held.change_id if held is not None else None
+    return _full(FullReason.REPLICA_NOT_AT_BASE,
+                 f"replica is {state.status.value} at {holds!r}, the plan's base is "
+                 f"{plan.base_change_id!r}")

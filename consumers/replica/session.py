@@ -1,0 +1,156 @@
+"""One sync's effects on one replica, in order::
+
+    load record -> admit (guard.py: fence, base check) -> [refuse: StalePlan, nothing written]
+    -> mark dirty (durable) -> write -> flush -> save tree -> mark clean at the new change ID
+    (durable) -> [the copier publishes the commit] -> prune old trees
+
+A crash before "mark dirty" leaves the replica as it was; after it and before "mark clean", the
+record says dirty with this sync: only the same sync (a resume) or a full copy may write next,
+and nothing is committed. The record is clean at the new change ID before the commit is
+published, so a replica never lags behind a published commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from cbtstream.errors import CbtStreamError
+from consumers.copy.digest import HashTree
+from consumers.copy.targets import ReplicaLocation, TargetResolver
+from consumers.executor import SyncResult
+from consumers.replica.guard import STALE_PLAN, Action, Admission, ReplicaView, admit
+from consumers.replica.state import (
+    HeldSync,
+    ReplicaState,
+    TargetIdentity,
+    TargetKind,
+    Unknown,
+    WritingSync,
+    first_state,
+)
+from schemas.events import FullReason, ReplicationType, SyncPlanned
+
+log = logging.getLogger("cbtstream.copier.replica")
+
+
+class StalePlan(CbtStreamError):
+    """The plan is older than what the replica holds: it is never written."""
+
+    reason = STALE_PLAN
+
+
+class OutcomeAlreadyPublished(CbtStreamError):
+    """The copier's ledger says this plan's outcome is published, and the replica record cannot
+    confirm what it holds: the plan is skipped rather than written again."""
+
+    reason = "outcome_already_published"
+
+
+def pipeline_name(topic_prefix: str, app_id: str) -> str:
+    return f"{topic_prefix}{app_id}"
+
+
+@dataclass
+class ReplicaSession:
+    """The replica side of one sync, from admission to the clean record."""
+
+    plan: SyncPlanned
+    location: ReplicaLocation
+    record: ReplicaState | Unknown | None
+    admission: Admission
+    pipeline: str
+    state: ReplicaState | None = None
+    tree: HashTree | None = None
+
+    @classmethod
+    async def begin(cls, targets: TargetResolver, plan: SyncPlanned, pipeline: str,
+                    target: TargetIdentity | None = None) -> ReplicaSession:
+        """Load the record and admit the plan. ``target`` is the identity of an NBD target,
+        already connected (files and block devices are looked up here)."""
+        loc = targets.locate(plan.disk.key)
+        record = await asyncio.to_thread(loc.store.load)
+        if loc.kind != TargetKind.NBD:
+            target = await asyncio.to_thread(targets.identity, loc)
+        admission = admit(plan, ReplicaView(record, target), pipeline)
+        state = record if isinstance(record, ReplicaState) else None
+        session = cls(plan, loc, record, admission, pipeline, state)
+        if admission.action == Action.REFUSE:
+            raise StalePlan(admission.detail)
+        if admission.use_held_tree and state is not None and state.held is not None:
+            session.tree = await asyncio.to_thread(loc.store.load_tree, state.held,
+                                                   plan.disk.capacity_bytes)
+            if session.tree is None:
+                session.admission = Admission(
+                    Action.WRITE, ReplicationType.FULL, FullReason.REPLICA_STATE_UNKNOWN,
+                    "the replica's hash tree is missing or does not match its record")
+        if admission.reason != plan.reason or admission.replication_type != plan.replication_type:
+            log.warning("replica guard: copying in full", extra={
+                "reason": admission.reason, "detail": admission.detail})
+        return session
+
+    @property
+    def already_applied(self) -> SyncResult | None:
+        """The recorded result, if the replica already holds this very sync."""
+        if self.admission.action != Action.ALREADY_APPLIED or self.state is None:
+            return None
+        held = self.state.held
+        assert held is not None
+        return SyncResult(**held.result)
+
+    def base_tree(self, replication_type: ReplicationType, capacity: int) -> HashTree:
+        """The tree the sync starts from: the held base's for an incremental (admitted, and not
+        turned full by vSphere), else an all-zero disk (a full copy rewrites every leaf: data,
+        or zeroes elsewhere)."""
+        if replication_type == ReplicationType.INCREMENTAL and self.tree is not None:
+            return self.tree
+        return HashTree.zeros(capacity)
+
+    async def mark_dirty(self, replication_type: ReplicationType, target: TargetIdentity) -> None:
+        """Durably record that this sync is about to write (before the first byte)."""
+        writing = WritingSync(
+            sync_id=self.plan.sync_id,
+            generation=self.plan.generation,
+            replication_type=replication_type,
+            base_change_id=self.plan.base_change_id
+            if replication_type == ReplicationType.INCREMENTAL else None,
+            snapshot_taken_at=self.plan.snapshot_taken_at,
+        )
+        disk = self.plan.disk
+        if self.state is None or self.state.disk_key != disk.key:
+            state = first_state(self.pipeline, disk.key, disk.backing_uuid, disk.capacity_bytes,
+                                target, writing)
+        else:
+            state = self.state.dirty(writing, target).model_copy(update={
+                "backing_uuid": disk.backing_uuid, "capacity_bytes": disk.capacity_bytes,
+                "pipeline": self.pipeline})
+            if replication_type == ReplicationType.FULL:
+                # a full copy makes whatever was held meaningless until it is clean again
+                state = state.model_copy(update={"held": None})
+        await asyncio.to_thread(self.location.store.save, state)
+        self.state = state
+
+    async def mark_clean(self, result: SyncResult, tree: HashTree, target: TargetIdentity
+                         ) -> SyncResult:
+        """After the flush: save the tree, then the clean record naming it (both durable)."""
+        assert self.state is not None and self.plan.change_id is not None
+        store = self.location.store
+        tree_file = await asyncio.to_thread(store.save_tree, tree, self.plan.generation)
+        result = dataclasses.replace(result, replica_digest=tree.root())
+        held = HeldSync(
+            sync_id=self.plan.sync_id,
+            generation=self.plan.generation,
+            change_id=self.plan.change_id,
+            vm_snapshot=self.plan.vm_snapshot,
+            snapshot_taken_at=self.plan.snapshot_taken_at,
+            replica_digest=tree.root(),
+            tree_file=tree_file,
+            result=dataclasses.asdict(result),
+        )
+        state = self.state.clean(held, target)
+        await asyncio.to_thread(store.save, state)
+        self.state = state
+        await asyncio.to_thread(store.prune_trees, tree_file)
+        return result

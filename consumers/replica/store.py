@@ -1,0 +1,198 @@
+"""Durable replica records: the state record and the hash tree's leaves, written atomically.
+
+A replica's record lives beside a file replica (``disk-204.img.state``, leaves in
+``disk-204.img.tree.<generation>``), and for a block device or NBD target in the copier's state
+area (``<state_dir>/targets/<slug>.state``, the slug a hash of the target's configured location),
+so a copier that lost its state dir still knows what a file replica holds.
+
+Every write is temp file -> fsync -> rename -> fsync of the directory, so a crash leaves the old
+or the new record, never a mix. The record carries a blake3 checksum of its body, and the tree
+file is checked against the root the record names: a torn, edited or mismatched record is
+reported as :class:`~consumers.replica.state.Unknown`, never as clean. All file operations are
+relative to a directory descriptor opened with ``O_NOFOLLOW``, and names are derived from the
+configuration and the disk key, never from event text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import blake3
+from pydantic import ValidationError
+
+from cbtstream.errors import CbtStreamError
+from consumers.copy.digest import LEAF, HashTree, leaf_count
+from consumers.replica.state import HeldSync, ReplicaState, Unknown
+
+_TREE_MAGIC = b"CBTTREE1"
+_TREE_HEAD = struct.Struct(">8sQQ")
+#: A record larger than this is not ours (records are a few KiB).
+_MAX_RECORD = 1 << 20
+
+
+class ReplicaStateError(CbtStreamError):
+    """The replica's record could not be written (the sync must not proceed)."""
+
+    reason = "replica_state_error"
+
+
+class ReplicaStore:
+    """The record of one replica: ``<directory>/<name>.state`` and ``<name>.tree.<gen>``."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"bad record name {name!r}")
+        self.directory = directory
+        self.name = name
+
+    @property
+    def state_name(self) -> str:
+        return f"{self.name}.state"
+
+    def _dir_fd(self, create: bool) -> int:
+        if create:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
+        return os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def _read(self, dir_fd: int, name: str, limit: int) -> bytes:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            chunks, total = [], 0
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limit:
+                    raise ValueError(f"{name} is larger than {limit} bytes")
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    # -- reading ----------------------------------------------------------------------------
+    def load(self) -> ReplicaState | Unknown | None:
+        """The record, ``Unknown`` if it exists but cannot be trusted, None if there is none."""
+        try:
+            dir_fd = self._dir_fd(create=False)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            return Unknown(detail=f"cannot open {self.directory}: {exc.strerror}")
+        try:
+            raw = self._read(dir_fd, self.state_name, _MAX_RECORD)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            return Unknown(detail=f"cannot read the record: {exc}")
+        finally:
+            os.close(dir_fd)
+        return decode_record(raw)
+
+    def load_tree(self, held: HeldSync, capacity: int) -> HashTree | None:
+        """The held sync's tree, if its file is intact and folds to the recorded root."""
+        if "/" in held.tree_file or not held.tree_file.startswith(f"{self.name}.tree."):
+            return None
+        try:
+            dir_fd = self._dir_fd(create=False)
+            try:
+                raw = self._read(dir_fd, held.tree_file, _TREE_HEAD.size + 32 * leaf_count(
+                    capacity))
+            finally:
+                os.close(dir_fd)
+            magic, cap, leaf = _TREE_HEAD.unpack_from(raw)
+            if magic != _TREE_MAGIC or cap != capacity or leaf != LEAF:
+                return None
+            tree = HashTree(capacity, bytearray(raw[_TREE_HEAD.size :]))
+        except (OSError, ValueError, struct.error):
+            return None
+        return tree if tree.root() == held.replica_digest else None
+
+    # -- writing ----------------------------------------------------------------------------
+    def _write_atomic(self, dir_fd: int, name: str, data: bytes | bytearray) -> None:
+        tmp = f".{name}.tmp{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o640, dir_fd=dir_fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+
+    def save(self, state: ReplicaState) -> None:
+        """Replace the record atomically (durable when this returns)."""
+        try:
+            dir_fd = self._dir_fd(create=True)
+            try:
+                self._write_atomic(dir_fd, self.state_name, encode_record(state))
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise ReplicaStateError(f"cannot write the replica record {self.directory}/"
+                                    f"{self.state_name}: {exc.strerror}") from exc
+
+    def save_tree(self, tree: HashTree, generation: int) -> str:
+        """Write a tree file for ``generation``; returns its name (for ``HeldSync.tree_file``)."""
+        name = f"{self.name}.tree.{generation}"
+        try:
+            dir_fd = self._dir_fd(create=True)
+            try:
+                head = _TREE_HEAD.pack(_TREE_MAGIC, tree.capacity, LEAF)
+                self._write_atomic(dir_fd, name, head + tree.leaves)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise ReplicaStateError(f"cannot write the replica tree {name}: {exc.strerror}"
+                                    ) from exc
+        return name
+
+    def prune_trees(self, keep: str | None) -> None:
+        """Remove tree files other than ``keep`` (after the record naming ``keep`` is durable)."""
+        with contextlib.suppress(OSError):
+            dir_fd = self._dir_fd(create=False)
+            try:
+                prefix = f"{self.name}.tree."
+                for entry in os.listdir(dir_fd):
+                    if entry.startswith(prefix) and entry != keep:
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def forget(self) -> None:
+        """Remove the record and its trees (the replica is then of unknown state)."""
+        self.prune_trees(None)
+        with contextlib.suppress(OSError):
+            dir_fd = self._dir_fd(create=False)
+            try:
+                os.unlink(self.state_name, dir_fd=dir_fd)
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+def encode_record(state: ReplicaState) -> bytes:
+    body = state.model_dump(mode="json")
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps({"record": body, "blake3": blake3.blake3(canon).hexdigest()},
+                      sort_keys=True).encode() + b"\n"
+
+
+def decode_record(raw: bytes) -> ReplicaState | Unknown:
+    """Parse a record; anything but an intact record of the current version is ``Unknown``."""
+    try:
+        doc = json.loads(raw)
+        body = doc["record"]
+        canon = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        if blake3.blake3(canon).hexdigest() != doc["blake3"]:
+            return Unknown(detail="the record's checksum does not match (torn or edited)")
+        return ReplicaState.model_validate(body)
+    except (ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, ValidationError):
+            return Unknown(detail=f"the record is not a replica state: {exc.error_count()} errors")
+        return Unknown(detail=f"the record does not parse: {type(exc).__name__}")
