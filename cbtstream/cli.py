@@ -32,6 +32,8 @@ COMMANDS: tuple[str, ...] = (
     "cbtstream.commands.snapshot",
     "cbtstream.commands.schemas",
     "cbtstream.commands.copy",
+    "cbtstream.commands.verify",
+    "cbtstream.commands.targets",
     "cbtstream.commands.bench",
     "cbtstream.commands.stack",
 )

@@ -142,6 +142,7 @@ class VSphereExecutor:
         capacity = plan.disk.capacity_bytes
         loc = self.targets.locate(plan.disk.key)
         async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(loc.store.lock())
             nbd_target: NbdTarget | None = None
             nbd_identity = None
             if loc.kind == TargetKind.NBD:

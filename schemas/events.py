@@ -208,6 +208,40 @@ class SnapshotRemoved(_Event):
     vm_snapshot: str = Field(min_length=1, max_length=128)
 
 
+class _ReplicaCheck(_Event):
+    sync_id: uuid.UUID | None = Field(description="The sync whose result the replica holds.")
+    change_id: str | None = Field(description="The change ID the replica holds.")
+    expected_digest: str | None = Field(
+        max_length=200, description="Replica digest of the latest commit (the expected state)."
+    )
+    replica_digest: str | None = Field(
+        max_length=200, description="Digest recomputed from the replica's bytes (null: unread)."
+    )
+    source_digest: str | None = Field(
+        default=None, max_length=200,
+        description="Digest of the snapshot's NBD export, with `verify --source` (else null).",
+    )
+    target: str = Field(default="", max_length=MAX_TEXT, description="The replica's location.")
+
+    _v_change_id = field_validator("change_id")(_check_change_id)
+
+
+class ReplicaVerified(_ReplicaCheck):
+    """``cbtstream verify`` re-hashed a replica: it equals the snapshot its last commit names."""
+
+    event_type: Literal["ReplicaVerified"] = "ReplicaVerified"
+
+
+class ReplicaMismatch(_ReplicaCheck):
+    """A replica differs from what its last commit says it holds; the next sync copies it in full
+    (``replica_mismatch``)."""
+
+    event_type: Literal["ReplicaMismatch"] = "ReplicaMismatch"
+    detail: str = Field(default="", max_length=4096)
+    first_bad_offset: int | None = Field(default=None, ge=0)
+    bad_leaves: int = Field(default=0, ge=0, description="1 MiB leaves that differ.")
+
+
 class DeadLetter(BaseModel):
     """A record that could not be decoded or validated, kept whole with where it came from."""
 
@@ -235,10 +269,12 @@ DiskEvent = Annotated[
     | SyncProgress
     | ChangeIdCommitted
     | SyncFailed
-    | SnapshotRemoved,
+    | SnapshotRemoved
+    | ReplicaVerified
+    | ReplicaMismatch,
     Field(discriminator="event_type"),
 ]
-Event = SnapshotTaken | SyncPlanned | SyncSuperseded | SyncProgress | ChangeIdCommitted | SyncFailed | SnapshotRemoved | DeadLetter  # noqa: E501
+Event = SnapshotTaken | SyncPlanned | SyncSuperseded | SyncProgress | ChangeIdCommitted | SyncFailed | SnapshotRemoved | ReplicaVerified | ReplicaMismatch | DeadLetter  # noqa: E501
 
 EVENT_TYPES: dict[str, type[BaseModel]] = {
     cls.__name__: cls
@@ -250,6 +286,8 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
         ChangeIdCommitted,
         SyncFailed,
         SnapshotRemoved,
+        ReplicaVerified,
+        ReplicaMismatch,
         DeadLetter,
     )
 }

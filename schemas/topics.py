@@ -14,6 +14,8 @@ from pydantic import BaseModel
 from schemas.events import (
     ChangeIdCommitted,
     DeadLetter,
+    ReplicaMismatch,
+    ReplicaVerified,
     SnapshotRemoved,
     SnapshotTaken,
     SyncFailed,
@@ -76,6 +78,12 @@ SNAPSHOT_REMOVED = TopicSpec(
     {"cleanup.policy": "delete", "retention.ms": str(90 * _DAY_MS)},
     "The VM snapshot behind a disk's sync was removed in vSphere.",
 )
+REPLICA_VERIFIED = TopicSpec(
+    "cbt.replica.verified",
+    (ReplicaVerified, ReplicaMismatch),
+    {"cleanup.policy": "delete", "retention.ms": str(365 * _DAY_MS)},
+    "Results of `cbtstream verify`: a replica re-hashed and compared with its last commit.",
+)
 DEADLETTER = TopicSpec(
     "cbt.deadletter",
     (DeadLetter,),
@@ -92,6 +100,7 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     SYNC_FAILED,
     SYNC_PROGRESS,
     SNAPSHOT_REMOVED,
+    REPLICA_VERIFIED,
     DEADLETTER,
 )
 

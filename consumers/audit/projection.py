@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from consumers.replica.guard import STALE_PLAN
 from schemas.disk import DiskRef, parse_disk_key
 from schemas.events import (
     ChangeIdCommitted,
@@ -255,8 +256,10 @@ def project(event: Event) -> list[Stmt]:
             *_recompute(event.sync_id),
         ]
     if isinstance(event, SyncFailed):
-        if event.sync_id is None:
-            return []  # a failure outside any sync (e.g. before planning): kept in events only
+        if event.sync_id is None or event.reason == STALE_PLAN:
+            # a failure outside any sync (e.g. before planning), or an old plan delivered again
+            # and refused by the copier (its job's own outcome stands): kept in events only
+            return []
         out = [
             *_job_and_disk(event.sync_id, event.disk, event.vm_snapshot, event.occurred_at),
             Stmt(_FAIL_JOB, (event.sync_id, event.occurred_at, event.reason, event.detail)),

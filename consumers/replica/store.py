@@ -15,10 +15,14 @@ configuration and the disk key, never from event text.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import struct
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import blake3
@@ -164,6 +168,35 @@ class ReplicaStore:
             finally:
                 os.close(dir_fd)
 
+    @contextlib.asynccontextmanager
+    async def lock(self, wait_s: float = 3600.0) -> AsyncIterator[None]:
+        """Hold ``<name>.lock`` exclusively: a copier for a whole sync, ``verify`` while it
+        checks and marks a replica, so neither sees or overwrites the other's half-done work.
+        Raises :class:`ReplicaBusy` if it stays held for ``wait_s`` (0: do not wait)."""
+        fd = await asyncio.to_thread(self._open_lock)
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise ReplicaBusy(f"{self.directory}/{self.name} is in use (a sync or "
+                                          "a verify holds it)") from None
+                    await asyncio.sleep(0.2)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _open_lock(self) -> int:
+        dir_fd = self._dir_fd(create=True)
+        try:
+            return os.open(f"{self.name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                           | os.O_CLOEXEC, 0o640, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
     def forget(self) -> None:
         """Remove the record and its trees (the replica is then of unknown state)."""
         self.prune_trees(None)
@@ -174,6 +207,13 @@ class ReplicaStore:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+
+class ReplicaBusy(CbtStreamError):
+    """Another process holds the replica (a sync is running); try again later."""
+
+    retriable = True
+    reason = "replica_busy"
 
 
 def encode_record(state: ReplicaState) -> bytes:

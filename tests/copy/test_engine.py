@@ -18,16 +18,22 @@ import pytest
 from cbtstream.config import CopierSettings
 from cbtstream.errors import PermissionDenied
 from cbtstream.extents import Extent
-from consumers.copy.checkpoint import Checkpoint
 from consumers.copy import digest as dg
-from consumers.copy.engine import verify_leaves
-from tests.copy.treeref import root_of
-from consumers.copy.engine import CopyFailed, CopyOptions, DiskJob, copy_disk, copy_disks
+from consumers.copy.checkpoint import Checkpoint
+from consumers.copy.engine import (
+    CopyFailed,
+    CopyOptions,
+    DiskJob,
+    copy_disk,
+    copy_disks,
+    verify_leaves,
+)
 from consumers.copy.progress import CopyProgress
 from consumers.copy.sources import NbdSource, open_nbd_source
 from consumers.copy.targets import NbdTarget, TargetResolver
 from consumers.nbd.uri import parse_nbd_uri
 from tests.copy.images import M, apply, make_image
+from tests.copy.treeref import root_of
 from tests.nbd.nbdkit import nbdkit, needs_nbdkit
 
 pytestmark = [pytest.mark.integration, needs_nbdkit]
