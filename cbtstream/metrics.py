@@ -41,7 +41,9 @@ from schemas.codec import Headers
 from schemas.events import (
     ChangeIdCommitted,
     FullReason,
+    ReplicaMismatch,
     ReplicationType,
+    ReplicaVerified,
     SyncFailed,
     SyncPlanned,
 )
@@ -54,9 +56,13 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: Sync durations span seconds (a few changed blocks) to hours (a first full copy of a TiB disk).
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, float("inf"))
 
-#: Full-copy reasons decided by the copier when vSphere refused the incremental path.
+#: Full-copy reasons decided by the copier: vSphere refused the incremental path, or the replica
+#: guard found that the replica does not provably hold the plan's base.
 COPIER_FALLBACKS = frozenset({FullReason.BASE_CHANGE_ID_REJECTED,
-                              FullReason.ALLOCATED_AREAS_FAILED})
+                              FullReason.ALLOCATED_AREAS_FAILED,
+                              FullReason.REPLICA_MISSING, FullReason.REPLICA_REPLACED,
+                              FullReason.REPLICA_NOT_AT_BASE, FullReason.REPLICA_STATE_UNKNOWN,
+                              FullReason.REPLICA_MISMATCH})
 #: Full-copy reasons that are not a fallback: there was nothing to be incremental from.
 NOT_A_FALLBACK = frozenset({FullReason.NO_PREVIOUS_COMMIT, FullReason.PREVIOUS_COMMIT})
 
@@ -86,6 +92,9 @@ class Metrics:
         self.lag = Gauge("cbtstream_consumer_lag", "Records between the committed offset and "
                          "the end of the partition.", ["group", "topic", "partition"],
                          registry=r)
+        self.replica_checks = Counter("cbtstream_replica_checks", "Replicas re-hashed by "
+                                      "verify, by result (verified, mismatch).", ["result"],
+                                      registry=r)
         self.last_commit = Gauge("cbtstream_disk_last_commit_timestamp_seconds",
                                  "When the disk's last change ID was committed (Unix time).",
                                  ["disk_key"], registry=r)
@@ -104,6 +113,9 @@ class Metrics:
                 self.fallbacks.labels("copier", str(event.reason)).inc()
         elif isinstance(event, SyncFailed):
             self.syncs.labels("failed", "", event.reason).inc()
+        elif isinstance(event, ReplicaVerified | ReplicaMismatch):
+            self.replica_checks.labels(
+                "verified" if isinstance(event, ReplicaVerified) else "mismatch").inc()
 
     def observe_plan(self, plan: SyncPlanned) -> None:
         """The planner decided a sync."""

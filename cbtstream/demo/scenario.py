@@ -32,8 +32,8 @@ _CMP_CHUNK = 8 * 1024 * 1024
 
 
 def files_equal(a: Path, b: Path) -> bool:
-    """Byte-for-byte comparison of two files (sizes included)."""
-    if a.stat().st_size != b.stat().st_size:
+    """Byte-for-byte comparison of two files (sizes included); a missing file is not equal."""
+    if not (a.is_file() and b.is_file()) or a.stat().st_size != b.stat().st_size:
         return False
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:
