@@ -56,6 +56,7 @@ from consumers.executor import ProgressCallback, ProgressUpdate, SyncResult
 from consumers.replica.guard import Admission
 from consumers.replica.session import OutcomeAlreadyPublished, ReplicaSession, pipeline_name
 from consumers.replica.state import TargetKind
+from consumers.replica.store import ReplicaBusy
 from schemas.events import FullReason, ReplicationType, SyncPlanned
 
 log = logging.getLogger("cbtstream.copier.vsphere")
@@ -142,7 +143,6 @@ class VSphereExecutor:
         capacity = plan.disk.capacity_bytes
         loc = self.targets.locate(plan.disk.key)
         async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(loc.store.lock())
             nbd_target: NbdTarget | None = None
             nbd_identity = None
             if loc.kind == TargetKind.NBD:
@@ -162,6 +162,15 @@ class VSphereExecutor:
             rtype, reason, extents, zero_rest = await self.changed_extents(
                 vm, plan, session.admission)
             uri = await self.exports.nbd_uri(plan.disk, plan.vm_snapshot)
+            # Only now, with the VM, snapshot and export known to exist (so a forged plan leaves
+            # no file behind), take the replica's lock and admit the plan again under it: a
+            # verify or another copier may have changed the record meanwhile.
+            await stack.enter_async_context(loc.store.lock())
+            again = await ReplicaSession.begin(self.targets, plan, self.pipeline, nbd_identity)
+            if again.admission != session.admission or again.already_applied is not None:
+                raise ReplicaBusy(f"the record of {plan.disk.key} changed while the sync was "
+                                  "being prepared; retrying")
+            session = again
             source = await stack.enter_async_context(open_nbd_source(
                 uri,
                 self.settings.copier.nbd_allow,

@@ -29,6 +29,7 @@ from enum import StrEnum
 
 from cbtstream.replay.order import CausalQueue
 from cbtstream.replay.records import Coord, LogRecord
+from consumers.replica.guard import STALE_PLAN
 from schemas.disk import DiskRef
 from schemas.events import (
     ChangeIdCommitted,
@@ -211,7 +212,8 @@ class _DiskReplay:
             elif isinstance(ev, ChangeIdCommitted):
                 self.on_commit(rec, ev)
             elif isinstance(ev, SyncFailed):
-                self.out.last_failed = (ev, rec.coord, rec.time)
+                if ev.reason != STALE_PLAN:  # an old plan refused by the copier: not the
+                    self.out.last_failed = (ev, rec.coord, rec.time)  # disk's current news
                 if self.known:
                     self.out.state, outs = on_failed(self.state, ev, rec.time)
                     self.remember(outs)

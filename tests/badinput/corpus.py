@@ -334,8 +334,11 @@ class Generator:
             return BadRecord(topic, category, kind, key, value, Expect.FAILED,
                              self._copier_reasons(doc), stable_event_id("sync", eid), eid)
         if topic == "cbt.sync.planned" and etype == "SyncPlanned":
+            # A forged plan for a disk whose replica exists carries no newer generation than
+            # the replica holds: the replica guard refuses it as stale before anything else.
             return BadRecord(topic, category, kind, key, value, Expect.FAILED,
-                             self._copier_reasons(doc), uuid.UUID(doc["sync_id"]), eid)
+                             self._copier_reasons(doc) | {"stale_plan"},
+                             uuid.UUID(doc["sync_id"]), eid)
         return BadRecord(topic, category, kind, key, value, Expect.IGNORED, event_id=eid)
 
     def _copier_reasons(self, doc: dict[str, Any]) -> frozenset[str]:

@@ -29,6 +29,7 @@ import base64
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -270,15 +271,24 @@ async def run_corpus(settings: Settings, tmp_path: Path, first_n: int, later_n: 
 
     # -- nothing written outside the targets ----------------------------------------------------
     after = files.tree(tmp_path)
-    replicas = {str(Path("replicas") / vm.instance_uuid / f"disk-{k}.img") for k in keys}
+    # each real disk's replica and its record (state, lock, one hash tree), nothing else
+    ours = re.compile(r"^disk-(\d+)\.img(\.state|\.lock|\.tree\.\d+)?$")
+
+    def own_replica_file(name: str) -> bool:
+        m = ours.match(name)
+        return m is not None and int(m[1]) in keys
+
     own = ("logs", "faust", "copier", "models", "lines.jsonl")
     unexpected = {p for p in files.changed(before, after)
-                  if not p.startswith(own) and p not in replicas
+                  if not p.startswith(own)
+                  and not (p.startswith(f"replicas/{vm.instance_uuid}/")
+                           and own_replica_file(p.rsplit("/", 1)[1]))
                   and p not in {"replicas", f"replicas/{vm.instance_uuid}"}}
     assert not unexpected, sorted(unexpected)[:20]
     assert sorted(os.listdir(tmp_path / "replicas")) == [vm.instance_uuid]
-    assert sorted(os.listdir(tmp_path / "replicas" / vm.instance_uuid)) == sorted(
-        f"disk-{k}.img" for k in keys)
+    listed = os.listdir(tmp_path / "replicas" / vm.instance_uuid)
+    assert all(own_replica_file(n) for n in listed), listed
+    assert {n for n in listed if n.endswith(".img")} == {f"disk-{k}.img" for k in keys}
     found = (files.marked([tmp_path, REPO], marker)
              + files.marked([tmp_top], marker, depth=0))
     assert not found, found
