@@ -10,6 +10,7 @@ audit trail. The events stay in Kafka for ``cbtstream replay``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -62,6 +63,23 @@ def workload(scenario: Scenario, cycle: int) -> list[Write]:
     return writes
 
 
+async def verify_replicas(settings: Settings, vm_uuid: str, console: Console) -> bool:
+    """Run ``cbtstream verify --vm`` as an operator would: every replica re-hashed and compared
+    with the replica digest its last commit names (and the snapshot's export, if it still
+    exists)."""
+    import subprocess
+    import sys
+
+    from cbtstream.demo.processes import child_env
+
+    console.print(f"[bold]cbtstream verify --vm {vm_uuid}[/]: re-hash every replica")
+    proc = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "cbtstream.cli", "verify", "--vm", vm_uuid],
+        env=child_env(settings), capture_output=True, text=True, timeout=600)
+    console.print(proc.stdout.rstrip(), markup=False, highlight=False)
+    return proc.returncode == 0
+
+
 async def run_demo(settings: Settings, console: Console, *, name: str | None = None) -> int:
     from cbtstream.vsphere.simctl import SimulatorControl
 
@@ -105,6 +123,7 @@ async def run_demo(settings: Settings, console: Console, *, name: str | None = N
                 lambda: all(len(removed(s)) == len(DISK_SIZES) for s in snapshots), 30,
                 alive=alive)
             console.print(f"snapshots removed in vSphere: {', '.join(snapshots)}")
+        verified = await verify_replicas(settings, vm.instance_uuid, console)
         q1, q2 = await seed_queries(settings, vm.path, vm.name, len(rows))
         render_rows("The seed's query 1 (per-disk change IDs), on the audit trail",
                     SEED_QUERY_1.format(vm_path=vm.path), q1, console)
@@ -115,6 +134,10 @@ async def run_demo(settings: Settings, console: Console, *, name: str | None = N
         for p in procs:
             p.stop()
     bad = [r for r in rows if not r.verified]
+    if not verified:
+        console.print("[red bold]FAILED[/]: cbtstream verify found a replica that differs from "
+                      "its last commit")
+        return 1
     if bad or len(rows) != CYCLES * len(DISK_SIZES):
         console.print(f"[red bold]FAILED[/]: {len(bad)} replica(s) differ from their snapshot")
         return 1

@@ -128,7 +128,7 @@ async def test_replay_over_a_real_history(
     for chain in links.values():
         for prev, nxt in itertools.pairwise(chain):
             assert nxt["previous_change_id"] == prev["change_id"]
-        assert all(lk["plan_coord"] is not None and lk["digest"].startswith("sha256:")
+        assert all(lk["plan_coord"] is not None and lk["digest"].startswith("blake3:")
                    for lk in chain)
     [summary] = [o for o in lines if o["type"] == "summary"]
     assert summary["intact"] and summary["links"] == 8 and summary["breaks"] == 0
