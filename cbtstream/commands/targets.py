@@ -80,5 +80,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     for r in found:
         table.add_row(str(r["disk_key"]), str(r["kind"]), str(r["target"]), str(r["state"]),
                       str(r.get("change_id") or "-"), str(r.get("generation") or "-"))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # logs and pipes: one line per row
+    console.print(table)
     return 0

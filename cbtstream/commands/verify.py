@@ -63,14 +63,20 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         for row in rows:
             print(json.dumps(asdict(row), sort_keys=True))
     else:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=200)  # logs and pipes: one line per row
         table = Table(title="cbtstream verify")
-        for col in ("disk", "result", "change ID", "target", "detail"):
+        for col in ("disk", "result", "change ID", "replica digest", "detail"):
             table.add_column(col)
         for r in rows:
-            table.add_row(r.disk_key, r.result, r.change_id or "-", r.target, r.detail)
-        Console().print(table)
+            digest = (r.replica_digest or "-").rsplit(":", 1)[-1][:16]
+            table.add_row(r.disk_key, r.result, r.change_id or "-", digest,
+                          "" if r.result == "equal" else r.detail)
+        console.print(table)
         if not rows:
-            Console().print("no replica records found under copier.target_root / state_dir")
+            console.print("no replica record matches (records live under copier.target_root "
+                          "and copier.state_dir/targets)")
     return 0 if rows and all(r.result == "equal" for r in rows) else 1
 
 
