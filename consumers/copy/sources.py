@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -22,6 +23,10 @@ from consumers.nbd import protocol as p
 from consumers.nbd.client import NbdClient
 from consumers.nbd.errors import NbdError
 from consumers.nbd.uri import NbdAddress, check_allowed, parse_nbd_uri
+
+log = logging.getLogger("cbtstream.copier.source")
+#: How long an extra connection to a server that does not advertise multi-conn may take.
+_EXTRA_CONNECT_TIMEOUT_S = 2.0
 
 
 class SourceError(CbtStreamError):
@@ -85,15 +90,29 @@ class NbdSource:
         first = NbdClient(self.address, tls_context=self._tls, want_block_status=self._block_status)
         await first.start()
         self._clients = [first]
-        if first.can_multi_conn or first.read_only:
-            for _ in range(self._wanted - 1):
-                c = NbdClient(self.address, tls_context=self._tls, want_block_status=False)
-                try:
-                    await c.start()
-                except BaseException:
+        if self._wanted == 1 or not (first.can_multi_conn or first.read_only):
+            return
+        # A server that advertises multi-conn serves every connection; a read-only one that does
+        # not (qemu-nbd -r serves one client unless started with -e N) may never answer the
+        # second handshake: try it briefly and carry on with what was accepted.
+        timeout = None if first.can_multi_conn else _EXTRA_CONNECT_TIMEOUT_S
+        for _ in range(self._wanted - 1):
+            c = NbdClient(self.address, tls_context=self._tls, want_block_status=False,
+                          **({} if timeout is None else {"connect_timeout": timeout}))
+            try:
+                await c.start()
+            except NbdError as exc:
+                if timeout is None:
                     await self.stop()
                     raise
-                self._clients.append(c)
+                log.info("NBD server accepts no further connection; using %d",
+                         len(self._clients), extra={"endpoint": self.address.endpoint(),
+                                                    "error": str(exc)})
+                break
+            except BaseException:
+                await self.stop()
+                raise
+            self._clients.append(c)
 
     async def stop(self) -> None:
         clients, self._clients = self._clients, []

@@ -8,6 +8,9 @@ the ``memoryview`` the caller passed to :meth:`NbdClient.read_into`, so the data
 from the kernel into its final buffer. Small messages (headers, block status, errors) go through
 a scratch buffer.
 
+The module is the transmission phase (requests and reply parsing); the bytes arrive through
+:mod:`consumers.nbd.wire` and the negotiation is :mod:`consumers.nbd.handshake`.
+
 Lifecycle: ``start()`` connects and negotiates (fixed newstyle, optional STARTTLS, structured
 replies, ``base:allocation``, ``NBD_OPT_GO``); ``stop()`` waits for requests in flight, sends
 ``NBD_CMD_DISC`` and closes (safe to call twice); ``async with`` does both.
@@ -21,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from dataclasses import dataclass, field
 from types import TracebackType
 
 from consumers.nbd import protocol as p
@@ -33,155 +35,13 @@ from consumers.nbd.errors import (
     NbdServerError,
     NbdUnsupported,
 )
+from consumers.nbd.handshake import negotiate
 from consumers.nbd.uri import NbdAddress
+from consumers.nbd.wire import SCRATCH, Request, Wire
 
-_SCRATCH = 256 * 1024
 #: Largest non-data payload accepted (block status with many descriptors, error messages).
 _MAX_META_PAYLOAD = 16 * 1024 * 1024
 _ZEROS = bytes(1024 * 1024)
-
-
-@dataclass(eq=False, slots=True)
-class _Request:
-    handle: int
-    command: int
-    offset: int
-    length: int
-    future: asyncio.Future[None]
-    dest: memoryview | None = None
-    covered: list[tuple[int, int]] = field(default_factory=list)
-    error: NbdServerError | None = None
-    status: list[tuple[int, int]] | None = None
-
-
-class _Wire(asyncio.BufferedProtocol):
-    """Receives bytes into a scratch buffer, or directly into a read request's buffer."""
-
-    def __init__(self, client: NbdClient) -> None:
-        self._client = client
-        self._scratch = bytearray(_SCRATCH)
-        self._view = memoryview(self._scratch)
-        self._start = 0
-        self._end = 0
-        self._direct: memoryview | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._want = 0
-        #: False during the handshake (bytes are consumed by ``read_exact``), True afterwards.
-        self.transmission = False
-        self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.lost_exc: Exception | None = None
-        self._writable = asyncio.Event()
-        self._writable.set()
-
-    # -- asyncio callbacks -------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost_exc = NbdConnectionError(
-            f"connection to the NBD server lost: {exc}"
-            if exc
-            else "NBD server closed the connection"
-        )
-        if not self.closed.done():
-            self.closed.set_result(None)
-        self._writable.set()
-        self._client._fail_all(self.lost_exc)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(self.lost_exc)
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        if self._direct is not None and self._start == self._end:
-            return self._direct
-        if self._start == self._end:
-            self._start = self._end = 0
-        elif self._end > _SCRATCH - 4096:
-            n = self._end - self._start
-            self._scratch[:n] = self._scratch[self._start : self._end]
-            self._start, self._end = 0, n
-        return self._view[self._end :]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        try:
-            if self._direct is not None and self._start == self._end:
-                self._direct = self._direct[nbytes:]
-                if not len(self._direct):
-                    self._direct = None
-                    self._client._direct_done()
-                else:
-                    return
-            else:
-                self._end += nbytes
-            self._pump()
-        except NbdError as exc:
-            self.abort(exc)
-
-    # -- byte access used by the client's state machine --------------------------------------
-    @property
-    def available(self) -> int:
-        return self._end - self._start
-
-    def take(self, n: int) -> bytes:
-        data = bytes(self._view[self._start : self._start + n])
-        self._start += n
-        return data
-
-    def peek(self, n: int) -> memoryview:
-        return self._view[self._start : self._start + n]
-
-    def skip(self, n: int) -> None:
-        self._start += n
-
-    def receive_into(self, dest: memoryview) -> None:
-        """Fill ``dest``: first from the scratch buffer, then straight from the socket."""
-        n = min(self.available, len(dest))
-        if n:
-            dest[:n] = self._view[self._start : self._start + n]
-            self._start += n
-        if n < len(dest):
-            self._direct = dest[n:]
-        else:
-            self._client._direct_done()
-
-    def _pump(self) -> None:
-        if self._waiter is not None:
-            if self.available >= self._want and not self._waiter.done():
-                self._waiter.set_result(None)
-            return
-        if self.transmission:
-            self._client._process()
-
-    async def read_exact(self, n: int) -> bytes:
-        """Handshake-phase read of exactly ``n`` bytes."""
-        if self.available < n:
-            if self.lost_exc is not None:
-                raise self.lost_exc
-            self._want = n
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self.take(n)
-
-    async def drain(self) -> None:
-        await self._writable.wait()
-        if self.lost_exc is not None:
-            raise self.lost_exc
-
-    def abort(self, exc: NbdError) -> None:
-        """Hard disconnect after a protocol violation."""
-        self._client._fail_all(exc)
-        if self.transport is not None:
-            self.transport.abort()
 
 
 class NbdClient:
@@ -203,14 +63,14 @@ class NbdClient:
         #: server must end in an error the copier can retry, never in a hung sync.
         self._request_timeout = request_timeout
         self._want_block_status = want_block_status
-        self._wire: _Wire | None = None
-        self._pending: dict[int, _Request] = {}
+        self._wire: Wire | None = None
+        self._pending: dict[int, Request] = {}
         self._next_handle = 1
         self._failed: NbdError | None = None
         self._stopped = False
         # Reply parsing state.
         self._hdr: p.ReplyHeader | None = None
-        self._req: _Request | None = None
+        self._req: Request | None = None
         self._data_offset = 0
         self._data_len = 0
         self._idle = asyncio.Event()
@@ -271,15 +131,19 @@ class NbdClient:
             async with asyncio.timeout(self._connect_timeout):
                 if addr.socket_path is not None:
                     _, wire = await loop.create_unix_connection(
-                        lambda: _Wire(self), addr.socket_path
+                        lambda: Wire(self), addr.socket_path
                     )
                 else:
                     assert addr.host is not None
                     _, wire = await loop.create_connection(
-                        lambda: _Wire(self), addr.host, addr.port
+                        lambda: Wire(self), addr.host, addr.port
                     )
                 self._wire = wire
-                await self._handshake()
+                n = await negotiate(wire, addr, self._tls_context, self._want_block_status)
+                self.size, self.flags, self.structured = n.size, n.flags, n.structured
+                self.meta_context_id = n.meta_context_id
+                self.min_block, self.preferred_block, self.max_block = (
+                    n.min_block, n.preferred_block, n.max_block)
                 wire.transmission = True
         except TimeoutError as exc:
             await self._close()
@@ -329,112 +193,7 @@ class NbdClient:
         except TimeoutError:
             wire.transport.abort()
 
-    # -- handshake -------------------------------------------------------------------------
-    async def _option(self, option: int, request: bytes) -> list[tuple[p.OptionReply, bytes]]:
-        """Send one option and collect its replies up to the final one (ACK or error)."""
-        wire = self._require_wire()
-        assert wire.transport is not None
-        wire.transport.write(request)
-        replies: list[tuple[p.OptionReply, bytes]] = []
-        while True:
-            header = p.parse_option_reply_header(
-                await wire.read_exact(p.OPT_REPLY_HEADER_SIZE), option
-            )
-            payload = await wire.read_exact(header.length) if header.length else b""
-            replies.append((header, payload))
-            if header.is_error or header.reply_type == p.REP_ACK:
-                return replies
-            if len(replies) > 1000:
-                raise NbdProtocolError("too many option replies")
-
-    async def _handshake(self) -> None:
-        wire = self._require_wire()
-        assert wire.transport is not None
-        server_flags = p.parse_greeting(await wire.read_exact(p.GREETING_SIZE))
-        no_zeroes = bool(server_flags & p.FLAG_NO_ZEROES)
-        wire.transport.write(p.encode_client_flags(server_flags))
-        if self.address.tls or self._tls_context is not None:
-            await self._starttls()
-        header, payload = (
-            await self._option(p.OPT_STRUCTURED_REPLY, p.encode_option(p.OPT_STRUCTURED_REPLY))
-        )[-1]
-        self._check_tls_required(header, payload)
-        self.structured = header.reply_type == p.REP_ACK
-        if self.structured and self._want_block_status:
-            for header, payload in await self._option(
-                p.OPT_SET_META_CONTEXT,
-                p.encode_set_meta_context(self.address.export, (p.BASE_ALLOCATION,)),
-            ):
-                if header.reply_type == p.REP_META_CONTEXT:
-                    context_id, name = p.parse_meta_context(payload)
-                    if name == p.BASE_ALLOCATION:
-                        self.meta_context_id = context_id
-        replies = await self._option(p.OPT_GO, p.encode_go(self.address.export))
-        final, final_payload = replies[-1]
-        if final.reply_type == p.REP_ERR_UNSUP:
-            await self._export_name(no_zeroes)
-            return
-        self._check_tls_required(final, final_payload)
-        if final.is_error:
-            raise NbdNegotiationError(
-                f"export {self.address.export!r}: {p.option_error_text(final, final_payload)}"
-            )
-        got_export = False
-        for header, payload in replies[:-1]:
-            if header.reply_type != p.REP_INFO:
-                continue
-            kind, values = p.parse_info(payload)
-            if kind == p.INFO_EXPORT:
-                self.size, self.flags = values
-                got_export = True
-            elif kind == p.INFO_BLOCK_SIZE:
-                self.min_block, self.preferred_block, self.max_block = values
-        if not got_export:
-            raise NbdProtocolError("NBD_OPT_GO succeeded without NBD_INFO_EXPORT")
-
-    async def _export_name(self, no_zeroes: bool) -> None:
-        """Old servers without ``NBD_OPT_GO``: enter transmission with ``NBD_OPT_EXPORT_NAME``."""
-        wire = self._require_wire()
-        assert wire.transport is not None
-        name = self.address.export.encode()
-        wire.transport.write(p.encode_option(p.OPT_EXPORT_NAME, name))
-        data = await wire.read_exact(10)
-        self.size = int(p.U64.unpack_from(data)[0])
-        self.flags = int.from_bytes(data[8:10], "big")
-        if not no_zeroes:
-            await wire.read_exact(124)
-
-    async def _starttls(self) -> None:
-        wire = self._require_wire()
-        header, payload = (await self._option(p.OPT_STARTTLS, p.encode_option(p.OPT_STARTTLS)))[-1]
-        if header.reply_type != p.REP_ACK:
-            raise NbdNegotiationError(f"server refused TLS: {p.option_error_text(header, payload)}")
-        if wire.available:
-            raise NbdProtocolError("data received before the TLS handshake")
-        context = self._tls_context or ssl.create_default_context()
-        assert wire.transport is not None
-        loop = asyncio.get_running_loop()
-        try:
-            tls_transport = await loop.start_tls(
-                wire.transport,
-                wire,
-                context,
-                server_hostname=self.address.host if context.check_hostname else None,
-            )
-        except ssl.SSLError as exc:
-            raise NbdNegotiationError(f"TLS handshake failed: {exc}") from exc
-        assert tls_transport is not None
-        wire.transport = tls_transport
-
-    @staticmethod
-    def _check_tls_required(header: p.OptionReply, payload: bytes) -> None:
-        if header.reply_type == p.REP_ERR_TLS_REQD:
-            raise NbdNegotiationError(
-                "the server requires TLS; use an nbds:// URI: "
-                + p.option_error_text(header, payload)
-            )
-
-    def _require_wire(self) -> _Wire:
+    def _require_wire(self) -> Wire:
         if self._wire is None:
             raise NbdConnectionError("not connected")
         return self._wire
@@ -449,7 +208,7 @@ class NbdClient:
         flags: int = 0,
         data: memoryview | bytes | None = None,
         dest: memoryview | None = None,
-    ) -> _Request:
+    ) -> Request:
         if self._failed is not None:
             raise self._failed
         wire = self._require_wire()
@@ -462,7 +221,7 @@ class NbdClient:
         handle = self._next_handle
         self._next_handle = (handle + 1) & 0xFFFFFFFFFFFFFFFF or 1
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        req = _Request(handle, command, offset, length, fut, dest=dest)
+        req = Request(handle, command, offset, length, fut, dest=dest)
         self._pending[handle] = req
         self._idle.clear()
         assert wire.transport is not None
@@ -556,7 +315,17 @@ class NbdClient:
         if n > self.max_block:
             raise ValueError(f"request of {n} bytes exceeds the server maximum {self.max_block}")
 
-    # -- reply state machine (called by _Wire) ---------------------------------------------
+    # -- reply state machine (called by Wire) ---------------------------------------------
+    # -- what the wire reports (consumers.nbd.wire.WireListener) ----------------------------
+    def on_data(self) -> None:
+        self._process()
+
+    def on_direct_done(self) -> None:
+        self._direct_done()
+
+    def on_lost(self, exc: NbdError) -> None:
+        self._fail_all(exc)
+
     def _fail_all(self, exc: NbdError) -> None:
         if self._failed is None:
             self._failed = exc
@@ -566,14 +335,14 @@ class NbdClient:
         self._pending.clear()
         self._idle.set()
 
-    def _finish(self, req: _Request) -> None:
+    def _finish(self, req: Request) -> None:
         self._pending.pop(req.handle, None)
         if not req.future.done():
             req.future.set_result(None)
         if not self._pending:
             self._idle.set()
 
-    def _server_error(self, req: _Request, errno: int, message: str = "") -> None:
+    def _server_error(self, req: Request, errno: int, message: str = "") -> None:
         if req.error is None:
             req.error = NbdServerError(
                 p.CMD_NAMES.get(req.command, str(req.command)),
@@ -613,12 +382,12 @@ class NbdClient:
                 self._start_data_chunk(req, hdr, int(p.U64.unpack_from(wire.take(8))[0]))
                 continue
             if wire.available < hdr.length:
-                if hdr.length > _SCRATCH - 4096:
+                if hdr.length > SCRATCH - 4096:
                     self._big_payload(req, hdr)
                 return
             self._on_chunk_payload(req, hdr, wire.take(hdr.length))
 
-    def _lookup(self, handle: int) -> _Request:
+    def _lookup(self, handle: int) -> Request:
         req = self._pending.get(handle)
         if req is None:
             raise NbdProtocolError(f"reply for unknown handle {handle}")
@@ -660,7 +429,7 @@ class NbdClient:
             raise NbdProtocolError(f"unknown structured reply type {t}")
         self._hdr, self._req = hdr, req
 
-    def _start_data_chunk(self, req: _Request, hdr: p.ReplyHeader, offset: int) -> None:
+    def _start_data_chunk(self, req: Request, hdr: p.ReplyHeader, offset: int) -> None:
         n = hdr.length - 8
         rel = offset - req.offset
         if rel < 0 or rel + n > req.length:
@@ -670,7 +439,7 @@ class NbdClient:
         self._hdr = p.ReplyHeader(True, hdr.handle, flags=hdr.flags, chunk_type=-1, length=n)
         self._require_wire().receive_into(req.dest[rel : rel + n])
 
-    def _big_payload(self, req: _Request, hdr: p.ReplyHeader) -> None:
+    def _big_payload(self, req: Request, hdr: p.ReplyHeader) -> None:
         raise NbdProtocolError(f"metadata chunk of {hdr.length} bytes is not supported")
 
     def _direct_done(self) -> None:
@@ -683,7 +452,7 @@ class NbdClient:
             return
         self._complete_chunk(req, hdr)
 
-    def _on_chunk_payload(self, req: _Request, hdr: p.ReplyHeader, payload: bytes) -> None:
+    def _on_chunk_payload(self, req: Request, hdr: p.ReplyHeader, payload: bytes) -> None:
         t = hdr.chunk_type
         if t == p.REPLY_TYPE_OFFSET_HOLE:
             if req.command != p.CMD_READ:
@@ -708,7 +477,7 @@ class NbdClient:
             self._server_error(req, errno, message)
         self._complete_chunk(req, hdr)
 
-    def _complete_chunk(self, req: _Request, hdr: p.ReplyHeader) -> None:
+    def _complete_chunk(self, req: Request, hdr: p.ReplyHeader) -> None:
         self._hdr = self._req = None
         if not hdr.done:
             return
