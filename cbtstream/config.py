@@ -162,6 +162,11 @@ class CopierSettings(BaseModel):
     nbd_allow: tuple[str, ...] = ("127.0.0.1",)
     #: Largest single read/write request.
     request_bytes: int = Field(default=4 * 1024 * 1024, ge=4096)
+    #: Requests in flight per disk copy (across its connections). With a latency-bound source
+    #: (VDDK over NFC: about a millisecond per request) throughput is about
+    #: ``max_in_flight * request_bytes / latency``, so 8 x 4 MiB keeps a 1 Gbit/s link busy at
+    #: up to ~250 ms of latency while bounding memory to 32 MiB per disk.
+    max_in_flight: int = Field(default=8, ge=1, le=256)
     #: Changed extents closer than this are merged into one read (DOMAIN.md: about 1 MiB).
     merge_gap_bytes: int = Field(default=1024 * 1024, ge=0)
     #: How many disks are copied at once.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
 from cbtstream.config import Settings
 from cbtstream.demo.report import CycleRow
@@ -143,9 +143,14 @@ class Scenario:
         if self.console is None:
             await watcher.wait_for(done, self.timeout_s, alive=alive)
             return
+        # The speed column shows the copier's own figure (SyncProgress.rate_bytes_per_s while
+        # it runs, bytes / duration of the commit when done): progress events come every few
+        # seconds, too rarely for rich to derive a speed from the bar's samples.
         with Progress(TextColumn("  {task.description}"), BarColumn(), DownloadColumn(True),
-                      TransferSpeedColumn(), console=self.console, transient=False) as bars:
-            tasks = {k: bars.add_task(f"disk-{k}", total=self.capacity(k)) for k in keys}
+                      TextColumn("{task.fields[speed]}"), console=self.console,
+                      transient=False) as bars:
+            tasks = {k: bars.add_task(f"disk-{k}", total=self.capacity(k), speed="")
+                     for k in keys}
 
             def update() -> None:
                 plans = watcher.plans(vm_snapshot)
@@ -156,11 +161,15 @@ class Scenario:
                         o = outcomes[k]
                         n = o.bytes_copied + o.bytes_zeroed if isinstance(
                             o, ChangeIdCommitted) else 0
+                        rate = n / o.duration_s if isinstance(
+                            o, ChangeIdCommitted) and o.duration_s > 0 else 0.0
                         bars.update(t, total=max(n, 1), completed=max(n, 1),
-                                    description=f"disk-{k} {type(o).__name__}")
+                                    description=f"disk-{k} {type(o).__name__}",
+                                    speed=_speed(rate))
                     elif k in progress:
                         bars.update(t, total=progress[k].bytes_total,
-                                    completed=progress[k].bytes_done)
+                                    completed=progress[k].bytes_done,
+                                    speed=_speed(progress[k].rate_bytes_per_s))
 
             await watcher.wait_for(done, self.timeout_s, on_change=update, alive=alive)
             update()
@@ -192,6 +201,13 @@ class Scenario:
                                ev.disk.capacity_bytes, False, type(out).__name__)
             rows.append(row)
         return CycleResult(vm_snapshot, events, rows)
+
+
+def _speed(bytes_per_s: float) -> str:
+    if bytes_per_s <= 0:
+        return ""
+    return f"{bytes_per_s / 1e6:,.0f} MB/s" if bytes_per_s >= 1e6 else \
+        f"{bytes_per_s / 1e3:,.0f} kB/s"
 
 
 def random_name(prefix: str = "demo") -> str:

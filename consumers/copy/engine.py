@@ -80,6 +80,7 @@ class CopyOptions:
         base: dict[str, object] = {
             "request_bytes": copier.request_bytes,
             "merge_gap_bytes": copier.merge_gap_bytes,
+            "max_in_flight": copier.max_in_flight,
             "progress_interval_s": copier.progress_interval_s,
             "max_bytes_per_s": copier.max_bytes_per_s,
         }
