@@ -188,6 +188,11 @@ class CopierSettings(BaseModel):
     max_bytes_per_s: int = Field(default=0, ge=0)
     #: Re-read every sync's written ranges from the target and compare digests (slower).
     verify: bool = False
+    #: Seconds between two background re-hashes of this copier's replicas (one replica per
+    #: check, the least recently verified first); 0 turns the patrol off.
+    verify_interval_s: float = Field(default=0.0, ge=0)
+    #: Read rate of the patrol, so verification never competes with syncs for the disks.
+    verify_max_bytes_per_s: int = Field(default=50 * 1024 * 1024, ge=0)
     #: Talk TLS to NBD servers even for ``nbd://`` URIs (``nbds://`` always does). The server's
     #: certificate is verified against ``nbd_cafile`` (or the system trust store).
     nbd_tls: bool = False

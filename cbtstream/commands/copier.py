@@ -40,6 +40,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.copier import OUTCOME_LINGER_MS, Copier
     from consumers.executor import NoopExecutor, SyncExecutor
     from consumers.local import LocalImageExecutor
+    from consumers.replica.patrol import patrolling
 
     executor: SyncExecutor
     if args.noop:
@@ -57,8 +58,11 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, copier.request_stop)
-        async with serve_consumer_metrics(metrics, settings.copier.metrics_host,
-                                          settings.copier.metrics_port, copier.consumer,
-                                          copier.group_id):
+        async with (
+            serve_consumer_metrics(metrics, settings.copier.metrics_host,
+                                   settings.copier.metrics_port, copier.consumer,
+                                   copier.group_id),
+            patrolling(settings.copier, publisher.publish),
+        ):
             await copier.run()
     return 0

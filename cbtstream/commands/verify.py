@@ -123,100 +123,47 @@ async def _latest_commits(settings: Settings, keys: set[str]) -> dict[str, Any]:
 
 async def _verify_one(f: Any, targets: Any, settings: Settings, row: Any,
                       args: argparse.Namespace, publisher: Any) -> Row:
-    from consumers.copy.sources import open_nbd_source
-    from consumers.replica.state import ReplicaState
-    from consumers.replica.store import ReplicaBusy
-    from consumers.replica.verify import tree_of, usable, verdict
+    from functools import partial
+
+    from cbtstream.tls import nbd_tls_context
+    from consumers.replica.verify import check_replica, event_for, read_local_or_nbd
 
     loc = f.location
-    base = Row(f.disk_key, "unverifiable", None, None, None, None, loc.location, "")
-    try:
-        async with loc.store.lock(wait_s=5.0):
-            record = await asyncio.to_thread(loc.store.load)
-            assert record is not None
-            why = usable(record)
-            if why is not None:
-                base.detail = why
-                return base
-            assert isinstance(record, ReplicaState) and record.held is not None
-            held = record.held
-            base.change_id, base.expected_digest = held.change_id, held.replica_digest
-            capacity = record.capacity_bytes
-            with _bar(args, f.disk_key, capacity) as advance:
-                actual = await _hash_target(targets, loc, capacity, settings, advance)
-            held_tree = await asyncio.to_thread(loc.store.load_tree, held, capacity)
-            source_root = None
-            if args.source:
-                source_root = await _hash_source(settings, row, held, capacity,
-                                                 open_nbd_source, tree_of)
-                base.source_digest = source_root
-            latest_cid = row.change_id if row is not None else None
-            latest_digest = row.replica_digest if row is not None else None
-            v = verdict(record, actual, held_tree, latest_cid, latest_digest, source_root)
-            base.replica_digest = actual.root()
-            base.result, base.detail = ("equal" if v.ok else "mismatch"), v.detail
-            if not v.ok and publisher is not None:
-                await asyncio.to_thread(loc.store.save, record.mismatched(v.detail))
-            if publisher is not None and row is not None:
-                await publisher.publish(_event(v, row, held, base))
-            elif row is None:
-                base.detail += " (no commit of this disk in the log: no event published)"
-            return base
-    except ReplicaBusy as exc:
-        base.result, base.detail = "busy", str(exc)
-        return base
+    latest = (row.change_id, row.replica_digest) if row is not None else None
+    read = partial(read_local_or_nbd, tls_context=nbd_tls_context(settings.copier))
+
+    async def source_root(state: Any) -> str | None:
+        return await _hash_source(settings, row, state.held, state.capacity_bytes)
+
+    with _bar(args, f.disk_key, _capacity(f)) as advance:
+        check = await check_replica(loc, read, latest=latest,
+                                    source_root=source_root if args.source else None,
+                                    progress=advance, mark=not args.no_publish)
+    held = check.state.held if check.state is not None else None
+    out = Row(f.disk_key, check.result, held.change_id if held else None, check.replica_digest,
+              held.replica_digest if held else None, check.source_digest, loc.location,
+              check.detail)
+    event = event_for(check, row.disk if row is not None else None)
+    if publisher is not None and event is not None:
+        await publisher.publish(event)
+    return out
 
 
-def _event(v: Any, row: Any, held: Any, r: Row) -> Any:
-    from schemas.events import ReplicaMismatch, ReplicaVerified
+def _capacity(f: Any) -> int:
+    from consumers.replica.state import ReplicaState
 
-    common = dict(disk=row.disk, sync_id=held.sync_id, change_id=held.change_id,
-                  expected_digest=r.expected_digest, replica_digest=r.replica_digest,
-                  source_digest=r.source_digest, target=r.target[:1024])
-    if v.ok:
-        return ReplicaVerified(**common)
-    return ReplicaMismatch(**common, detail=v.detail[:4096], bad_leaves=v.bad_leaves,
-                           first_bad_offset=v.first_bad_offset)
+    return f.record.capacity_bytes if isinstance(f.record, ReplicaState) else 0
 
 
-async def _hash_target(targets: Any, loc: Any, capacity: int, settings: Settings,
-                       advance: Any) -> Any:
-    from cbtstream.tls import nbd_tls_context
-    from consumers.copy.sources import NbdSource
-    from consumers.nbd.uri import parse_nbd_uri
-    from consumers.replica.state import TargetKind
-    from consumers.replica.verify import tree_of
-
-    if loc.kind == TargetKind.NBD:
-        async with NbdSource(parse_nbd_uri(loc.location), connections=1,
-                             tls_context=nbd_tls_context(settings.copier)) as src:
-            return await tree_of(src.read_into, capacity, advance)
-    import os
-
-    fd = os.open(loc.location, os.O_RDONLY | os.O_CLOEXEC
-                 | (os.O_NOFOLLOW if loc.kind == TargetKind.FILE else 0))
-    try:
-        async def read_into(offset: int, buf: memoryview) -> None:
-            done = 0
-            while done < len(buf):
-                n = await asyncio.to_thread(os.preadv, fd, [buf[done:]], offset + done)
-                if n == 0:
-                    raise OSError(f"{loc.location} ends before {offset + done}")
-                done += n
-
-        return await tree_of(read_into, capacity, advance)
-    finally:
-        os.close(fd)
-
-
-async def _hash_source(settings: Settings, row: Any, held: Any, capacity: int,
-                       open_nbd_source: Any, tree_of: Any) -> str | None:
+async def _hash_source(settings: Settings, row: Any, held: Any, capacity: int) -> str | None:
     """Root of the snapshot's export the replica is recorded to hold (None if it is gone)."""
     if row is None:
         return None
     from cbtstream.tls import nbd_tls_context
     from cbtstream.vsphere.exports import ExportNotFound, SimulatorExports
     from cbtstream.vsphere.simctl import SimulatorControl
+    from consumers.copy.sources import open_nbd_source
+    from consumers.replica.verify import tree_of
 
     exports = SimulatorExports(SimulatorControl.from_state(settings.stack.dir.resolve()
                                                            / "vcsim"))

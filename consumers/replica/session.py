@@ -121,11 +121,11 @@ class ReplicaSession:
         disk = self.plan.disk
         if self.state is None or self.state.disk_key != disk.key:
             state = first_state(self.pipeline, disk.key, disk.backing_uuid, disk.capacity_bytes,
-                                target, writing)
+                                target, writing).model_copy(update={"disk": disk})
         else:
             state = self.state.dirty(writing, target).model_copy(update={
                 "backing_uuid": disk.backing_uuid, "capacity_bytes": disk.capacity_bytes,
-                "pipeline": self.pipeline})
+                "pipeline": self.pipeline, "disk": disk, "verified_at": None})
             if replication_type == ReplicationType.FULL:
                 # a full copy makes whatever was held meaningless until it is clean again
                 state = state.model_copy(update={"held": None})

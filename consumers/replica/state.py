@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from schemas.disk import DiskRef
 from schemas.events import ReplicationType, utcnow
 
 STATE_VERSION: Literal[1] = 1
@@ -97,6 +98,10 @@ class ReplicaState(BaseModel):
     held: HeldSync | None = None
     writing: WritingSync | None = None
     mismatch_detail: str = ""
+    #: The disk as of the last sync that wrote the replica (for events about it, e.g. verify's).
+    disk: DiskRef | None = None
+    #: When the replica was last re-hashed and found equal to ``held``.
+    verified_at: AwareDatetime | None = None
     updated_at: AwareDatetime = Field(default_factory=utcnow)
 
     @property
@@ -113,6 +118,9 @@ class ReplicaState(BaseModel):
         return self.model_copy(update={"status": ReplicaStatus.CLEAN, "held": held,
                                        "writing": None, "target": target,
                                        "mismatch_detail": "", "updated_at": utcnow()})
+
+    def verified(self) -> ReplicaState:
+        return self.model_copy(update={"verified_at": utcnow()})
 
     def mismatched(self, detail: str) -> ReplicaState:
         return self.model_copy(update={"status": ReplicaStatus.MISMATCH,

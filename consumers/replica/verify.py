@@ -17,15 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from consumers.copy.digest import LEAF, HashTree, hash_item
+from consumers.copy.sources import NbdSource
 from consumers.copy.targets import ReplicaLocation, TargetResolver
-from consumers.replica.state import ReplicaState, ReplicaStatus, Unknown
-from consumers.replica.store import ReplicaStore
+from consumers.copy.throttle import Throttle
+from consumers.nbd.uri import parse_nbd_uri
+from consumers.replica.state import ReplicaState, ReplicaStatus, TargetKind, Unknown
+from consumers.replica.store import ReplicaBusy, ReplicaStore
+from schemas.disk import DiskRef
+from schemas.events import ReplicaMismatch, ReplicaVerified
 
 #: Bytes read per request while re-hashing (a multiple of the leaf).
 CHUNK = 8 * LEAF
@@ -144,3 +150,120 @@ def usable(state: ReplicaState | Unknown) -> str | None:
     if state.status == ReplicaStatus.DIRTY:
         return "a sync is writing this replica (or was interrupted): verify after it commits"
     return None
+
+
+@dataclass(frozen=True)
+class Check:
+    """The result of re-hashing one replica."""
+
+    result: str  # equal | mismatch | busy | unverifiable
+    detail: str
+    state: ReplicaState | None = None
+    replica_digest: str | None = None
+    source_digest: str | None = None
+    bad_leaves: int = 0
+    first_bad_offset: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result == "equal"
+
+
+async def check_replica(
+    loc: ReplicaLocation,
+    read_target: Callable[[ReplicaLocation, int, Callable[[int], None] | None],
+                          Awaitable[HashTree]],
+    *,
+    latest: tuple[str | None, str | None] | None = None,
+    source_root: Callable[[ReplicaState], Awaitable[str | None]] | None = None,
+    progress: Callable[[int], None] | None = None,
+    mark: bool = True,
+    wait_s: float = 5.0,
+) -> Check:
+    """Re-hash one replica under its lock and judge it (:func:`verdict`).
+
+    ``latest`` is the disk's latest commit (change ID, replica digest) if the caller knows it;
+    ``source_root`` hashes the snapshot's export. With ``mark``, a mismatch is written into the
+    record (the next sync is full, ``replica_mismatch``) and an equal replica gets
+    ``verified_at``.
+    """
+    try:
+        async with loc.store.lock(wait_s=wait_s):
+            record = await asyncio.to_thread(loc.store.load)
+            if record is None:
+                return Check("unverifiable", "no record")
+            why = usable(record)
+            if why is not None:
+                return Check("unverifiable", why, record if isinstance(record, ReplicaState)
+                             else None)
+            assert isinstance(record, ReplicaState) and record.held is not None
+            capacity = record.capacity_bytes
+            actual = await read_target(loc, capacity, progress)
+            held_tree = await asyncio.to_thread(loc.store.load_tree, record.held, capacity)
+            src = await source_root(record) if source_root is not None else None
+            cid, digest = latest if latest is not None else (None, None)
+            v = verdict(record, actual, held_tree, cid, digest, src)
+            if mark:
+                marked = record.verified() if v.ok else record.mismatched(v.detail)
+                await asyncio.to_thread(loc.store.save, marked)
+            return Check("equal" if v.ok else "mismatch", v.detail, record, actual.root(), src,
+                         v.bad_leaves, v.first_bad_offset)
+    except ReplicaBusy as exc:
+        return Check("busy", str(exc))
+
+
+def event_for(check: Check, disk: DiskRef | None = None
+              ) -> ReplicaVerified | ReplicaMismatch | None:
+    """The event of a finished check (None if it did not get to compare)."""
+    state = check.state
+    disk = disk or (state.disk if state is not None else None)
+    if check.result not in ("equal", "mismatch") or state is None or state.held is None \
+            or disk is None:
+        return None
+    held = state.held
+    common: dict[str, object] = dict(
+        disk=disk, sync_id=held.sync_id, change_id=held.change_id,
+        expected_digest=held.replica_digest, replica_digest=check.replica_digest,
+        source_digest=check.source_digest, target=state.target.location[:1024])
+    if check.ok:
+        return ReplicaVerified(**common)  # type: ignore[arg-type]
+    return ReplicaMismatch(**common, detail=check.detail[:4096],  # type: ignore[arg-type]
+                           bad_leaves=check.bad_leaves,
+                           first_bad_offset=check.first_bad_offset)
+
+
+async def read_local_or_nbd(loc: ReplicaLocation, capacity: int,
+                            progress: Callable[[int], None] | None = None, *,
+                            tls_context: ssl.SSLContext | None = None,
+                            throttle: Throttle | None = None) -> HashTree:
+    """The tree of a replica, read from its file or block device, or over NBD (one
+    connection: an NBD target may serve one client)."""
+    if loc.kind == TargetKind.NBD:
+        async with NbdSource(parse_nbd_uri(loc.location), connections=1,
+                             tls_context=tls_context) as src:
+            return await tree_of(_throttled(src.read_into, throttle), capacity, progress)
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if loc.kind == TargetKind.FILE else 0)
+    fd = os.open(loc.location, flags)
+    try:
+        async def read_into(offset: int, buf: memoryview) -> None:
+            done = 0
+            while done < len(buf):
+                n = await asyncio.to_thread(os.preadv, fd, [buf[done:]], offset + done)
+                if n == 0:
+                    raise OSError(f"{loc.location} ends before {offset + done}")
+                done += n
+
+        return await tree_of(_throttled(read_into, throttle), capacity, progress)
+    finally:
+        os.close(fd)
+
+
+def _throttled(read_into: ReadInto, throttle: Throttle | None) -> ReadInto:
+    if throttle is None:
+        return read_into
+
+    async def slow(offset: int, buf: memoryview) -> None:
+        await throttle.acquire(len(buf))
+        await read_into(offset, buf)
+
+    return slow

@@ -184,3 +184,34 @@ async def test_replica_failure_classes(scenario: Scenario, pipeline: Pipeline,
     # and the repaired replicas are trusted again: the next cycle is incremental everywhere
     c8 = await _cycle(scenario, 8)
     assert {r.replication_type for r in c8.rows} == {"incremental"}
+
+
+async def test_copier_patrol_finds_a_flipped_byte(scenario: Scenario, pipeline: Pipeline,
+                                                  e2e_settings: Settings) -> None:
+    """With ``copier.verify_interval_s`` the copier re-hashes its replicas by itself: a byte
+    changed behind its back is reported (``ReplicaMismatch``) and the next sync repairs it."""
+    copier = e2e_settings.copier.model_copy(update={"verify_interval_s": 0.3})
+    pipeline.settings = e2e_settings.model_copy(update={"copier": copier})
+    pipeline.start_copier()
+    vm = await scenario.create_vm(random_name("e2e-patrol"), SIZES)
+    a, b = (d.key for d in vm.disks)
+    rng = scenario.rng
+    await scenario.cycle(1, [w for d in vm.disks for w in initial_fill(rng, d.key, d.capacity)])
+    await _cycle(scenario, 2)
+    events = await read_topic(e2e_settings, REPLICA_VERIFIED, until=lambda ev: {
+        e.disk.device_key for e in ev if type(e).__name__ == "ReplicaVerified"} >= {a, b},
+        timeout=60)
+    assert not any(isinstance(e, ReplicaMismatch) for e in events)
+    with open(scenario.replica(a), "r+b") as fh:
+        fh.seek(3 * MiB + 17)
+        old = fh.read(1)
+        fh.seek(3 * MiB + 17)
+        fh.write(bytes([old[0] ^ 0xFF]))
+    events = await read_topic(e2e_settings, REPLICA_VERIFIED, until=lambda ev: any(
+        isinstance(e, ReplicaMismatch) for e in ev), timeout=60)
+    mismatch = next(e for e in events if isinstance(e, ReplicaMismatch))
+    assert mismatch.disk.device_key == a and mismatch.first_bad_offset == 3 * MiB
+    assert mismatch.bad_leaves == 1
+    c3 = await _cycle(scenario, 3)
+    assert _by_disk(c3)[f"disk-{a}"] == ("full", "replica_mismatch", True)
+    assert _by_disk(c3)[f"disk-{b}"] == ("incremental", "previous_commit", True)
