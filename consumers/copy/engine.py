@@ -227,7 +227,6 @@ class _Run:
                 self._saving.cancel()
                 with contextlib.suppress(BaseException):
                     await self._saving
-            self._pool.shutdown(wait=True)
 
     async def _worker(self, queue: asyncio.Queue[tuple[int, Segment] | None]) -> None:
         loop = asyncio.get_running_loop()
@@ -274,10 +273,23 @@ class _Run:
 
     async def rehash_partial(self) -> None:
         """Leaves the ranges cover only in part: hash them whole, as the target now holds them
-        (written part from this sync, the rest from the replica's base)."""
-        async for i, h in dg.leaves_of_target(sorted(self.partial), self.capacity,
-                                              self.target.read_into):
-            self.tree.set(i, h)
+        (written part from this sync, the rest from the replica's base). Several leaves are
+        read and hashed at once (reads overlap, hashing runs in the pool), since a scattered
+        incremental has a partial leaf at nearly every changed area."""
+        todo = sorted(self.partial)
+        loop = asyncio.get_running_loop()
+
+        async def lane(k: int) -> None:
+            buf = memoryview(bytearray(dg.LEAF))
+            for i in todo[k :: self.o.max_in_flight]:
+                span = dg.leaf_span(i, self.capacity)
+                piece = buf[: span.length]
+                await self.target.read_into(span.start, piece)
+                self.tree.set(i, await loop.run_in_executor(self._pool, dg.leaf_hash, piece))
+
+        async with asyncio.TaskGroup() as tg:
+            for k in range(min(len(todo), max(1, self.o.max_in_flight))):
+                tg.create_task(lane(k))
 
     def _complete(
         self, seq: int, seg: Segment, records: LeafHashes, copied: int, zeroed: int
@@ -317,6 +329,10 @@ class _Run:
         assert self.checkpoint is not None
         await self.target.flush()
         await asyncio.to_thread(self.checkpoint.save, state)
+
+    def close(self) -> None:
+        """Release the hashing threads (after the last hash of the run)."""
+        self._pool.shutdown(wait=True)
 
     def progress(self, final: bool = False) -> CopyProgress:
         elapsed = time.monotonic() - self._t0
@@ -382,8 +398,11 @@ async def copy_disk(
     run = _Run(source, target, ranges, options, checkpoint, plan_id, resume, on_progress,
                capacity, tree)
     try:
-        await run.execute()
-        await run.rehash_partial()
+        try:
+            await run.execute()
+            await run.rehash_partial()
+        finally:
+            run.close()
         await target.flush()
         digest = tree.touched_digest(ranges)
         verified = False
