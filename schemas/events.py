@@ -62,6 +62,8 @@ class FullReason(StrEnum):
     REPLICA_NOT_AT_BASE = "replica_not_at_base"
     REPLICA_STATE_UNKNOWN = "replica_state_unknown"
     REPLICA_MISMATCH = "replica_mismatch"
+    # An external copier (the seed's migratekit, through the change-ID API) declared a full copy.
+    EXTERNAL_FULL_COPY = "external_full_copy"
 
 
 def _check_change_id(value: str | None) -> str | None:
@@ -185,6 +187,17 @@ class ChangeIdCommitted(_Event):
         "('blake3tree:<leaf bytes>:<hex>'); `cbtstream verify` recomputes it from the replica.",
     )
     generation: int = Field(default=0, ge=0, le=(1 << 62), description="The plan's generation.")
+    origin: Literal["cbtstream", "external"] = Field(
+        default="cbtstream",
+        description="Who copied: cbtstream's copier, or an external copier that stored its change "
+        "ID through the API (POST /api/v1/replications/{job_id}/changeid).",
+    )
+    origin_job_id: str | None = Field(
+        default=None, max_length=256, description="The external copier's job id."
+    )
+    origin_client: str | None = Field(
+        default=None, max_length=256, description="Who posted it (the API client's address)."
+    )
 
     _v_prev = field_validator("previous_change_id")(_check_change_id)
     _v_new = field_validator("change_id")(_check_change_id)

@@ -6,7 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydantic import BaseModel
+
+from schemas.api import DiskCommitRequest, StoreChangeIdRequest
 from schemas.events import EVENT_TYPES
+
+#: Request bodies of the change-ID write API, published beside the events.
+API_REQUESTS: dict[str, type[BaseModel]] = {
+    "StoreChangeIdRequest": StoreChangeIdRequest, "DiskCommitRequest": DiskCommitRequest}
 
 JSON_DIR = Path(__file__).parent / "json"
 
@@ -18,10 +25,12 @@ def file_name(event_type: str) -> str:
 
 
 def render_all() -> dict[str, str]:
-    """File name -> JSON text of every event's schema."""
+    """File name -> JSON text of every event's (and API request body's) schema."""
     out = {}
-    for name, model in EVENT_TYPES.items():
-        schema = model.model_json_schema(mode="serialization")
+    models: dict[str, type[BaseModel]] = {**EVENT_TYPES, **API_REQUESTS}
+    for name, model in models.items():
+        schema = model.model_json_schema(mode="validation" if name in API_REQUESTS
+                                         else "serialization")
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schema["$id"] = f"https://cbtstream.dev/schemas/{file_name(name)}"
         out[file_name(name)] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
