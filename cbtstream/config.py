@@ -215,6 +215,9 @@ class StreamsSettings(BaseModel):
     data_dir: Path = Path(".stack/faust")
     #: Remove a VM snapshot in vSphere once every disk in it is synced (needs ``[vsphere]``).
     remove_snapshots: bool = True
+    #: Disk keys or VM instance uuids handed to cbtstream's own copier: planned by cbtstream
+    #: even after external commits, and refusing further external commits (streams.external).
+    handover: tuple[str, ...] = ()
 
 
 class ApiSettings(BaseModel):

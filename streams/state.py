@@ -8,6 +8,7 @@ resized disk), the sync running now, and at most one snapshot waiting for it to 
 from __future__ import annotations
 
 import uuid
+from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -60,6 +61,11 @@ class DiskState(BaseModel):
     replica_digest: str | None = None
     #: Generation of the latest plan issued for this disk; the next plan gets a larger one.
     plan_generation: int = 0
+    #: Who copies this disk: cbtstream's copier, or an external copier that stores its commits
+    #: through the change-ID API (``streams.external``); set by the last accepted commit.
+    owner: Literal["cbtstream", "external"] = "cbtstream"
+    #: The external copier's job id of the latest external commit.
+    external_job_id: str | None = None
     running: RunningSync | None = None
     waiting: SnapshotTaken | None = None
     last_failure: str | None = None
