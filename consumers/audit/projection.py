@@ -190,6 +190,11 @@ WHERE id = $1 AND (failed_at IS NULL OR failed_at < $2
                    OR (failed_at = $2 AND failure_reason < $3))
 """
 _REFUSE = "UPDATE cbt_history SET refused = true WHERE refusal_event_id = $1"
+#: An external copier's commit: its origin on the job and the history row.
+_ORIGIN = """
+WITH h AS (UPDATE cbt_history SET origin = $2, origin_job_id = $3 WHERE event_id = $4)
+UPDATE replication_jobs SET origin = $2, origin_job_id = $3, origin_client = $5 WHERE id = $1
+"""
 _PROGRESS = """
 UPDATE replication_jobs SET progress_at = $2, progress_bytes_done = $3, progress_bytes_total = $4,
     progress_rate_bytes_per_s = $5
@@ -208,7 +213,7 @@ WHERE disk_key = $1 AND vm_snapshot = $2
 #: row and refusal of the batch is in.
 PHASES: tuple[str, ...] = (
     _UPSERT_PLANNED_JOB, _UPSERT_JOB, _UPSERT_DISK, _PLAN_DISK, _INSERT_HISTORY, _FAIL_JOB,
-    _REFUSE, RECOMPUTE_VM_DISK, RECOMPUTE_JOB, _PROGRESS, _SNAPSHOT_REMOVED,
+    _REFUSE, RECOMPUTE_VM_DISK, RECOMPUTE_JOB, _PROGRESS, _SNAPSHOT_REMOVED, _ORIGIN,
 )
 
 
@@ -254,6 +259,8 @@ def project(event: Event) -> list[Stmt]:
                 event.digest, event.duration_s, event.occurred_at, event.sync_id,
                 event.vm_snapshot, refusal_event_id(event.event_id))),
             *_recompute(event.sync_id),
+            *([Stmt(_ORIGIN, (event.sync_id, event.origin, event.origin_job_id, event.event_id,
+                              event.origin_client))] if event.origin != "cbtstream" else []),
         ]
     if isinstance(event, SyncFailed):
         if event.sync_id is None or event.reason == STALE_PLAN:
