@@ -33,9 +33,12 @@ from schemas.events import (
     ChangeIdCommitted,
     FullReason,
     ReplicationType,
+    SnapshotTaken,
+    SyncFailed,
+    SyncSuperseded,
     stable_event_id,
 )
-from streams.guard import GuardResult, Verdict
+from streams.guard import LINEAGE_MISMATCH, GuardResult, Verdict
 from streams.state import DiskState
 
 STORED = "ChangeID stored successfully"
@@ -206,3 +209,46 @@ def stored_answer(req: StoreRequest, row: DiskState, ev: ChangeIdCommitted) -> A
     return Answer(200, {"job_id": req.job_id, "disk_id": row.disk.disk_id,
                         "change_id": ev.change_id, "message": STORED,
                         "disk_key": row.disk.key, "commit_event_id": str(ev.event_id)})
+
+
+# -- the table's side ----------------------------------------------------------------------------
+def apply_external(state: DiskState | None, ev: ChangeIdCommitted, now: datetime,
+                   handover: Sequence[str]) -> tuple[DiskState | None, list[SyncFailed]]:
+    """The commit agent's step for an external commit: apply it, drop a duplicate, or refuse it
+    with the same ``SyncFailed(lineage_mismatch)`` an internal refusal gets (the audit marks the
+    history row refused by its derived id)."""
+    result = check_external(state, ev, handover)
+    if result.verdict == Verdict.DUPLICATE:
+        return state, []
+    if result.verdict == Verdict.REFUSE:
+        return state, [SyncFailed(
+            event_id=stable_event_id("SyncFailed", LINEAGE_MISMATCH, ev.event_id),
+            occurred_at=now, disk=ev.disk, sync_id=ev.sync_id, vm_snapshot=ev.vm_snapshot,
+            reason=LINEAGE_MISMATCH, detail=f"external commit {ev.event_id} refused: "
+            f"{result.detail}")]
+    assert state is not None
+    return state.model_copy(update={
+        "change_id": ev.change_id,
+        "committed_at": ev.occurred_at,
+        "commit_sync_id": ev.sync_id,
+        "commit_event_id": ev.event_id,
+        "replication_type": ev.replication_type,
+        "commits": state.commits + 1,
+        "last_failure": None,
+        "owner": EXTERNAL,
+        "external_job_id": ev.origin_job_id,
+        # the external copier's replica is not cbtstream's: no replica digest to carry on
+        "replica_digest": None,
+    }), []
+
+
+def skip_snapshot(state: DiskState, snap: SnapshotTaken) -> tuple[DiskState, list[SyncSuperseded]]:
+    """A snapshot of a disk its external copier owns: not planned (two copiers must never race
+    on one replica). It is marked superseded by itself, so the snapshot lifecycle still sees the
+    disk finish with it."""
+    if snap.event_id in state.seen_snapshots:
+        return state, []
+    return state.with_seen(snap.event_id), [SyncSuperseded(
+        event_id=stable_event_id("SyncSuperseded", snap.event_id), disk=snap.disk,
+        snapshot_event_id=snap.event_id, vm_snapshot=snap.vm_snapshot,
+        superseded_by=snap.event_id)]

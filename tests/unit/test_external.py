@@ -94,3 +94,27 @@ def test_handed_over_or_running_disks_refuse_external_commits() -> None:
     assert answer.status == 409 and "syncing" in str(answer.body["details"])
     _, ev = store(rows, _req(), T0, ())
     assert ev is not None and check_external(None, ev, ()).verdict == Verdict.REFUSE
+
+
+def test_the_table_applies_an_external_commit_and_then_leaves_the_disk_to_its_copier() -> None:
+    from streams.external import apply_external, owned_externally, skip_snapshot
+
+    rows = _rows()
+    _, ev = store(rows, _req(), T0, ())
+    assert ev is not None
+    state, out = apply_external(rows[0], ev, T0, ())
+    assert out == [] and state is not None
+    assert (state.change_id, state.owner, state.external_job_id) == (f"{EPOCH_A}/4", "external",
+                                                                      "job-1")
+    assert apply_external(state, ev, T0, ()) == (state, [])  # redelivered: a duplicate
+    # a stale store call that raced past the API check is refused by the table itself
+    _, stale = store(rows, _req(job_id="job-0", change_id=f"{EPOCH_A}/5"), T0, ())
+    assert stale is not None
+    same, refused = apply_external(state, stale, T0, ())
+    assert same == state and [f.reason for f in refused] == ["lineage_mismatch"]
+    # cbtstream does not plan the disk while its external copier owns it ...
+    assert owned_externally(state, ())
+    s2, outs = skip_snapshot(state, snap(D0, f"{EPOCH_A}/6", minutes=6, snapshot="s-6"))
+    assert [type(o).__name__ for o in outs] == ["SyncSuperseded"] and s2.running is None
+    # ... until an operator hands it over
+    assert not owned_externally(state, (D0.key,))
