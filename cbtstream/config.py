@@ -215,8 +215,12 @@ class StreamsSettings(BaseModel):
     data_dir: Path = Path(".stack/faust")
     #: Remove a VM snapshot in vSphere once every disk in it is synced (needs ``[vsphere]``).
     remove_snapshots: bool = True
+    #: Disk keys or VM instance uuids copied by an external copier (the seed's migratekit) that
+    #: stores its change IDs through the API: cbtstream records their snapshots but never plans
+    #: them (streams.external). Disks with external commits are treated the same.
+    external: tuple[str, ...] = ()
     #: Disk keys or VM instance uuids handed to cbtstream's own copier: planned by cbtstream
-    #: even after external commits, and refusing further external commits (streams.external).
+    #: even after external commits, and refusing further external commits.
     handover: tuple[str, ...] = ()
 
 

@@ -60,11 +60,12 @@ from schemas.topics import (
     TopicSpec,
     topic_for,
 )
-from streams import lifecycle, planner
-from streams.api import register_api
+from streams import external, lifecycle, planner
+from streams.api import authorized, register_api
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import register_metrics
 from streams.state import DiskState, from_json, to_json
+from streams.store_api import StoreService, register_store_api
 from streams.watchdog import register_watchdog
 
 log = logging.getLogger("cbtstream.streams")
@@ -151,6 +152,12 @@ class Planner:
         self._agent(CHANGEID_COMMITTED, (ChangeIdCommitted,), self._on_commit)
         self._agent(SYNC_FAILED, (SyncFailed,), self._on_failed)
         register_api(self)
+        self.ownership = external.Ownership(settings.streams.external, settings.streams.handover)
+        self.store_service = StoreService(
+            self.rows, lambda k: self.row(k.encode()), self.send, self.ownership)
+        token = settings.api.token.get_secret_value() if settings.api.token else None
+        register_store_api(self.app, self.store_service, spread=self.table_spread,
+                           authorized=lambda header: authorized(header, token))
         self.metrics = register_metrics(self)
         register_watchdog(self, {self.topic(spec).get_topic_name() for spec in (
             SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)} | {
@@ -207,6 +214,15 @@ class Planner:
         if raw is not None and state is not None:
             self._decoded[key] = (raw, state)
         return state
+
+    def rows(self) -> list[DiskState]:
+        """Every row of this worker's partitions of the table."""
+        return [s for s in (self.row(k) for k in list(self.table.keys())) if s is not None]
+
+    def table_spread(self) -> bool:
+        """Whether the table is spread over several workers (a local scan would be partial)."""
+        hosts = self.app.router.table_metadata(self.table.name)
+        return len([h for h, topics in hosts.items() if any(topics.values())]) > 1
 
     def put(self, key: bytes, state: DiskState | None) -> None:
         if state is not None:
@@ -275,11 +291,20 @@ class Planner:
 
     async def _on_snapshot(self, key: bytes, ev: SnapshotTaken) -> None:
         before = self.row(key)
+        if before is not None and self.ownership.owned_externally(before):
+            skipped, superseded = external.skip_snapshot(before, ev)
+            await self._step(key, before, skipped, list(superseded), ev)
+            return
         after, out = planner.on_snapshot(before, ev, datetime.now(UTC))
         await self._step(key, before, after, list(out), ev)
 
     async def _on_commit(self, key: bytes, ev: ChangeIdCommitted) -> None:
         before = self.row(key)
+        if ev.origin == external.EXTERNAL:
+            applied, refused = external.apply_external(before, ev, datetime.now(UTC),
+                                                       self.ownership)
+            await self._step(key, before, applied, list(refused))
+            return
         after, out = planner.on_commit(before, ev, datetime.now(UTC))
         if after is not None and after.commit_event_id == ev.event_id and after != before:
             log.info("commit applied", extra={"change_id": ev.change_id,

@@ -15,8 +15,9 @@ commit through :func:`check_external`):
   disk's first commit). Anything else is 409 with the current change ID.
 * **Who owns the disk.** A disk with an accepted external commit is owned by the external
   copier: cbtstream's planner does not plan it (so two copiers never race on one replica) until
-  an operator hands it back (``streams.handover``, per disk key or VM uuid); a handed-over disk,
-  or one cbtstream is syncing right now, refuses external commits (409).
+  an operator hands it back (``streams.handover``, per disk key or VM uuid); disks listed in
+  ``streams.external`` are left to their external copier from their first snapshot on. A
+  handed-over disk, or one cbtstream is syncing right now, refuses external commits (409).
 * **Idempotent.** The commit's ids derive from (disk, job id, previous, new change ID): the same
   store call again is recognised as applied and answered the same, with no second event.
 """
@@ -72,16 +73,27 @@ class StoreRequest:
     bytes_copied: int = 0
 
 
-def handed_over(state: DiskState, handover: Sequence[str]) -> bool:
-    """Whether an operator handed the disk (or its VM) to cbtstream's own copier."""
-    return state.disk.key in handover or state.disk.vm_instance_uuid in {
-        h.lower() for h in handover}
+def _listed(state: DiskState, keys: Sequence[str]) -> bool:
+    return state.disk.key in keys or state.disk.vm_instance_uuid in {k.lower() for k in keys}
 
 
-def owned_externally(state: DiskState | None, handover: Sequence[str]) -> bool:
-    """Whether cbtstream's planner must leave this disk to its external copier."""
-    return (state is not None and state.owner == EXTERNAL
-            and not handed_over(state, handover))
+@dataclass(frozen=True)
+class Ownership:
+    """The operator's word on who copies which disks (``streams.external``,
+    ``streams.handover``: disk keys or VM instance uuids)."""
+
+    #: Copied by an external copier from the start: never planned by cbtstream.
+    external: tuple[str, ...] = ()
+    #: Handed to cbtstream's copier: planned by cbtstream, external commits refused.
+    handover: tuple[str, ...] = ()
+
+    def handed_over(self, state: DiskState) -> bool:
+        return _listed(state, self.handover)
+
+    def owned_externally(self, state: DiskState | None) -> bool:
+        """Whether cbtstream's planner must leave this disk to its external copier."""
+        return (state is not None and (state.owner == EXTERNAL or _listed(state, self.external))
+                and not self.handed_over(state))
 
 
 # -- which disk -------------------------------------------------------------------------------
@@ -163,14 +175,14 @@ def commit_for(row: DiskState, req: StoreRequest, now: datetime) -> ChangeIdComm
 
 
 def check_external(state: DiskState | None, ev: ChangeIdCommitted,
-                   handover: Sequence[str]) -> GuardResult:
+                   ownership: Ownership) -> GuardResult:
     """May the table apply an external commit? The rules of the module docstring."""
     if state is None:
         return GuardResult(Verdict.REFUSE, "unknown disk")
     if state.commit_event_id == ev.event_id or (
             state.commit_sync_id == ev.sync_id and state.change_id == ev.change_id):
         return GuardResult(Verdict.DUPLICATE, "already applied")
-    if handed_over(state, handover):
+    if ownership.handed_over(state):
         return GuardResult(Verdict.REFUSE, "the disk was handed over to cbtstream's copier")
     if state.running is not None:
         return GuardResult(Verdict.REFUSE, f"cbtstream is syncing this disk "
@@ -190,13 +202,13 @@ def check_external(state: DiskState | None, ev: ChangeIdCommitted,
 
 
 def store(rows: Iterable[DiskState], req: StoreRequest, now: datetime,
-          handover: Sequence[str]) -> tuple[Answer, ChangeIdCommitted | None]:
+          ownership: Ownership) -> tuple[Answer, ChangeIdCommitted | None]:
     """The answer to a store call and the commit to publish (None: nothing to publish)."""
     found = locate(rows, req)
     if isinstance(found, Answer):
         return found, None
     ev = commit_for(found, req, now)
-    verdict = check_external(found, ev, handover)
+    verdict = check_external(found, ev, ownership)
     if verdict.verdict == Verdict.REFUSE:
         return _error(409, "Change ID not stored", verdict.detail,
                       disk_id=found.disk.disk_id, current_change_id=found.change_id or ""), None
@@ -213,11 +225,11 @@ def stored_answer(req: StoreRequest, row: DiskState, ev: ChangeIdCommitted) -> A
 
 # -- the table's side ----------------------------------------------------------------------------
 def apply_external(state: DiskState | None, ev: ChangeIdCommitted, now: datetime,
-                   handover: Sequence[str]) -> tuple[DiskState | None, list[SyncFailed]]:
+                   ownership: Ownership) -> tuple[DiskState | None, list[SyncFailed]]:
     """The commit agent's step for an external commit: apply it, drop a duplicate, or refuse it
     with the same ``SyncFailed(lineage_mismatch)`` an internal refusal gets (the audit marks the
     history row refused by its derived id)."""
-    result = check_external(state, ev, handover)
+    result = check_external(state, ev, ownership)
     if result.verdict == Verdict.DUPLICATE:
         return state, []
     if result.verdict == Verdict.REFUSE:

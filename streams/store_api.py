@@ -1,0 +1,157 @@
+"""The change-ID write API, for external copiers (the seed's migratekit forks), on the worker's
+web server next to the read API (``streams.api``):
+
+``POST /api/v1/replications/{job_id}/changeid``
+    The seed's store call. Body ``{"change_id", "disk_id", "previous_change_id"}`` (plus
+    optional ``vm_path``, also accepted as ``?vm_path=``, and ``replication_type``); answers the
+    seed's ``{"job_id", "disk_id", "change_id", "message": "ChangeID stored successfully"}``
+    (with ``disk_key`` and ``commit_event_id``), or the seed's error shape
+    ``{"error", "details"}``: 400 bad body, 404 unknown VM or disk, 409 multi-disk VM without
+    ``disk_id`` (with ``disk_ids``), stale ``previous_change_id`` or broken lineage (with
+    ``current_change_id``), a disk cbtstream syncs or was handed over to it.
+``POST /api/v1/disks/{vm uuid}/disk-{key}/commits``
+    The per-disk variant (``schemas.api.DiskCommitRequest``), same checks and answers.
+
+The rules are :mod:`streams.external` (pure). An accepted call is published as a
+``ChangeIdCommitted`` (``origin: external``) to ``cbt.changeid.committed``; the answer waits until
+the table applied it (the commit agent re-checks it: the table, not this handler, is the
+authority), 202 if that takes longer than :data:`APPLY_WAIT_S`. The same call again finds it
+applied and answers the same without publishing. Like the VM-wide read endpoints, these need
+the whole table on this worker (503 when it is spread over several), since Faust's request
+router does not forward request bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from faust.web import View
+from pydantic import ValidationError
+
+from schemas.api import DiskCommitRequest, StoreChangeIdRequest
+from schemas.disk import parse_disk_key
+from schemas.events import ChangeIdCommitted, utcnow
+from streams.external import Answer, Ownership, StoreRequest, check_external, store
+from streams.guard import Verdict
+from streams.state import DiskState
+
+log = logging.getLogger("cbtstream.api")
+
+#: How long a store call waits for the table to apply its commit before answering 202.
+APPLY_WAIT_S = 10.0
+#: Largest request body read (a store call is a few hundred bytes).
+MAX_BODY = 64 * 1024
+
+
+def _error(status: int, message: str, details: str) -> Answer:
+    return Answer(status, {"error": message, "details": details})
+
+
+def parse_store(job_id: str, body: bytes, query_vm_path: str | None, client: str | None
+                ) -> StoreRequest | Answer:
+    """The seed's body as a :class:`StoreRequest` (400 for anything malformed)."""
+    try:
+        req = StoreChangeIdRequest.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        return _error(400, "Invalid request body", _first_error(exc))
+    if not job_id or len(job_id) > 256:
+        return _error(400, "Missing job_id parameter", "job_id path parameter is required")
+    return StoreRequest(job_id=job_id, change_id=req.change_id,
+                        previous_change_id=req.previous_change_id,
+                        replication_type=req.replication_type, disk_id=req.disk_id,
+                        vm_path=req.vm_path or query_vm_path or None, client=client)
+
+
+def parse_disk_commit(vm: str, disk_id: str, body: bytes, client: str | None
+                      ) -> StoreRequest | Answer:
+    key = f"{vm.lower()}/{disk_id}"
+    try:
+        parse_disk_key(key)
+        req = DiskCommitRequest.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        return _error(400, "Invalid request body", _first_error(exc))
+    except ValueError as exc:
+        return _error(404, "Disk not found", str(exc))
+    return StoreRequest(job_id=req.job_id, change_id=req.change_id,
+                        previous_change_id=req.previous_change_id,
+                        replication_type=req.replication_type, disk_key=key, client=client,
+                        bytes_copied=req.bytes_copied)
+
+
+def _first_error(exc: ValidationError) -> str:
+    e = exc.errors()[0]
+    where = ".".join(str(p) for p in e.get("loc", ())) or "body"
+    return f"{where}: {e.get('msg', 'invalid')}"[:500]
+
+
+class StoreService:
+    """Runs store calls against the table and waits for the table to apply them."""
+
+    def __init__(self, rows: Callable[[], list[DiskState]],
+                 row: Callable[[str], DiskState | None],
+                 send: Callable[[ChangeIdCommitted], Awaitable[None]],
+                 ownership: Ownership, *, wait_s: float = APPLY_WAIT_S) -> None:
+        self._rows, self._row, self._send = rows, row, send
+        self.ownership = ownership
+        self.wait_s = wait_s
+
+    async def store(self, req: StoreRequest) -> Answer:
+        answer, ev = store(self._rows(), req, utcnow(), self.ownership)
+        log.info("changeid store", extra={"job_id": req.job_id[:64], "status": answer.status,
+                                          "disk_id": (req.disk_id or req.disk_key or "")[:80]})
+        if ev is None:
+            return answer
+        await self._send(ev)
+        deadline = time.monotonic() + self.wait_s
+        while time.monotonic() < deadline:
+            row = self._row(ev.disk.key)
+            if row is not None and row.commit_event_id == ev.event_id:
+                return answer
+            verdict = check_external(row, ev, self.ownership)
+            if verdict.verdict == Verdict.REFUSE:  # another commit got there first
+                return Answer(409, {"error": "Change ID not stored", "details": verdict.detail,
+                                    "current_change_id": (row.change_id if row else "") or ""})
+            await asyncio.sleep(0.05)
+        body = dict(answer.body, message="ChangeID accepted; the table has not applied it yet")
+        return Answer(202, body)
+
+
+def register_store_api(app: Any, service: StoreService, *, spread: Callable[[], bool],
+                       authorized: Callable[[str | None], bool]) -> None:
+    """Add the POST endpoints to the worker's Faust web server."""
+
+    async def respond(view: Any, request: Any, make: Callable[[bytes, str | None],
+                                                                StoreRequest | Answer]) -> Any:
+        if not authorized(request.headers.get("Authorization")):
+            return view.json({"error": "Unauthorized",
+                              "details": "Authorization: Bearer <token> required"},
+                             status=401, headers={"WWW-Authenticate": "Bearer"})
+        if spread():
+            answer = _error(503, "Table spread over several workers",
+                            "store calls need the whole table on one worker; run one worker")
+            return view.json(answer.body, status=answer.status)
+        body = await request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            return view.json(_error(413, "Request body too large", f"at most {MAX_BODY} bytes"
+                                    ).body, status=413)
+        peer = request.remote if isinstance(getattr(request, "remote", None), str) else None
+        made = make(body, peer)
+        answer = made if isinstance(made, Answer) else await service.store(made)
+        return view.json(answer.body, status=answer.status)
+
+    async def store_changeid(self: Any, request: Any, job_id: str) -> Any:
+        return await respond(self, request, lambda body, peer: parse_store(
+            job_id, body, request.query.get("vm_path"), peer))
+
+    async def disk_commit(self: Any, request: Any, vm: str, disk_id: str) -> Any:
+        return await respond(self, request,
+                             lambda body, peer: parse_disk_commit(vm, disk_id, body, peer))
+
+    app.page("/api/v1/replications/{job_id}/changeid", name="api_store_changeid")(
+        type("StoreChangeId", (View,), {"post": store_changeid}))
+    app.page("/api/v1/disks/{vm}/{disk_id}/commits", name="api_disk_commits")(
+        type("DiskCommits", (View,), {"post": disk_commit}))
