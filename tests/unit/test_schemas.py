@@ -18,7 +18,7 @@ from schemas import (
 )
 from schemas.codec import EventDecodeError, dead_letter_record, decode, encode
 from schemas.jsonschema import drift, render_all
-from schemas.topics import ALL_TOPICS, topic_for
+from schemas.topics import ALL_TOPICS, CONTROL_TOPICS, topic_for
 from tests.unit.factories import EPOCH_A, VM, disk, snap
 
 
@@ -28,8 +28,8 @@ def test_committed_json_schemas_match_the_models() -> None:
 
 def test_every_event_type_has_a_schema_and_a_topic() -> None:
     names = render_all()
-    assert len(names) == 10
-    for spec in ALL_TOPICS:
+    assert len(names) == 11
+    for spec in (*ALL_TOPICS, *CONTROL_TOPICS):
         for model in spec.value_types:
             assert any(model.__name__.lower() in n.replace("_", "") for n in names)
 
