@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
 
 from cbtstream.config import KafkaSettings
-from cbtstream.kafka import client_kwargs, topic_name
+from cbtstream.kafka import client_kwargs, topic_name, topic_partitions
 from schemas.events import ChangeIdFence
 from schemas.topics import FENCES
 
@@ -78,17 +78,18 @@ class FenceBook:
         await consumer.start()
         try:
             name = topic_name(FENCES, self.settings)
-            parts = consumer.partitions_for_topic(name)
-            for _ in range(50):
-                if parts:
-                    break
-                await asyncio.sleep(0.2)
-                await consumer.topics()  # refreshes the metadata (a topic just created)
-                parts = consumer.partitions_for_topic(name)
-            tps = [TopicPartition(name, p) for p in sorted(parts or ())]
+            try:
+                tps = await topic_partitions(consumer, name, timeout_s=10.0)
+            except LookupError:
+                # No fence was ever possible (`cbtstream topics create` makes the topic): plan
+                # without fences, and look again later.
+                log.warning("fence topic missing; planning without fences", extra={"topic": name})
+                self._ready.set()
+                await asyncio.sleep(30.0)
+                return
             consumer.assign(tps)
             await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps) if tps else {}
+            end = await consumer.end_offsets(tps)
             while True:
                 if not self._ready.is_set() and await _positions_reached(consumer, end):
                     self._ready.set()
