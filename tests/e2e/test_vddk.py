@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,15 @@ pytestmark = pytest.mark.integration
 
 
 def nbdkits(run_dir: Path) -> list[int]:
+    """The live nbdkits of exports under ``run_dir``."""
     pids = []
     for pidfile in run_dir.glob("*/nbdkit.pid"):
         try:
-            pids.append(int(pidfile.read_text()))
+            pid = int(pidfile.read_text())
+            os.kill(pid, 0)
         except (OSError, ValueError):
             continue
+        pids.append(pid)
     return pids
 
 
@@ -39,8 +43,12 @@ async def test_nbdkit_killed_mid_copy_is_retried_then_committed(
     scenario: Scenario, pipeline: Pipeline
 ) -> None:
     assert pipeline.settings.copier.exports == "vddk"
-    run_dir = pipeline.settings.copier.vddk.run_dir
-    assert run_dir is not None
+    # A folder of this test's own (short: unix socket paths), so no other test's exports count.
+    run_dir = Path(tempfile.mkdtemp(prefix="vddk-", dir="/tmp"))
+    vddk = pipeline.settings.copier.vddk.model_copy(update={"run_dir": run_dir})
+    own = pipeline.settings.copier.model_copy(update={
+        "vddk": vddk, "nbd_allow": (*pipeline.settings.copier.nbd_allow, f"unix:{run_dir}/")})
+    pipeline.settings = pipeline.settings.model_copy(update={"copier": own})
     vm = await scenario.create_vm(random_name("e2e-vddk"), [64 * MiB])
     (key,) = [d.key for d in vm.disks]
     await scenario.write(initial_fill(scenario.rng, key, vm.disks[0].capacity, fraction=0.9))

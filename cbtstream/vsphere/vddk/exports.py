@@ -105,6 +105,7 @@ class VddkExports:
             raise VddkUnavailable(f"{self.vddk.nbdkit} not found: install Debian's nbdkit "
                                   "(apt-get install nbdkit)") from exc
         out, _ = await proc.communicate()
+        await asyncio.to_thread(remove_stale, self.run_dir)
         self.plugin_info = check_dump(self.vddk, proc.returncode or 0,
                                       out.decode(errors="replace"))
         probe_socket = str(self.run_dir / "xxxxxxxxxxxxxxxx" / "nbd.sock")
@@ -239,6 +240,24 @@ class VddkExports:
             except OSError as exc:
                 raise VddkStartFailed(f"cannot reach {server}:{port}: {exc}") from exc
         return server, port, self._thumbprints[key]
+
+
+def remove_stale(run_dir: Path) -> None:
+    """Remove the folders of exports whose nbdkit is gone (a copier killed with SIGKILL leaves
+    its folder; ``--exit-with-parent`` already ended its nbdkit). Folders of live nbdkits, e.g.
+    of another copier sharing the folder, are left alone."""
+    import shutil
+
+    if not run_dir.is_dir():
+        return
+    for sub in run_dir.iterdir():
+        try:
+            pid = int((sub / "nbdkit.pid").read_text().strip())
+            os.kill(pid, 0)
+            continue  # still running
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(sub, ignore_errors=True)
 
 
 def default_stand_in() -> Path:
