@@ -25,6 +25,7 @@ COMMANDS: tuple[str, ...] = (
     "cbtstream.commands.copier",
     "cbtstream.commands.replay",
     "cbtstream.commands.status",
+    "cbtstream.commands.fence",
     "cbtstream.commands.audit",
     "cbtstream.commands.db",
     "cbtstream.commands.publish",

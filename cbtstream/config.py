@@ -144,6 +144,52 @@ class TargetMapping(BaseModel):
         return self
 
 
+class VddkSettings(BaseModel):
+    """How the copier starts ``nbdkit vddk`` per (disk, VM snapshot) (``copier.exports =
+    "vddk"``; see ``cbtstream/vsphere/vddk/``). Credentials are the ``[vsphere]`` ones: the
+    password reaches nbdkit by an inherited pipe (``password=-FD``) or, with ``password_file``,
+    as ``password=+FILE`` that nbdkit reads itself; it is never on a command line."""
+
+    model_config = _Frozen
+
+    #: The nbdkit plugin: a name (``vddk``, the real plugin), the path of a plugin ``.so``, or
+    #: the path of a Python plugin script (``.py``, run as ``nbdkit python SCRIPT``: the
+    #: project's stand-in for tests, ``devstack/nbdkit-vddk/vddk_standin.py``).
+    plugin: str = "vddk"
+    #: The nbdkit program.
+    nbdkit: str = "nbdkit"
+    #: Where VDDK is unpacked (``vmware-vix-disklib-distrib``); passed as ``libdir=``.
+    libdir: Path | None = None
+    #: VDDK's own configuration file (log levels, NFC timeouts); passed as ``config=``.
+    config: Path | None = None
+    #: ``compression=`` between VDDK and ESXi (vSphere >= 6.5); unset: VDDK's default (none).
+    compression: Literal["none", "zlib", "fastlz", "skipz"] | None = None
+    #: VDDK transport modes in order of preference; network modes suit a copier outside the
+    #: cluster (``hotadd``/``san`` need a proxy VM or SAN access).
+    transports: str = "nbdssl:nbd"
+    #: ``vcenter``: VDDK logs in to the vCenter of ``vsphere.url``; ``host``: directly to the
+    #: VM's ESXi host (its name and ``summary.config.sslThumbprint`` read from vCenter).
+    connect: Literal["vcenter", "host"] = "vcenter"
+    #: Override the server VDDK connects to (default: the host of ``vsphere.url``).
+    server: str | None = None
+    #: Override the port (default: the port of ``vsphere.url``; 443 is not passed).
+    port: int | None = Field(default=None, ge=1, le=65535)
+    #: The server's SHA-1 thumbprint (``AA:BB:...``). Unset: taken from the certificate of a
+    #: TLS connection verified like the vSphere client's (never from an unverified one).
+    thumbprint: str | None = Field(default=None, pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){19}$")
+    #: VDDK's login (default: ``vsphere.username``).
+    user: str | None = None
+    #: A file holding VDDK's password, passed to nbdkit as ``password=+FILE`` (it reads the
+    #: file itself). Unset: ``vsphere.password`` through a pipe (``password=-FD``).
+    password_file: Path | None = None
+    #: Private folder (0700) of the unix sockets, pidfiles and logs of the running nbdkits
+    #: (default: ``<copier.state_dir>/vddk``). ``copier.nbd_allow`` must allow
+    #: ``unix:<run_dir>/``. Unix socket paths are limited to 107 bytes: keep it short.
+    run_dir: Path | None = None
+    #: Seconds nbdkit may take to write its pidfile and answer the probe connection.
+    start_timeout_s: float = Field(default=60.0, gt=0)
+
+
 class CopierSettings(BaseModel):
     """Where replicas may be written and which NBD sources may be read."""
 
@@ -177,10 +223,11 @@ class CopierSettings(BaseModel):
     state_dir: Path = Path(".stack/copier")
     #: Parallel NBD connections per source disk.
     nbd_connections: int = Field(default=2, ge=1, le=16)
-    #: Where snapshot disks are exported over NBD. "simulator": ask the vcsim-cbt side channel
-    #: (development and tests); production resolvers (nbdkit vddk) plug in at
-    #: ``cbtstream.vsphere.exports.ExportResolver``.
-    exports: Literal["simulator"] = "simulator"
+    #: Where snapshot disks are exported over NBD: "vddk" starts ``nbdkit vddk`` per disk and
+    #: snapshot (production; see ``copier.vddk``); "simulator" asks the vcsim-cbt side channel
+    #: (development). Both are ``cbtstream.vsphere.exports.ExportResolver``.
+    exports: Literal["simulator", "vddk"] = "simulator"
+    vddk: VddkSettings = VddkSettings()
     #: Save a resume checkpoint after at least this many bytes (each save flushes the target).
     checkpoint_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     #: Read rate limit per disk copy in bytes/s, to spare a WAN link or a busy datastore
@@ -322,7 +369,9 @@ def to_env(settings: Settings) -> dict[str, str]:
             value = getattr(model, field)
             if value is None:
                 continue
-            if isinstance(value, SecretStr):
+            if isinstance(value, BaseModel):  # a nested section (copier.vddk): JSON
+                value = value.model_dump_json(exclude_none=True)
+            elif isinstance(value, SecretStr):
                 value = value.get_secret_value()
             if isinstance(value, list | tuple):
                 value = json.dumps([v.model_dump(mode="json", exclude_none=True)

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from cbtstream.config import KafkaSettings
 from cbtstream.errors import CbtStreamError, TransientError
 from schemas.codec import MAX_REQUEST_BYTES, Headers, encode
-from schemas.topics import ALL_TOPICS, TopicSpec, topic_for
+from schemas.topics import ALL_TOPICS, CONTROL_TOPICS, TopicSpec, topic_for
 
 
 class KafkaUnavailable(TransientError):
@@ -191,7 +191,7 @@ async def create_topics(settings: KafkaSettings, extra: dict[str, int] | None = 
                 replication_factor=settings.replication_factor,
                 topic_configs=dict(spec.config),
             )
-            for spec in ALL_TOPICS
+            for spec in (*ALL_TOPICS, *CONTROL_TOPICS)
             if topic_name(spec, settings) not in existing
         ]
         if new:

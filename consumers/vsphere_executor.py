@@ -161,7 +161,10 @@ class VSphereExecutor:
             vm = await self._vm(plan.disk.vm_instance_uuid)
             rtype, reason, extents, zero_rest = await self.changed_extents(
                 vm, plan, session.admission)
-            uri = await self.exports.nbd_uri(plan.disk, plan.vm_snapshot)
+            # The export is held until the sync ends or is cancelled (a VDDK export is an
+            # nbdkit process, stopped when the stack unwinds).
+            export = await stack.enter_async_context(
+                self.exports.export(plan.disk, plan.vm_snapshot))
             # Only now, with the VM, snapshot and export known to exist (so a forged plan leaves
             # no file behind), take the replica's lock and admit the plan again under it: a
             # verify or another copier may have changed the record meanwhile.
@@ -172,9 +175,9 @@ class VSphereExecutor:
                                   "being prepared; retrying")
             session = again
             source = await stack.enter_async_context(open_nbd_source(
-                uri,
+                export.uri,
                 self.settings.copier.nbd_allow,
-                connections=self.settings.copier.nbd_connections,
+                connections=export.connections(self.settings.copier.nbd_connections),
                 tls_context=nbd_tls_context(self.settings.copier),
             ))
             if nbd_target is not None:
@@ -260,11 +263,16 @@ class VSphereExecutor:
 
 
 async def build_vsphere_executor(settings: Settings) -> VSphereExecutor:
-    """The production composition: a connected vSphere client and the configured exports."""
-    from cbtstream.vsphere.exports import SimulatorExports
-    from cbtstream.vsphere.simctl import SimulatorControl
+    """The production composition: a connected vSphere client and the configured exports,
+    started (a VDDK plugin that does not load stops the copier here, with the reason)."""
+    from cbtstream.vsphere.exports import build_exports
 
     client = VSphereClient(settings.vsphere)
     await client.start()
-    control = SimulatorControl.from_state(settings.stack.dir.resolve() / "vcsim")
-    return VSphereExecutor(settings, client, SimulatorExports(control))
+    exports = build_exports(settings, client)
+    try:
+        await exports.start()
+    except BaseException:
+        await client.stop()
+        raise
+    return VSphereExecutor(settings, client, exports)

@@ -49,9 +49,11 @@ def default_snapshot_name(now: datetime | None = None) -> str:
     return f"cbtstream-{(now or datetime.now(UTC)).strftime('%Y%m%dT%H%M%SZ')}"
 
 
-def snapshot_events(vcenter: str, info: SnapshotInfo) -> list[SnapshotTaken]:
+def snapshot_events(vcenter: str, info: SnapshotInfo,
+                    esxi_host: str | None = None) -> list[SnapshotTaken]:
     """The ``SnapshotTaken`` events of one snapshot, one per disk (pure). Each names every disk
-    of the snapshot, so the pipeline can remove it once all of them are synced."""
+    of the snapshot, so the pipeline can remove it once all of them are synced, and the ESXi
+    host the VM ran on (change-ID fences may name hosts)."""
     keys = tuple(disk.device_key for disk, _ in info.disks)
     return [
         SnapshotTaken(
@@ -64,6 +66,7 @@ def snapshot_events(vcenter: str, info: SnapshotInfo) -> list[SnapshotTaken]:
             change_id=change_id,
             taken_at=info.created,
             snapshot_device_keys=keys,
+            esxi_host=esxi_host,
         )
         for disk, change_id in info.disks
     ]
@@ -87,7 +90,8 @@ async def snapshot_and_publish(
     ref = await resolve_vm(client, vm)
     info = await client.create_snapshot(ref, name or default_snapshot_name(), quiesce=quiesce,
                                         description=description)
-    events = snapshot_events(client.vcenter, info)
+    host = await client.vm_host(ref)
+    events = snapshot_events(client.vcenter, info, host.name or None)
     for event in events:
         with bind_disk(event.disk.key):
             await publisher.publish(event)

@@ -77,6 +77,10 @@ class _Unchecked:
 _UNCHECKED = _Unchecked()
 
 
+#: Event types that are not about one disk (decoded elsewhere: dead letters, fences).
+_NOT_DISK_EVENTS = ("DeadLetter", "ChangeIdFence")
+
+
 def decode(
     value: bytes | str | None,
     key: bytes | str | _Unchecked | None = _UNCHECKED,
@@ -99,7 +103,7 @@ def decode(
     if not isinstance(raw, dict):
         raise EventDecodeError(f"value is JSON {type(raw).__name__}, not an object")
     etype = raw.get("event_type")
-    if not isinstance(etype, str) or etype not in EVENT_TYPES or etype == "DeadLetter":
+    if not isinstance(etype, str) or etype not in EVENT_TYPES or etype in _NOT_DISK_EVENTS:
         raise EventDecodeError(f"unknown event_type {str(etype)[:64]!r}")
     try:
         event = DISK_EVENT_ADAPTER.validate_python(raw)

@@ -15,7 +15,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 from schemas.changeid import ChangeId
 from schemas.disk import MAX_TEXT, DiskRef
@@ -64,6 +72,9 @@ class FullReason(StrEnum):
     REPLICA_MISMATCH = "replica_mismatch"
     # An external copier (the seed's migratekit, through the change-ID API) declared a full copy.
     EXTERNAL_FULL_COPY = "external_full_copy"
+    # An operator fence (``cbtstream fence``, ``ChangeIdFence``) says the committed change ID
+    # cannot be trusted (e.g. a CBT bug such as VMware KB 317933 before a patch).
+    FENCED = "fenced"
 
 
 def _check_change_id(value: str | None) -> str | None:
@@ -105,6 +116,11 @@ class SnapshotTaken(_Event):
         "removes the snapshot once every one of them is synced (or failed, or superseded); "
         "null: the publisher manages the snapshot's lifetime.",
     )
+
+    esxi_host: str | None = Field(
+        default=None, max_length=MAX_TEXT,
+        description="Name of the ESXi host the VM ran on when the snapshot was taken (fences "
+        "may name it); null when unknown (upstream publishers).")
 
     _v_change_id = field_validator("change_id")(_check_change_id)
 
@@ -255,6 +271,52 @@ class ReplicaMismatch(_ReplicaCheck):
     bad_leaves: int = Field(default=0, ge=0, description="1 MiB leaves that differ.")
 
 
+class FenceScope(StrEnum):
+    """What a change-ID fence covers."""
+
+    VM = "vm"
+    HOST = "host"
+    VCENTER = "vcenter"
+    ALL = "all"
+
+
+class ChangeIdFence(BaseModel):
+    """An operator's statement that change IDs issued before ``before`` within a scope cannot
+    be trusted (a CBT bug such as VMware KB 317933 until a patch date). Keyed
+    ``fence/<fence_id>`` on the compacted ``cbt.changeid.fences``; the latest record per fence
+    wins, and ``revoked`` ends a fence."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_type: Literal["ChangeIdFence"] = "ChangeIdFence"
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+    fence_id: uuid.UUID
+    scope: FenceScope
+    target: str | None = Field(
+        default=None, max_length=MAX_TEXT,
+        description="VM (instance uuid, inventory path or name), ESXi host name, or vCenter "
+        "host[:port]; null for scope all.")
+    before: AwareDatetime = Field(
+        description="Change IDs of snapshots taken before this time are untrusted.")
+    reason: str = Field(min_length=1, max_length=MAX_TEXT)
+    revoked: bool = False
+
+    @model_validator(mode="after")
+    def _target_and_time(self) -> ChangeIdFence:
+        if (self.target is None) != (self.scope == FenceScope.ALL):
+            raise ValueError("a fence names a target unless its scope is 'all'")
+        if self.before > self.occurred_at:
+            raise ValueError("a fence's time must not be in the future: every sync would be "
+                             "full until then")
+        return self
+
+    @property
+    def key(self) -> str:
+        return f"fence/{self.fence_id}"
+
+
 class DeadLetter(BaseModel):
     """A record that could not be decoded or validated, kept whole with where it came from."""
 
@@ -302,6 +364,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
         ReplicaVerified,
         ReplicaMismatch,
         DeadLetter,
+        ChangeIdFence,
     )
 }
 

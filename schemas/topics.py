@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from schemas.events import (
     ChangeIdCommitted,
+    ChangeIdFence,
     DeadLetter,
     ReplicaMismatch,
     ReplicaVerified,
@@ -93,6 +94,19 @@ DEADLETTER = TopicSpec(
     "Records that could not be decoded or validated, with their origin and the error.",
 )
 
+FENCES = TopicSpec(
+    "cbt.changeid.fences",
+    (ChangeIdFence,),
+    # Compacted: the latest record per fence id lives forever, so a restarted planner reads
+    # every fence back (a revoked fence is a record with revoked=true, kept for the history).
+    {"cleanup.policy": "compact"},
+    "Operator fences: change IDs issued before a time within a scope are untrusted.",
+)
+
+#: Topics of the pipeline's control plane, read whole by the planner (not disk events: the
+#: audit consumer and the replay's disk history do not read them).
+CONTROL_TOPICS: tuple[TopicSpec, ...] = (FENCES,)
+
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     SNAPSHOT_TAKEN,
     SYNC_PLANNED,
@@ -107,7 +121,7 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
 
 def topic_for(event: BaseModel) -> TopicSpec:
     """The topic an event is published to."""
-    for spec in ALL_TOPICS:
+    for spec in (*ALL_TOPICS, *CONTROL_TOPICS):
         if isinstance(event, spec.value_types):
             return spec
     raise LookupError(f"no topic carries {type(event).__name__}")

@@ -62,6 +62,7 @@ from schemas.topics import (
 )
 from streams import external, lifecycle, planner
 from streams.api import authorized, register_api
+from streams.fences import FenceBook
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import register_metrics
 from streams.state import DiskState, from_json, to_json
@@ -148,6 +149,9 @@ class Planner:
             partitions=k.partitions, internal=True,
         )
         self.app.agent(self.lifecycle_topic, name="on_snapshot_lifecycle")(self._lifecycle_agent)
+        #: Every change-ID fence (streams/fences.py), read for the worker's lifetime.
+        self.fences = FenceBook(k)
+        self.app.task(self.fences.run)
         self._agent(SNAPSHOT_TAKEN, (SnapshotTaken,), self._on_snapshot)
         self._agent(CHANGEID_COMMITTED, (ChangeIdCommitted,), self._on_commit)
         self._agent(SYNC_FAILED, (SyncFailed,), self._on_failed)
@@ -291,21 +295,23 @@ class Planner:
 
     async def _on_snapshot(self, key: bytes, ev: SnapshotTaken) -> None:
         before = self.row(key)
+        await self.fences.wait_ready()
         if before is not None and self.ownership.owned_externally(before):
             skipped, superseded = external.skip_snapshot(before, ev)
             await self._step(key, before, skipped, list(superseded), ev)
             return
-        after, out = planner.on_snapshot(before, ev, datetime.now(UTC))
+        after, out = planner.on_snapshot(before, ev, datetime.now(UTC), self.fences.active())
         await self._step(key, before, after, list(out), ev)
 
     async def _on_commit(self, key: bytes, ev: ChangeIdCommitted) -> None:
         before = self.row(key)
+        await self.fences.wait_ready()
         if ev.origin == external.EXTERNAL:
             applied, refused = external.apply_external(before, ev, datetime.now(UTC),
                                                        self.ownership)
             await self._step(key, before, applied, list(refused))
             return
-        after, out = planner.on_commit(before, ev, datetime.now(UTC))
+        after, out = planner.on_commit(before, ev, datetime.now(UTC), self.fences.active())
         if after is not None and after.commit_event_id == ev.event_id and after != before:
             log.info("commit applied", extra={"change_id": ev.change_id,
                                               "sync_id": str(ev.sync_id)})
@@ -313,7 +319,8 @@ class Planner:
 
     async def _on_failed(self, key: bytes, ev: SyncFailed) -> None:
         before = self.row(key)
-        after, out = planner.on_failed(before, ev, datetime.now(UTC))
+        await self.fences.wait_ready()
+        after, out = planner.on_failed(before, ev, datetime.now(UTC), self.fences.active())
         await self._step(key, before, after, list(out))
 
     # -- snapshot lifecycle ---------------------------------------------------------------------

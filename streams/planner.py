@@ -19,6 +19,7 @@ Rules (see docs/architecture.md):
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -26,6 +27,7 @@ from schemas.changeid import ChangeId
 from schemas.disk import DiskRef
 from schemas.events import (
     ChangeIdCommitted,
+    ChangeIdFence,
     FullReason,
     ReplicationType,
     SnapshotTaken,
@@ -34,6 +36,7 @@ from schemas.events import (
     SyncSuperseded,
     stable_event_id,
 )
+from streams.fence import trusted
 from streams.guard import LINEAGE_MISMATCH, Verdict, check_commit
 from streams.state import DiskState, RunningSync, new_state
 
@@ -103,9 +106,13 @@ def next_generation(previous: int, snap: SnapshotTaken) -> int:
     return max(previous + 1, int(snap.taken_at.timestamp() * 1000))
 
 
-def start_sync(state: DiskState, snap: SnapshotTaken, now: datetime) -> tuple[DiskState, Output]:
-    """Plan ``snap`` for a disk with no running sync."""
+def start_sync(state: DiskState, snap: SnapshotTaken, now: datetime,
+               fences: Sequence[ChangeIdFence] = ()) -> tuple[DiskState, Output]:
+    """Plan ``snap`` for a disk with no running sync (a fenced change ID: ``streams.fence``)."""
     d = decide(state.committed_disk, state.change_id, snap)
+    if d.replication_type == ReplicationType.INCREMENTAL and not trusted(
+            fences, state.commit_taken_at or state.committed_at, snap)[0]:
+        d = Decision(ReplicationType.FULL, FullReason.FENCED, None)
     generation = next_generation(state.plan_generation, snap)
     sync_id = stable_event_id("sync", snap.event_id)
     plan = SyncPlanned(
@@ -142,7 +149,8 @@ def start_sync(state: DiskState, snap: SnapshotTaken, now: datetime) -> tuple[Di
 
 
 def on_snapshot(
-    state: DiskState | None, snap: SnapshotTaken, now: datetime
+    state: DiskState | None, snap: SnapshotTaken, now: datetime,
+    fences: Sequence[ChangeIdFence] = (),
 ) -> tuple[DiskState, list[Output]]:
     """A disk was snapshotted: plan it now, or let it wait for the running sync."""
     if state is not None and snap.event_id in state.seen_snapshots:
@@ -152,7 +160,7 @@ def on_snapshot(
         # Older than what the replica already holds: copying it would roll the replica back.
         return state, [_superseded(snap, snap)]
     if state.running is None:
-        state, plan = start_sync(state, snap, now)
+        state, plan = start_sync(state, snap, now, fences)
         return state, [plan]
     if snap.taken_at <= state.running.taken_at:
         return state, [_superseded(snap, snap)]
@@ -163,16 +171,18 @@ def on_snapshot(
     return state.model_copy(update={"waiting": snap}), out
 
 
-def _finish(state: DiskState, now: datetime, out: list[Output]) -> tuple[DiskState, list[Output]]:
+def _finish(state: DiskState, now: datetime, out: list[Output],
+            fences: Sequence[ChangeIdFence] = ()) -> tuple[DiskState, list[Output]]:
     """The running sync ended; start the waiting snapshot, if any."""
     if state.waiting is None:
         return state, out
-    state, plan = start_sync(state, state.waiting, now)
+    state, plan = start_sync(state, state.waiting, now, fences)
     return state, [*out, plan]
 
 
 def on_commit(
-    state: DiskState | None, ev: ChangeIdCommitted, now: datetime
+    state: DiskState | None, ev: ChangeIdCommitted, now: datetime,
+    fences: Sequence[ChangeIdFence] = (),
 ) -> tuple[DiskState | None, list[Output]]:
     """Apply a commit through the guard; refused commits become ``SyncFailed``."""
     result = check_commit(state, ev)
@@ -191,7 +201,7 @@ def on_commit(
         if state is not None and state.running is not None and state.running.sync_id == ev.sync_id:
             # The running sync produced a commit we cannot apply: that sync is over.
             released = state.model_copy(update={"running": None, "last_failure": LINEAGE_MISMATCH})
-            return _finish(released, now, [failed])
+            return _finish(released, now, [failed], fences)
         return state, [failed]
     assert state is not None and state.running is not None  # guaranteed by ACCEPT
     applied = state.model_copy(
@@ -209,14 +219,15 @@ def on_commit(
             "last_failure": None,
         }
     )
-    return _finish(applied, now, [])
+    return _finish(applied, now, [], fences)
 
 
 def on_failed(
-    state: DiskState | None, ev: SyncFailed, now: datetime
+    state: DiskState | None, ev: SyncFailed, now: datetime,
+    fences: Sequence[ChangeIdFence] = (),
 ) -> tuple[DiskState | None, list[Output]]:
     """A sync failed: release the disk if it was the running one, then start what waits."""
     if state is None or state.running is None or state.running.sync_id != ev.sync_id:
         return state, []
     released = state.model_copy(update={"running": None, "last_failure": ev.reason})
-    return _finish(released, now, [])
+    return _finish(released, now, [], fences)

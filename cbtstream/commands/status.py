@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
+    import itertools
+    from typing import Any
 
     from rich.console import Console
 
@@ -32,18 +34,26 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from cbtstream.replay.reader import StageLag, StartAt, consumer_lag, pipeline_stages
     from cbtstream.replay.run import load
     from cbtstream.replay.status import DiskStatus, disk_status
+    from streams.fences import read_fences
 
-    async def gather() -> tuple[list[DiskStatus], list[StageLag]]:
+    async def gather() -> tuple[list[DiskStatus], list[StageLag], list[Any]]:
         result = await load(settings, StartAt(), disk=args.disk, vm=args.vm)
         lags = await consumer_lag(settings.kafka, pipeline_stages(settings))
-        return [disk_status(d) for d in result.disks.values()], list(lags)
+        fences = await read_fences(settings.kafka)
+        return [disk_status(d) for d in result.disks.values()], list(lags), fences
 
-    rows, lags = asyncio.run(gather())
+    rows, lags, fences = asyncio.run(gather())
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # logs and pipes: one line per row
+    # Change-ID fences (cbtstream fence): each line is one fence, as published.
+    fence_lines = ({"fence": f.model_dump(mode="json")} for f in fences)
     if args.json:
-        render.print_json(console, render.status_json(rows, lags))
+        render.print_json(console, itertools.chain(render.status_json(rows, lags), fence_lines))
     else:
         render.print_status(console, rows, lags)
+        for f in fences:
+            state = "revoked" if f.revoked else "active"
+            console.print(f"fence {f.fence_id} [{state}] {f.scope} {f.target or '*'}: change IDs "
+                          f"before {f.before.isoformat()} untrusted ({f.reason})")
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -160,19 +161,19 @@ async def _hash_source(settings: Settings, row: Any, held: Any, capacity: int) -
     if row is None:
         return None
     from cbtstream.tls import nbd_tls_context
-    from cbtstream.vsphere.exports import ExportNotFound, SimulatorExports
-    from cbtstream.vsphere.simctl import SimulatorControl
+    from cbtstream.vsphere.exports import ExportNotFound, open_exports
     from consumers.copy.sources import open_nbd_source
     from consumers.replica.verify import tree_of
 
-    exports = SimulatorExports(SimulatorControl.from_state(settings.stack.dir.resolve()
-                                                           / "vcsim"))
-    try:
-        uri = await exports.nbd_uri(row.disk, held.vm_snapshot)
-    except ExportNotFound:
-        return None
-    async with open_nbd_source(uri, settings.copier.nbd_allow, connections=1,
-                               tls_context=nbd_tls_context(settings.copier)) as src:
+    async with contextlib.AsyncExitStack() as stack:
+        exports = await stack.enter_async_context(open_exports(settings))
+        try:
+            export = await stack.enter_async_context(exports.export(row.disk, held.vm_snapshot))
+        except ExportNotFound:
+            return None
+        src = await stack.enter_async_context(open_nbd_source(
+            export.uri, settings.copier.nbd_allow, connections=1,
+            tls_context=nbd_tls_context(settings.copier)))
         tree = await tree_of(src.read_into, capacity)
     root: str = tree.root()
     return root

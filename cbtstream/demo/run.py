@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Literal
 
 from rich.console import Console
 
@@ -30,10 +31,18 @@ DISK_SIZES = [192 * MiB, 96 * MiB, 48 * MiB]
 CYCLES = 3
 
 
-def stack_settings(settings: Settings) -> Settings:
+def stack_settings(settings: Settings, *,
+                   exports: Literal["simulator", "vddk"] = "vddk") -> Settings:
     """``settings`` pointed at the local stack's simulator (TLS verified with its certificate),
-    with absolute paths so child processes agree with us."""
+    with absolute paths so child processes agree with us.
+
+    Snapshot disks are read the production way (``exports="vddk"``): one ``nbdkit`` per disk
+    and snapshot running the project's stand-in for the vddk plugin, its sockets below
+    ``<stack>/run/vddk`` (short, for unix socket paths), allowed in ``copier.nbd_allow``.
+    ``exports="simulator"`` reads the simulator's own NBD server instead.
+    """
     from cbtstream.stack.vcsim import VcsimService
+    from cbtstream.stack.vddk_standin import STAND_IN
 
     svc = VcsimService(settings)
     try:
@@ -43,10 +52,15 @@ def stack_settings(settings: Settings) -> Settings:
                          "(or `make demo`)") from exc
     vsphere = settings.vsphere.model_copy(
         update={"url": str(info["sdk"]), "cafile": Path(str(info["cert"])), "insecure": False})
+    run_dir = settings.stack.dir.resolve() / "run" / "vddk"
+    vddk = settings.copier.vddk.model_copy(update={"plugin": str(STAND_IN), "run_dir": run_dir})
     copier = settings.copier.model_copy(update={
         "target_root": settings.copier.target_root.resolve(),
         "state_dir": settings.copier.state_dir.resolve(),
         "progress_interval_s": 0.5,
+        "exports": exports,
+        "vddk": vddk,
+        "nbd_allow": (*settings.copier.nbd_allow, f"unix:{run_dir}/"),
     })
     streams = settings.streams.model_copy(update={"data_dir": settings.streams.data_dir.resolve()})
     return settings.model_copy(update={"vsphere": vsphere, "copier": copier, "streams": streams})

@@ -283,7 +283,13 @@ class _DiskReplay:
             self.note(Severity.BREAK, "plan_lineage",
                       f"plan {plan.sync_id} starts from {plan.previous_change_id!r} but the "
                       f"disk's latest applied change ID is {previous!r}", rec.coord, time=rec.time)
-        if (rtype, reason, base) != (plan.replication_type, plan.reason, plan.base_change_id):
+        if plan.reason == FullReason.FENCED and plan.replication_type == ReplicationType.FULL \
+                and plan.base_change_id is None:
+            # An operator fence (cbt.changeid.fences) made it full; a full copy is always safe.
+            self.note(Severity.INFO, "fenced",
+                      f"plan {plan.sync_id} is full because an operator fence distrusts "
+                      f"{plan.previous_change_id!r}", rec.coord, time=rec.time)
+        elif (rtype, reason, base) != (plan.replication_type, plan.reason, plan.base_change_id):
             self.note(Severity.BREAK, "plan_decision",
                       f"plan {plan.sync_id} is {plan.replication_type}/{plan.reason} from "
                       f"{plan.base_change_id!r}; the rules give {rtype}/{reason} from {base!r}",

@@ -80,6 +80,9 @@ def up(settings: Settings, echo: Echo = print) -> list[StartReport]:
                 f"start-to-ready {t2 - t1:.1f}s); {report.endpoint}"
             )
         reports.append(report)
+    from cbtstream.stack import vddk_standin
+
+    echo(f"vddk stand-in: nbdkit loads {vddk_standin.install()}")
     from cbtstream.kafka import create_topics
 
     created = asyncio.run(create_topics(settings.kafka))

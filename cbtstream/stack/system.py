@@ -35,8 +35,13 @@ class Tool:
     package: str
     #: An absolute path to check instead of looking ``name`` up on ``PATH``.
     path: Path | None = None
+    #: A file pattern below ``/usr/lib`` to look for instead (shared objects such as nbdkit
+    #: plugins live in an architecture folder and are not executable).
+    lib_glob: str | None = None
 
     def present(self) -> bool:
+        if self.lib_glob is not None:
+            return any(Path("/usr/lib").glob(self.lib_glob))
         if self.path is not None:
             return os.access(self.path, os.X_OK)
         return shutil.which(self.name) is not None
@@ -51,10 +56,15 @@ NBDKIT = Tool("nbdkit", "nbdkit")
 NBDCOPY = Tool("nbdcopy", "libnbd-bin")
 #: qemu-nbd serves qcow2 files as NBD targets in the replica tests; qemu-img compares them.
 QEMU_NBD = Tool("qemu-nbd", "qemu-utils")
+#: nbdkit's Python plugin runs the project's stand-in for the vddk plugin
+#: (devstack/nbdkit-vddk), which Debian 12 does not ship.
+NBDKIT_PYTHON = Tool("nbdkit-python-plugin", "nbdkit-plugin-python",
+                     lib_glob="*/nbdkit/plugins/nbdkit-python-plugin.so")
 
 #: Everything the project needs on a developer machine or CI, services or not (nbdkit and
 #: libnbd-bin are used by the copier and its tests, qemu-utils by the NBD target tests).
-ALL_TOOLS: tuple[Tool, ...] = (JAVA, MAVEN, KCAT, POSTGRES, PSQL, NBDKIT, NBDCOPY, QEMU_NBD)
+ALL_TOOLS: tuple[Tool, ...] = (JAVA, MAVEN, KCAT, POSTGRES, PSQL, NBDKIT, NBDCOPY, QEMU_NBD,
+                               NBDKIT_PYTHON)
 
 _apt_updated = False
 

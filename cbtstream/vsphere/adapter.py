@@ -88,6 +88,17 @@ class VmRef:
 
 
 @dataclass(frozen=True)
+class HostRef:
+    """The ESXi host a VM runs on: its moref, name (what VDDK connects to directly) and the
+    SHA-1 thumbprint of its certificate as vCenter records it (``summary.config.sslThumbprint``,
+    trusted because it was read over the verified vCenter session)."""
+
+    moref: str
+    name: str
+    thumbprint: str
+
+
+@dataclass(frozen=True)
 class SnapshotInfo:
     """One VM snapshot and, per disk, the disk's identity and change ID as of the snapshot."""
 
@@ -319,6 +330,18 @@ class VSphereClient:
         props = await self._call(self._props, self._vm(vm), ["config.changeTrackingEnabled"],
                                  what=f"read {vm.path}")
         return bool(props.get("config.changeTrackingEnabled"))
+
+    async def vm_host(self, vm: VmRef) -> HostRef:
+        """The host the VM is registered on (``runtime.host``)."""
+        return await self._call(self._vm_host, vm, what=f"read host of {vm.path}")
+
+    def _vm_host(self, vm: VmRef) -> HostRef:
+        host = self._props(self._vm(vm), ["runtime.host"]).get("runtime.host")
+        if host is None:
+            raise VSphereNotFound(f"{vm.path} has no runtime.host")
+        props = self._props(host, ["name", "summary.config.sslThumbprint"])
+        return HostRef(moref=host._moId, name=str(props.get("name") or ""),
+                       thumbprint=str(props.get("summary.config.sslThumbprint") or "").upper())
 
     # -- snapshots ------------------------------------------------------------------------------
     async def create_snapshot(

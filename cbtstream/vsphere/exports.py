@@ -1,22 +1,35 @@
-"""Where the copier reads a snapshot disk: (disk, VM snapshot) -> NBD URI.
+"""Where the copier reads a snapshot disk: (disk, VM snapshot) -> an NBD export, held for the
+duration of one copy.
 
-This is the extension point for production: a resolver for real vSphere would start
-``nbdkit vddk`` for the snapshot's disk (``libdir=... server=... vm=moref=<vm> snapshot=<moref>
-file=<backing file> thumbprint=...``) on a local port, or ask a service that does, and return
-its ``nbd://host:port/export``. The copier checks the returned ``host:port`` against its own
-allow-list; the resolver is not trusted for that.
+:meth:`ExportResolver.export` is an async context manager: entering it makes the export exist
+(and yields its URI), leaving it - the sync ended, failed or was cancelled - releases whatever
+was started for it. The copier checks the URI's endpoint against its own allow-list
+(``copier.nbd_allow``); the resolver is not trusted for that.
 
-:class:`SimulatorExports` asks the simulator's side channel, where one read-only
-``nbdkit file dir=`` serves every frozen snapshot image under its own export name.
+* :class:`SimulatorExports` (``copier.exports = "simulator"``) asks the simulator's side
+  channel, where one read-only ``nbdkit file dir=`` serves every frozen snapshot image under
+  its own export name; nothing to release.
+* :class:`cbtstream.vsphere.vddk.exports.VddkExports` (``"vddk"``, production) starts one
+  ``nbdkit vddk`` per (disk, VM snapshot) and stops it on exit.
+
+:func:`build_exports` and :func:`open_exports` are the one place that chooses between them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from cbtstream.vsphere.simctl import SimulatorControl, SimulatorError
 from schemas.disk import DiskRef
+
+if TYPE_CHECKING:
+    from cbtstream.config import Settings
+    from cbtstream.vsphere.adapter import VSphereClient
 
 
 class ExportNotFound(SimulatorError):
@@ -25,11 +38,33 @@ class ExportNotFound(SimulatorError):
     reason = "export_not_found"
 
 
-class ExportResolver(Protocol):
-    """Resolves the NBD URI of one disk of one VM snapshot."""
+@dataclass(frozen=True)
+class Export:
+    """One disk of one VM snapshot, served read-only over NBD while the export is held."""
 
-    async def nbd_uri(self, disk: DiskRef, vm_snapshot: str) -> str:
-        """``nbd://HOST:PORT/EXPORTNAME`` serving the disk as of the snapshot, read-only."""
+    uri: str
+    #: Most NBD connections the export should get (None: as many as the copier likes).
+    #: A VDDK export takes one: each connection is a VDDK session.
+    max_connections: int | None = None
+
+    def connections(self, wanted: int) -> int:
+        return wanted if self.max_connections is None else max(1, min(wanted,
+                                                                      self.max_connections))
+
+
+class ExportResolver(Protocol):
+    """Serves one disk of one VM snapshot over NBD for as long as the context is held."""
+
+    async def start(self) -> None:
+        """Check the resolver can work at all (called once, at copier start-up)."""
+        ...
+
+    async def stop(self) -> None:
+        """Release everything still held (safe to call twice)."""
+        ...
+
+    def export(self, disk: DiskRef, vm_snapshot: str) -> AbstractAsyncContextManager[Export]:
+        """``async with resolver.export(disk, snap) as e:`` read ``e.uri``."""
         ...
 
 
@@ -38,6 +73,16 @@ class SimulatorExports:
 
     def __init__(self, control: SimulatorControl) -> None:
         self._control = control
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    @contextlib.asynccontextmanager
+    async def export(self, disk: DiskRef, vm_snapshot: str) -> AsyncIterator[Export]:
+        yield Export(await self.nbd_uri(disk, vm_snapshot))
 
     async def nbd_uri(self, disk: DiskRef, vm_snapshot: str) -> str:
         try:
@@ -54,3 +99,31 @@ class SimulatorExports:
                 f"the disk {disk.capacity_bytes}: not the same disk"
             )
         return export.uri
+
+
+def build_exports(settings: Settings, client: VSphereClient) -> ExportResolver:
+    """The configured resolver (``copier.exports``), sharing the caller's vSphere client."""
+    if settings.copier.exports == "vddk":
+        from cbtstream.vsphere.vddk.exports import VddkExports
+
+        return VddkExports(settings, client)
+    control = SimulatorControl.from_state(settings.stack.dir.resolve() / "vcsim")
+    return SimulatorExports(control)
+
+
+@contextlib.asynccontextmanager
+async def open_exports(settings: Settings) -> AsyncIterator[ExportResolver]:
+    """The configured resolver, started, with a vSphere client of its own when it needs one
+    (for commands such as ``cbtstream verify --source``)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.copier.exports == "vddk":
+            from cbtstream.vsphere.adapter import VSphereClient
+
+            client = await stack.enter_async_context(VSphereClient(settings.vsphere))
+            resolver = build_exports(settings, client)
+        else:
+            resolver = SimulatorExports(
+                SimulatorControl.from_state(settings.stack.dir.resolve() / "vcsim"))
+        await resolver.start()
+        stack.push_async_callback(resolver.stop)
+        yield resolver

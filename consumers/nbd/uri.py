@@ -2,8 +2,10 @@
 endpoint allow-list check.
 
 ``nbd://host[:port][/export]``, ``nbds://...`` (TLS), ``nbd+unix:///export?socket=/path`` and
-``nbds+unix:///export?socket=/path``. An allow-list entry is ``host`` (any port), ``host:port``
-or ``unix:/absolute/socket/path``; IPv6 hosts are written in brackets (``[::1]:10809``).
+``nbds+unix:///export?socket=/path``. An allow-list entry is ``host`` (any port), ``host:port``,
+``unix:/absolute/socket/path`` or ``unix:/absolute/folder/`` (ending in ``/``: any socket below
+that folder, e.g. the private sockets of the VDDK exports); IPv6 hosts are written in brackets
+(``[::1]:10809``).
 """
 
 from __future__ import annotations
@@ -77,10 +79,14 @@ def check_allowed(address: NbdAddress, allow: Sequence[str]) -> None:
     for entry in allow:
         entry = entry.strip()
         if entry.startswith("unix:"):
-            if (
-                address.socket_path is not None
-                and os.path.normpath(entry[5:]) == address.socket_path
-            ):
+            if address.socket_path is None:
+                continue
+            if entry.endswith("/"):
+                # Both sides normalised, so "/dir/../elsewhere" cannot pass as "below /dir".
+                folder = os.path.normpath(entry[5:])
+                if os.path.isabs(folder) and address.socket_path.startswith(folder + os.sep):
+                    return
+            elif os.path.normpath(entry[5:]) == address.socket_path:
                 return
             continue
         if address.host is None:

@@ -11,6 +11,7 @@ package main
 
 import (
 	"context"
+	"crypto/sha1"
 	"crypto/tls"
 	"encoding/json"
 	"encoding/pem"
@@ -23,6 +24,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -119,6 +121,16 @@ func run(listen, nbdListen, dir string, useTLS bool, pageBytes int64, maxAreas, 
 	base.Path = "/cbt"
 	info["side_channel"] = base.String()
 	if useTLS {
+		// Every host of the model answers on this endpoint, so its certificate is theirs: a
+		// client reading summary.config.sslThumbprint (as one connecting VDDK to an ESXi host
+		// does) gets the thumbprint this server really presents.
+		thumb := sslThumbprint(server.Certificate().Raw)
+		for _, obj := range model.Service.Context.Map.All("HostSystem") {
+			if h, ok := obj.(*simulator.HostSystem); ok {
+				h.Summary.Config.SslThumbprint = thumb
+			}
+		}
+		info["thumbprint"] = thumb
 		cert := filepath.Join(dir, "cert.pem")
 		pemBytes := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: server.Certificate().Raw})
 		if err := os.WriteFile(cert, pemBytes, 0o644); err != nil {
@@ -136,6 +148,16 @@ func run(listen, nbdListen, dir string, useTLS bool, pageBytes int64, maxAreas, 
 	s := <-sig
 	log.Printf("vcsim-cbt: %s, stopping", s)
 	return nil
+}
+
+// sslThumbprint is the SHA-1 of a DER certificate as vSphere writes it: "AA:BB:...".
+func sslThumbprint(der []byte) string {
+	sum := sha1.Sum(der)
+	parts := make([]string, len(sum))
+	for i, b := range sum {
+		parts[i] = fmt.Sprintf("%02X", b)
+	}
+	return strings.Join(parts, ":")
 }
 
 func writeJSON(path string, v any) error {

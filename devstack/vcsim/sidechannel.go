@@ -47,6 +47,7 @@ func (s *sideChannel) register(mux *http.ServeMux) {
 	mux.HandleFunc("POST /cbt/vms/{vm}/disks/{key}/cbt-reset", s.resetDiskCBT)
 	mux.HandleFunc("GET /cbt/vms/{vm}/disks/{key}/data", s.readData)
 	mux.HandleFunc("GET /cbt/snapshots/{snap}/disks/{key}/export", s.export)
+	mux.HandleFunc("GET /cbt/vddk/disk", s.vddkDisk)
 	mux.HandleFunc("POST /cbt/faults", s.addFault)
 	mux.HandleFunc("DELETE /cbt/faults", s.clearFaults)
 }
@@ -460,6 +461,25 @@ func (s *sideChannel) export(w http.ResponseWriter, r *http.Request) {
 		"capacity":  fd.capacity,
 		"change_id": fd.changeID,
 	}, nil)
+}
+
+// vddkDisk is what the project's stand-in for nbdkit's vddk plugin (devstack/nbdkit-vddk) asks
+// once it has logged in: the frozen image of the disk VDDK would open for vm=moref=<vm>
+// snapshot=<snapshot> file=<backing file in the snapshot's config>. 404 when that VM has no
+// such snapshot or the snapshot no such disk, as VixDiskLib_Open fails.
+func (s *sideChannel) vddkDisk(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	vm, snap, file := q.Get("vm"), q.Get("snapshot"), q.Get("file")
+	if vm == "" || snap == "" || file == "" {
+		reply(w, nil, fmt.Errorf("%w: need vm, snapshot and file", errBadRequest))
+		return
+	}
+	fd := s.cbt.frozenByFile(vm, snap, file)
+	if fd == nil {
+		reply(w, nil, fmt.Errorf("%w: VM %s has no snapshot %s with disk file %q", errNotFound, vm, snap, file))
+		return
+	}
+	reply(w, map[string]any{"image": fd.image, "capacity": fd.capacity, "key": fd.key}, nil)
 }
 
 type faultReq struct {

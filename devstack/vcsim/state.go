@@ -27,6 +27,7 @@ type diskTrack struct {
 
 type frozenDisk struct {
 	key       int32
+	file      string // the disk's backing fileName in the snapshot's config ("[ds] vm/x.vmdk")
 	changeID  string // "" when the snapshot was taken with CBT off
 	epoch     string
 	gen       int64
@@ -286,7 +287,7 @@ func (c *CBT) freeze(ctx *simulator.Context, vm *simulator.VirtualMachine) error
 		if err != nil {
 			return err
 		}
-		fd := &frozenDisk{key: disk.Key, epoch: t.epoch, gen: t.gen, capacity: t.capacity,
+		fd := &frozenDisk{key: disk.Key, file: diskFile(disk), epoch: t.epoch, gen: t.gen, capacity: t.capacity,
 			stamps: make(map[int64]int64, len(t.stamps)), allocated: sortedBlocks(t.allocated)}
 		for b, g := range t.stamps {
 			fd.stamps[b] = g
@@ -392,4 +393,22 @@ func (c *CBT) frozen(snapshot string, key int32) (*frozenDisk, types.ManagedObje
 		return nil, types.ManagedObjectReference{}
 	}
 	return fs.disks[key], fs.vm
+}
+
+// frozenByFile returns the frozen disk of a snapshot of vm whose backing file (in the snapshot's
+// config) is file: how VDDK names a disk (vm=moref=, snapshot=, file=). Nil when the snapshot
+// is gone, belongs to another VM, or has no such disk.
+func (c *CBT) frozenByFile(vm, snapshot, file string) *frozenDisk {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	fs := c.snapshots[snapshot]
+	if fs == nil || fs.vm.Value != vm {
+		return nil
+	}
+	for _, fd := range fs.disks {
+		if fd.file == file {
+			return fd
+		}
+	}
+	return nil
 }

@@ -6,12 +6,15 @@ server can be killed and restarted on the same port (connection loss)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+from cbtstream.vsphere.exports import Export
 from cbtstream.vsphere.simctl import SimulatorControl
 from schemas.disk import DiskRef
 from tests.support import free_port
@@ -72,6 +75,16 @@ class FaultyExports:
         self.control = control
         self.frozen = frozen
         self.nbd = nbd
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    @contextlib.asynccontextmanager
+    async def export(self, disk: DiskRef, vm_snapshot: str) -> AsyncIterator[Export]:
+        yield Export(await self.nbd_uri(disk, vm_snapshot))
 
     async def nbd_uri(self, disk: DiskRef, vm_snapshot: str) -> str:
         export = await asyncio.to_thread(self.control.export, vm_snapshot, disk.device_key)

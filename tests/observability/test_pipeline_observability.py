@@ -39,6 +39,11 @@ PROCESS_LEVEL = {
     "snapshot removed",  # one VM snapshot, all its disks: carries vm_snapshot instead
     "snapshot removal failed",
     "offset commit failed",
+    # the planner's fence book (streams/fences.py): fences are about scopes, not one disk
+    "fence book ready",
+    "fence",
+    "fence book: reading again",
+    "fence topic missing; planning without fences",
 }
 
 

@@ -18,7 +18,7 @@ from schemas import (
 )
 from schemas.codec import EventDecodeError, dead_letter_record, decode, encode
 from schemas.jsonschema import drift, render_all
-from schemas.topics import ALL_TOPICS, topic_for
+from schemas.topics import ALL_TOPICS, CONTROL_TOPICS, topic_for
 from tests.unit.factories import EPOCH_A, VM, disk, snap
 
 
@@ -28,9 +28,9 @@ def test_committed_json_schemas_match_the_models() -> None:
 
 def test_every_event_type_has_a_schema_and_a_topic() -> None:
     names = render_all()
-    assert len(names) == 12  # 10 event types and the 2 request bodies of the change-ID API
+    assert len(names) == 13  # 11 event types and the 2 request bodies of the change-ID API
     assert {"store_change_id_request.schema.json", "disk_commit_request.schema.json"} <= set(names)
-    for spec in ALL_TOPICS:
+    for spec in (*ALL_TOPICS, *CONTROL_TOPICS):
         for model in spec.value_types:
             assert any(model.__name__.lower() in n.replace("_", "") for n in names)
 
