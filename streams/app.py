@@ -65,7 +65,7 @@ from streams.api import authorized, register_api
 from streams.fences import FenceBook
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import register_metrics
-from streams.state import DiskState, from_json, to_json
+from streams.state import DiskState, from_json, new_state, to_json
 from streams.store_api import StoreService, register_store_api
 from streams.watchdog import register_watchdog
 
@@ -296,8 +296,9 @@ class Planner:
     async def _on_snapshot(self, key: bytes, ev: SnapshotTaken) -> None:
         before = self.row(key)
         await self.fences.wait_ready()
-        if before is not None and self.ownership.owned_externally(before):
-            skipped, superseded = external.skip_snapshot(before, ev)
+        row = before if before is not None else new_state(ev.disk)
+        if self.ownership.owned_externally(row):
+            skipped, superseded = external.skip_snapshot(row, ev)
             await self._step(key, before, skipped, list(superseded), ev)
             return
         after, out = planner.on_snapshot(before, ev, datetime.now(UTC), self.fences.active())
