@@ -43,6 +43,7 @@ from schemas.events import (
     SyncSuperseded,
     stable_event_id,
 )
+from streams.external import EXTERNAL, Ownership, apply_external, check_external, skip_snapshot
 from streams.guard import LINEAGE_MISMATCH, Verdict, check_commit
 from streams.planner import Output, decide, on_commit, on_failed, on_snapshot
 from streams.state import DiskState, RunningSync, new_state
@@ -156,7 +157,9 @@ def _snapshot_for(plan: SyncPlanned, snaps: dict[uuid.UUID, SnapshotTaken]) -> S
 class _DiskReplay:
     """Feeds one disk's records through the planner's pure functions."""
 
-    def __init__(self, key: str, records: list[LogRecord], complete: bool) -> None:
+    def __init__(self, key: str, records: list[LogRecord], complete: bool,
+                 ownership: Ownership | None = None) -> None:
+        self.ownership = ownership or Ownership()
         first = next(r.event for r in records if r.event is not None)
         assert first is not None
         self.out = DiskLineage(key=key, disk=first.disk, records=len(records))
@@ -192,7 +195,8 @@ class _DiskReplay:
                 rules.append(lambda r: isinstance(r.event, ChangeIdCommitted | SyncFailed)
                              and r.event.sync_id == ended)
         sync_id = _sync_of(rec)
-        if (sync_id is not None and not isinstance(ev, SyncPlanned)
+        external_commit = isinstance(ev, ChangeIdCommitted) and ev.origin == EXTERNAL
+        if (sync_id is not None and not isinstance(ev, SyncPlanned) and not external_commit
                 and (running is None or running.sync_id != sync_id)):
             rules.append(lambda r: isinstance(r.event, SyncPlanned) and r.event.sync_id == sync_id)
         if isinstance(ev, SyncFailed) and ev.reason == LINEAGE_MISMATCH:
@@ -236,9 +240,14 @@ class _DiskReplay:
     # -- records --------------------------------------------------------------------------------
     def on_snapshot(self, rec: LogRecord, ev: SnapshotTaken) -> None:
         self.snaps[ev.event_id] = ev
-        if self.known:
-            self.out.state, outs = on_snapshot(self.state, ev, rec.time)
-            self.remember(outs)
+        if not self.known:
+            return
+        row = self.state if self.state is not None else new_state(ev.disk)
+        if self.ownership.owned_externally(row):
+            self.out.state, _ = skip_snapshot(row, ev)  # left to its external copier
+            return
+        self.out.state, outs = on_snapshot(self.state, ev, rec.time)
+        self.remember(outs)
 
     def on_plan(self, rec: LogRecord, plan: SyncPlanned) -> None:
         self.out.plans[plan.sync_id] = (plan, rec.coord)
@@ -304,14 +313,20 @@ class _DiskReplay:
                       "taken from the first commit", rec.coord, time=rec.time)
             base = new_state(ev.disk) if ev.previous_change_id is None else DiskState(
                 disk=ev.disk, change_id=ev.previous_change_id)
-            self.out.state = base.model_copy(update={"running": RunningSync(
+            self.out.state = base if ev.origin == EXTERNAL else base.model_copy(update={
+                "running": RunningSync(
                 sync_id=ev.sync_id, snapshot_event_id=uuid.UUID(int=0),
                 vm_snapshot=ev.vm_snapshot, previous_change_id=ev.previous_change_id,
                 change_id=ev.change_id, replication_type=ev.replication_type, disk=ev.disk,
                 taken_at=ev.occurred_at, planned_at=ev.occurred_at)})
-        verdict = check_commit(self.state, ev)
-        self.out.state, outs = on_commit(self.state, ev, rec.time)
-        self.remember(outs)
+        if ev.origin == EXTERNAL:
+            # an external copier's store call: the rules the table applies to it
+            verdict = check_external(self.state, ev, self.ownership)
+            self.out.state, _ = apply_external(self.state, ev, rec.time, self.ownership)
+        else:
+            verdict = check_commit(self.state, ev)
+            self.out.state, outs = on_commit(self.state, ev, rec.time)
+            self.remember(outs)
         if verdict.verdict == Verdict.ACCEPT:
             plan = self.out.plans.get(ev.sync_id)
             self.out.links.append(Link(len(self.out.links) + 1, rec.coord, rec.time, ev,
@@ -339,8 +354,8 @@ class _DiskReplay:
         In window mode the first commit's plan may lie before the window (one sync at a time:
         every later plan follows an earlier commit, so it is inside)."""
         for link in self.out.links:
-            if link.commit.sync_id in self.logged_plans:
-                continue
+            if link.commit.sync_id in self.logged_plans or link.commit.origin == EXTERNAL:
+                continue  # external copiers commit without a cbtstream plan
             if not self.complete and link.index == 1:
                 continue
             self.note(Severity.BREAK, "commit_without_plan",
@@ -348,9 +363,11 @@ class _DiskReplay:
                       "which has no SyncPlanned in the log", link.coord, time=link.time)
 
 
-def replay(records: Iterable[LogRecord], *, complete: bool) -> ReplayResult:
+def replay(records: Iterable[LogRecord], *, complete: bool,
+           ownership: Ownership | None = None) -> ReplayResult:
     """Replay every disk's records. ``complete``: the records start at the beginning of every
-    topic, so a disk's state before its first record is known to be empty."""
+    topic, so a disk's state before its first record is known to be empty. ``ownership``: the
+    worker's ``streams.external`` / ``streams.handover`` (who copies which disks)."""
     by_disk: dict[str, list[LogRecord]] = {}
     findings: list[Finding] = []
     total = 0
@@ -365,7 +382,7 @@ def replay(records: Iterable[LogRecord], *, complete: bool) -> ReplayResult:
         by_disk.setdefault(rec.event.disk.key, []).append(rec)
     disks: dict[str, DiskLineage] = {}
     for key in sorted(by_disk):
-        r = _DiskReplay(key, by_disk[key], complete)
+        r = _DiskReplay(key, by_disk[key], complete, ownership)
         disks[key] = r.run()
         findings += r.findings
     return ReplayResult(disks=disks, findings=findings, records=total)

@@ -58,7 +58,8 @@ def link_json(key: str, link: Link) -> dict[str, Any]:
         "change_id": c.change_id, "bytes_copied": c.bytes_copied, "bytes_zeroed": c.bytes_zeroed,
         "extents": c.extents, "digest": c.digest, "replica_digest": c.replica_digest,
         "generation": c.generation, "duration_s": c.duration_s,
-        "sync_id": str(c.sync_id), "event_id": str(c.event_id),
+        "sync_id": str(c.sync_id), "event_id": str(c.event_id), "origin": c.origin,
+        "origin_job_id": c.origin_job_id,
         "coord": link.coord.as_json(),
         "plan_coord": link.plan_coord.as_json() if link.plan_coord else None,
     }
@@ -106,7 +107,7 @@ def status_json(rows: list[DiskStatus], lags: list[StageLag]) -> Iterator[dict[s
         r = s.running
         yield {
             "type": "status", "disk": s.key, "vm_instance_uuid": s.vm_instance_uuid,
-            "vm_name": s.vm_name, "disk_id": s.disk_id, "state": s.state,
+            "vm_name": s.vm_name, "disk_id": s.disk_id, "state": s.state, "owner": s.owner,
             "change_id": s.change_id, "last_sync_at": _t(s.last_sync_at),
             "last_type": s.last_type, "last_reason": s.last_reason, "commits": s.commits,
             "running": None if r is None else {
@@ -187,8 +188,8 @@ def print_as_of(console: Console, result: ReplayResult, t: datetime) -> None:
 
 def print_status(console: Console, rows: list[DiskStatus], lags: list[StageLag]) -> None:
     table = Table(title="Disks", title_justify="left")
-    for col in ("vm", "disk", "state", "change ID", "last sync", "type / reason", "commits",
-                "detail"):
+    for col in ("vm", "disk", "state", "owner", "change ID", "last sync", "type / reason",
+                "commits", "detail"):
         table.add_column(col)
     for s in rows:
         detail = ""
@@ -203,7 +204,7 @@ def print_status(console: Console, rows: list[DiskStatus], lags: list[StageLag])
             detail += f" (waiting: {s.waiting})"
         style = {"running": "cyan", "failed": "red", "synced": "green"}.get(s.state, "")
         table.add_row(s.vm_name, s.key, f"[{style}]{s.state}[/]" if style else s.state,
-                      _short(s.change_id), _ts(s.last_sync_at),
+                      s.owner, _short(s.change_id), _ts(s.last_sync_at),
                       f"{s.last_type}/{s.last_reason}" if s.last_type else "-", str(s.commits),
                       detail)
     console.print(table)

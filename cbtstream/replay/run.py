@@ -9,6 +9,7 @@ from cbtstream.config import Settings
 from cbtstream.replay.lineage import ReplayResult, replay
 from cbtstream.replay.reader import LogReader, StartAt
 from cbtstream.replay.records import LogRecord
+from streams.external import Ownership
 
 
 def parse_time(text: str) -> datetime:
@@ -38,4 +39,5 @@ async def load(settings: Settings, start: StartAt, *, disk: str | None = None,
                vm: str | None = None) -> ReplayResult:
     async with LogReader(settings.kafka) as reader:
         records = await reader.read(start)
-    return replay(select(records, disk, vm), complete=start.from_beginning)
+    ownership = Ownership(settings.streams.external, settings.streams.handover)
+    return replay(select(records, disk, vm), complete=start.from_beginning, ownership=ownership)

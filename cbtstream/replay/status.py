@@ -50,6 +50,9 @@ class DiskStatus:
     running: Running | None
     failure: Failure | None
     waiting: str | None
+    #: Who copies the disk: "cbtstream", or "external" (a copier storing its change IDs through
+    #: the API).
+    owner: str = "cbtstream"
 
     @property
     def state(self) -> str:
@@ -87,4 +90,5 @@ def disk_status(lin: DiskLineage) -> DiskStatus:
         last_reason=str(last.commit.reason) if last else None,
         commits=len(lin.links), running=running, failure=failure,
         waiting=row.waiting.vm_snapshot if row is not None and row.waiting is not None else None,
+        owner=row.owner if row is not None else "cbtstream",
     )

@@ -30,6 +30,7 @@ from consumers.audit.repository import AuditRepository
 from schemas.topics import CHANGEID_COMMITTED
 from tests.api.conftest import TOKEN, ApiWorker, _wait_ready
 from tests.api.test_http import change_id, snapshots
+from tests.replay.test_replay_pipeline import run_cli
 from tests.support import isolated_settings, read_topic
 
 pytestmark = pytest.mark.integration
@@ -184,6 +185,16 @@ async def test_the_seed_job_sheet_both_directions(seed_worker: ApiWorker) -> Non
     commits = await read_topic(w.settings, CHANGEID_COMMITTED, until=lambda ev: len(ev) >= 8)
     assert len(commits) == 8 and {c.origin for c in commits} == {"external"}
     assert len({c.event_id for c in commits}) == 8
+
+    # replay verifies the external copier's chains like cbtstream's, status names the owner
+    status, lines, err = await run_cli(w.settings, "replay", "--vm", u2)
+    assert status == 0, err
+    links = [o for o in lines if o["type"] == "link"]
+    assert len(links) == 7 and {lk["origin"] for lk in links} == {"external"}
+    [summary] = [o for o in lines if o["type"] == "summary"]
+    assert summary["intact"] and summary["breaks"] == 0, lines
+    status, lines, err = await run_cli(w.settings, "status", "--vm", u2)
+    assert {o["owner"] for o in lines if o["type"] == "status"} == {"external"}, lines
 
     # the seed's SQL queries on the audit trail
     async with AuditRepository(w.settings.postgres,
