@@ -330,30 +330,24 @@ class TargetResolver:
     # -- identity -------------------------------------------------------------------------------
     def identity(self, loc: ReplicaLocation) -> TargetIdentity | None:
         """The identity of a file or block device target now; None if it does not exist."""
-        if loc.kind == TargetKind.FILE:
-            assert loc.relpath is not None
-            try:
-                st = os.stat(loc.location, follow_symlinks=False)
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                raise TargetError(f"cannot stat {loc.location}: {exc.strerror}") from exc
+        if loc.kind == TargetKind.NBD:
+            raise ValueError("the identity of an NBD target is known once connected")
+        is_file = loc.kind == TargetKind.FILE
+        try:
+            st = os.stat(loc.location, follow_symlinks=not is_file)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TargetError(f"cannot stat {loc.location}: {exc.strerror}") from exc
+        if is_file:
             if not stat.S_ISREG(st.st_mode):
                 raise PermissionDenied(f"replica {loc.location} is not a regular file")
             return TargetIdentity(kind=TargetKind.FILE, location=loc.location,
                                   device=st.st_dev, inode=st.st_ino, size=st.st_size)
-        if loc.kind == TargetKind.BLOCK:
-            try:
-                st = os.stat(loc.location)
-            except FileNotFoundError:
-                return None
-            except OSError as exc:
-                raise TargetError(f"cannot stat {loc.location}: {exc.strerror}") from exc
-            if not stat.S_ISBLK(st.st_mode):
-                raise PermissionDenied(f"{loc.location} is not a block device")
-            return TargetIdentity(kind=TargetKind.BLOCK, location=loc.location,
-                                  device=st.st_rdev, size=_device_size(loc.location))
-        raise ValueError("the identity of an NBD target is known once connected")
+        if not stat.S_ISBLK(st.st_mode):
+            raise PermissionDenied(f"{loc.location} is not a block device")
+        return TargetIdentity(kind=TargetKind.BLOCK, location=loc.location,
+                              device=st.st_rdev, size=_device_size(loc.location))
 
     @staticmethod
     def nbd_identity(loc: ReplicaLocation, target: NbdTarget) -> TargetIdentity:
