@@ -180,7 +180,8 @@ async def check_replica(
     mark: bool = True,
     wait_s: float = 5.0,
 ) -> Check:
-    """Re-hash one replica under its lock and judge it (:func:`verdict`).
+    """Re-hash one replica and judge it (:func:`verdict`); the record is read and marked under
+    the replica's lock, the hashing runs without it.
 
     ``latest`` is the disk's latest commit (change ID, replica digest) if the caller knows it;
     ``source_root`` hashes the snapshot's export. With ``mark``, a mismatch is written into the
@@ -190,17 +191,25 @@ async def check_replica(
     try:
         async with loc.store.lock(wait_s=wait_s):
             record = await asyncio.to_thread(loc.store.load)
-            if record is None:
-                return Check("unverifiable", "no record")
-            why = usable(record)
-            if why is not None:
-                return Check("unverifiable", why, record if isinstance(record, ReplicaState)
-                             else None)
-            assert isinstance(record, ReplicaState) and record.held is not None
-            capacity = record.capacity_bytes
-            actual = await read_target(loc, capacity, progress)
+        if record is None:
+            return Check("unverifiable", "no record")
+        why = usable(record)
+        if why is not None:
+            return Check("unverifiable", why, record if isinstance(record, ReplicaState)
+                         else None)
+        assert isinstance(record, ReplicaState) and record.held is not None
+        capacity = record.capacity_bytes
+        # Hash without holding the lock, so a sync is never kept waiting behind a long verify;
+        # a sync that started meanwhile changed the record (dirty first), and the result is
+        # then thrown away rather than trusted.
+        actual = await read_target(loc, capacity, progress)
+        src = await source_root(record) if source_root is not None else None
+        async with loc.store.lock(wait_s=wait_s):
+            again = await asyncio.to_thread(loc.store.load)
+            if again != record:
+                return Check("busy", "a sync wrote the replica while it was being verified; "
+                             "verify it again later")
             held_tree = await asyncio.to_thread(loc.store.load_tree, record.held, capacity)
-            src = await source_root(record) if source_root is not None else None
             cid, digest = latest if latest is not None else (None, None)
             v = verdict(record, actual, held_tree, cid, digest, src)
             if mark:
