@@ -86,9 +86,10 @@ class ReplicaSession:
                 session.admission = Admission(
                     Action.WRITE, ReplicationType.FULL, FullReason.REPLICA_STATE_UNKNOWN,
                     "the replica's hash tree is missing or does not match its record")
-        if admission.reason != plan.reason or admission.replication_type != plan.replication_type:
+        chosen = session.admission
+        if chosen.reason != plan.reason or chosen.replication_type != plan.replication_type:
             log.warning("replica guard: copying in full", extra={
-                "reason": admission.reason, "detail": admission.detail})
+                "reason": chosen.reason, "detail": chosen.detail})
         return session
 
     @property
