@@ -31,6 +31,7 @@ COMMANDS: tuple[str, ...] = (
     "cbtstream.commands.publish",
     "cbtstream.commands.demo",
     "cbtstream.commands.snapshot",
+    "cbtstream.commands.cbt",
     "cbtstream.commands.schemas",
     "cbtstream.commands.copy",
     "cbtstream.commands.verify",

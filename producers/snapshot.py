@@ -16,7 +16,10 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from cbtstream.log import bind_disk
-from cbtstream.vsphere.adapter import SnapshotInfo, VmRef, VSphereClient
+from cbtstream.vsphere.adapter import CbtStatus, SnapshotInfo, VmRef, VSphereClient
+from cbtstream.vsphere.errors import CbtNotEnabled
+from producers.cbt import set_cbt
+from producers.naming import SNAPSHOT_DESCRIPTION, snapshot_name
 from schemas.events import SnapshotTaken, stable_event_id
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,20 @@ async def resolve_vm(client: VSphereClient, selector: VmRef | str) -> VmRef:
 
 
 def default_snapshot_name(now: datetime | None = None) -> str:
-    return f"cbtstream-{(now or datetime.now(UTC)).strftime('%Y%m%dT%H%M%SZ')}"
+    return snapshot_name(now or datetime.now(UTC))
+
+
+def cbt_problem(status: CbtStatus) -> str | None:
+    """Why a snapshot of this VM would carry no change IDs (every sync full), or None (pure)."""
+    vm = status.vm.path or status.vm.instance_uuid
+    if not status.enabled:
+        return (f"CBT is off on {vm}: every sync would be a full copy. Run `cbtstream cbt "
+                f"enable {status.vm.instance_uuid}` or snapshot with --enable-cbt")
+    if not status.active:
+        return (f"CBT is enabled on {vm} but not in effect yet (it waits for the VM's next "
+                f"stun): run `cbtstream cbt enable {status.vm.instance_uuid}` or snapshot with "
+                "--enable-cbt")
+    return None
 
 
 def snapshot_events(vcenter: str, info: SnapshotInfo,
@@ -79,15 +95,28 @@ async def snapshot_and_publish(
     *,
     name: str | None = None,
     quiesce: bool = False,
-    description: str = "taken by cbtstream",
+    description: str = SNAPSHOT_DESCRIPTION,
+    enable_cbt: bool = False,
 ) -> list[SnapshotTaken]:
     """Take one snapshot of ``vm`` and publish a ``SnapshotTaken`` for each of its disks.
+
+    CBT must be in effect first: a VM whose CBT is off (or enabled but waiting for a stun)
+    raises :class:`CbtNotEnabled` before any snapshot is taken or anything published, so no
+    full copy is ever started silently; with ``enable_cbt`` it is switched on first
+    (:func:`producers.cbt.set_cbt`).
 
     The snapshot is left in place: it is the copier's source, removed after the sync
     (``SnapshotRemoved``). If publishing fails part-way, the snapshot stays and the error
     propagates; calling again publishes the same event ids for a new snapshot only.
     """
     ref = await resolve_vm(client, vm)
+    status = await client.cbt_status(ref)
+    problem = cbt_problem(status)
+    if problem is not None and enable_cbt:
+        status = await set_cbt(client, ref, True)
+        problem = cbt_problem(status)
+    if problem is not None:
+        raise CbtNotEnabled(problem)
     info = await client.create_snapshot(ref, name or default_snapshot_name(), quiesce=quiesce,
                                         description=description)
     host = await client.vm_host(ref)
