@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -20,7 +21,7 @@ from cbtstream.vsphere.adapter import CbtStatus, SnapshotInfo, VmRef, VSphereCli
 from cbtstream.vsphere.errors import CbtNotEnabled
 from producers.cbt import set_cbt
 from producers.naming import SNAPSHOT_DESCRIPTION, snapshot_name
-from schemas.events import SnapshotTaken, stable_event_id
+from schemas.events import DiskSkipped, SkipReason, SnapshotTaken, stable_event_id
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,23 @@ def snapshot_events(vcenter: str, info: SnapshotInfo,
     ]
 
 
+def skipped_events(vcenter: str, info: SnapshotInfo,
+                   esxi_host: str | None = None) -> list[DiskSkipped]:
+    """One ``DiskSkipped`` per disk the snapshot did not capture (pure): independent disks and
+    physical RDMs keep changing after the snapshot and have no change IDs, so they get no
+    ``SnapshotTaken`` (no sync) and are not in ``snapshot_device_keys`` (the lifecycle does not
+    wait for them)."""
+    return [
+        DiskSkipped(
+            event_id=stable_event_id("DiskSkipped", vcenter, disk.vm_instance_uuid, info.moref,
+                                     disk.device_key),
+            disk=disk, vcenter=vcenter, vm_snapshot=info.moref, snapshot_name=info.name,
+            reason=SkipReason(reason), taken_at=info.created, esxi_host=esxi_host,
+        )
+        for disk, reason in info.skipped
+    ]
+
+
 async def snapshot_and_publish(
     client: VSphereClient,
     publisher: EventPublisher,
@@ -97,6 +115,7 @@ async def snapshot_and_publish(
     quiesce: bool = False,
     description: str = SNAPSHOT_DESCRIPTION,
     enable_cbt: bool = False,
+    on_skipped: Callable[[DiskSkipped], None] | None = None,
 ) -> list[SnapshotTaken]:
     """Take one snapshot of ``vm`` and publish a ``SnapshotTaken`` for each of its disks.
 
@@ -104,6 +123,9 @@ async def snapshot_and_publish(
     raises :class:`CbtNotEnabled` before any snapshot is taken or anything published, so no
     full copy is ever started silently; with ``enable_cbt`` it is switched on first
     (:func:`producers.cbt.set_cbt`).
+
+    Disks the snapshot does not capture get a ``DiskSkipped`` instead (also passed to
+    ``on_skipped``), published before the ``SnapshotTaken`` events.
 
     The snapshot is left in place: it is the copier's source, removed after the sync
     (``SnapshotRemoved``). If publishing fails part-way, the snapshot stays and the error
@@ -121,6 +143,13 @@ async def snapshot_and_publish(
                                         description=description)
     host = await client.vm_host(ref)
     events = snapshot_events(client.vcenter, info, host.name or None)
+    for skipped in skipped_events(client.vcenter, info, host.name or None):
+        with bind_disk(skipped.disk.key):
+            await publisher.publish(skipped)
+            log.warning("disk not captured by the snapshot, not synced", extra={
+                "vm_snapshot": info.moref, "reason": str(skipped.reason)})
+        if on_skipped is not None:
+            on_skipped(skipped)
     for event in events:
         with bind_disk(event.disk.key):
             await publisher.publish(event)
