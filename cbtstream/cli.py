@@ -32,6 +32,7 @@ COMMANDS: tuple[str, ...] = (
     "cbtstream.commands.demo",
     "cbtstream.commands.snapshot",
     "cbtstream.commands.cbt",
+    "cbtstream.commands.snapshots",
     "cbtstream.commands.schemas",
     "cbtstream.commands.copy",
     "cbtstream.commands.verify",

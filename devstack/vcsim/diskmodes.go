@@ -114,9 +114,9 @@ func (s *sideChannel) setConsolidationNeeded(w http.ResponseWriter, r *http.Requ
 	}
 	if err == nil {
 		ctx := s.ctx()
-		ctx.Map.WithLock(ctx, vm, func() {
-			ctx.Update(vm, []types.PropertyChange{{Name: "runtime.consolidationNeeded", Val: types.NewBool(req.Needed)}})
-		})
+		// Set in place, as the side channel's other edits are (its context has no session
+		// for ctx.Update); PropertyCollector reads see it at once.
+		ctx.Map.WithLock(ctx, vm, func() { vm.Runtime.ConsolidationNeeded = types.NewBool(req.Needed) })
 	}
 	reply(w, map[string]bool{"consolidation_needed": req.Needed}, err)
 }
@@ -125,9 +125,7 @@ func (s *sideChannel) setConsolidationNeeded(w http.ResponseWriter, r *http.Requ
 func (vm *cbtVM) ConsolidateVMDisksTask(ctx *simulator.Context, _ *types.ConsolidateVMDisks_Task) soap.HasFault {
 	self := vm.VirtualMachine
 	task := simulator.CreateTask(self, "consolidateVMDisks", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
-		ctx.WithLock(self, func() {
-			ctx.Update(self, []types.PropertyChange{{Name: "runtime.consolidationNeeded", Val: types.NewBool(false)}})
-		})
+		ctx.WithLock(self, func() { self.Runtime.ConsolidationNeeded = types.NewBool(false) })
 		return nil, nil
 	})
 	return &methods.ConsolidateVMDisks_TaskBody{Res: &types.ConsolidateVMDisks_TaskResponse{Returnval: task.Run(ctx)}}
