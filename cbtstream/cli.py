@@ -31,6 +31,8 @@ COMMANDS: tuple[str, ...] = (
     "cbtstream.commands.publish",
     "cbtstream.commands.demo",
     "cbtstream.commands.snapshot",
+    "cbtstream.commands.cbt",
+    "cbtstream.commands.snapshots",
     "cbtstream.commands.schemas",
     "cbtstream.commands.copy",
     "cbtstream.commands.verify",

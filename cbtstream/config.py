@@ -269,6 +269,13 @@ class StreamsSettings(BaseModel):
     #: Disk keys or VM instance uuids handed to cbtstream's own copier: planned by cbtstream
     #: even after external commits, and refusing further external commits.
     handover: tuple[str, ...] = ()
+    #: Every so many seconds the worker removes orphaned cbtstream snapshots (producers/
+    #: orphans.py); 0 (default): only ``cbtstream snapshots prune`` does.
+    orphan_interval_s: float = Field(default=0.0, ge=0)
+    #: An orphan must be at least this old (a fresh snapshot may not have reached the planner).
+    orphan_older_than_s: float = Field(default=6 * 3600.0, gt=0)
+    #: Also consolidate the disks of VMs whose runtime.consolidationNeeded is set.
+    orphan_consolidate: bool = False
 
 
 class ApiSettings(BaseModel):

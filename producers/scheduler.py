@@ -42,6 +42,7 @@ async def run_schedule(
     stop: asyncio.Event | None = None,
     ticks: int | None = None,
     on_events: Callable[[list[SnapshotTaken]], None] | None = None,
+    enable_cbt: bool = False,
 ) -> int:
     """Run until ``stop`` is set (or ``ticks`` ticks ran); returns the number of failed VM
     snapshots."""
@@ -51,7 +52,7 @@ async def run_schedule(
     while not stop.is_set() and (ticks is None or tick < ticks):
         for vm in vms:
             try:
-                events = await snapshot_and_publish(client, publisher, vm)
+                events = await snapshot_and_publish(client, publisher, vm, enable_cbt=enable_cbt)
             except CbtStreamError as exc:
                 failures += 1
                 log.error("snapshot failed", extra={"vm": str(vm), "reason": exc.reason,

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
 from pydantic import BaseModel
 
 from cbtstream.log import bind_disk
-from cbtstream.vsphere.adapter import SnapshotInfo, VmRef, VSphereClient
-from schemas.events import SnapshotTaken, stable_event_id
+from cbtstream.vsphere.adapter import CbtStatus, SnapshotInfo, VmRef, VSphereClient
+from cbtstream.vsphere.errors import CbtNotEnabled
+from producers.cbt import set_cbt
+from producers.naming import SNAPSHOT_DESCRIPTION, snapshot_name
+from schemas.events import DiskSkipped, SkipReason, SnapshotTaken, stable_event_id
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,20 @@ async def resolve_vm(client: VSphereClient, selector: VmRef | str) -> VmRef:
 
 
 def default_snapshot_name(now: datetime | None = None) -> str:
-    return f"cbtstream-{(now or datetime.now(UTC)).strftime('%Y%m%dT%H%M%SZ')}"
+    return snapshot_name(now or datetime.now(UTC))
+
+
+def cbt_problem(status: CbtStatus) -> str | None:
+    """Why a snapshot of this VM would carry no change IDs (every sync full), or None (pure)."""
+    vm = status.vm.path or status.vm.instance_uuid
+    if not status.enabled:
+        return (f"CBT is off on {vm}: every sync would be a full copy. Run `cbtstream cbt "
+                f"enable {status.vm.instance_uuid}` or snapshot with --enable-cbt")
+    if not status.active:
+        return (f"CBT is enabled on {vm} but not in effect yet (it waits for the VM's next "
+                f"stun): run `cbtstream cbt enable {status.vm.instance_uuid}` or snapshot with "
+                "--enable-cbt")
+    return None
 
 
 def snapshot_events(vcenter: str, info: SnapshotInfo,
@@ -72,6 +89,23 @@ def snapshot_events(vcenter: str, info: SnapshotInfo,
     ]
 
 
+def skipped_events(vcenter: str, info: SnapshotInfo,
+                   esxi_host: str | None = None) -> list[DiskSkipped]:
+    """One ``DiskSkipped`` per disk the snapshot did not capture (pure): independent disks and
+    physical RDMs keep changing after the snapshot and have no change IDs, so they get no
+    ``SnapshotTaken`` (no sync) and are not in ``snapshot_device_keys`` (the lifecycle does not
+    wait for them)."""
+    return [
+        DiskSkipped(
+            event_id=stable_event_id("DiskSkipped", vcenter, disk.vm_instance_uuid, info.moref,
+                                     disk.device_key),
+            disk=disk, vcenter=vcenter, vm_snapshot=info.moref, snapshot_name=info.name,
+            reason=SkipReason(reason), taken_at=info.created, esxi_host=esxi_host,
+        )
+        for disk, reason in info.skipped
+    ]
+
+
 async def snapshot_and_publish(
     client: VSphereClient,
     publisher: EventPublisher,
@@ -79,19 +113,43 @@ async def snapshot_and_publish(
     *,
     name: str | None = None,
     quiesce: bool = False,
-    description: str = "taken by cbtstream",
+    description: str = SNAPSHOT_DESCRIPTION,
+    enable_cbt: bool = False,
+    on_skipped: Callable[[DiskSkipped], None] | None = None,
 ) -> list[SnapshotTaken]:
     """Take one snapshot of ``vm`` and publish a ``SnapshotTaken`` for each of its disks.
+
+    CBT must be in effect first: a VM whose CBT is off (or enabled but waiting for a stun)
+    raises :class:`CbtNotEnabled` before any snapshot is taken or anything published, so no
+    full copy is ever started silently; with ``enable_cbt`` it is switched on first
+    (:func:`producers.cbt.set_cbt`).
+
+    Disks the snapshot does not capture get a ``DiskSkipped`` instead (also passed to
+    ``on_skipped``), published before the ``SnapshotTaken`` events.
 
     The snapshot is left in place: it is the copier's source, removed after the sync
     (``SnapshotRemoved``). If publishing fails part-way, the snapshot stays and the error
     propagates; calling again publishes the same event ids for a new snapshot only.
     """
     ref = await resolve_vm(client, vm)
+    status = await client.cbt_status(ref)
+    problem = cbt_problem(status)
+    if problem is not None and enable_cbt:
+        status = await set_cbt(client, ref, True)
+        problem = cbt_problem(status)
+    if problem is not None:
+        raise CbtNotEnabled(problem)
     info = await client.create_snapshot(ref, name or default_snapshot_name(), quiesce=quiesce,
                                         description=description)
     host = await client.vm_host(ref)
     events = snapshot_events(client.vcenter, info, host.name or None)
+    for skipped in skipped_events(client.vcenter, info, host.name or None):
+        with bind_disk(skipped.disk.key):
+            await publisher.publish(skipped)
+            log.warning("disk not captured by the snapshot, not synced", extra={
+                "vm_snapshot": info.moref, "reason": str(skipped.reason)})
+        if on_skipped is not None:
+            on_skipped(skipped)
     for event in events:
         with bind_disk(event.disk.key):
             await publisher.publish(event)

@@ -230,11 +230,44 @@ class SyncFailed(_Event):
     retriable: bool = False
 
 
+class SkipReason(StrEnum):
+    """Why a VM snapshot did not capture a disk: it keeps changing after the snapshot and has no
+    CBT, so copying it "from the snapshot" would be wrong."""
+
+    INDEPENDENT_PERSISTENT = "independent_persistent"
+    INDEPENDENT_NONPERSISTENT = "independent_nonpersistent"
+    PHYSICAL_RDM = "physical_rdm"
+
+
+class DiskSkipped(_Event):
+    """A disk of a VM that its snapshot does not capture (independent disk, physical RDM): no
+    sync is planned for it, and the snapshot's lifecycle does not wait for it (it is not in
+    ``SnapshotTaken.snapshot_device_keys``)."""
+
+    event_type: Literal["DiskSkipped"] = "DiskSkipped"
+    vcenter: str = Field(max_length=MAX_TEXT)
+    vm_snapshot: str = Field(min_length=1, max_length=128)
+    snapshot_name: str = Field(default="", max_length=MAX_TEXT)
+    reason: SkipReason
+    taken_at: AwareDatetime
+    esxi_host: str | None = Field(default=None, max_length=MAX_TEXT)
+
+
+class RemovalReason(StrEnum):
+    """Why cbtstream removed a VM snapshot."""
+
+    #: Every disk of the snapshot finished with it (the snapshot lifecycle).
+    SYNCED = "synced"
+    #: No running or waiting sync needed it and it was older than the threshold (orphan hunt).
+    ORPHANED = "orphaned"
+
+
 class SnapshotRemoved(_Event):
     """The VM snapshot a disk was synced from was removed in vSphere (one event per disk)."""
 
     event_type: Literal["SnapshotRemoved"] = "SnapshotRemoved"
     vm_snapshot: str = Field(min_length=1, max_length=128)
+    reason: RemovalReason = RemovalReason.SYNCED
 
 
 class _ReplicaCheck(_Event):
@@ -346,10 +379,11 @@ DiskEvent = Annotated[
     | SyncFailed
     | SnapshotRemoved
     | ReplicaVerified
-    | ReplicaMismatch,
+    | ReplicaMismatch
+    | DiskSkipped,
     Field(discriminator="event_type"),
 ]
-Event = SnapshotTaken | SyncPlanned | SyncSuperseded | SyncProgress | ChangeIdCommitted | SyncFailed | SnapshotRemoved | ReplicaVerified | ReplicaMismatch | DeadLetter  # noqa: E501
+Event = SnapshotTaken | SyncPlanned | SyncSuperseded | SyncProgress | ChangeIdCommitted | SyncFailed | SnapshotRemoved | ReplicaVerified | ReplicaMismatch | DiskSkipped | DeadLetter  # noqa: E501
 
 EVENT_TYPES: dict[str, type[BaseModel]] = {
     cls.__name__: cls
@@ -363,6 +397,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
         SnapshotRemoved,
         ReplicaVerified,
         ReplicaMismatch,
+        DiskSkipped,
         DeadLetter,
         ChangeIdFence,
     )

@@ -15,6 +15,7 @@ from schemas.events import (
     ChangeIdCommitted,
     ChangeIdFence,
     DeadLetter,
+    DiskSkipped,
     ReplicaMismatch,
     ReplicaVerified,
     SnapshotRemoved,
@@ -85,6 +86,12 @@ REPLICA_VERIFIED = TopicSpec(
     {"cleanup.policy": "delete", "retention.ms": str(365 * _DAY_MS)},
     "Results of `cbtstream verify`: a replica re-hashed and compared with its last commit.",
 )
+DISK_SKIPPED = TopicSpec(
+    "cbt.disk.skipped",
+    (DiskSkipped,),
+    {"cleanup.policy": "delete", "retention.ms": str(90 * _DAY_MS)},
+    "Disks a VM snapshot did not capture (independent disks, physical RDMs): never synced.",
+)
 DEADLETTER = TopicSpec(
     "cbt.deadletter",
     (DeadLetter,),
@@ -115,6 +122,7 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     SYNC_PROGRESS,
     SNAPSHOT_REMOVED,
     REPLICA_VERIFIED,
+    DISK_SKIPPED,
     DEADLETTER,
 )
 

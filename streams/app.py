@@ -65,6 +65,7 @@ from streams.api import authorized, register_api
 from streams.fences import FenceBook
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import register_metrics
+from streams.orphans import register_orphans
 from streams.state import DiskState, from_json, new_state, to_json
 from streams.store_api import StoreService, register_store_api
 from streams.watchdog import register_watchdog
@@ -162,6 +163,7 @@ class Planner:
         token = settings.api.token.get_secret_value() if settings.api.token else None
         register_store_api(self.app, self.store_service, spread=self.table_spread,
                            authorized=lambda header: authorized(header, token))
+        register_orphans(self.app, settings, self.rows, self.table_spread, self.send)
         self.metrics = register_metrics(self)
         register_watchdog(self, {self.topic(spec).get_topic_name() for spec in (
             SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)} | {

@@ -33,6 +33,7 @@ from consumers.replica.guard import STALE_PLAN
 from schemas.disk import DiskRef
 from schemas.events import (
     ChangeIdCommitted,
+    DiskSkipped,
     FullReason,
     ReplicationType,
     SnapshotRemoved,
@@ -97,6 +98,9 @@ class DiskLineage:
     refused: int = 0
     superseded: int = 0
     removed: int = 0
+    #: The disk's latest ``DiskSkipped`` (not captured by its VM's snapshots), unless a later
+    #: snapshot captured it again.
+    skipped: DiskSkipped | None = None
 
     def change_id_at(self, t: datetime) -> Link | None:
         """The last applied commit whose record time is at or before ``t``."""
@@ -227,6 +231,8 @@ class _DiskReplay:
                 self.out.superseded += 1
             elif isinstance(ev, SnapshotRemoved):
                 self.out.removed += 1
+            elif isinstance(ev, DiskSkipped):
+                self.out.skipped = ev
             if ev is not None:
                 self.out.disk = ev.disk
         self.check_plans_logged()
@@ -240,6 +246,7 @@ class _DiskReplay:
     # -- records --------------------------------------------------------------------------------
     def on_snapshot(self, rec: LogRecord, ev: SnapshotTaken) -> None:
         self.snaps[ev.event_id] = ev
+        self.out.skipped = None  # captured again (its disk mode changed back)
         if not self.known:
             return
         row = self.state if self.state is not None else new_state(ev.disk)

@@ -24,6 +24,7 @@ from schemas.codec import EventDecodeError, decode
 from schemas.topics import (
     ALL_TOPICS,
     CHANGEID_COMMITTED,
+    DISK_SKIPPED,
     SNAPSHOT_REMOVED,
     SNAPSHOT_TAKEN,
     SYNC_FAILED,
@@ -35,6 +36,7 @@ from schemas.topics import (
 #: Every topic that carries disk events (the dead-letter topic is not part of a disk's history).
 DISK_TOPICS: tuple[TopicSpec, ...] = (
     SNAPSHOT_TAKEN, SYNC_PLANNED, CHANGEID_COMMITTED, SYNC_FAILED, SYNC_PROGRESS, SNAPSHOT_REMOVED,
+    DISK_SKIPPED,
 )
 #: How long to wait for topic metadata before declaring a topic missing.
 METADATA_TIMEOUT_S = 10.0

@@ -117,7 +117,7 @@ def status_json(rows: list[DiskStatus], lags: list[StageLag]) -> Iterator[dict[s
                 "rate_bytes_per_s": r.rate_bytes_per_s, "progress_at": _t(r.progress_at)},
             "failure": None if s.failure is None else {
                 "reason": s.failure.reason, "detail": s.failure.detail, "at": _t(s.failure.at)},
-            "waiting": s.waiting,
+            "waiting": s.waiting, "skipped": s.skipped,
         }
     for lag in lags:
         yield {"type": "lag", "stage": lag.stage.name, "group": lag.stage.group,
@@ -198,11 +198,14 @@ def print_status(console: Console, rows: list[DiskStatus], lags: list[StageLag])
             pct = f"{r.percent:.0f}% " if r.percent is not None else ""
             detail = (f"{r.replication_type} {r.vm_snapshot} {pct}"
                       f"{_bytes(r.bytes_done)}/{_bytes(r.bytes_total)}")
+        elif s.skipped is not None:
+            detail = f"not captured by snapshots ({s.skipped}): not replicated"
         elif s.failure is not None:
             detail = f"{s.failure.reason}: {s.failure.detail[:60]}"
         if s.waiting:
             detail += f" (waiting: {s.waiting})"
-        style = {"running": "cyan", "failed": "red", "synced": "green"}.get(s.state, "")
+        style = {"running": "cyan", "failed": "red", "synced": "green",
+                 "skipped": "yellow"}.get(s.state, "")
         table.add_row(s.vm_name, s.key, f"[{style}]{s.state}[/]" if style else s.state,
                       s.owner, _short(s.change_id), _ts(s.last_sync_at),
                       f"{s.last_type}/{s.last_reason}" if s.last_type else "-", str(s.commits),

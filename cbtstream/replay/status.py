@@ -53,11 +53,15 @@ class DiskStatus:
     #: Who copies the disk: "cbtstream", or "external" (a copier storing its change IDs through
     #: the API).
     owner: str = "cbtstream"
+    #: Why the VM's latest snapshot did not capture the disk (``DiskSkipped.reason``), if so.
+    skipped: str | None = None
 
     @property
     def state(self) -> str:
         if self.running is not None:
             return "running"
+        if self.skipped is not None:
+            return "skipped"
         if self.failure is not None:
             return "failed"
         return "synced" if self.change_id is not None else "new"
@@ -91,4 +95,5 @@ def disk_status(lin: DiskLineage) -> DiskStatus:
         commits=len(lin.links), running=running, failure=failure,
         waiting=row.waiting.vm_snapshot if row is not None and row.waiting is not None else None,
         owner=row.owner if row is not None else "cbtstream",
+        skipped=str(lin.skipped.reason) if lin.skipped is not None else None,
     )

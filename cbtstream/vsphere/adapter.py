@@ -24,7 +24,7 @@ import http.client
 import ssl
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, TypeVar
@@ -100,7 +100,10 @@ class HostRef:
 
 @dataclass(frozen=True)
 class SnapshotInfo:
-    """One VM snapshot and, per disk, the disk's identity and change ID as of the snapshot."""
+    """One VM snapshot and, per disk, the disk's identity and change ID as of the snapshot.
+
+    ``disks`` are the disks the snapshot captured; ``skipped`` the VM's disks it did not
+    (independent disks, physical RDMs: see :func:`skip_reason`), with the reason."""
 
     moref: str
     name: str
@@ -108,6 +111,38 @@ class SnapshotInfo:
     vm: VmRef
     quiesced: bool
     disks: list[tuple[DiskRef, str | None]]
+    skipped: list[tuple[DiskRef, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CbtStatus:
+    """Change tracking of one VM: what its config asks for (``enabled``) and whether it is in
+    effect (``active``: every disk a snapshot captures has a ``backing.changeId`` in the live
+    config). Enabled but not active means the switch waits for the VM's next stun."""
+
+    vm: VmRef
+    enabled: bool
+    active: bool
+
+
+@dataclass(frozen=True)
+class VmSnapshot:
+    """One node of a VM's snapshot tree, as listed for orphan hunting."""
+
+    vm: VmRef
+    moref: str
+    name: str
+    description: str
+    created: datetime
+
+
+@dataclass(frozen=True)
+class VmSnapshots:
+    """A VM, every snapshot in its tree, and ``runtime.consolidationNeeded``."""
+
+    vm: VmRef
+    snapshots: list[VmSnapshot]
+    consolidation_needed: bool
 
 
 def _fault_keys(fault: Any) -> set[str]:
@@ -327,9 +362,25 @@ class VSphereClient:
                                 f"disable CBT on {vm.path}")
 
     async def cbt_enabled(self, vm: VmRef) -> bool:
+        """What the VM's config asks for (``config.changeTrackingEnabled``), not whether it is in
+        effect yet (see :meth:`cbt_status`)."""
         props = await self._call(self._props, self._vm(vm), ["config.changeTrackingEnabled"],
                                  what=f"read {vm.path}")
         return bool(props.get("config.changeTrackingEnabled"))
+
+    async def cbt_status(self, vm: VmRef) -> CbtStatus:
+        """Whether CBT is asked for and whether it is in effect on every captured disk."""
+        return await self._call(self._cbt_status, vm, what=f"read CBT of {vm.path}")
+
+    def _cbt_status(self, vm: VmRef) -> CbtStatus:
+        props = self._props(self._vm(vm), ["config.changeTrackingEnabled",
+                                           "config.hardware.device"])
+        disks = [d for d in props.get("config.hardware.device") or []
+                 if isinstance(d, vim.vm.device.VirtualDisk) and skip_reason(d) is None]
+        enabled = bool(props.get("config.changeTrackingEnabled"))
+        active = enabled and all(
+            getattr(d.backing, "changeId", None) for d in disks)
+        return CbtStatus(vm=vm, enabled=enabled, active=active)
 
     async def vm_host(self, vm: VmRef) -> HostRef:
         """The host the VM is registered on (``runtime.host``)."""
@@ -369,21 +420,65 @@ class VSphereClient:
         node = _find_in_tree(tree.get("snapshot.rootSnapshotList") or [], moref)
         if node is None:
             raise VSphereNotFound(f"snapshot {moref} not in the snapshot tree of {vm.path}")
-        disks = [
-            _disk(vm, device)
-            for device in props.get("config.hardware.device") or []
-            if isinstance(device, vim.vm.device.VirtualDisk)
-        ]
-        created = node.createTime
-        if created.tzinfo is None:
-            created = created.replace(tzinfo=UTC)
-        return SnapshotInfo(moref=moref, name=node.name, created=created, vm=vm,
-                            quiesced=bool(node.quiesced), disks=disks)
+        disks: list[tuple[DiskRef, str | None]] = []
+        skipped: list[tuple[DiskRef, str]] = []
+        for device in props.get("config.hardware.device") or []:
+            if not isinstance(device, vim.vm.device.VirtualDisk):
+                continue
+            ref, change_id = _disk(vm, device)
+            reason = skip_reason(device)
+            if reason is None:
+                disks.append((ref, change_id))
+            else:
+                skipped.append((ref, reason))
+        return SnapshotInfo(moref=moref, name=node.name, created=_aware(node.createTime), vm=vm,
+                            quiesced=bool(node.quiesced), disks=disks, skipped=skipped)
 
     async def remove_snapshot(self, vm: VmRef, moref: str) -> None:
         what = f"remove snapshot {moref} of {vm.path}"
         task = await self._call(self._snapshot(moref).RemoveSnapshot_Task, removeChildren=False,
                                 what=what)
+        await self._wait(task, what)
+
+    async def list_snapshots(self) -> list[VmSnapshots]:
+        """Every VM of the inventory with its snapshot tree and ``runtime.consolidationNeeded``
+        (one PropertyCollector call over a container view)."""
+        return await self._call(self._list_snapshots, what="list snapshots")
+
+    def _list_snapshots(self) -> list[VmSnapshots]:
+        content = self._si.content
+        view = content.viewManager.CreateContainerView(content.rootFolder,
+                                                       [vim.VirtualMachine], True)
+        try:
+            pc = vmodl.query.PropertyCollector
+            spec = pc.FilterSpec(
+                objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[pc.TraversalSpec(
+                    name="view", path="view", skip=False, type=vim.view.ContainerView)])],
+                propSet=[pc.PropertySpec(type=vim.VirtualMachine, all=False, pathSet=[
+                    "name", "config.instanceUuid", "snapshot.rootSnapshotList",
+                    "runtime.consolidationNeeded"])],
+            )
+            result = content.propertyCollector.RetrieveContents([spec]) or []
+        finally:
+            view.Destroy()
+        out: list[VmSnapshots] = []
+        for obj in result:
+            props = {p.name: p.val for p in obj.propSet or []}
+            uuid = props.get("config.instanceUuid")
+            if not uuid:  # a VM being created or a template without config
+                continue
+            ref = VmRef(moref=obj.obj._moId, name=str(props.get("name") or ""),
+                        instance_uuid=str(uuid).lower(), path=self._inventory_path(obj.obj))
+            nodes: list[VmSnapshot] = []
+            _walk_tree(ref, props.get("snapshot.rootSnapshotList") or [], nodes)
+            out.append(VmSnapshots(vm=ref, snapshots=nodes, consolidation_needed=bool(
+                props.get("runtime.consolidationNeeded"))))
+        return out
+
+    async def consolidate_disks(self, vm: VmRef) -> None:
+        """ConsolidateVMDisks_Task: merge delta disks a failed snapshot removal left behind."""
+        what = f"consolidate disks of {vm.path}"
+        task = await self._call(self._vm(vm).ConsolidateVMDisks_Task, what=what)
         await self._wait(task, what)
 
     # -- changed areas --------------------------------------------------------------------------
@@ -415,6 +510,41 @@ class VSphereClient:
                                        f"[{offset}, {page_end}) or disk of {capacity_bytes}")
                 yield Extent(area.start, area.length)
             offset = page_end
+
+
+def _aware(created: datetime) -> datetime:
+    return created if created.tzinfo is not None else created.replace(tzinfo=UTC)
+
+
+def _walk_tree(vm: VmRef, nodes: list[Any], out: list[VmSnapshot]) -> None:
+    for node in nodes:
+        out.append(VmSnapshot(vm=vm, moref=node.snapshot._moId, name=node.name or "",
+                              description=node.description or "",
+                              created=_aware(node.createTime)))
+        _walk_tree(vm, node.childSnapshotList or [], out)
+
+
+#: ``diskMode`` values of disks a snapshot does not capture (they keep changing after it).
+_INDEPENDENT_MODES = frozenset({"independent_persistent", "independent_nonpersistent"})
+
+
+def skip_reason(device: Any) -> str | None:
+    """Why a snapshot does not capture this virtual disk, or None if it does.
+
+    Independent disks (``diskMode`` independent_persistent / independent_nonpersistent) are
+    excluded from snapshots by definition; a physical-compatibility RDM
+    (``VirtualDiskRawDiskMappingVer1BackingInfo`` with ``compatibilityMode`` physicalMode)
+    hands SCSI commands to the LUN, so ESXi can neither snapshot it nor track its changes.
+    Copying either "from the snapshot" would read a disk that is still being written.
+    """
+    backing = device.backing
+    if isinstance(backing, vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo) and \
+            backing.compatibilityMode == "physicalMode":
+        return "physical_rdm"
+    mode = getattr(backing, "diskMode", None)
+    if mode in _INDEPENDENT_MODES:
+        return str(mode)
+    return None
 
 
 def _find_in_tree(nodes: list[Any], moref: str) -> Any:

@@ -37,6 +37,8 @@ class SimDisk:
     uuid: str
     capacity: int
     change_id: str
+    disk_mode: str = "persistent"
+    rdm: str = ""  # compatibilityMode of an RDM backing (physicalMode, virtualMode), "" if flat
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class SimVm:
     path: str
     cbt: bool
     disks: tuple[SimDisk, ...]
+    #: A CBT switch (ReconfigVM changeTrackingEnabled) waits for the VM's next stun.
+    cbt_pending: bool = False
 
     def disk(self, key: int) -> SimDisk:
         for d in self.disks:
@@ -67,8 +71,9 @@ class SimExport:
 def _vm(doc: dict[str, Any]) -> SimVm:
     return SimVm(
         moref=doc["moref"], name=doc["name"], instance_uuid=doc["instance_uuid"],
-        path=doc["path"], cbt=doc["cbt"],
-        disks=tuple(SimDisk(d["key"], d["file"], d["uuid"], d["capacity"], d["change_id"])
+        path=doc["path"], cbt=doc["cbt"], cbt_pending=bool(doc.get("cbt_pending")),
+        disks=tuple(SimDisk(d["key"], d["file"], d["uuid"], d["capacity"], d["change_id"],
+                            d.get("disk_mode") or "persistent", d.get("rdm") or "")
                     for d in doc.get("disks") or []),
     )
 
@@ -134,6 +139,17 @@ class SimulatorControl:
     def reset_disk_cbt(self, moref: str, key: int) -> SimVm:
         """Void one disk's change tracking (new epoch), as ESXi does after a power loss."""
         return _vm(self._json("POST", f"/vms/{moref}/disks/{key}/cbt-reset", {}))
+
+    def set_disk_mode(self, moref: str, key: int, *, disk_mode: str = "",
+                      rdm: str = "") -> SimVm:
+        """Give a disk another ``diskMode`` (``independent_persistent``...) or an RDM backing
+        (``rdm="physical"`` or ``"virtual"``), as an administrator would."""
+        return _vm(self._json("POST", f"/vms/{moref}/disks/{key}/mode",
+                              {"disk_mode": disk_mode, "rdm": rdm}))
+
+    def set_consolidation_needed(self, moref: str, needed: bool = True) -> None:
+        """Set ``runtime.consolidationNeeded`` (left by a snapshot removal that failed)."""
+        self._json("POST", f"/vms/{moref}/consolidation-needed", {"needed": needed})
 
     def write(self, moref: str, key: int, offset: int, data: bytes) -> None:
         """Guest write: stores ``data`` at ``offset`` and marks the 64 KiB blocks changed."""

@@ -11,6 +11,7 @@ package main
 
 import (
 	"fmt"
+	"log"
 
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/methods"
@@ -95,7 +96,8 @@ func (c *CBT) install(m *simulator.Registry, faults *simulator.FaultInjector) {
 			return nil, nil
 		}
 		switch method.Name {
-		case "QueryChangedDiskAreas", "CreateSnapshot_Task", "CreateSnapshotEx_Task", "ReconfigVM_Task":
+		case "QueryChangedDiskAreas", "CreateSnapshot_Task", "CreateSnapshotEx_Task", "ReconfigVM_Task",
+			"ConsolidateVMDisks_Task":
 			if vm, ok := ctx.Map.Get(method.This).(*simulator.VirtualMachine); ok {
 				if rule := faults.ShouldInjectFault(method, vm.Name); rule != nil {
 					if f, ok := faults.CreateFault(rule, method).Fault().Detail.Fault.(types.BaseMethodFault); ok {
@@ -125,9 +127,23 @@ func (h *registryHook) PutObject(_ *simulator.Context, obj mo.Reference) {
 
 func (h *registryHook) UpdateObject(*simulator.Context, mo.Reference, []types.PropertyChange) {}
 
-func (h *registryHook) RemoveObject(_ *simulator.Context, ref types.ManagedObjectReference) {
-	if ref.Type == "VirtualMachineSnapshot" {
-		h.cbt.snapshotRemoved(ref)
+// RemoveObject sees a snapshot go: its frozen images are deleted, and removing a snapshot is a
+// stun of its VM (a pending CBT switch applies). The registry calls handlers without its lock
+// and the snapshot task has released the VM's lock by now, so taking it here is safe.
+func (h *registryHook) RemoveObject(ctx *simulator.Context, ref types.ManagedObjectReference) {
+	if ref.Type != "VirtualMachineSnapshot" {
+		return
+	}
+	owner, known := h.cbt.snapshotRemoved(ref)
+	if !known {
+		return
+	}
+	if vm, ok := ctx.Map.Get(owner).(*simulator.VirtualMachine); ok {
+		ctx.WithLock(vm, func() {
+			if err := h.cbt.stun(ctx, vm); err != nil {
+				log.Printf("stun %s: %v", vm.Name, err)
+			}
+		})
 	}
 }
 
@@ -138,6 +154,10 @@ func (vm *cbtVM) CreateSnapshotTask(ctx *simulator.Context, req *types.CreateSna
 	res := vm.VirtualMachine.CreateSnapshotTask(ctx, req)
 	if res.Fault() != nil {
 		vm.cbt.unfreeze(vm.Self)
+		return res
+	}
+	if err := vm.cbt.stun(ctx, vm.VirtualMachine); err != nil {
+		log.Printf("stun %s: %v", vm.Name, err)
 	}
 	return res
 }
@@ -149,15 +169,17 @@ func (vm *cbtVM) CreateSnapshotExTask(ctx *simulator.Context, req *types.CreateS
 	res := vm.VirtualMachine.CreateSnapshotExTask(ctx, req)
 	if res.Fault() != nil {
 		vm.cbt.unfreeze(vm.Self)
+		return res
+	}
+	if err := vm.cbt.stun(ctx, vm.VirtualMachine); err != nil {
+		log.Printf("stun %s: %v", vm.Name, err)
 	}
 	return res
 }
 
 func (vm *cbtVM) ReconfigVMTask(ctx *simulator.Context, req *types.ReconfigVM_Task) soap.HasFault {
 	if req.Spec.ChangeTrackingEnabled != nil {
-		if err := vm.cbt.setTracking(ctx, vm.VirtualMachine, *req.Spec.ChangeTrackingEnabled); err != nil {
-			return &methods.ReconfigVM_TaskBody{Fault_: simulator.Fault(err.Error(), &types.FileFault{File: err.Error()})}
-		}
+		vm.cbt.setTracking(vm.VirtualMachine, *req.Spec.ChangeTrackingEnabled)
 	}
 	return vm.VirtualMachine.ReconfigVMTask(ctx, req)
 }

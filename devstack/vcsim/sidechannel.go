@@ -46,6 +46,8 @@ func (s *sideChannel) register(mux *http.ServeMux) {
 	mux.HandleFunc("PUT /cbt/vms/{vm}/disks/{key}/data", s.writeData)
 	mux.HandleFunc("POST /cbt/vms/{vm}/disks/{key}/cbt-reset", s.resetDiskCBT)
 	mux.HandleFunc("GET /cbt/vms/{vm}/disks/{key}/data", s.readData)
+	mux.HandleFunc("POST /cbt/vms/{vm}/disks/{key}/mode", s.setDiskMode)
+	mux.HandleFunc("POST /cbt/vms/{vm}/consolidation-needed", s.setConsolidationNeeded)
 	mux.HandleFunc("GET /cbt/snapshots/{snap}/disks/{key}/export", s.export)
 	mux.HandleFunc("GET /cbt/vddk/disk", s.vddkDisk)
 	mux.HandleFunc("POST /cbt/faults", s.addFault)
@@ -90,6 +92,8 @@ type diskInfo struct {
 	UUID     string `json:"uuid"`
 	Capacity int64  `json:"capacity"`
 	ChangeID string `json:"change_id"`
+	DiskMode string `json:"disk_mode"`
+	RDM      string `json:"rdm"` // compatibilityMode of an RDM backing, "" for a flat disk
 }
 
 type vmInfo struct {
@@ -98,6 +102,7 @@ type vmInfo struct {
 	InstanceUUID string     `json:"instance_uuid"`
 	Path         string     `json:"path"`
 	CBT          bool       `json:"cbt"`
+	CBTPending   bool       `json:"cbt_pending"` // a CBT switch waits for the next stun
 	Disks        []diskInfo `json:"disks"`
 }
 
@@ -137,13 +142,17 @@ func (s *sideChannel) describe(moref string) (*vmInfo, error) {
 		s.cbt.mu.Lock()
 		defer s.cbt.mu.Unlock()
 		info.CBT = s.cbt.isTracking(vm)
+		info.CBTPending = s.cbt.pendingSwitch(vm)
 		for _, d := range vmDisks(vm.Config.Hardware.Device) {
 			if _, err := s.cbt.track(ctx, vm, d); err != nil {
 				log.Printf("describe %s: %v", vm.Name, err)
 			}
 			di := diskInfo{Key: d.Key, File: diskFile(d), Capacity: d.CapacityInBytes}
-			if b, ok := d.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
-				di.UUID, di.ChangeID = b.Uuid, b.ChangeId
+			switch b := d.Backing.(type) {
+			case *types.VirtualDiskFlatVer2BackingInfo:
+				di.UUID, di.ChangeID, di.DiskMode = b.Uuid, b.ChangeId, b.DiskMode
+			case *types.VirtualDiskRawDiskMappingVer1BackingInfo:
+				di.UUID, di.ChangeID, di.DiskMode, di.RDM = b.Uuid, b.ChangeId, b.DiskMode, b.CompatibilityMode
 			}
 			info.Disks = append(info.Disks, di)
 		}

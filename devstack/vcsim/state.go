@@ -57,6 +57,7 @@ type CBT struct {
 	disks     map[diskID]*diskTrack
 	pending   map[string][]*frozenSnapshot // vm moref -> frozen, waiting for their snapshot object
 	snapshots map[string]*frozenSnapshot   // snapshot moref -> frozen disks
+	switches  map[string]bool              // vm moref -> CBT state requested, waiting for a stun
 }
 
 func newCBT(frozenDir string, maxRange int64, maxAreas int) *CBT {
@@ -68,6 +69,7 @@ func newCBT(frozenDir string, maxRange int64, maxAreas int) *CBT {
 		disks:     map[diskID]*diskTrack{},
 		pending:   map[string][]*frozenSnapshot{},
 		snapshots: map[string]*frozenSnapshot{},
+		switches:  map[string]bool{},
 	}
 }
 
@@ -117,11 +119,9 @@ func (c *CBT) track(ctx *simulator.Context, vm *simulator.VirtualMachine, disk *
 			return nil, err
 		}
 		t = &diskTrack{file: file, flat: flat, stamps: map[int64]int64{}, allocated: map[int64]struct{}{}}
-		if c.isTracking(vm) {
+		if c.isTracking(vm) && captured(disk) {
 			t.epoch, t.gen = newEpoch(), 1
-			if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
-				b.ChangeId = formatChangeID(t.epoch, 0)
-			}
+			setChangeID(disk, formatChangeID(t.epoch, 0))
 		}
 		c.disks[id] = t
 	}
@@ -143,18 +143,35 @@ func (c *CBT) isTracking(vm *simulator.VirtualMachine) bool {
 	return on
 }
 
-// setTracking handles ReconfigVM(changeTrackingEnabled): enabling starts a new epoch on every
-// disk (voiding old change IDs, as a CBT reset does on ESXi); disabling forgets the history.
-// Takes effect immediately (ESXi waits for the next stun; the observable result is the same for
-// a snapshot-based workflow). Caller holds the VM's lock.
-func (c *CBT) setTracking(ctx *simulator.Context, vm *simulator.VirtualMachine, on bool) error {
+// setTracking handles ReconfigVM(changeTrackingEnabled). As on ESXi, the switch does not take
+// effect at once: it waits for the VM's next stun (a snapshot create or remove), which is why
+// VMware documents "reconfigure, then create and remove a snapshot" to activate CBT. Until then
+// the disks keep their old tracking state (no change IDs after an enable, still change IDs after
+// a disable); config.changeTrackingEnabled shows the requested state right away. Caller holds
+// the VM's lock.
+func (c *CBT) setTracking(vm *simulator.VirtualMachine, on bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	was := c.isTracking(vm)
-	c.tracking[vm.Self.Value] = on
-	if was == on {
+	if c.isTracking(vm) == on {
+		delete(c.switches, vm.Self.Value)
+		return
+	}
+	c.switches[vm.Self.Value] = on
+}
+
+// stun applies a pending CBT switch of vm (see setTracking): enabling starts a new epoch on
+// every disk (voiding old change IDs, as a CBT reset does on ESXi); disabling forgets the
+// history. A snapshot create stuns after its point in time is frozen, so the snapshot that
+// activates CBT carries no change IDs yet. Caller holds the VM's lock.
+func (c *CBT) stun(ctx *simulator.Context, vm *simulator.VirtualMachine) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	on, pending := c.switches[vm.Self.Value]
+	if !pending {
 		return nil
 	}
+	delete(c.switches, vm.Self.Value)
+	c.tracking[vm.Self.Value] = on
 	for _, disk := range vmDisks(vm.Config.Hardware.Device) {
 		t, err := c.track(ctx, vm, disk)
 		if err != nil {
@@ -163,15 +180,19 @@ func (c *CBT) setTracking(ctx *simulator.Context, vm *simulator.VirtualMachine, 
 		t.stamps = map[int64]int64{}
 		t.epoch, t.gen = "", 0
 		changeID := ""
-		if on {
+		if on && captured(disk) {
 			t.epoch, t.gen = newEpoch(), 1
 			changeID = formatChangeID(t.epoch, 0)
 		}
-		if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
-			b.ChangeId = changeID
-		}
+		setChangeID(disk, changeID)
 	}
 	return nil
+}
+
+// pendingSwitch reports whether vm has a CBT switch waiting for its next stun.
+func (c *CBT) pendingSwitch(vm *simulator.VirtualMachine) bool {
+	_, pending := c.switches[vm.Self.Value]
+	return pending
 }
 
 // resetDisk voids one disk's change tracking, as ESXi does for a single disk after a power loss
@@ -192,11 +213,12 @@ func (c *CBT) resetDisk(ctx *simulator.Context, vm *simulator.VirtualMachine, ke
 	if err != nil {
 		return err
 	}
+	if !captured(disk) {
+		return fmt.Errorf("%w: disk %d is not tracked (independent or physical RDM)", errBadRequest, key)
+	}
 	t.stamps = map[int64]int64{}
 	t.epoch, t.gen = newEpoch(), 1
-	if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
-		b.ChangeId = formatChangeID(t.epoch, 0)
-	}
+	setChangeID(disk, formatChangeID(t.epoch, 0))
 	return nil
 }
 
@@ -287,6 +309,11 @@ func (c *CBT) freeze(ctx *simulator.Context, vm *simulator.VirtualMachine) error
 		if err != nil {
 			return err
 		}
+		if !captured(disk) {
+			// Independent disks and physical RDMs are outside the snapshot: they keep
+			// changing, have no change ID and no frozen image (no NBD export).
+			continue
+		}
 		fd := &frozenDisk{key: disk.Key, file: diskFile(disk), epoch: t.epoch, gen: t.gen, capacity: t.capacity,
 			stamps: make(map[int64]int64, len(t.stamps)), allocated: sortedBlocks(t.allocated)}
 		for b, g := range t.stamps {
@@ -306,9 +333,7 @@ func (c *CBT) freeze(ctx *simulator.Context, vm *simulator.VirtualMachine) error
 		if err != nil {
 			return err
 		}
-		if b, ok := disk.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
-			b.ChangeId = fd.changeID
-		}
+		setChangeID(disk, fd.changeID)
 		fs.disks[disk.Key] = fd
 	}
 	c.pending[vm.Self.Value] = append(c.pending[vm.Self.Value], fs)
@@ -369,15 +394,19 @@ func (c *CBT) snapshotCreated(snap *simulator.VirtualMachineSnapshot) {
 }
 
 // snapshotRemoved deletes the frozen images of a removed snapshot (their NBD exports vanish).
-func (c *CBT) snapshotRemoved(ref types.ManagedObjectReference) {
+// It returns the snapshot's VM, and false for a snapshot it never saw.
+func (c *CBT) snapshotRemoved(ref types.ManagedObjectReference) (types.ManagedObjectReference, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if fs := c.snapshots[ref.Value]; fs != nil {
-		for _, fd := range fs.disks {
-			_ = os.Remove(fd.image)
-		}
-		delete(c.snapshots, ref.Value)
+	fs := c.snapshots[ref.Value]
+	if fs == nil {
+		return types.ManagedObjectReference{}, false
 	}
+	for _, fd := range fs.disks {
+		_ = os.Remove(fd.image)
+	}
+	delete(c.snapshots, ref.Value)
+	return fs.vm, true
 }
 
 func exportName(snapshot string, key int32) string {
@@ -411,4 +440,32 @@ func (c *CBT) frozenByFile(vm, snapshot, file string) *frozenDisk {
 		}
 	}
 	return nil
+}
+
+// captured reports whether a snapshot captures the disk. Independent disks (persistent or
+// nonpersistent) are excluded from snapshots by definition, and a physical-compatibility RDM
+// passes SCSI commands to the LUN, so ESXi can neither snapshot it nor track its changes.
+func captured(disk *types.VirtualDisk) bool {
+	switch b := disk.Backing.(type) {
+	case *types.VirtualDiskFlatVer2BackingInfo:
+		return !independent(b.DiskMode)
+	case *types.VirtualDiskRawDiskMappingVer1BackingInfo:
+		return b.CompatibilityMode != string(types.VirtualDiskCompatibilityModePhysicalMode) && !independent(b.DiskMode)
+	}
+	return true
+}
+
+func independent(mode string) bool {
+	return mode == string(types.VirtualDiskModeIndependent_persistent) ||
+		mode == string(types.VirtualDiskModeIndependent_nonpersistent)
+}
+
+// setChangeID sets backing.changeId on the backings that have one.
+func setChangeID(disk *types.VirtualDisk, id string) {
+	switch b := disk.Backing.(type) {
+	case *types.VirtualDiskFlatVer2BackingInfo:
+		b.ChangeId = id
+	case *types.VirtualDiskRawDiskMappingVer1BackingInfo:
+		b.ChangeId = id
+	}
 }

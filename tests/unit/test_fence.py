@@ -102,3 +102,21 @@ def test_planner_full_fenced_once_then_incremental() -> None:
 def test_snapshot_without_change_id_is_still_cbt_not_enabled() -> None:
     _, out = on_snapshot(None, snap(disk(), None), T0, [fence(FenceScope.ALL, None, 30)])
     assert out[0].reason == FullReason.CBT_NOT_ENABLED  # type: ignore[union-attr]
+
+
+def test_upstream_line_without_change_id_plans_full_cbt_not_enabled() -> None:
+    """An upstream system's snapshot of a disk without CBT (``change_id: null``) is planned in
+    full with reason ``cbt_not_enabled``, also when the disk has a commit."""
+    from producers.upstream import parse_line
+    from schemas.events import SnapshotTaken
+
+    d = disk()
+    later = snap(d, None, minutes=60, snapshot="s2")
+    event = parse_line(1, later.model_dump_json(exclude={"event_id"}))
+    assert isinstance(event, SnapshotTaken) and event.change_id is None
+    s0, o0 = on_snapshot(None, snap(d, f"{EPOCH_A}/1"), T0)
+    s0, _ = on_commit(s0, commit_for(o0[0]), T0)  # type: ignore[arg-type]
+    _, out = on_snapshot(s0, event, T0)
+    assert isinstance(out[0], SyncPlanned)
+    assert (out[0].replication_type, out[0].reason) == (ReplicationType.FULL,
+                                                        FullReason.CBT_NOT_ENABLED)

@@ -14,6 +14,7 @@ from cbtstream.vsphere.errors import (
     VSphereTransient,
 )
 from cbtstream.vsphere.simctl import SimulatorControl
+from producers.cbt import set_cbt
 from tests.support import free_port
 
 pytestmark = pytest.mark.integration
@@ -72,7 +73,7 @@ async def test_snapshot_of_cbt_off_vm_has_no_change_ids_and_quiesce_flag(
     assert [cid for _, cid in snap.disks] == [None, None]
     assert [d.backing_uuid for d, _ in snap.disks] == [d.uuid for d in simvm.disks]
     assert [d.backing_file for d, _ in snap.disks] == [d.file for d in simvm.disks]
-    await client.enable_cbt(vm)
+    await set_cbt(client, vm, True)  # reconfigure + stun: CBT in effect from now on
     snap2 = await client.create_snapshot(vm, "after-enable")
     assert all(cid is not None and cid.endswith("/1") for _, cid in snap2.disks)
     # snapshot_info re-reads the same facts from the snapshot's config.

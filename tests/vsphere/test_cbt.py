@@ -23,6 +23,7 @@ from cbtstream.vsphere.errors import (
 )
 from cbtstream.vsphere.exports import ExportNotFound, SimulatorExports
 from cbtstream.vsphere.simctl import SimulatorControl
+from producers.cbt import set_cbt
 from schemas.changeid import ChangeId
 
 pytestmark = pytest.mark.integration
@@ -160,7 +161,7 @@ async def test_cbt_reset_starts_new_epoch_and_voids_old_ids(
     vm, keys = three_disk_vm
     sim.write(vm.moref, keys[1], 0, b"x" * 100)
     s1 = await client.create_snapshot(vm, "before-reset")
-    await client.disable_cbt(vm)
+    await set_cbt(client, vm, False)
     assert not await client.cbt_enabled(vm)
     off = await client.create_snapshot(vm, "cbt-off")
     assert all(cid is None for _, cid in off.disks)
@@ -171,7 +172,7 @@ async def test_cbt_reset_starts_new_epoch_and_voids_old_ids(
     with pytest.raises(CbtNotEnabled):
         await areas(client, vm, s1, keys[1], "*")
 
-    await client.enable_cbt(vm)
+    await set_cbt(client, vm, True)
     assert await client.cbt_enabled(vm)
     s2 = await client.create_snapshot(vm, "after-reset")
     for key in keys:

@@ -1,0 +1,95 @@
+"""The worker's side of the orphan hunt (``producers/orphans.py`` has the rules).
+
+``needed_snapshots`` (pure) is the set of VM snapshots a running or waiting sync of some disk
+needs, from the ``disks`` table. The worker serves it at ``GET /api/v1/snapshots/needed`` (for
+``cbtstream snapshots list|prune``) and, with ``streams.orphan_interval_s`` > 0, reconciles
+itself every interval: list the snapshots in vSphere, select the orphans older than
+``streams.orphan_older_than_s`` and remove them. Both refuse to decide while the table is
+spread over several workers (this worker's rows would be only part of the needs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from faust.web import View
+from pydantic import BaseModel
+
+from cbtstream.config import Settings
+from streams.state import DiskState
+
+log = logging.getLogger(__name__)
+
+
+def needed_snapshots(rows: Iterable[DiskState]) -> set[tuple[str, str]]:
+    """(VM instance uuid, snapshot) of every running or waiting sync (pure)."""
+    out: set[tuple[str, str]] = set()
+    for row in rows:
+        for snap in (row.running, row.waiting):
+            if snap is not None:
+                out.add((snap.disk.vm_instance_uuid, snap.vm_snapshot))
+    return out
+
+
+class _Sender:
+    """The producer's EventPublisher over the worker's own Faust producer."""
+
+    def __init__(self, send: Callable[[BaseModel], Awaitable[None]]) -> None:
+        self._send = send
+
+    async def publish(self, event: BaseModel) -> tuple[int, int]:
+        await self._send(event)
+        return (-1, -1)
+
+
+def register_orphans(app: Any, settings: Settings, rows: Callable[[], list[DiskState]],
+                     spread: Callable[[], bool],
+                     send: Callable[[BaseModel], Awaitable[None]]) -> None:
+    """Add the API page and, when configured, the periodic reconcile to the Faust app."""
+
+    async def get(self: Any, request: Any) -> Any:
+        if spread():
+            return self.json({"complete": False, "needed": []})
+        return self.json({"complete": True, "needed": [
+            {"vm_instance_uuid": vm, "vm_snapshot": snap}
+            for vm, snap in sorted(needed_snapshots(rows()))]})
+
+    app.page("/api/v1/snapshots/needed", name="api_snapshots_needed")(
+        type("SnapshotsNeeded", (View,), {"get": get}))
+
+    s = settings.streams
+    if s.orphan_interval_s <= 0:
+        return
+
+    async def reconcile_forever() -> None:
+        from cbtstream.errors import CbtStreamError
+        from cbtstream.vsphere.adapter import VSphereClient
+        from producers.orphans import prune, select
+
+        client = VSphereClient(settings.vsphere)
+        try:
+            while True:
+                await asyncio.sleep(s.orphan_interval_s)
+                if spread():
+                    log.warning("orphan reconcile skipped: the table is spread over workers")
+                    continue
+                try:
+                    await client.start()
+                    selection = select(await client.list_snapshots(),
+                                       needed_snapshots(rows()), datetime.now(UTC),
+                                       timedelta(seconds=s.orphan_older_than_s))
+                    await prune(client, _Sender(send), selection,
+                                consolidate=s.orphan_consolidate)
+                    for vm in selection.consolidation_needed:
+                        log.warning("VM needs disk consolidation", extra={
+                            "vm": vm.instance_uuid, "path": vm.path})
+                except CbtStreamError as exc:
+                    log.warning("orphan reconcile failed", extra={"error": str(exc)})
+        finally:
+            await client.stop()
+
+    app.task(reconcile_forever)
