@@ -8,10 +8,13 @@ import asyncio
 import json
 import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cbtstream.config import Settings
+from cbtstream.demo.processes import Proc
 from cbtstream.kafka import Publisher
 from cbtstream.vsphere.adapter import VmRef, VmSnapshot, VmSnapshots, VSphereClient
 from cbtstream.vsphere.simctl import SimulatorControl
@@ -127,3 +130,47 @@ async def test_cli_prune_refuses_without_the_worker_and_list_reports(
     async with VSphereClient(producer_settings.vsphere) as client:
         vm = await client.find_vm(path=simvm.path)
         assert [s.moref for s in (await _tree(client, vm.moref)).snapshots] == [orphan]
+
+
+@pytest.mark.integration
+async def test_the_worker_reconciles_orphans_and_serves_what_syncs_need(
+    sim: SimulatorControl, producer_settings: Settings, vm_name: str, tmp_path: Path
+) -> None:
+    """A running worker with ``streams.orphan_interval_s``: it removes a snapshot of ours that
+    no sync needs (``SnapshotRemoved(orphaned)``), keeps the one its running sync needs and the
+    admin's, and answers ``GET /api/v1/snapshots/needed`` for ``cbtstream snapshots list``."""
+    streams = producer_settings.streams.model_copy(update={
+        "orphan_interval_s": 0.5, "orphan_older_than_s": 3, "remove_snapshots": False})
+    settings = producer_settings.model_copy(update={"streams": streams})
+    simvm = sim.create_vm(vm_name, [MiB], cbt=True)
+    worker = Proc(["worker"], settings, tmp_path / "worker.log")
+    try:
+        async with VSphereClient(settings.vsphere) as client, Publisher(settings.kafka) as pub:
+            vm = await client.find_vm(path=simvm.path)
+            admin = await client.create_snapshot(vm, "cbtstream-by-hand", description="admin")
+            orphan = await client.create_snapshot(vm, snapshot_name(),
+                                                  description=SNAPSHOT_DESCRIPTION)
+            # published: the worker plans it within the 3 s threshold (a snapshot younger than
+            # the threshold is never judged), and with no copier its sync keeps running
+            needed = (await snapshot_and_publish(client, pub, vm))[0].vm_snapshot
+            def ours(ev: list[Any]) -> list[Any]:  # other tests' VMs share the simulator
+                return [e for e in ev if e.disk.vm_instance_uuid == vm.instance_uuid]
+
+            removed = ours(await read_topic(settings, SNAPSHOT_REMOVED, timeout=90,
+                                            watch=(worker,), until=lambda ev: bool(ours(ev))))
+            assert [(e.vm_snapshot, e.reason) for e in removed] == [
+                (orphan.moref, RemovalReason.ORPHANED)]
+            await asyncio.sleep(1.5)  # a few more reconcile rounds: nothing else goes
+            left = {s.moref for s in (await _tree(client, vm.moref)).snapshots}
+        assert left == {admin.moref, needed}
+        env = settings_env(settings)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cbtstream.cli", "snapshots", "list", "--older-than", "1s",
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        docs = {d.get("vm_snapshot"): d for d in map(json.loads, out.decode().splitlines())}
+        assert proc.returncode == 0, err
+        assert docs[needed]["decision"] == "needed"
+        assert docs[admin.moref]["decision"] == "not_ours"
+    finally:
+        worker.stop()
