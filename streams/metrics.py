@@ -12,6 +12,8 @@ outputs are handed to the producer), so the pure planner stays free of metrics c
   ``ignored``, ``reissued``, ``timed_out``) -> ``cbtstream_planner_steps_total{input,kind}``;
 * running syncs ended because they showed no outcome and no progress ->
   ``cbtstream_syncs_timed_out_total``; re-issued first -> ``cbtstream_syncs_reissued_total``;
+* source records skipped (an offset jump within a partition: never expected) ->
+  ``cbtstream_source_records_skipped_total{topic}``;
 * every action of the partition watchdog -> ``cbtstream_watchdog_actions_total{topic}``;
 * every record sent to the dead letter topic -> ``cbtstream_dead_letters_total``;
 * at scrape time, the lag of each partition the worker consumes (end offset minus committed
@@ -50,6 +52,9 @@ class PlannerMetrics:
                                  registry=r)
         self.reissued = Counter("cbtstream_syncs_reissued", "Silent running syncs whose plan "
                                 "was published again (same sync id).", registry=r)
+        self.skipped = Counter("cbtstream_source_records_skipped", "Source records the worker "
+                               "saw skipped (an offset jump within its partition).", ["topic"],
+                               registry=r)
         self.watchdog = Counter("cbtstream_watchdog_actions", "Stalled source partitions the "
                                 "watchdog re-read from their committed offset.", ["topic"],
                                 registry=r)
@@ -64,6 +69,9 @@ class PlannerMetrics:
             for o in outputs:
                 if isinstance(o, SyncPlanned):
                     self.metrics.observe_plan(o)
+
+    def observe_skipped(self, topic: str, count: int) -> None:
+        self.skipped.labels(topic).inc(count)
 
     def observe_watchdog(self, topic: str) -> None:
         self.watchdog.labels(topic).inc()

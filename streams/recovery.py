@@ -22,7 +22,14 @@ can drop records right after a partition assignment, read in its source:
 :class:`SeekFirstRecovery` replaces ``on_recovery_completed`` with the same steps in a safe
 order: forget every read offset and buffered mark of the newly assigned stream partitions, await
 ``perform_seek()`` (every assigned partition positioned at its committed offset and its read
-offset set from it), and only then, with no ``await`` in between, resume those partitions. No
+offset set from it), seek the stream partitions that have no committed offset yet (or 0) to the
+start, and only then, with no ``await`` in between, resume those partitions.
+
+5. (found by the churn test in ``tests/rebalance``) ``perform_seek()`` seeks only partitions with
+   a committed offset above 0 (aiokafka's ``seek_to_committed``). A partition this worker keeps
+   through a rebalance before the group ever committed it stays where the fetcher left it, past
+   the records that were fetched and then discarded by ``flow_control.clear()``; they are never
+   delivered and the next commit passes them. No
 record of an assigned partition can be fetched before its seek, and no stale read offset is left
 to compare against. :class:`TableManager` is how it is plugged in
 (``faust.App(..., TableManager=...)``).
@@ -127,10 +134,16 @@ class SeekFirstRecovery(Recovery):
             self.log.info("Seek stream partitions to committed offsets.")
             await self._wait(consumer.perform_seek(),
                              timeout=app.conf.broker_request_timeout)
+        # perform_seek() leaves a partition without a committed offset (or at 0) where the
+        # fetcher was: after a rebalance that kept it, past records fetched and then discarded
+        # by flow_control.clear(). Seek those to the start (auto_offset_reset=earliest) too.
+        fresh = sorted(tp for tp in streams if not consumer._committed_offset.get(tp))
+        for tp in fresh:
+            await self._wait(consumer.seek(tp, 0), timeout=app.conf.broker_request_timeout)
         if app.consumer_generation_id != generation_id:
             self.log.warning("Recovery rebalancing again after the seek")
             return
-        # No await between the seek above and this resume: nothing is fetched unseeked.
+        # No await between the seeks above and this resume: nothing is fetched unseeked.
         consumer.resume_partitions(streams)
         self.completed.set()
         self.log.dev("Resume stream partitions")
