@@ -70,7 +70,7 @@ from streams import lifecycle, planner
 from streams.api import register_api
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import register_metrics
-from streams.recovery import TableManager
+from streams.recovery import TableManager, install_full_flush
 from streams.state import DiskState, from_json, to_json
 from streams.timeouts import SyncCheck, register_sync_checks
 from streams.watchdog import register_watchdog
@@ -105,6 +105,7 @@ class Planner:
     def __init__(self, settings: Settings, remover: SnapshotRemover | None = None) -> None:
         self.settings = settings
         self.remover = remover
+        install_full_flush()  # offset commits wait for every row write (streams/recovery.py)
         k = settings.kafka
         s = settings.streams
         self.app = faust.App(
@@ -177,6 +178,7 @@ class Planner:
         #: the partition starts counting silence from its own first check).
         self.progress: dict[uuid.UUID, datetime] = {}
         self.app.agent(self.checks_topic, name="on_sync_check")(self._checks_agent)
+        self.app.on_partitions_revoked.connect(self._forget_delivered)
         self.app.agent(self.topic(SYNC_PROGRESS), name="on_sync_progress")(self._progress_agent)
         token = settings.api.token
         register_api(self.app, self.table, token.get_secret_value() if token else None)
@@ -345,6 +347,11 @@ class Planner:
             self.progress.pop(ev.sync_id, None)
         await self._step(key, before, planner.failed_step(before, ev, datetime.now(UTC)),
                          "failure")
+
+    async def _forget_delivered(self, sender: Any, *args: Any, signal: Any,
+                                **kwargs: Any) -> None:
+        """A partition may come back after others processed it: its next offset is not news."""
+        self._delivered.clear()
 
     # -- silent syncs ---------------------------------------------------------------------------
     async def _progress_agent(self, stream: faust.StreamT[bytes]) -> None:

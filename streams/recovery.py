@@ -1,4 +1,5 @@
-"""Our one override of faust-streaming: partitions are resumed only after they were seeked.
+"""Our overrides of faust-streaming: partitions resumed only after they were seeked, and a
+producer flush that really flushes the table writes before an offset commit.
 
 faust-streaming 0.15.3 (its Python source equals upstream v0.15.2; no later release changes it)
 can drop records right after a partition assignment, read in its source:
@@ -34,6 +35,16 @@ record of an assigned partition can be fetched before its seek, and no stale rea
 to compare against. :class:`TableManager` is how it is plugged in
 (``faust.App(..., TableManager=...)``).
 
+**The flush.** Table writes (our rows) go through Faust's ``ProducerBuffer``; every offset
+commit first awaits ``producer.flush()``, whose ``ProducerBuffer.flush`` returns as soon as no
+buffered write was sent for 0.1 s, even with writes still queued (``flush_atmost``). On a loaded
+machine the commit then goes on with rows not yet in the changelog while the step's outputs, sent
+straight to aiokafka, are flushed: a crash right after loses the row but not the outputs, and as
+the input's offset is committed nothing repairs it (the churn test saw a commit refused as
+``lineage_mismatch`` because the row of its plan was lost). :func:`install_full_flush` replaces
+``ProducerBuffer.flush`` with a loop that waits until the buffer is empty (bounded: past
+``FLUSH_LIMIT_S`` it raises, so the commit fails instead of passing unwritten rows).
+
 ``UPSTREAM_SHA256`` pins the source of the upstream methods this replaces or relies on; a unit
 test fails when a faust-streaming upgrade changes them, so the override is re-read before it is
 trusted again.
@@ -50,8 +61,11 @@ from typing import Any, cast
 from faust.tables.manager import TableManager as _FaustTableManager
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import Consumer
+from faust.transport.producer import ProducerBuffer
 
 log = logging.getLogger("cbtstream.streams.recovery")
+
+_ORIGINAL_FLUSH_ATMOST = ProducerBuffer.flush_atmost
 
 #: sha256 of ``inspect.getsource`` of each upstream function whose behaviour this module depends
 #: on, as of faust-streaming 0.15.3 (checked by ``tests/rebalance/test_recovery_override.py``).
@@ -70,7 +84,14 @@ UPSTREAM_SHA256 = {
         "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417",
     "faust.tables.manager.TableManager.recovery":
         "f0bf5de78b4c3d235c3554010480f407010ccb7c481c68852a985542b952df32",
+    "faust.transport.producer.ProducerBuffer.flush_atmost":
+        "4966e8c5f9b42eb97abe3f93cbc9bc566a22bdea01ae5328c5a6593414820323",
+    "faust.transport.producer.ProducerBuffer._handle_pending":
+        "78d648030fd21016cc0d82ae6cc6df1cb474273195b10f133ea0ef9ac9d35f0c",
 }
+
+#: Longest a flush waits for the table writes to leave the buffer before it fails the commit.
+FLUSH_LIMIT_S = 30.0
 
 
 def upstream_sources() -> dict[str, str]:
@@ -85,6 +106,9 @@ def upstream_sources() -> dict[str, str]:
         "faust.transport.consumer.Consumer._drain_messages": Consumer._drain_messages,
         "faust.tables.manager.TableManager.recovery":
             cast(property, _FaustTableManager.__dict__["recovery"]).fget,
+        "faust.transport.producer.ProducerBuffer.flush_atmost": _ORIGINAL_FLUSH_ATMOST,
+        "faust.transport.producer.ProducerBuffer._handle_pending":
+            ProducerBuffer.__dict__["_handle_pending"].fun,
     }
     return {name: inspect.getsource(inspect.unwrap(obj)) for name, obj in objs.items()}
 
@@ -166,3 +190,24 @@ class TableManager(_FaustTableManager):
             self._recovery = SeekFirstRecovery(
                 self.app, self, beacon=self.beacon, loop=self.loop)
         return self._recovery
+
+
+async def _full_flush(self: ProducerBuffer) -> None:
+    """``ProducerBuffer.flush`` that returns only once every buffered write was handed to the
+    driver (whose own flush, awaited next by ``Producer.flush``, then waits for the acks)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FLUSH_LIMIT_S
+    while self.size:
+        await _ORIGINAL_FLUSH_ATMOST(self, None)
+        if self.size and loop.time() > deadline:
+            raise RuntimeError(f"producer buffer not flushed after {FLUSH_LIMIT_S}s "
+                               f"({self.size} writes left)")
+    # the write taken off the queue last may still be on its way into the driver
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+def install_full_flush() -> None:
+    """Make every ``ProducerBuffer`` of this process flush completely (idempotent). Called by
+    ``streams.app.Planner``, the composition root, not at import."""
+    ProducerBuffer.flush = _full_flush  # type: ignore[method-assign]
