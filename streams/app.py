@@ -348,8 +348,8 @@ class Planner:
         await self._step(key, before, planner.failed_step(before, ev, datetime.now(UTC)),
                          "failure")
 
-    async def _forget_delivered(self, sender: Any, *args: Any, signal: Any,
-                                **kwargs: Any) -> None:
+    def _forget_delivered(self, sender: Any, /, *args: Any, signal: Any,
+                          **kwargs: Any) -> None:
         """A partition may come back after others processed it: its next offset is not news."""
         self._delivered.clear()
 

@@ -89,6 +89,8 @@ class Figures:
     watchdog_actions: int = 0
     #: "source records skipped" warnings of the workers (only the fixed worker logs them)
     skip_warnings: int = 0
+    #: SIGTERM stops that hit the worker's deadline (streams.shutdown_timeout_s) and exited
+    forced_stops: int = 0
     worker_exits: int = 0
     stop_limit_s: float = 10.0
     examples: list[str] = field(default_factory=list)
@@ -109,7 +111,8 @@ class Figures:
                 f"{self.timed_out}; outcome latency p50 {self.p50_s:.1f}s p99 {self.p99_s:.1f}s "
                 f"max {self.max_s:.1f}s; drain {drain}; SIGTERM stop median/max {stop}; "
                 f"watchdog actions {self.watchdog_actions}; skipped-record warnings "
-                f"{self.skip_warnings}; worker exits {self.worker_exits}")
+                f"{self.skip_warnings}; SIGTERM stops past the deadline {self.forced_stops}; "
+                f"worker exits {self.worker_exits}")
 
     def problems(self) -> list[str]:
         out = []
@@ -369,6 +372,7 @@ async def run(settings: Settings, tmp: Path, churn: Churn) -> Figures:
     texts = [p.read_text(errors="replace") for p in workers.logs()]
     figures.watchdog_actions = sum(t.count("source partition stalled") for t in texts)
     figures.skip_warnings = sum(t.count('"source records skipped"') for t in texts)
+    figures.forced_stops = sum(t.count("clean stop took longer") for t in texts)
     return figures
 
 
