@@ -130,7 +130,8 @@ def _ended_sync(running: RunningSync, outcome: Outcome, now: datetime,
                 failure: SyncFailed | None = None) -> Ended:
     return Ended(snapshot_event_id=running.snapshot_event_id, vm_snapshot=running.vm_snapshot,
                  outcome=outcome, sync_id=running.sync_id, failure=failure, disk=running.disk,
-                 at=now,
+                 at=now, previous_change_id=running.previous_change_id,
+                 change_id=running.change_id,
                  release=running.release, snapshot_device_keys=running.snapshot_device_keys)
 
 
@@ -289,12 +290,14 @@ def _outcome_again(state: DiskState, e: Ended, failure_id: uuid.UUID | None = No
 def commit_step(state: DiskState | None, ev: ChangeIdCommitted, now: datetime) -> Step:
     """Apply a commit through the guard; refused commits become ``SyncFailed``."""
     running = state.running if state is not None else None
+    result = check_commit(state, ev)
     if state is not None and (running is None or running.sync_id != ev.sync_id):
         e = state.ended_sync(ev.sync_id)
-        if e is not None:
-            failure_id = stable_event_id("SyncFailed", LINEAGE_MISMATCH, ev.event_id)
+        failure_id = stable_event_id("SyncFailed", LINEAGE_MISMATCH, ev.event_id)
+        caused = e is not None and e.failure is not None and e.failure.event_id == failure_id
+        if e is not None and (result.verdict == Verdict.DUPLICATE or caused):
+            # a duplicate, or the redelivery of the commit that ended this sync refused
             return _outcome_again(state, e, failure_id)
-    result = check_commit(state, ev)
     if result.verdict == Verdict.DUPLICATE:
         return Step(state, _running_plan(state), (), "duplicate")
     if result.verdict == Verdict.REFUSE:

@@ -68,6 +68,10 @@ class Ended(BaseModel):
     sync_id: uuid.UUID | None = None
     #: For a superseded snapshot: the ``SnapshotTaken`` that replaced it.
     superseded_by: uuid.UUID | None = None
+    #: For a sync: the lineage its plan promised; a later commit of the sync with the same one is
+    #: a duplicate, with another one a real lineage conflict.
+    previous_change_id: str | None = None
+    change_id: str | None = None
     #: The failure the planner itself published for it (lineage mismatch, time-out), so a
     #: redelivery republishes the very same event.
     failure: SyncFailed | None = None

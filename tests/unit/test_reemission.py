@@ -230,3 +230,16 @@ def _run(seed: int, snapshots: int = 40) -> None:
 def test_random_crashes_and_redeliveries_lose_nothing_and_contradict_nothing() -> None:
     for seed in range(200):
         _run(seed)
+
+
+def test_commit_of_a_finished_sync_with_another_lineage_is_refused() -> None:
+    """A forged or corrupted commit reusing a finished sync's id is a real conflict."""
+    s = _state(snapshot_step(None, _snap(1), T0))
+    plan = _plan(snapshot_step(None, _snap(1), T0).outputs)
+    s = _state(commit_step(s, commit_for(plan), T0))
+    forged = commit_for(plan, previous_change_id=f"{EPOCH_B}/7", change_id=f"{EPOCH_B}/99")
+    step = commit_step(s, forged, T0)
+    (failed,) = step.outputs
+    assert step.kind == "refused" and step.state == s
+    assert isinstance(failed, SyncFailed) and failed.reason == LINEAGE_MISMATCH
+    assert commit_step(s, forged, T0).outputs == [failed]
