@@ -39,6 +39,15 @@ PROCESS_LEVEL = {
     "snapshot removed",  # one VM snapshot, all its disks: carries vm_snapshot instead
     "snapshot removal failed",
     "offset commit failed",
+    # the planner worker's process and partition-level lines (streams/worker.py, recovery.py,
+    # timeouts.py, watchdog.py, app.py)
+    "stopping",
+    "clean stop took longer than the deadline; exiting now (uncommitted inputs are "
+    "redelivered to the next worker)",
+    "cleared stale read offsets of newly assigned partitions",
+    "silent syncs found",
+    "source records skipped",
+    "source partition stalled with records pending; re-reading it from its committed offset",
 }
 
 
