@@ -18,8 +18,10 @@ past it (acked after our handler returned), and every commit first awaits
 one: ``Topic.send`` returns once the record is in aiokafka's accumulator, in call order, and
 aiokafka keeps one request in flight per partition, so records of one disk (one partition) keep
 their order. Known limits, from the same source: a record whose delivery fails after the
-producer's retries (``producer_request_timeout``) is only logged by Faust and the commit goes on;
-and ``ProducerBuffer.flush`` gives up waiting after 0.1 s without progress.
+producer's retries (``producer_request_timeout``) is only logged by Faust and the commit goes on.
+``ProducerBuffer.flush`` (the table writes) gave up waiting after 0.1 s without progress, letting
+a commit pass unwritten rows: ``streams.recovery.install_full_flush`` fixes that, and
+``streams.recovery.SeekFirstRecovery`` the records dropped after an assignment.
 
 Every topic, including the table's changelog ``<app id>-disks-changelog``, has
 ``settings.kafka.partitions`` partitions and is keyed by disk key, so a row always lives in the
