@@ -220,7 +220,8 @@ def _running_plan(state: DiskState | None) -> list[Output]:
 
 def snapshot_step(state: DiskState | None, snap: SnapshotTaken, now: datetime) -> Step:
     """A disk was snapshotted: plan it now, or let it wait for the running sync."""
-    if state is not None and snap.event_id in state.seen_snapshots:
+    if state is not None and (snap.event_id in state.seen_snapshots
+                              or _synced(state, stable_event_id("sync", snap.event_id))):
         return _snapshot_again(state, snap)
     state = (state or new_state(snap.disk)).with_seen(snap.event_id)
     if state.commit_taken_at is not None and snap.taken_at <= state.commit_taken_at:
@@ -238,6 +239,11 @@ def snapshot_step(state: DiskState | None, snap: SnapshotTaken, now: datetime) -
     if waiting is None:
         return Step(state)
     return _supersede(state, _ended_superseded(waiting, snap.event_id, now))
+
+
+def _synced(state: DiskState, sync_id: uuid.UUID) -> bool:
+    """Whether the row knows the sync as committed or finished (its snapshot was planned)."""
+    return state.commit_sync_id == sync_id or state.ended_sync(sync_id) is not None
 
 
 def _supersede(state: DiskState, e: Ended) -> Step:

@@ -15,9 +15,12 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from schemas.disk import DiskRef
 from schemas.events import FullReason, ReplicationType, SnapshotTaken, SyncFailed
 
-#: How many recent snapshot event ids are remembered per disk to drop redelivered duplicates.
-#: Redelivery happens within one consumer session, so a handful is plenty.
-SEEN_SNAPSHOTS = 16
+#: How many recent snapshot event ids are remembered per disk to recognise redelivered ones. A
+#: redelivery reaches back to the partition's last committed offset, which repeated rebalances
+#: can hold back for a minute (the churn soak at 75 snapshots/s saw more than 16 snapshots of one
+#: disk redelivered, and a forgotten one older than the commit was superseded after its plan had
+#: committed); 64 ids are about 2.5 kB of row.
+SEEN_SNAPSHOTS = 64
 #: How many finished syncs, and how many superseded snapshots, a row remembers
 #: (``DiskState.ended``), so a redelivered commit, failure or snapshot of something already
 #: finished is recognised as a duplicate and its outputs are re-published. Redelivery reaches

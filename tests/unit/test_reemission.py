@@ -243,3 +243,14 @@ def test_commit_of_a_finished_sync_with_another_lineage_is_refused() -> None:
     assert step.kind == "refused" and step.state == s
     assert isinstance(failed, SyncFailed) and failed.reason == LINEAGE_MISMATCH
     assert commit_step(s, forged, T0).outputs == [failed]
+
+
+def test_committed_snapshot_forgotten_by_seen_is_still_not_superseded() -> None:
+    """A redelivery reaching back past the seen window: the snapshot's sync is known as
+    committed, so it is not turned into a SyncSuperseded after its plan committed."""
+    s = _state(snapshot_step(None, _snap(1), T0))
+    s = _state(commit_step(s, commit_for(_plan(snapshot_step(None, _snap(1), T0).outputs)), T0))
+    forgot = s.model_copy(update={"seen_snapshots": ()})
+    again = snapshot_step(forgot, _snap(1), T0)
+    assert again.kind == "redelivered"
+    assert not any(isinstance(o, SyncSuperseded) for o in again.outputs)
