@@ -276,6 +276,25 @@ class StreamsSettings(BaseModel):
     orphan_older_than_s: float = Field(default=6 * 3600.0, gt=0)
     #: Also consolidate the disks of VMs whose runtime.consolidationNeeded is set.
     orphan_consolidate: bool = False
+    #: A running sync with no outcome and no ``SyncProgress`` for this long is re-issued (its
+    #: plan again, same sync id), and after as long again ended as ``SyncFailed(sync_timed_out)``
+    #: so the disk's waiting snapshot starts. Longer than any silence of a healthy copier (it
+    #: reports progress every ``copier.progress_interval_s``); 0 turns the check off.
+    sync_timeout_s: float = Field(default=1800.0, ge=0)
+    #: How often the worker looks for silent syncs.
+    sync_check_interval_s: float = Field(default=30.0, gt=0)
+    #: Kafka group session timeout: a killed worker's partitions move to the others after this.
+    #: Heartbeats run in Faust's consumer thread (not blocked by a busy event loop), so a short
+    #: timeout does not evict a healthy worker; brokers accept 6 s and more by default.
+    session_timeout_s: float = Field(default=10.0, ge=6)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    #: Static group membership (aiokafka ``group_instance_id``): a worker restarted with the same
+    #: id within ``session_timeout_s`` takes its partitions back without a rebalance. Must be
+    #: unique per worker process; unset (dynamic membership) by default.
+    group_instance_id: str | None = None
+    #: SIGTERM: a worker that has not stopped cleanly after this long (offsets committed,
+    #: producer flushed) exits anyway, before an orchestrator's SIGKILL would.
+    shutdown_timeout_s: float = Field(default=8.0, gt=0)
 
 
 class ApiSettings(BaseModel):

@@ -41,15 +41,13 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import faust
 from faust.exceptions import SameNode
 
 from schemas.disk import parse_disk_key
 from streams.state import DiskState, from_json
-
-if TYPE_CHECKING:
-    from streams.app import Planner
 
 log = logging.getLogger("cbtstream.api")
 
@@ -137,6 +135,8 @@ def disk_view(state: DiskState) -> dict[str, Any]:
             "previous_change_id": running.previous_change_id,
             "change_id": running.change_id,
             "planned_at": running.planned_at.isoformat(),
+            # re-issued because it showed no outcome and no progress (streams.sync_timeout_s)
+            "reissued": state.reissued,
         },
         "waiting_snapshot": None if waiting is None else {
             "event_id": str(waiting.event_id),
@@ -162,12 +162,9 @@ def authorized(header: str | None, token: str | None) -> bool:
 Handler = Callable[..., Awaitable[Any]]
 
 
-def register_api(planner: Planner) -> None:
-    """Add the API's views to the planner's Faust web server."""
-    app = planner.app
-    table = planner.table
-    secret = planner.settings.api.token
-    token = secret.get_secret_value() if secret is not None else None
+def register_api(app: faust.App, table: Any, token: str | None) -> None:
+    """Add the API's views to the Faust web server of ``app``, answering from ``table`` (the
+    ``disks`` table); ``token``, if set, is required as a bearer token on every ``/api`` call."""
 
     def guarded(fun: Callable[..., Awaitable[Answer | Any]]) -> Handler:
         async def get(view: Any, request: Any, **kwargs: Any) -> Any:

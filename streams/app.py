@@ -2,10 +2,13 @@
 agents that feed the pure planner.
 
 Delivery: at-least-once. For each input record an agent reads the disk's row, runs the pure
-function (``streams.planner``), writes the new row (table changelog) and sends the outputs, then
-Faust commits the input offset after its producer has flushed. A crash in between re-processes the
-record; the planner recognises redelivered snapshots and commits (event ids, uuid5-derived sync
-ids), so the replay produces the same ids and consumers drop duplicates.
+step (``streams.planner``), writes the new row (table changelog) if it changed and sends the
+outputs and lifecycle notices, then Faust commits the input offset after its producer has
+flushed. The row write and the sends are not atomic: a crash in between leaves a row that has
+seen the input while its outputs are lost. The input's offset was not committed, so it is
+redelivered, and the planner's re-emission rule (``streams.planner``: outputs are a function of
+row and input, also for an input already seen) publishes the same events again (same ids);
+consumers drop the duplicates.
 
 What this relies on in faust-streaming 0.15 (read in its source, ``faust/transport/consumer.py``
 ``Consumer._commit_offsets``): an event's offset becomes committable only once the agent moved
@@ -15,8 +18,10 @@ past it (acked after our handler returned), and every commit first awaits
 one: ``Topic.send`` returns once the record is in aiokafka's accumulator, in call order, and
 aiokafka keeps one request in flight per partition, so records of one disk (one partition) keep
 their order. Known limits, from the same source: a record whose delivery fails after the
-producer's retries (``producer_request_timeout``) is only logged by Faust and the commit goes on;
-and ``ProducerBuffer.flush`` gives up waiting after 0.1 s without progress.
+producer's retries (``producer_request_timeout``) is only logged by Faust and the commit goes on.
+``ProducerBuffer.flush`` (the table writes) gave up waiting after 0.1 s without progress, letting
+a commit pass unwritten rows: ``streams.recovery.install_full_flush`` fixes that, and
+``streams.recovery.SeekFirstRecovery`` the records dropped after an assignment.
 
 Every topic, including the table's changelog ``<app id>-disks-changelog``, has
 ``settings.kafka.partitions`` partitions and is keyed by disk key, so a row always lives in the
@@ -27,8 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import faust
@@ -50,6 +56,7 @@ from schemas.events import (
     SnapshotRemoved,
     SnapshotTaken,
     SyncFailed,
+    SyncProgress,
     stable_event_id,
 )
 from schemas.topics import (
@@ -57,6 +64,7 @@ from schemas.topics import (
     DEADLETTER,
     SNAPSHOT_TAKEN,
     SYNC_FAILED,
+    SYNC_PROGRESS,
     TopicSpec,
     topic_for,
 )
@@ -66,8 +74,10 @@ from streams.fences import FenceBook
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import register_metrics
 from streams.orphans import register_orphans
+from streams.recovery import TableManager, install_full_flush
 from streams.state import DiskState, from_json, new_state, to_json
 from streams.store_api import StoreService, register_store_api
+from streams.timeouts import SyncCheck, register_sync_checks
 from streams.watchdog import register_watchdog
 
 log = logging.getLogger("cbtstream.streams")
@@ -100,6 +110,7 @@ class Planner:
     def __init__(self, settings: Settings, remover: SnapshotRemover | None = None) -> None:
         self.settings = settings
         self.remover = remover
+        install_full_flush()  # offset commits wait for every row write (streams/recovery.py)
         k = settings.kafka
         s = settings.streams
         self.app = faust.App(
@@ -119,8 +130,18 @@ class Planner:
             # Batch the per-event sends (row, plan, lifecycle) instead of one request each.
             producer_linger=0.03,
             autodiscover=False,
+            # Seek before resume after every assignment (streams/recovery.py).
+            TableManager=TableManager,
+            # Quick failover: a killed worker's partitions move within the session timeout.
+            broker_session_timeout=s.session_timeout_s,
+            broker_heartbeat_interval=s.heartbeat_interval_s,
+            broker_rebalance_timeout=max(20.0, 2 * s.session_timeout_s),
+            consumer_group_instance_id=s.group_instance_id,
         )
         self._topics: dict[str, faust.TopicT] = {}
+        #: Offset of the last record delivered per source partition in this process (a forward
+        #: jump means records were skipped; a backward one is a redelivery after a rebalance).
+        self._delivered: dict[tuple[str, int], int] = {}
         self._topic_of: dict[type, faust.TopicT] = {}
         #: Decoded ``disks`` rows: key -> (the table's JSON value, its DiskState). See ``row``.
         self._decoded: dict[bytes, tuple[object, DiskState]] = {}
@@ -150,24 +171,40 @@ class Planner:
             partitions=k.partitions, internal=True,
         )
         self.app.agent(self.lifecycle_topic, name="on_snapshot_lifecycle")(self._lifecycle_agent)
-        #: Every change-ID fence (streams/fences.py), read for the worker's lifetime.
-        self.fences = FenceBook(k)
-        self.app.task(self.fences.run)
         self._agent(SNAPSHOT_TAKEN, (SnapshotTaken,), self._on_snapshot)
         self._agent(CHANGEID_COMMITTED, (ChangeIdCommitted,), self._on_commit)
         self._agent(SYNC_FAILED, (SyncFailed,), self._on_failed)
-        register_api(self)
+        self.checks_topic = self.app.topic(
+            f"{k.topic_prefix}{s.app_id}-sync-checks",
+            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+            partitions=k.partitions, internal=True,
+        )
+        #: Time of the latest SyncProgress seen per running sync (memory only: a new owner of
+        #: the partition starts counting silence from its own first check).
+        self.progress: dict[uuid.UUID, datetime] = {}
+        self.app.agent(self.checks_topic, name="on_sync_check")(self._checks_agent)
+        self.app.on_partitions_revoked.connect(self._forget_delivered)
+        self.app.agent(self.topic(SYNC_PROGRESS), name="on_sync_progress")(self._progress_agent)
+        #: Every change-ID fence (streams/fences.py), read for the worker's lifetime.
+        self.fences = FenceBook(k)
+        self.app.task(self.fences.run)
+        token = settings.api.token
+        secret = token.get_secret_value() if token else None
+        register_api(self.app, self.table, secret)
         self.ownership = external.Ownership(settings.streams.external, settings.streams.handover)
         self.store_service = StoreService(
             self.rows, lambda k: self.row(k.encode()), self.send, self.ownership)
-        token = settings.api.token.get_secret_value() if settings.api.token else None
         register_store_api(self.app, self.store_service, spread=self.table_spread,
-                           authorized=lambda header: authorized(header, token))
+                           authorized=lambda header: authorized(header, secret))
         register_orphans(self.app, settings, self.rows, self.table_spread, self.send)
-        self.metrics = register_metrics(self)
-        register_watchdog(self, {self.topic(spec).get_topic_name() for spec in (
+        self.metrics = register_metrics(self.app)
+        register_watchdog(self.app, {self.topic(spec).get_topic_name() for spec in (
             SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)} | {
-            self.lifecycle_topic.get_topic_name()})
+            self.lifecycle_topic.get_topic_name(), self.checks_topic.get_topic_name()},
+            self.metrics.observe_watchdog)
+        if s.sync_timeout_s > 0:
+            register_sync_checks(self.app, self.table, self.checks_topic, self.progress,
+                                 timeout_s=s.sync_timeout_s, interval_s=s.sync_check_interval_s)
 
     def kafka_topics(self) -> dict[str, tuple[int, dict[str, str]]]:
         """Every topic the worker consumes or writes, with its partitions and config: our
@@ -176,11 +213,13 @@ class Planner:
         k = self.settings.kafka
         parts = k.partitions
         topics = {self.topic(spec).get_topic_name(): (parts, dict(spec.config))
-                  for spec in (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)}
+                  for spec in (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED, SYNC_PROGRESS)}
         for table in (self.table, self.snapshots):
             topics[table.changelog_topic.get_topic_name()] = (
                 parts, {"cleanup.policy": "compact"})
         topics[self.lifecycle_topic.get_topic_name()] = (parts, {})
+        # a check matters for minutes: a day covers any outage worth recovering from
+        topics[self.checks_topic.get_topic_name()] = (parts, {"retention.ms": str(86_400_000)})
         topics[f"{self.app.conf.id}-__assignor-__leader"] = (1, {})
         return topics
 
@@ -262,6 +301,16 @@ class Planner:
         event: EventT[bytes],
     ) -> None:
         msg = event.message
+        tpk = (msg.topic, msg.partition)
+        last = self._delivered.get(tpk)
+        if last is not None and msg.offset > last + 1:
+            # Our source topics have no gaps (not compacted, no transactions): records were
+            # skipped. Seen with faust's stale read offsets; streams/recovery.py prevents it.
+            log.warning("source records skipped", extra={
+                "topic": msg.topic, "partition": msg.partition, "after": last,
+                "offset": msg.offset})
+            self.metrics.observe_skipped(msg.topic, msg.offset - last - 1)
+        self._delivered[tpk] = msg.offset
         try:
             parsed = decode(msg.value, key=msg.key, expect=tuple(expect))
         except EventDecodeError as exc:
@@ -280,51 +329,101 @@ class Planner:
         log.warning("dead letter", extra={"topic": topic, "partition": partition,
                                           "offset": offset, "error": error[:300]})
         await self.topic(DEADLETTER).send(key=k, value=v, headers=headers)
+        self.metrics.observe_dead_letter()
 
-    async def _step(self, key: bytes, before: DiskState | None, after: DiskState | None,
-                    out: list[planner.Output], incoming: SnapshotTaken | None = None) -> None:
-        """Write the row, send the planner's outputs and the lifecycle notices (only for
-        snapshots the pipeline removes: see ``streams.lifecycle``)."""
-        self.put(key, after)
+    async def _step(self, key: bytes, before: DiskState | None, step: planner.Step,
+                    source: str) -> None:
+        """Write the row (if the step changed it), send the step's outputs and lifecycle
+        notices (only for snapshots the pipeline removes: see ``streams.lifecycle``). The same
+        sends happen for a redelivered input: see the module docstring."""
+        if step.state is not before:
+            self.put(key, step.state)
+        if step.kind not in ("applied", "idle"):
+            log.info("planner step", extra={"input": source, "kind": step.kind,
+                                            "outputs": len(step.outputs)})
         verbose = log.isEnabledFor(logging.INFO)
-        for o in out:
+        for o in step.outputs:
             if verbose:
                 log.info(o.event_type,
                          extra={"event": o.model_dump(mode="json", exclude={"disk"})})
             await self.send(o)
-        for n in lifecycle.finished(before, after, list(out), incoming):
+        for n in lifecycle.notices(step.ended):
             await self.lifecycle_topic.send(key=n.key, value=n.model_dump_json().encode())
+        self.metrics.observe_step(source, step.kind, step.outputs)
 
     async def _on_snapshot(self, key: bytes, ev: SnapshotTaken) -> None:
         before = self.row(key)
         await self.fences.wait_ready()
         row = before if before is not None else new_state(ev.disk)
-        if self.ownership.owned_externally(row):
-            skipped, superseded = external.skip_snapshot(row, ev)
-            await self._step(key, before, skipped, list(superseded), ev)
+        if self.ownership.owned_externally(row):  # its external copier copies it
+            await self._step(key, before, external.skip_snapshot(row, ev, datetime.now(UTC)),
+                             "snapshot")
             return
-        after, out = planner.on_snapshot(before, ev, datetime.now(UTC), self.fences.active())
-        await self._step(key, before, after, list(out), ev)
+        await self._step(key, before, planner.snapshot_step(
+            before, ev, datetime.now(UTC), self.fences.active()), "snapshot")
 
     async def _on_commit(self, key: bytes, ev: ChangeIdCommitted) -> None:
         before = self.row(key)
         await self.fences.wait_ready()
         if ev.origin == external.EXTERNAL:
-            applied, refused = external.apply_external(before, ev, datetime.now(UTC),
-                                                       self.ownership)
-            await self._step(key, before, applied, list(refused))
+            await self._step(key, before, external.apply_external(
+                before, ev, datetime.now(UTC), self.ownership), "commit")
             return
-        after, out = planner.on_commit(before, ev, datetime.now(UTC), self.fences.active())
-        if after is not None and after.commit_event_id == ev.event_id and after != before:
+        step = planner.commit_step(before, ev, datetime.now(UTC), self.fences.active())
+        if step.kind == "applied":
             log.info("commit applied", extra={"change_id": ev.change_id,
                                               "sync_id": str(ev.sync_id)})
-        await self._step(key, before, after, list(out))
+        self.progress.pop(ev.sync_id, None)
+        await self._step(key, before, step, "commit")
 
     async def _on_failed(self, key: bytes, ev: SyncFailed) -> None:
         before = self.row(key)
+        if ev.sync_id is not None:
+            self.progress.pop(ev.sync_id, None)
         await self.fences.wait_ready()
-        after, out = planner.on_failed(before, ev, datetime.now(UTC), self.fences.active())
-        await self._step(key, before, after, list(out))
+        await self._step(key, before, planner.failed_step(
+            before, ev, datetime.now(UTC), self.fences.active()), "failure")
+
+    def _forget_delivered(self, sender: Any, /, *args: Any, signal: Any,
+                          **kwargs: Any) -> None:
+        """A partition may come back after others processed it: its next offset is not news."""
+        self._delivered.clear()
+
+    # -- silent syncs ---------------------------------------------------------------------------
+    async def _progress_agent(self, stream: faust.StreamT[bytes]) -> None:
+        """Remember when each running sync last reported progress (no table write: progress
+        only postpones a time-out)."""
+        async for event in stream.events():
+            msg = event.message
+            try:
+                ev = decode(msg.value, key=msg.key, expect=(SyncProgress,))
+            except EventDecodeError:
+                continue  # progress is advisory (the copier's own topic): never dead-lettered
+            assert isinstance(ev, SyncProgress)
+            if len(self.progress) > 100_000:
+                self.progress.clear()  # bounded: forgetting progress only delays nothing
+            self.progress[ev.sync_id] = datetime.now(UTC)
+
+    async def _checks_agent(self, stream: faust.StreamT[bytes]) -> None:
+        """Decide the time-out checks the timer sent (keyed by disk, so in the disk's
+        partition); the decision time travels in the record, so a redelivered check decides
+        the same and republishes the same outputs."""
+        timeout = timedelta(seconds=self.settings.streams.sync_timeout_s)
+        async for event in stream.events():
+            msg = event.message
+            check = SyncCheck.model_validate_json(msg.value)
+            key = check.disk_key.encode()
+            seen = self.progress.get(check.sync_id)
+            last = max((t for t in (check.last_progress, seen) if t is not None), default=None)
+            before = self.row(key)
+            with bind_disk(check.disk_key):
+                step = planner.timeout_step(before, check.sync_id, check.at, timeout, last,
+                                            self.fences.active())
+                if step.kind in ("reissued", "timed_out"):
+                    log.warning("silent sync " + step.kind, extra={
+                        "sync_id": str(check.sync_id), "last_progress": str(last),
+                        "checked_at": check.at.isoformat()})
+                await self._step(key, before, step, "check")
 
     # -- snapshot lifecycle ---------------------------------------------------------------------
     async def _lifecycle_agent(self, stream: faust.StreamT[bytes]) -> None:

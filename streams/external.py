@@ -36,11 +36,11 @@ from schemas.events import (
     ReplicationType,
     SnapshotTaken,
     SyncFailed,
-    SyncSuperseded,
     stable_event_id,
 )
 from streams.guard import LINEAGE_MISMATCH, GuardResult, Verdict
-from streams.state import DiskState
+from streams.planner import Step, superseded_event
+from streams.state import DiskState, Ended
 
 STORED = "ChangeID stored successfully"
 EXTERNAL: Final = "external"
@@ -225,21 +225,21 @@ def stored_answer(req: StoreRequest, row: DiskState, ev: ChangeIdCommitted) -> A
 
 # -- the table's side ----------------------------------------------------------------------------
 def apply_external(state: DiskState | None, ev: ChangeIdCommitted, now: datetime,
-                   ownership: Ownership) -> tuple[DiskState | None, list[SyncFailed]]:
+                   ownership: Ownership) -> Step:
     """The commit agent's step for an external commit: apply it, drop a duplicate, or refuse it
     with the same ``SyncFailed(lineage_mismatch)`` an internal refusal gets (the audit marks the
     history row refused by its derived id)."""
     result = check_external(state, ev, ownership)
     if result.verdict == Verdict.DUPLICATE:
-        return state, []
+        return Step(state, [], (), "duplicate")
     if result.verdict == Verdict.REFUSE:
-        return state, [SyncFailed(
+        return Step(state, [SyncFailed(
             event_id=stable_event_id("SyncFailed", LINEAGE_MISMATCH, ev.event_id),
             occurred_at=now, disk=ev.disk, sync_id=ev.sync_id, vm_snapshot=ev.vm_snapshot,
             reason=LINEAGE_MISMATCH, detail=f"external commit {ev.event_id} refused: "
-            f"{result.detail}")]
+            f"{result.detail}")], (), "refused")
     assert state is not None
-    return state.model_copy(update={
+    return Step(state.model_copy(update={
         "change_id": ev.change_id,
         "committed_at": ev.occurred_at,
         "commit_sync_id": ev.sync_id,
@@ -251,16 +251,18 @@ def apply_external(state: DiskState | None, ev: ChangeIdCommitted, now: datetime
         "external_job_id": ev.origin_job_id,
         # the external copier's replica is not cbtstream's: no replica digest to carry on
         "replica_digest": None,
-    }), []
+    }))
 
 
-def skip_snapshot(state: DiskState, snap: SnapshotTaken) -> tuple[DiskState, list[SyncSuperseded]]:
+def skip_snapshot(state: DiskState, snap: SnapshotTaken, now: datetime) -> Step:
     """A snapshot of a disk its external copier owns: not planned (two copiers must never race
-    on one replica). It is marked superseded by itself, so the snapshot lifecycle still sees the
-    disk finish with it."""
-    if snap.event_id in state.seen_snapshots:
-        return state, []
-    return state.with_seen(snap.event_id), [SyncSuperseded(
-        event_id=stable_event_id("SyncSuperseded", snap.event_id), disk=snap.disk,
-        snapshot_event_id=snap.event_id, vm_snapshot=snap.vm_snapshot,
-        superseded_by=snap.event_id)]
+    on one replica). It is superseded by itself, so the snapshot lifecycle still sees the disk
+    finish with it; a redelivery republishes the same ``SyncSuperseded``."""
+    for e in state.ended:
+        if e.outcome == "superseded" and e.snapshot_event_id == snap.event_id:
+            return Step(state, [superseded_event(e)], (e,), "redelivered")
+    e = Ended(snapshot_event_id=snap.event_id, vm_snapshot=snap.vm_snapshot,
+              outcome="superseded", superseded_by=snap.event_id, disk=snap.disk, at=now,
+              release=snap.snapshot_device_keys is not None,
+              snapshot_device_keys=snap.snapshot_device_keys)
+    return Step(state.with_seen(snap.event_id).with_ended(e), [superseded_event(e)], (e,))

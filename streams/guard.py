@@ -10,7 +10,10 @@ A commit is applied only if it continues the disk's lineage exactly:
   in the previous change ID's epoch with a larger sequence.
 
 A redelivered commit (same event id, or same sync and change ID as the applied one) is a harmless
-duplicate. Everything else is refused and reported as ``SyncFailed(reason="lineage_mismatch")``.
+duplicate, and so is a commit of a sync the row remembers as finished (``DiskState.ended``:
+committed, failed or timed out) with the lineage its plan promised: its outcome is already
+decided. The same sync committing another lineage is a real conflict and refused. Everything
+else is refused and reported as ``SyncFailed(reason="lineage_mismatch")``.
 Replay tools apply this same function to the log to tell applied commits from refused ones.
 """
 
@@ -46,6 +49,14 @@ def check_commit(state: DiskState | None, ev: ChangeIdCommitted) -> GuardResult:
     ):
         return GuardResult(Verdict.DUPLICATE, "already applied")
     running = state.running if state is not None else None
+    if state is not None and (running is None or running.sync_id != ev.sync_id):
+        ended = state.ended_sync(ev.sync_id)
+        if ended is not None:
+            if (ended.previous_change_id, ended.change_id) == (ev.previous_change_id,
+                                                               ev.change_id):
+                return GuardResult(Verdict.DUPLICATE, f"sync already {ended.outcome}")
+            return GuardResult(Verdict.REFUSE, f"sync {ev.sync_id} already {ended.outcome}; "
+                               "this commit names another lineage than its plan")
     if running is None or running.sync_id != ev.sync_id:
         return GuardResult(Verdict.REFUSE, f"sync {ev.sync_id} is not the running sync of the disk")
     if running.disk != ev.disk:

@@ -15,18 +15,18 @@ earlier versions.
 
 Only snapshots the pipeline will remove make notices: a ``SnapshotTaken`` without
 ``snapshot_device_keys`` (published by an upstream system that manages the snapshot itself) can
-never become releasable, so :func:`finished` skips it (``RunningSync.release``).
+never become releasable, so :func:`notices` skips it (``Ended.release``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 from schemas.disk import DiskRef
-from schemas.events import SnapshotTaken, SyncSuperseded
-from streams.state import DiskState
+from streams.state import Ended
 
 
 class SnapshotRemover(Protocol):
@@ -68,32 +68,13 @@ def snapshot_key(vm_instance_uuid: str, vm_snapshot: str) -> bytes:
     return f"{vm_instance_uuid}/{vm_snapshot}".encode()
 
 
-def finished(before: DiskState | None, after: DiskState | None,
-             outputs: list[BaseModel], incoming: SnapshotTaken | None = None) -> list[Notice]:
-    """Snapshots a disk is done with after one planner step: the running sync ended (committed
-    or failed), or a waiting/arriving snapshot was superseded. Snapshots the pipeline does not
-    remove are left out; ``incoming`` is the step's ``SnapshotTaken``, if any, so a superseded
-    snapshot can be told apart (one not found there nor waiting still gets its notice)."""
-    out: list[Notice] = []
-    ran = before.running if before is not None else None
-    now = after.running if after is not None else None
-    if ran is not None and ran.release and (now is None or now.sync_id != ran.sync_id):
-        outcome = "committed" if after is not None and after.commit_sync_id == ran.sync_id \
-            else "failed"
-        out.append(Notice(kind="finished", disk=ran.disk, vm_snapshot=ran.vm_snapshot,
-                          outcome=outcome, expected=ran.snapshot_device_keys))
-    waiting = before.waiting if before is not None else None
-    known = {snap.event_id: snap for snap in (incoming, waiting) if snap is not None}
-    for o in outputs:
-        if not isinstance(o, SyncSuperseded):
-            continue
-        snap = known.get(o.snapshot_event_id)
-        if snap is not None and snap.snapshot_device_keys is None:
-            continue
-        out.append(Notice(kind="finished", disk=o.disk, vm_snapshot=o.vm_snapshot,
-                          outcome="superseded",
-                          expected=snap.snapshot_device_keys if snap is not None else None))
-    return out
+def notices(ended: Iterable[Ended]) -> list[Notice]:
+    """The lifecycle notices of one planner step: one per sync or snapshot it finished (its
+    ``Step.ended``; a redelivered input finishes the same ones again, and the notice is the same
+    fact). Snapshots the pipeline does not remove (``Ended.release`` false) are left out."""
+    return [Notice(kind="finished", disk=e.disk, vm_snapshot=e.vm_snapshot, outcome=e.outcome,
+                   expected=e.snapshot_device_keys)
+            for e in ended if e.release]
 
 
 def apply(row: SnapshotRow | None, notice: Notice) -> SnapshotRow:

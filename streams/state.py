@@ -13,11 +13,22 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.disk import DiskRef
-from schemas.events import ReplicationType, SnapshotTaken
+from schemas.events import FullReason, ReplicationType, SnapshotTaken, SyncFailed
 
-#: How many recent snapshot event ids are remembered per disk to drop redelivered duplicates.
-#: Redelivery happens within one consumer session, so a handful is plenty.
-SEEN_SNAPSHOTS = 16
+#: How many recent snapshot event ids are remembered per disk to recognise redelivered ones. A
+#: redelivery reaches back to the partition's last committed offset, which repeated rebalances
+#: can hold back for a minute (the churn soak at 75 snapshots/s saw more than 16 snapshots of one
+#: disk redelivered, and a forgotten one older than the commit was superseded after its plan had
+#: committed); 64 ids are about 2.5 kB of row.
+SEEN_SNAPSHOTS = 64
+#: How many finished syncs, and how many superseded snapshots, a row remembers
+#: (``DiskState.ended``), so a redelivered commit, failure or snapshot of something already
+#: finished is recognised as a duplicate and its outputs are re-published. Redelivery reaches
+#: back at most to the last committed offset (seconds of records), in which one disk sees a
+#: handful of events.
+ENDED_HISTORY = 8
+
+Outcome = Literal["committed", "failed", "superseded"]
 
 
 class RunningSync(BaseModel):
@@ -42,6 +53,38 @@ class RunningSync(BaseModel):
     snapshot_device_keys: tuple[int, ...] | None = None
     #: The plan's generation (``SyncPlanned.generation``); 0 in rows written before it existed.
     generation: int = 0
+    #: The plan's ``reason`` (None in rows written before it was kept: then re-derived by
+    #: ``streams.planner.decide``), so the plan can be rebuilt identically from the row.
+    reason: FullReason | None = None
+
+
+class Ended(BaseModel):
+    """A sync that finished (committed or failed) or a snapshot that was superseded: what is
+    needed to recognise its redelivered inputs and to publish its outputs again identically."""
+
+    model_config = ConfigDict(frozen=True)
+
+    snapshot_event_id: uuid.UUID
+    vm_snapshot: str
+    outcome: Outcome
+    #: The sync, for a committed or failed one (None: a superseded snapshot never ran).
+    sync_id: uuid.UUID | None = None
+    #: For a superseded snapshot: the ``SnapshotTaken`` that replaced it.
+    superseded_by: uuid.UUID | None = None
+    #: For a sync: the lineage its plan promised; a later commit of the sync with the same one is
+    #: a duplicate, with another one a real lineage conflict.
+    previous_change_id: str | None = None
+    change_id: str | None = None
+    #: The failure the planner itself published for it (lineage mismatch, time-out), so a
+    #: redelivery republishes the very same event.
+    failure: SyncFailed | None = None
+    #: The disk as that snapshot saw it (the body of its notice and of its SyncSuperseded).
+    disk: DiskRef
+    #: When it ended (``occurred_at`` of its SyncSuperseded, republished identically).
+    at: AwareDatetime
+    #: Lifecycle: the pipeline removes this snapshot (see ``RunningSync.release``).
+    release: bool = False
+    snapshot_device_keys: tuple[int, ...] | None = None
 
 
 class DiskState(BaseModel):
@@ -70,10 +113,42 @@ class DiskState(BaseModel):
     waiting: SnapshotTaken | None = None
     last_failure: str | None = None
     seen_snapshots: tuple[uuid.UUID, ...] = Field(default=())
+    #: The latest finished syncs and superseded snapshots, oldest first (``ENDED_HISTORY``).
+    ended: tuple[Ended, ...] = Field(default=())
+    #: Times the running sync was re-issued (same plan) because it showed no outcome and no
+    #: progress for ``streams.sync_timeout_s``; reset when a sync starts.
+    reissued: int = 0
+    #: When it was last re-issued (a time-out counts silence from the later of this and
+    #: ``RunningSync.planned_at``).
+    reissued_at: AwareDatetime | None = None
 
     def with_seen(self, event_id: uuid.UUID) -> DiskState:
         seen = (*self.seen_snapshots, event_id)[-SEEN_SNAPSHOTS:]
         return self.model_copy(update={"seen_snapshots": seen})
+
+    def with_ended(self, *entries: Ended) -> DiskState:
+        """The row with ``entries`` remembered: the latest ``ENDED_HISTORY`` syncs and, apart,
+        the latest ``ENDED_HISTORY`` superseded snapshots (a burst of snapshots superseding
+        each other never pushes a finished sync out)."""
+        every = (*self.ended, *entries)
+        syncs = [e for e in every if e.sync_id is not None][-ENDED_HISTORY:]
+        snaps = [e for e in every if e.sync_id is None][-ENDED_HISTORY:]
+        keep = {id(e) for e in (*syncs, *snaps)}
+        return self.model_copy(update={"ended": tuple(e for e in every if id(e) in keep)})
+
+    def ended_sync(self, sync_id: uuid.UUID) -> Ended | None:
+        """The finished sync ``sync_id`` (committed or failed), if the row remembers it."""
+        for e in reversed(self.ended):
+            if e.sync_id == sync_id:
+                return e
+        return None
+
+    def ended_snapshot(self, snapshot_event_id: uuid.UUID) -> Ended | None:
+        """What became of the snapshot ``snapshot_event_id``, if the row remembers it."""
+        for e in reversed(self.ended):
+            if e.snapshot_event_id == snapshot_event_id:
+                return e
+        return None
 
     @property
     def committed_disk(self) -> DiskRef | None:

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="run the Faust planner worker",
         description="Runs the Faust application: materialises each disk's latest committed "
         "change ID from cbt.changeid.committed (through the commit guard) and plans a sync for "
-        "every cbt.snapshot.taken event. Stop with Ctrl-C or SIGTERM.",
+        "every cbt.snapshot.taken event. Stop with Ctrl-C or SIGTERM (a clean stop, bounded by "
+        "streams.shutdown_timeout_s).",
     )
     p.set_defaults(handler=run)
 
@@ -21,10 +22,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    import faust
-
     from cbtstream.kafka import ensure_topics
     from streams.app import Planner
+    from streams.worker import DeadlineWorker
 
     settings.streams.data_dir.mkdir(parents=True, exist_ok=True)
     remover = None
@@ -37,11 +37,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # assignor skips it until the next rebalance (a worker started right after topic creation
     # would consume nothing).
     asyncio.run(ensure_topics(settings.kafka, planner.kafka_topics()))
-    worker = faust.Worker(
+    worker = DeadlineWorker(
         planner.app,
         loglevel=settings.log_level.lower(),
         override_logging=False,
         quiet=True,
+        shutdown_timeout_s=settings.streams.shutdown_timeout_s,
     )
     worker.execute_from_commandline()
     return 0

@@ -251,7 +251,7 @@ class _DiskReplay:
             return
         row = self.state if self.state is not None else new_state(ev.disk)
         if self.ownership.owned_externally(row):
-            self.out.state, _ = skip_snapshot(row, ev)  # left to its external copier
+            self.out.state = skip_snapshot(row, ev, rec.time).state  # left to its copier
             return
         self.out.state, outs = on_snapshot(self.state, ev, rec.time)
         self.remember(outs)
@@ -329,7 +329,7 @@ class _DiskReplay:
         if ev.origin == EXTERNAL:
             # an external copier's store call: the rules the table applies to it
             verdict = check_external(self.state, ev, self.ownership)
-            self.out.state, _ = apply_external(self.state, ev, rec.time, self.ownership)
+            self.out.state = apply_external(self.state, ev, rec.time, self.ownership).state
         else:
             verdict = check_commit(self.state, ev)
             self.out.state, outs = on_commit(self.state, ev, rec.time)

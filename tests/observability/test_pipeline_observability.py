@@ -44,6 +44,15 @@ PROCESS_LEVEL = {
     "fence",
     "fence book: reading again",
     "fence topic missing; planning without fences",
+    # the planner worker's process and partition-level lines (streams/worker.py, recovery.py,
+    # timeouts.py, watchdog.py, app.py)
+    "stopping",
+    "clean stop took longer than the deadline; exiting now (uncommitted inputs are "
+    "redelivered to the next worker)",
+    "cleared stale read offsets of newly assigned partitions",
+    "silent syncs found",
+    "source records skipped",
+    "source partition stalled with records pending; re-reading it from its committed offset",
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from schemas import SnapshotTaken, SyncFailed, SyncPlanned
 from streams import lifecycle
-from streams.planner import on_commit, on_failed, on_snapshot
+from streams.planner import commit_step, failed_step, snapshot_step
 from streams.state import DiskState
 from tests.unit.factories import EPOCH_A, T0, commit_for, disk, snap
 
@@ -23,8 +23,17 @@ def _plan(out: list[object]) -> SyncPlanned:
 
 def _step_snapshot(state: DiskState | None, ev: SnapshotTaken
                    ) -> tuple[DiskState, list[object], list[lifecycle.Notice]]:
-    after, out = on_snapshot(state, ev, T0)
-    return after, list(out), lifecycle.finished(state, after, list(out), ev)
+    step = snapshot_step(state, ev, T0)
+    assert step.state is not None
+    return step.state, list(step.outputs), lifecycle.notices(step.ended)
+
+
+def _commit(state: DiskState, plan: SyncPlanned) -> list[lifecycle.Notice]:
+    return lifecycle.notices(commit_step(state, commit_for(plan), T0).ended)
+
+
+def _fail(state: DiskState, plan: SyncPlanned) -> list[lifecycle.Notice]:
+    return lifecycle.notices(failed_step(state, _failure(plan), T0).ended)
 
 
 def test_planned_sync_remembers_whether_to_release() -> None:
@@ -38,8 +47,7 @@ def test_planned_sync_remembers_whether_to_release() -> None:
 
 def test_commit_of_a_removable_snapshot_sends_one_notice_with_device_keys() -> None:
     s, out, _ = _step_snapshot(None, _keyed(snap(disk(), f"{EPOCH_A}/1")))
-    after, outs = on_commit(s, commit_for(_plan(out)), T0)
-    (notice,) = lifecycle.finished(s, after, list(outs))
+    (notice,) = _commit(s, _plan(out))
     assert notice.kind == "finished" and notice.outcome == "committed"
     assert notice.expected == KEYS and notice.vm_snapshot == "snapshot-1"
 
@@ -47,10 +55,8 @@ def test_commit_of_a_removable_snapshot_sends_one_notice_with_device_keys() -> N
 def test_upstream_snapshot_without_device_keys_sends_nothing() -> None:
     s, out, notices = _step_snapshot(None, snap(disk(), f"{EPOCH_A}/1"))
     assert notices == []
-    after, outs = on_commit(s, commit_for(_plan(out)), T0)
-    assert lifecycle.finished(s, after, list(outs)) == []
-    failed_state, _ = on_failed(s, _failure(_plan(out)), T0)
-    assert lifecycle.finished(s, failed_state, []) == []
+    assert _commit(s, _plan(out)) == []
+    assert _fail(s, _plan(out)) == []
 
 
 def _failure(plan: SyncPlanned) -> SyncFailed:
@@ -60,8 +66,7 @@ def _failure(plan: SyncPlanned) -> SyncFailed:
 
 def test_failed_sync_notice_says_failed() -> None:
     s, out, _ = _step_snapshot(None, _keyed(snap(disk(), f"{EPOCH_A}/1")))
-    after, _ = on_failed(s, _failure(_plan(out)), T0)
-    (notice,) = lifecycle.finished(s, after, [])
+    (notice,) = _fail(s, _plan(out))
     assert notice.outcome == "failed" and notice.expected == KEYS
 
 
@@ -94,8 +99,7 @@ def test_snapshot_becomes_releasable_from_finished_notices_alone() -> None:
     row = None
     for key in KEYS:
         s, out, _ = _step_snapshot(None, _keyed(snap(disk(key), f"{EPOCH_A}/1")))
-        after, outs = on_commit(s, commit_for(_plan(out)), T0)
-        (notice,) = lifecycle.finished(s, after, list(outs))
+        (notice,) = _commit(s, _plan(out))
         assert row is None or not lifecycle.releasable(row)
         row = lifecycle.apply(row, notice)
     assert row is not None and lifecycle.releasable(row)
@@ -110,8 +114,7 @@ def test_rows_from_before_the_release_flag_still_send_notices() -> None:
     assert raw["running"] is not None
     del raw["running"]["release"], raw["running"]["snapshot_device_keys"]
     old = DiskState.model_validate(raw)
-    after, outs = on_commit(old, commit_for(_plan(out)), T0)
-    (notice,) = lifecycle.finished(old, after, list(outs))
+    (notice,) = _commit(old, _plan(out))
     assert notice.outcome == "committed" and notice.expected is None
     # an old "taken" notice still tells the row which disks to wait for
     taken = lifecycle.Notice(kind="taken", disk=disk(2001), vm_snapshot="snapshot-1",

@@ -103,20 +103,25 @@ def test_the_table_applies_an_external_commit_and_then_leaves_the_disk_to_its_co
     rows = _rows()
     _, ev = store(rows, _req(), T0, NONE)
     assert ev is not None
-    state, out = apply_external(rows[0], ev, T0, NONE)
-    assert out == [] and state is not None
+    step = apply_external(rows[0], ev, T0, NONE)
+    state = step.state
+    assert step.outputs == [] and state is not None
     assert (state.change_id, state.owner, state.external_job_id) == (f"{EPOCH_A}/4", "external",
                                                                       "job-1")
-    assert apply_external(state, ev, T0, NONE) == (state, [])  # redelivered: a duplicate
+    again = apply_external(state, ev, T0, NONE)  # redelivered: a duplicate
+    assert again.state == state and again.outputs == [] and again.kind == "duplicate"
     # a stale store call that raced past the API check is refused by the table itself
     _, stale = store(rows, _req(job_id="job-0", change_id=f"{EPOCH_A}/5"), T0, NONE)
     assert stale is not None
-    same, refused = apply_external(state, stale, T0, NONE)
-    assert same == state and [f.reason for f in refused] == ["lineage_mismatch"]
+    refused = apply_external(state, stale, T0, NONE)
+    assert refused.state == state
+    assert [f.reason for f in refused.outputs] == ["lineage_mismatch"]  # type: ignore[union-attr]
     # cbtstream does not plan the disk while its external copier owns it ...
     assert NONE.owned_externally(state)
-    s2, outs = skip_snapshot(state, snap(D0, f"{EPOCH_A}/6", minutes=6, snapshot="s-6"))
-    assert [type(o).__name__ for o in outs] == ["SyncSuperseded"] and s2.running is None
+    skipped = skip_snapshot(state, snap(D0, f"{EPOCH_A}/6", minutes=6, snapshot="s-6"), T0)
+    assert [type(o).__name__ for o in skipped.outputs] == ["SyncSuperseded"]
+    assert skipped.state is not None and skipped.state.running is None
+    assert len(skipped.ended) == 1  # the lifecycle sees the disk finish with the snapshot
     # ... until an operator hands it over
     assert not Ownership(handover=(D0.key,)).owned_externally(state)
     # disks listed as external are left to their copier from the first snapshot on

@@ -82,11 +82,11 @@ def test_delta_file_suffix_is_the_same_disk() -> None:
     assert d.replication_type == ReplicationType.INCREMENTAL
 
 
-def test_redelivered_snapshot_is_ignored() -> None:
+def test_redelivered_snapshot_republishes_its_plan() -> None:
     ev = snap(disk(), f"{EPOCH_A}/1")
     s, out = on_snapshot(None, ev, NOW)
-    s2, out2 = on_snapshot(s, ev, NOW)
-    assert len(out) == 1 and out2 == [] and s2 == s
+    s2, out2 = on_snapshot(s, ev, NOW + timedelta(minutes=3))
+    assert len(out) == 1 and out2 == out and s2 == s
 
 
 def test_snapshot_waits_while_sync_runs_and_newer_supersedes() -> None:
@@ -125,9 +125,10 @@ def test_failure_releases_disk_and_starts_waiting() -> None:
     plan = _plan(out)
     assert plan.replication_type == ReplicationType.FULL  # nothing committed yet
     assert s is not None and s.last_failure == "source_error"
-    # a failure for another sync changes nothing
+    # another failure of the finished sync is a duplicate: the row stays, what followed the
+    # first failure (the plan now running) is published again
     s2, out2 = on_failed(s, SyncFailed(disk=d, sync_id=first.sync_id, reason="x"), NOW)
-    assert s2 == s and out2 == []
+    assert s2 == s and out2 == [plan]
 
 
 def test_guard_accepts_exact_lineage_and_drops_duplicates() -> None:
