@@ -45,6 +45,11 @@ the input's offset is committed nothing repairs it (the churn test saw a commit 
 ``ProducerBuffer.flush`` with a loop that waits until the buffer is empty (bounded: past
 ``FLUSH_LIMIT_S`` it raises, so the commit fails instead of passing unwritten rows).
 
+**Changelog seeks.** ``Recovery._seek_offsets`` maps only an offset of -1 to 0; the churn soak
+saw other negative offsets reach ``seek_wait`` and crash the worker (``ValueError('Offset must
+be a positive integer')``). :class:`SeekFirstRecovery` reads any offset below 0 as 0: the
+changelog is re-read from its start, which is always safe.
+
 ``UPSTREAM_SHA256`` pins the source of the upstream methods this replaces or relies on; a unit
 test fails when a faust-streaming upgrade changes them, so the override is re-read before it is
 trusted again.
@@ -88,6 +93,8 @@ UPSTREAM_SHA256 = {
         "4966e8c5f9b42eb97abe3f93cbc9bc566a22bdea01ae5328c5a6593414820323",
     "faust.transport.producer.ProducerBuffer._handle_pending":
         "78d648030fd21016cc0d82ae6cc6df1cb474273195b10f133ea0ef9ac9d35f0c",
+    "faust.tables.recovery.Recovery._seek_offsets":
+        "19598ca63d94d250e49d2dfe48a3c48ecbdf65ee4f1a2871abda51d28b335e55",
 }
 
 #: Longest a flush waits for the table writes to leave the buffer before it fails the commit.
@@ -109,6 +116,7 @@ def upstream_sources() -> dict[str, str]:
         "faust.transport.producer.ProducerBuffer.flush_atmost": _ORIGINAL_FLUSH_ATMOST,
         "faust.transport.producer.ProducerBuffer._handle_pending":
             ProducerBuffer.__dict__["_handle_pending"].fun,
+        "faust.tables.recovery.Recovery._seek_offsets": Recovery._seek_offsets,
     }
     return {name: inspect.getsource(inspect.unwrap(obj)) for name, obj in objs.items()}
 
@@ -120,6 +128,15 @@ def upstream_digests() -> dict[str, str]:
 
 class SeekFirstRecovery(Recovery):
     """Faust's recovery service, resuming stream partitions only after their seek."""
+
+    async def _seek_offsets(self, consumer: Any, tps: Any, offsets: Any, title: str) -> None:
+        """Upstream's changelog seek, with every offset below 0 read as "from the start".
+
+        Upstream maps only -1 to 0; the churn soak saw other negative offsets reach
+        ``seek_wait`` and crash the worker with ``ValueError('Offset must be a positive
+        integer')``. Re-reading a changelog from the start is always safe (the table is
+        rebuilt from it, writes are idempotent)."""
+        await consumer.seek_wait({tp: max(0, offsets[tp]) for tp in tps})
 
     async def on_recovery_completed(self, generation_id: int = 0) -> None:
         """Upstream's steps (table callbacks, generation check, seek, resume, flow, fetcher,
