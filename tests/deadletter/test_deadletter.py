@@ -126,6 +126,19 @@ async def _allow_big_records(settings: Settings) -> None:
             ConfigResource(ConfigResourceType.TOPIC, topic_name(spec, settings.kafka),
                            configs={"max.message.bytes": str(BIG_TOPIC_BYTES)})
             for spec in INPUTS])
+        # The broker applies topic configs asynchronously: wait until every topic reports it,
+        # or the first large record can still be refused (MessageSizeTooLargeError).
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            described = await admin.describe_configs([
+                ConfigResource(ConfigResourceType.TOPIC, topic_name(spec, settings.kafka))
+                for spec in INPUTS])
+            values = [entry[1] for resp in described for res in resp.resources
+                      for entry in res[4] if entry[0] == "max.message.bytes"]
+            if len(values) == len(INPUTS) and set(values) == {str(BIG_TOPIC_BYTES)}:
+                break
+            assert asyncio.get_running_loop().time() < deadline, values
+            await asyncio.sleep(0.2)
     finally:
         await admin.close()
 
