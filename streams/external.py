@@ -38,24 +38,13 @@ from schemas.events import (
     SyncFailed,
     stable_event_id,
 )
+from streams.api import Answer, error
 from streams.guard import LINEAGE_MISMATCH, GuardResult, Verdict
 from streams.planner import Step, superseded_event
 from streams.state import DiskState, Ended
 
 STORED = "ChangeID stored successfully"
 EXTERNAL: Final = "external"
-
-
-@dataclass(frozen=True)
-class Answer:
-    """An HTTP status and its JSON body (the seed's shapes)."""
-
-    status: int
-    body: dict[str, object]
-
-
-def _error(status: int, message: str, details: str, **extra: object) -> Answer:
-    return Answer(status, {"error": message, "details": details, **extra})
 
 
 @dataclass(frozen=True)
@@ -111,7 +100,7 @@ def locate(rows: Iterable[DiskState], req: StoreRequest) -> DiskState | Answer:
     rows = list(rows)
     if req.disk_key is not None:
         row = next((r for r in rows if r.disk.key == req.disk_key), None)
-        return row if row is not None else _error(404, "Disk not found",
+        return row if row is not None else error(404, "Disk not found",
                                                   f"no disk {req.disk_key} in the table")
     by_vm: dict[str, list[DiskState]] = {}
     if req.vm_path:
@@ -125,22 +114,22 @@ def locate(rows: Iterable[DiskState], req: StoreRequest) -> DiskState | Answer:
                 by_vm.setdefault(r.disk.vm_instance_uuid, []).append(r)
     if not by_vm:
         what = f"vm_path {req.vm_path!r}" if req.vm_path else f"job {req.job_id!r}"
-        return _error(404, "VM not found",
+        return error(404, "VM not found",
                       f"no VM known by {what}; pass vm_path (in the body or the query)")
     if len(by_vm) > 1:
-        return _error(409, "Ambiguous VM", "several VMs match; ask by disk key",
+        return error(409, "Ambiguous VM", "several VMs match; ask by disk key",
                       vm_instance_uuids=sorted(by_vm))
     disks = sorted(next(iter(by_vm.values())), key=lambda r: r.disk.device_key)
     ids = [d.disk.disk_id for d in disks]
     if not req.disk_id:
         if len(disks) > 1:
-            return _error(409, "Multi-disk VM: disk_id is required",
+            return error(409, "Multi-disk VM: disk_id is required",
                           "this VM has several disks, each with its own change ID; there is "
                           "no default disk", disk_ids=ids)
         return disks[0]
     row = next((d for d in disks if d.disk.disk_id == req.disk_id), None)
     if row is None:
-        return _error(404, "Disk not found",
+        return error(404, "Disk not found",
                       f"the VM has no disk {req.disk_id!r}; nothing was stored", disk_ids=ids)
     return row
 
@@ -210,7 +199,7 @@ def store(rows: Iterable[DiskState], req: StoreRequest, now: datetime,
     ev = commit_for(found, req, now)
     verdict = check_external(found, ev, ownership)
     if verdict.verdict == Verdict.REFUSE:
-        return _error(409, "Change ID not stored", verdict.detail,
+        return error(409, "Change ID not stored", verdict.detail,
                       disk_id=found.disk.disk_id, current_change_id=found.change_id or ""), None
     answer = stored_answer(req, found, ev)
     return answer, (None if verdict.verdict == Verdict.DUPLICATE else ev)

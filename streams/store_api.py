@@ -35,7 +35,8 @@ from pydantic import ValidationError
 from schemas.api import DiskCommitRequest, StoreChangeIdRequest
 from schemas.disk import parse_disk_key
 from schemas.events import ChangeIdCommitted, utcnow
-from streams.external import Answer, Ownership, StoreRequest, check_external, store
+from streams.api import Answer, error
+from streams.external import Ownership, StoreRequest, check_external, store
 from streams.guard import Verdict
 from streams.state import DiskState
 
@@ -47,19 +48,15 @@ APPLY_WAIT_S = 10.0
 MAX_BODY = 64 * 1024
 
 
-def _error(status: int, message: str, details: str) -> Answer:
-    return Answer(status, {"error": message, "details": details})
-
-
 def parse_store(job_id: str, body: bytes, query_vm_path: str | None, client: str | None
                 ) -> StoreRequest | Answer:
     """The seed's body as a :class:`StoreRequest` (400 for anything malformed)."""
     try:
         req = StoreChangeIdRequest.model_validate_json(body or b"{}")
     except ValidationError as exc:
-        return _error(400, "Invalid request body", _first_error(exc))
+        return error(400, "Invalid request body", _firsterror(exc))
     if not job_id or len(job_id) > 256:
-        return _error(400, "Missing job_id parameter", "job_id path parameter is required")
+        return error(400, "Missing job_id parameter", "job_id path parameter is required")
     return StoreRequest(job_id=job_id, change_id=req.change_id,
                         previous_change_id=req.previous_change_id,
                         replication_type=req.replication_type, disk_id=req.disk_id,
@@ -73,16 +70,16 @@ def parse_disk_commit(vm: str, disk_id: str, body: bytes, client: str | None
         parse_disk_key(key)
         req = DiskCommitRequest.model_validate_json(body or b"{}")
     except ValidationError as exc:
-        return _error(400, "Invalid request body", _first_error(exc))
+        return error(400, "Invalid request body", _firsterror(exc))
     except ValueError as exc:
-        return _error(404, "Disk not found", str(exc))
+        return error(404, "Disk not found", str(exc))
     return StoreRequest(job_id=req.job_id, change_id=req.change_id,
                         previous_change_id=req.previous_change_id,
                         replication_type=req.replication_type, disk_key=key, client=client,
                         bytes_copied=req.bytes_copied)
 
 
-def _first_error(exc: ValidationError) -> str:
+def _firsterror(exc: ValidationError) -> str:
     e = exc.errors()[0]
     where = ".".join(str(p) for p in e.get("loc", ())) or "body"
     return f"{where}: {e.get('msg', 'invalid')}"[:500]
@@ -131,12 +128,12 @@ def register_store_api(app: Any, service: StoreService, *, spread: Callable[[], 
                               "details": "Authorization: Bearer <token> required"},
                              status=401, headers={"WWW-Authenticate": "Bearer"})
         if spread():
-            answer = _error(503, "Table spread over several workers",
+            answer = error(503, "Table spread over several workers",
                             "store calls need the whole table on one worker; run one worker")
             return view.json(answer.body, status=answer.status)
         body = await request.content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
-            return view.json(_error(413, "Request body too large", f"at most {MAX_BODY} bytes"
+            return view.json(error(413, "Request body too large", f"at most {MAX_BODY} bytes"
                                     ).body, status=413)
         peer = request.remote if isinstance(getattr(request, "remote", None), str) else None
         made = make(body, peer)

@@ -30,12 +30,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    update: dict[str, object] = {}
-    if args.vcenter:
-        update["url"] = args.vcenter
-    if args.insecure:
-        update["insecure"] = True
-    return asyncio.run(_run(args, settings.vsphere.model_copy(update=update)))
+    from cbtstream.commands.vsphere_args import vsphere_settings
+
+    return asyncio.run(_run(args, vsphere_settings(args, settings.vsphere)))
 
 
 async def _run(args: argparse.Namespace, vsettings: VSphereSettings) -> int:

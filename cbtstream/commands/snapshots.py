@@ -61,12 +61,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         older_than = timedelta(seconds=parse_interval(args.older_than))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    update: dict[str, object] = {}
-    if args.vcenter:
-        update["url"] = args.vcenter
-    if args.insecure:
-        update["insecure"] = True
-    vsettings = settings.vsphere.model_copy(update=update)
+    from cbtstream.commands.vsphere_args import vsphere_settings
+
+    vsettings = vsphere_settings(args, settings.vsphere)
     return asyncio.run(_run(args, settings.model_copy(update={"vsphere": vsettings}),
                             older_than))
 
