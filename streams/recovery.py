@@ -46,8 +46,8 @@ the input's offset is committed nothing repairs it (the churn test saw a commit 
 ``FLUSH_LIMIT_S`` it raises, so the commit fails instead of passing unwritten rows).
 
 **Changelog seeks.** ``Recovery._seek_offsets`` maps only an offset of -1 to 0; the churn soak
-saw other negative offsets reach ``seek_wait`` and crash the worker (``ValueError('Offset must
-be a positive integer')``). :class:`SeekFirstRecovery` reads any offset below 0 as 0: the
+saw ``None`` offsets reach ``seek_wait`` and crash the worker (``ValueError('Offset must be a
+positive integer')``). :class:`SeekFirstRecovery` reads an unknown or negative offset as 0: the
 changelog is re-read from its start, which is always safe.
 
 ``UPSTREAM_SHA256`` pins the source of the upstream methods this replaces or relies on; a unit
@@ -126,17 +126,23 @@ def upstream_digests() -> dict[str, str]:
             for name, src in upstream_sources().items()}
 
 
+def _start_or(offset: int | None) -> int:
+    """A changelog offset to seek to: 0 for an unknown (None) or negative one."""
+    return offset if isinstance(offset, int) and offset > 0 else 0
+
+
 class SeekFirstRecovery(Recovery):
     """Faust's recovery service, resuming stream partitions only after their seek."""
 
     async def _seek_offsets(self, consumer: Any, tps: Any, offsets: Any, title: str) -> None:
-        """Upstream's changelog seek, with every offset below 0 read as "from the start".
+        """Upstream's changelog seek, with every unknown (None) or negative offset read as
+        "from the start".
 
-        Upstream maps only -1 to 0; the churn soak saw other negative offsets reach
-        ``seek_wait`` and crash the worker with ``ValueError('Offset must be a positive
-        integer')``. Re-reading a changelog from the start is always safe (the table is
-        rebuilt from it, writes are idempotent)."""
-        await consumer.seek_wait({tp: max(0, offsets[tp]) for tp in tps})
+        Upstream maps only -1 to 0; the churn soak saw ``None`` offsets (a changelog partition
+        whose offset was never read) reach ``seek_wait`` and crash the worker with
+        ``ValueError('Offset must be a positive integer')``. Re-reading a changelog from the
+        start is always safe (the table is rebuilt from it, writes are idempotent)."""
+        await consumer.seek_wait({tp: _start_or(offsets[tp]) for tp in tps})
 
     async def on_recovery_completed(self, generation_id: int = 0) -> None:
         """Upstream's steps (table callbacks, generation check, seek, resume, flow, fetcher,

@@ -49,3 +49,23 @@ def test_silent_scan_reads_only_running_rows_past_the_timeout() -> None:
     assert silent({"running": None}, now, timedelta(minutes=30), {}) is None
     row["reissued_at"] = (now - timedelta(minutes=5)).isoformat()
     assert silent(row, now, timedelta(minutes=30), {}) is None
+
+
+async def test_changelog_seeks_read_unknown_or_negative_offsets_as_the_start() -> None:
+    """The soak's worker crash: a changelog offset of None reached aiokafka's seek."""
+    from collections import Counter
+
+    from streams.recovery import SeekFirstRecovery
+
+    class FakeConsumer:
+        seeks: dict[str, int] = {}
+
+        async def seek_wait(self, offsets: dict[str, int]) -> None:
+            self.seeks = offsets
+
+    consumer = FakeConsumer()
+    offsets: Counter[str] = Counter({"a": -1, "b": 41, "c": -7})
+    offsets["d"] = None  # type: ignore[assignment]
+    await SeekFirstRecovery._seek_offsets(None, consumer, {"a", "b", "c", "d"},  # type: ignore[arg-type]
+                                          offsets, "active")
+    assert consumer.seeks == {"a": 0, "b": 41, "c": 0, "d": 0}
