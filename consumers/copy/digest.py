@@ -31,8 +31,6 @@ import blake3
 from cbtstream.extents import Extent
 
 LEAF = 1024 * 1024
-#: Kept for the copy planner's alignment rule (zero runs and requests are cut at leaf edges).
-PIECE = LEAF
 HASH = 32
 PREFIX = "blake3tree"
 _ROOT_TAG = b"cbtstream-tree-v1"
@@ -104,9 +102,6 @@ class HashTree:
         if n:
             leaves += zero_leaf(tail)
         return cls(capacity, leaves)
-
-    def copy(self) -> HashTree:
-        return HashTree(self.capacity, bytearray(self.leaves))
 
     def __len__(self) -> int:
         return len(self.leaves) // HASH

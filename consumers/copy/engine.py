@@ -115,7 +115,7 @@ async def _collect(extents: Iterable[Extent] | AsyncIterable[Extent]) -> list[Ex
 
 
 def _round_piece(n: int) -> int:
-    return max(dg.PIECE, n // dg.PIECE * dg.PIECE)
+    return max(dg.LEAF, n // dg.LEAF * dg.LEAF)
 
 
 class _Run:
@@ -190,7 +190,7 @@ class _Run:
             out.extend(status)
             cur = min(max(s + n for s, n, _ in status), want)
         if cur < end:
-            cur = cur // dg.PIECE * dg.PIECE
+            cur = cur // dg.LEAF * dg.LEAF
         return out, cur
 
     async def items(self) -> AsyncIterable[Segment]:
@@ -198,7 +198,7 @@ class _Run:
             pos = r.start
             while pos < r.end:
                 status, nxt = await self._status(pos, r.end)
-                for seg in segments(pos, nxt - pos, status, dg.PIECE):
+                for seg in segments(pos, nxt - pos, status, dg.LEAF):
                     if seg.zero:
                         yield seg
                     else:

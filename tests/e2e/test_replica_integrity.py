@@ -62,6 +62,15 @@ def _produce(settings: Settings, plan: SyncPlanned) -> None:
         input=plan.model_dump_json().encode() + b"\n", check=True, timeout=30)
 
 
+def _flip_byte(path: Path, offset: int) -> None:
+    """Change one byte of a replica behind the copier's back (bit rot, a stray write)."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        old = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([old[0] ^ 0xFF]))
+
+
 async def _outcome_of(scenario: Scenario, sync_id: object, kind: type, after: int) -> object:
     w = scenario.watcher
     assert w is not None
@@ -121,12 +130,7 @@ async def test_replica_failure_classes(scenario: Scenario, pipeline: Pipeline,
     # copies that disk in full and the replica equals the snapshot again
     rc, rows = _verify(e2e_settings)
     assert rc == 0 and {r["result"] for r in rows} == {"equal"} and len(rows) == 2, rows
-    victim = scenario.replica(b)
-    with open(victim, "r+b") as fh:
-        fh.seek(4096)
-        byte = fh.read(1)
-        fh.seek(4096)
-        fh.write(bytes([byte[0] ^ 0x5A]))
+    _flip_byte(scenario.replica(b), 4096)
     rc, rows = _verify(e2e_settings, "--disk", f"{vm.instance_uuid}/{db}")
     assert rc == 1 and rows[0]["result"] == "mismatch", rows
     events = await read_topic(e2e_settings, REPLICA_VERIFIED,
@@ -202,11 +206,7 @@ async def test_copier_patrol_finds_a_flipped_byte(scenario: Scenario, pipeline: 
         e.disk.device_key for e in ev if type(e).__name__ == "ReplicaVerified"} >= {a, b},
         timeout=60)
     assert not any(isinstance(e, ReplicaMismatch) for e in events)
-    with open(scenario.replica(a), "r+b") as fh:
-        fh.seek(3 * MiB + 17)
-        old = fh.read(1)
-        fh.seek(3 * MiB + 17)
-        fh.write(bytes([old[0] ^ 0xFF]))
+    _flip_byte(scenario.replica(a), 3 * MiB + 17)
     events = await read_topic(e2e_settings, REPLICA_VERIFIED, until=lambda ev: any(
         isinstance(e, ReplicaMismatch) for e in ev), timeout=60)
     mismatch = next(e for e in events if isinstance(e, ReplicaMismatch))
