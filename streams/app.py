@@ -31,6 +31,7 @@ partition of the events that change it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -70,11 +71,12 @@ from schemas.topics import (
 )
 from streams import external, lifecycle, planner
 from streams.api import authorized, register_api
+from streams.durable import DurableTable, Outbox
 from streams.fences import FenceBook
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import register_metrics
 from streams.orphans import register_orphans
-from streams.recovery import TableManager, install_full_flush
+from streams.recovery import TableManager, install_full_flush, on_flush
 from streams.state import DiskState, from_json, new_state, to_json
 from streams.store_api import StoreService, register_store_api
 from streams.timeouts import SyncCheck, register_sync_checks
@@ -147,15 +149,21 @@ class Planner:
         self._decoded: dict[bytes, tuple[object, DiskState]] = {}
         #: The same for the ``snapshots`` table.
         self._snapshot_rows: dict[bytes, tuple[object, SnapshotRow]] = {}
-        self.table = self.app.Table(
-            TABLE_NAME,
+        # Rows are awaited before the outputs they imply are sent (streams/durable.py).
+        self.table = DurableTable(
+            self.app,
+            name=TABLE_NAME,
             default=None,
+            beacon=self.app.tables.beacon,
             partitions=k.partitions,
             # bytes keys -> "raw" key codec for the table AND its changelog (a Schema here
             # would leave the changelog on JSON keys and break recovery).
             key_type=bytes,
             help="Latest committed change ID and sync state per disk key.",
         )
+        self.app.tables.add(self.table)
+        self.outbox = Outbox(self.table)
+        on_flush(self.app, self.outbox.drain)  # no offset commit before the outbox is empty
         self.snapshots = self.app.Table(
             SNAPSHOTS_TABLE,
             default=None,
@@ -342,13 +350,18 @@ class Planner:
             log.info("planner step", extra={"input": source, "kind": step.kind,
                                             "outputs": len(step.outputs)})
         verbose = log.isEnabledFor(logging.INFO)
+        sends: list[Callable[[], Awaitable[Any]]] = []
         for o in step.outputs:
             if verbose:
                 log.info(o.event_type,
                          extra={"event": o.model_dump(mode="json", exclude={"disk"})})
-            await self.send(o)
+            sends.append(functools.partial(self.send, o))
         for n in lifecycle.notices(step.ended):
-            await self.lifecycle_topic.send(key=n.key, value=n.model_dump_json().encode())
+            sends.append(functools.partial(self.lifecycle_topic.send, key=n.key,
+                                           value=n.model_dump_json().encode()))
+        # Sent once the row is acknowledged (also an unchanged row: an earlier step may have
+        # written it without outputs), in step order: streams/durable.py.
+        await self.outbox.put(key, sends)
         self.metrics.observe_step(source, step.kind, step.outputs)
 
     async def _on_snapshot(self, key: bytes, ev: SnapshotTaken) -> None:

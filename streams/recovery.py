@@ -61,10 +61,14 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+from faust.tables.base import Collection
 from faust.tables.manager import TableManager as _FaustTableManager
 from faust.tables.recovery import Recovery
+from faust.tables.table import Table
 from faust.transport.consumer import Consumer
 from faust.transport.producer import ProducerBuffer
 
@@ -95,6 +99,11 @@ UPSTREAM_SHA256 = {
         "78d648030fd21016cc0d82ae6cc6df1cb474273195b10f133ea0ef9ac9d35f0c",
     "faust.tables.recovery.Recovery._seek_offsets":
         "19598ca63d94d250e49d2dfe48a3c48ecbdf65ee4f1a2871abda51d28b335e55",
+    # streams.durable.DurableTable overrides send_changelog; on_key_set is what calls it
+    "faust.tables.base.Collection.send_changelog":
+        "3dd3884e1b5fc0e1612bc688b83d9318a1805ddc49700d3b6b37bade73c3905d",
+    "faust.tables.table.Table.on_key_set":
+        "a370e35ca55c2c7e36e93f0d4b485927c32d49199043cab2314572846184dd94",
 }
 
 #: Longest a flush waits for the table writes to leave the buffer before it fails the commit.
@@ -117,6 +126,8 @@ def upstream_sources() -> dict[str, str]:
         "faust.transport.producer.ProducerBuffer._handle_pending":
             ProducerBuffer.__dict__["_handle_pending"].fun,
         "faust.tables.recovery.Recovery._seek_offsets": Recovery._seek_offsets,
+        "faust.tables.base.Collection.send_changelog": Collection.send_changelog,
+        "faust.tables.table.Table.on_key_set": Table.on_key_set,
     }
     return {name: inspect.getsource(inspect.unwrap(obj)) for name, obj in objs.items()}
 
@@ -215,9 +226,21 @@ class TableManager(_FaustTableManager):
         return self._recovery
 
 
+#: Per app, what a flush awaits after the table writes (``streams.durable.Outbox.drain``).
+_FLUSH_HOOKS: weakref.WeakKeyDictionary[Any, Callable[[], Awaitable[None]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def on_flush(app: Any, hook: Callable[[], Awaitable[None]]) -> None:
+    """Make every flush of ``app``'s producer (before each offset commit) await ``hook`` once
+    the table writes are handed to the driver, before the driver's own flush."""
+    _FLUSH_HOOKS[app] = hook
+
+
 async def _full_flush(self: ProducerBuffer) -> None:
     """``ProducerBuffer.flush`` that returns only once every buffered write was handed to the
-    driver (whose own flush, awaited next by ``Producer.flush``, then waits for the acks)."""
+    driver (whose own flush, awaited next by ``Producer.flush``, then waits for the acks), and
+    the app's flush hook (:func:`on_flush`) has run."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + FLUSH_LIMIT_S
     while self.size:
@@ -228,6 +251,9 @@ async def _full_flush(self: ProducerBuffer) -> None:
     # the write taken off the queue last may still be on its way into the driver
     for _ in range(3):
         await asyncio.sleep(0)
+    hook = _FLUSH_HOOKS.get(self.app) if self.app is not None else None
+    if hook is not None:
+        await hook()
 
 
 def install_full_flush() -> None:

@@ -190,6 +190,9 @@ class Outcomes:
         self.first_outcome: dict[uuid.UUID, float] = {}
         self.planned: dict[uuid.UUID, SyncPlanned] = {}
         self.superseded: set[uuid.UUID] = set()
+        #: the SyncSuperseded of each superseded snapshot (for the examples of "both")
+        self.superseded_by: dict[uuid.UUID, tuple[SyncSuperseded, float]] = {}
+        self.plan_ts: dict[uuid.UUID, float] = {}
         self.plan_syncs: set[uuid.UUID] = set()
         self.commits: dict[uuid.UUID, ChangeIdCommitted] = {}
         self.failed: dict[uuid.UUID, list[SyncFailed]] = {}
@@ -200,10 +203,12 @@ class Outcomes:
                 self.snapshots.setdefault(ev.event_id, r)
             elif isinstance(ev, SyncPlanned):
                 self.planned.setdefault(ev.snapshot_event_id, ev)
+                self.plan_ts.setdefault(ev.snapshot_event_id, r.ts)
                 self.plan_syncs.add(ev.sync_id)
                 self.first_outcome.setdefault(ev.snapshot_event_id, r.ts)
             elif isinstance(ev, SyncSuperseded):
                 self.superseded.add(ev.snapshot_event_id)
+                self.superseded_by.setdefault(ev.snapshot_event_id, (ev, r.ts))
                 self.first_outcome.setdefault(ev.snapshot_event_id, r.ts)
             elif isinstance(ev, ChangeIdCommitted):
                 self.commits[ev.sync_id] = ev
@@ -383,6 +388,14 @@ def _judge(f: Figures, out: Outcomes, fleet: Fleet, last_cycle: dict[int, int],
         planned, sup = sid in out.planned, sid in out.superseded
         if planned and sup:
             f.both += 1
+            if len(f.examples) < 5:
+                s, ts = out.superseded_by[sid]
+                plan = out.planned[sid]
+                f.examples.append(
+                    f"planned and superseded: {rec.event.disk.key} {rec.event.vm_snapshot} "
+                    f"p{rec.partition}@{rec.offset} taken {rec.ts:.1f}, planned {out.plan_ts[sid]:.1f}"
+                    f" (committed: {plan.sync_id in out.commits}), superseded {ts:.1f} by "
+                    f"{'itself' if s.superseded_by == sid else s.superseded_by}")
         if not planned and not sup:
             committed = offsets.get((snapshot_topic, rec.partition), -1)
             if rec.offset < committed:

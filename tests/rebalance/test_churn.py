@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,14 +22,16 @@ pytestmark = pytest.mark.integration
 async def _churn(base: Settings, tmp: Path, churn: Churn) -> None:
     settings = isolated_settings(base, tmp, kafka={"partitions": 6},
                                  streams={"remove_snapshots": False})
-    settings = settings.model_copy(update={"log_level": "WARNING"})
+    # CHURN_LOG_LEVEL=INFO keeps every planner output in the worker logs (for a diagnosis)
+    settings = settings.model_copy(
+        update={"log_level": os.environ.get("CHURN_LOG_LEVEL", "WARNING")})
     await create_topics(settings.kafka)
     try:
         figures = await run(settings, tmp, churn)
     finally:
         await delete_topics(settings)
     print("figures:", figures.summary())
-    assert figures.problems() == [], figures.summary()
+    assert figures.problems() == [], "\n".join([figures.summary(), *figures.problems()])
 
 
 @pytest.mark.timeout(300)
