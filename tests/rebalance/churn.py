@@ -393,8 +393,9 @@ def _judge(f: Figures, out: Outcomes, fleet: Fleet, last_cycle: dict[int, int],
                 plan = out.planned[sid]
                 f.examples.append(
                     f"planned and superseded: {rec.event.disk.key} {rec.event.vm_snapshot} "
-                    f"p{rec.partition}@{rec.offset} taken {rec.ts:.1f}, planned {out.plan_ts[sid]:.1f}"
-                    f" (committed: {plan.sync_id in out.commits}), superseded {ts:.1f} by "
+                    f"p{rec.partition}@{rec.offset} taken {rec.ts:.1f}, "
+                    f"planned {out.plan_ts[sid]:.1f} (committed: {plan.sync_id in out.commits}), "
+                    f"superseded {ts:.1f} by "
                     f"{'itself' if s.superseded_by == sid else s.superseded_by}")
         if not planned and not sup:
             committed = offsets.get((snapshot_topic, rec.partition), -1)

@@ -1,11 +1,15 @@
-"""The Faust overrides of ``streams.recovery``, pinned, and the silent-sync scan. No broker."""
+"""The Faust overrides of ``streams.recovery``, pinned, the outbox of ``streams.durable``, and the
+silent-sync scan. No broker."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import faust
+import pytest
 
 from streams.recovery import (
     UPSTREAM_SHA256,
@@ -69,3 +73,80 @@ async def test_changelog_seeks_read_unknown_or_negative_offsets_as_the_start() -
     await SeekFirstRecovery._seek_offsets(None, consumer, {"a", "b", "c", "d"},  # type: ignore[arg-type]
                                           offsets, "active")
     assert consumer.seeks == {"a": 0, "b": 41, "c": 0, "d": 0}
+
+
+class _Writes:
+    """Stands in for ``DurableTable.pending``: the unacknowledged write of each key."""
+
+    def __init__(self) -> None:
+        self.futures: dict[str, asyncio.Future[None]] = {}
+
+    def write(self, key: str) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.futures[key] = fut
+        return fut
+
+    def pending(self, key: str) -> asyncio.Future[None] | None:
+        fut = self.futures.get(key)
+        return fut if fut is not None and not fut.done() else None
+
+
+def _sender(sent: list[str], name: str) -> Callable[[], Awaitable[None]]:
+    async def send() -> None:
+        sent.append(name)
+    return send
+
+
+async def _settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_outbox_sends_a_step_only_after_its_row_and_in_step_order() -> None:
+    from streams.durable import Outbox
+
+    writes, sent = _Writes(), []
+    outbox = Outbox(writes)  # type: ignore[arg-type]
+    row_a = writes.write("a")
+    await outbox.put("a", [_sender(sent, "plan-a"), _sender(sent, "notice-a")])
+    await outbox.put("b", [_sender(sent, "plan-b")])  # b's row is acknowledged already
+    await _settle()
+    assert sent == []  # b waits behind a: sends keep the order of the steps
+    drained = asyncio.ensure_future(outbox.drain())
+    await _settle()
+    assert not drained.done()  # no offset commit while a step's row is unacknowledged
+    row_a.set_result(None)
+    await drained
+    assert sent == ["plan-a", "notice-a", "plan-b"]
+    assert outbox.pending == 0
+
+
+async def test_outbox_withholds_every_later_send_when_a_row_write_fails() -> None:
+    from streams.durable import Outbox
+
+    writes, sent = _Writes(), []
+    outbox = Outbox(writes)  # type: ignore[arg-type]
+    row = writes.write("a")
+    await outbox.put("a", [_sender(sent, "plan-a")])
+    await outbox.put("b", [_sender(sent, "plan-b")])
+    row.set_exception(RuntimeError("changelog write failed"))
+    with pytest.raises(RuntimeError, match="changelog write failed"):
+        await outbox.drain()  # the commit fails: the inputs are processed again
+    assert sent == []
+
+
+async def test_outbox_holds_the_agent_when_full() -> None:
+    from streams.durable import Outbox
+
+    writes, sent = _Writes(), []
+    outbox = Outbox(writes, limit=2)  # type: ignore[arg-type]
+    row = writes.write("a")
+    await outbox.put("a", [_sender(sent, "1")])
+    await outbox.put("a", [_sender(sent, "2")])
+    third = asyncio.ensure_future(outbox.put("a", [_sender(sent, "3")]))
+    await _settle()
+    assert not third.done()  # backpressure: the agent waits for room
+    row.set_result(None)
+    await third
+    await outbox.drain()
+    assert sent == ["1", "2", "3"]
