@@ -2,8 +2,10 @@
 agents that feed the pure planner.
 
 Delivery: at-least-once. For each input record an agent reads the disk's row, runs the pure
-step (``streams.planner``), writes the new row (table changelog) if it changed and sends the
-outputs and lifecycle notices, then Faust commits the input offset after its producer has
+step (``streams.planner``), writes the new row (table changelog) if it changed, with the input's
+offset recorded in it (``DiskState.read``: a record at or below it is a redelivery), and hands the
+outputs and lifecycle notices to the outbox (``streams.durable``), which sends them once the row
+is acknowledged; Faust commits the input offset after the outbox is drained and its producer
 flushed. The row write and the sends are not atomic: a crash in between leaves a row that has
 seen the input while its outputs are lost. The input's offset was not committed, so it is
 redelivered, and the planner's re-emission rule (``streams.planner``: outputs are a function of
@@ -77,7 +79,7 @@ from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import register_metrics
 from streams.orphans import register_orphans
 from streams.recovery import TableManager, install_full_flush, on_flush
-from streams.state import DiskState, from_json, new_state, to_json
+from streams.state import DiskState, Position, from_json, new_state, to_json
 from streams.store_api import StoreService, register_store_api
 from streams.timeouts import SyncCheck, register_sync_checks
 from streams.watchdog import register_watchdog
@@ -288,7 +290,7 @@ class Planner:
         self,
         spec: TopicSpec,
         expect: tuple[type[BaseModel], ...],
-        handle: Callable[[bytes, Any], Awaitable[None]],
+        handle: Callable[[bytes, Any, Position], Awaitable[None]],
     ) -> None:
         topic = self.topic(spec)
 
@@ -305,7 +307,7 @@ class Planner:
         self,
         spec: TopicSpec,
         expect: Sequence[type[BaseModel]],
-        handle: Callable[[bytes, Any], Awaitable[None]],
+        handle: Callable[[bytes, Any, Position], Awaitable[None]],
         event: EventT[bytes],
     ) -> None:
         msg = event.message
@@ -327,7 +329,7 @@ class Planner:
             return
         disk_key = parsed.disk.key  # a computed property: derive it once per event
         with bind_disk(disk_key):
-            await handle(disk_key.encode(), parsed)
+            await handle(disk_key.encode(), parsed, Position(msg.topic, msg.partition, msg.offset))
 
     async def dead_letter(
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
@@ -340,12 +342,21 @@ class Planner:
         self.metrics.observe_dead_letter()
 
     async def _step(self, key: bytes, before: DiskState | None, step: planner.Step,
-                    source: str) -> None:
-        """Write the row (if the step changed it), send the step's outputs and lifecycle
-        notices (only for snapshots the pipeline removes: see ``streams.lifecycle``). The same
-        sends happen for a redelivered input: see the module docstring."""
+                    source: str, position: Position | None = None) -> None:
+        """Write the row (if the step changed it, with the input's ``position`` recorded as
+        processed), send the step's outputs and lifecycle notices (only for snapshots the
+        pipeline removes: see ``streams.lifecycle``). The same sends happen for a redelivered
+        input: see the module docstring."""
         if step.state is not before:
-            self.put(key, step.state)
+            state = step.state
+            if state is not None and position is not None:
+                if before is not None and before.processed(position):
+                    log.warning("input at an offset already processed changed the row "
+                                "(topic recreated or offsets reset past a lost row?)", extra={
+                                    "topic": position.topic, "partition": position.partition,
+                                    "offset": position.offset, "kind": step.kind})
+                state = state.with_read(position)
+            self.put(key, state)
         if step.kind not in ("applied", "idle"):
             log.info("planner step", extra={"input": source, "kind": step.kind,
                                             "outputs": len(step.outputs)})
@@ -364,38 +375,40 @@ class Planner:
         await self.outbox.put(key, sends)
         self.metrics.observe_step(source, step.kind, step.outputs)
 
-    async def _on_snapshot(self, key: bytes, ev: SnapshotTaken) -> None:
+    async def _on_snapshot(self, key: bytes, ev: SnapshotTaken, at: Position) -> None:
         before = self.row(key)
         await self.fences.wait_ready()
         row = before if before is not None else new_state(ev.disk)
         if self.ownership.owned_externally(row):  # its external copier copies it
             await self._step(key, before, external.skip_snapshot(row, ev, datetime.now(UTC)),
-                             "snapshot")
+                             "snapshot", at)
             return
         await self._step(key, before, planner.snapshot_step(
-            before, ev, datetime.now(UTC), self.fences.active()), "snapshot")
+            before, ev, datetime.now(UTC), self.fences.active(), row.processed(at)),
+            "snapshot", at)
 
-    async def _on_commit(self, key: bytes, ev: ChangeIdCommitted) -> None:
+    async def _on_commit(self, key: bytes, ev: ChangeIdCommitted, at: Position) -> None:
         before = self.row(key)
         await self.fences.wait_ready()
         if ev.origin == external.EXTERNAL:
             await self._step(key, before, external.apply_external(
-                before, ev, datetime.now(UTC), self.ownership), "commit")
+                before, ev, datetime.now(UTC), self.ownership), "commit", at)
             return
-        step = planner.commit_step(before, ev, datetime.now(UTC), self.fences.active())
+        step = planner.commit_step(before, ev, datetime.now(UTC), self.fences.active(),
+                                   before is not None and before.processed(at))
         if step.kind == "applied":
             log.info("commit applied", extra={"change_id": ev.change_id,
                                               "sync_id": str(ev.sync_id)})
         self.progress.pop(ev.sync_id, None)
-        await self._step(key, before, step, "commit")
+        await self._step(key, before, step, "commit", at)
 
-    async def _on_failed(self, key: bytes, ev: SyncFailed) -> None:
+    async def _on_failed(self, key: bytes, ev: SyncFailed, at: Position) -> None:
         before = self.row(key)
         if ev.sync_id is not None:
             self.progress.pop(ev.sync_id, None)
         await self.fences.wait_ready()
         await self._step(key, before, planner.failed_step(
-            before, ev, datetime.now(UTC), self.fences.active()), "failure")
+            before, ev, datetime.now(UTC), self.fences.active()), "failure", at)
 
     def _forget_delivered(self, sender: Any, /, *args: Any, signal: Any,
                           **kwargs: Any) -> None:

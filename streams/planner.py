@@ -20,6 +20,9 @@ Rules (see docs/architecture.md):
   between is repaired by the redelivery of the input instead of being hidden by it.
 * **Duplicates.** A commit or failure of a sync the row remembers as finished (``DiskState.ended``)
   is a duplicate, never a lineage mismatch; a refusal is reserved for a real lineage conflict.
+  An input at an offset the row has processed (``redelivered``, from ``DiskState.processed``) is
+  a redelivery even when that bounded history forgot it: an old commit is then a duplicate and
+  an old snapshot publishes nothing (its outcome was published long ago).
 * **No disk waits forever.** A running sync without outcome and progress for the configured time
   is re-issued once (the same plan), then ended as ``SyncFailed(sync_timed_out)`` so the waiting
   snapshot starts (:func:`timeout_step`).
@@ -226,12 +229,17 @@ def _running_plan(state: DiskState | None) -> list[Output]:
 
 
 def snapshot_step(state: DiskState | None, snap: SnapshotTaken, now: datetime,
-                  fences: Sequence[ChangeIdFence] = ()) -> Step:
-    """A disk was snapshotted: plan it now, or let it wait for the running sync."""
+                  fences: Sequence[ChangeIdFence] = (), redelivered: bool = False) -> Step:
+    """A disk was snapshotted: plan it now, or let it wait for the running sync.
+
+    ``redelivered``: the record's offset is one the row has processed (``DiskState.processed``),
+    so a snapshot the bounded history forgot is still a redelivery, unless it is newer than
+    every snapshot the row has seen (then the topic's offsets started again: it is new)."""
     if state is not None and (snap.event_id in state.seen_snapshots
-                              or _synced(state, stable_event_id("sync", snap.event_id))):
+                              or _synced(state, stable_event_id("sync", snap.event_id))
+                              or (redelivered and not _newest(state, snap))):
         return _snapshot_again(state, snap)
-    state = (state or new_state(snap.disk)).with_seen(snap.event_id)
+    state = (state or new_state(snap.disk)).with_snapshot(snap)
     if state.commit_taken_at is not None and snap.taken_at <= state.commit_taken_at:
         # Older than what the replica already holds: copying it would roll the replica back.
         return _supersede(state, _ended_superseded(snap, snap.event_id, now))
@@ -247,6 +255,12 @@ def snapshot_step(state: DiskState | None, snap: SnapshotTaken, now: datetime,
     if waiting is None:
         return Step(state)
     return _supersede(state, _ended_superseded(waiting, snap.event_id, now))
+
+
+def _newest(state: DiskState, snap: SnapshotTaken) -> bool:
+    """Whether ``snap`` is newer than every snapshot the row has processed (rows written before
+    ``newest_snapshot_at`` existed know none)."""
+    return state.newest_snapshot_at is None or snap.taken_at > state.newest_snapshot_at
 
 
 def _synced(state: DiskState, sync_id: uuid.UUID) -> bool:
@@ -302,8 +316,11 @@ def _outcome_again(state: DiskState, e: Ended, failure_id: uuid.UUID | None = No
 
 
 def commit_step(state: DiskState | None, ev: ChangeIdCommitted, now: datetime,
-                fences: Sequence[ChangeIdFence] = ()) -> Step:
-    """Apply a commit through the guard; refused commits become ``SyncFailed``."""
+                fences: Sequence[ChangeIdFence] = (), redelivered: bool = False) -> Step:
+    """Apply a commit through the guard; refused commits become ``SyncFailed``.
+
+    ``redelivered``: the record's offset is one the row has processed, so a commit of a sync
+    that is not running and that the bounded history forgot is a duplicate, not a conflict."""
     running = state.running if state is not None else None
     result = check_commit(state, ev)
     if state is not None and (running is None or running.sync_id != ev.sync_id):
@@ -313,6 +330,8 @@ def commit_step(state: DiskState | None, ev: ChangeIdCommitted, now: datetime,
         if e is not None and (result.verdict == Verdict.DUPLICATE or caused):
             # a duplicate, or the redelivery of the commit that ended this sync refused
             return _outcome_again(state, e, failure_id)
+        if e is None and redelivered:
+            return Step(state, _running_plan(state), (), "duplicate")
     if result.verdict == Verdict.DUPLICATE:
         return Step(state, _running_plan(state), (), "duplicate")
     if result.verdict == Verdict.REFUSE:

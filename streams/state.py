@@ -8,27 +8,37 @@ resized disk), the sync running now, and at most one snapshot waiting for it to 
 from __future__ import annotations
 
 import uuid
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.disk import DiskRef
 from schemas.events import FullReason, ReplicationType, SnapshotTaken, SyncFailed
 
-#: How many recent snapshot event ids are remembered per disk to recognise redelivered ones. A
-#: redelivery reaches back to the partition's last committed offset, which repeated rebalances
-#: can hold back for a minute (the churn soak at 75 snapshots/s saw more than 16 snapshots of one
-#: disk redelivered, and a forgotten one older than the commit was superseded after its plan had
-#: committed); 64 ids are about 2.5 kB of row.
+#: How many recent snapshot event ids are remembered per disk, to republish what a redelivered
+#: snapshot published (recognising a redelivery does not depend on it: ``DiskState.read``); 64
+#: ids are about 2.5 kB of row.
 SEEN_SNAPSHOTS = 64
 #: How many finished syncs, and how many superseded snapshots, a row remembers
-#: (``DiskState.ended``), so a redelivered commit, failure or snapshot of something already
-#: finished is recognised as a duplicate and its outputs are re-published. Redelivery reaches
-#: back at most to the last committed offset (seconds of records), in which one disk sees a
-#: handful of events.
+#: (``DiskState.ended``), so the redelivered commit, failure or snapshot of something already
+#: finished republishes its outputs. Outputs can be lost only for the last steps before a crash
+#: (``streams.durable``: they are sent milliseconds after their row), far inside this.
 ENDED_HISTORY = 8
 
 Outcome = Literal["committed", "failed", "superseded"]
+
+
+class Position(NamedTuple):
+    """Where an input record sits: its topic, partition and offset."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    @property
+    def source(self) -> str:
+        """The key of ``DiskState.read``: ``<topic>#<partition>``."""
+        return f"{self.topic}#{self.partition}"
 
 
 class RunningSync(BaseModel):
@@ -113,6 +123,15 @@ class DiskState(BaseModel):
     waiting: SnapshotTaken | None = None
     last_failure: str | None = None
     seen_snapshots: tuple[uuid.UUID, ...] = Field(default=())
+    #: The newest ``taken_at`` of any snapshot this row has processed: a redelivered snapshot is
+    #: never newer (see ``read``).
+    newest_snapshot_at: AwareDatetime | None = None
+    #: Per source partition (``Position.source``), the offset of the latest input record whose
+    #: step changed this row. A record at or below it was processed before: a redelivery (after
+    #: a crash before the offset commit, or an operator's offset reset), recognised even when
+    #: the bounded history (``seen_snapshots``, ``ended``) no longer names it, so it can never
+    #: be mistaken for a new snapshot or a commit of an unknown sync.
+    read: dict[str, int] = Field(default_factory=dict)
     #: The latest finished syncs and superseded snapshots, oldest first (``ENDED_HISTORY``).
     ended: tuple[Ended, ...] = Field(default=())
     #: Times the running sync was re-issued (same plan) because it showed no outcome and no
@@ -135,6 +154,24 @@ class DiskState(BaseModel):
         snaps = [e for e in every if e.sync_id is None][-ENDED_HISTORY:]
         keep = {id(e) for e in (*syncs, *snaps)}
         return self.model_copy(update={"ended": tuple(e for e in every if id(e) in keep)})
+
+    def with_snapshot(self, snap: SnapshotTaken) -> DiskState:
+        """The row with ``snap`` remembered as seen (``seen_snapshots``, ``newest_snapshot_at``)."""
+        state = self.with_seen(snap.event_id)
+        if state.newest_snapshot_at is None or snap.taken_at > state.newest_snapshot_at:
+            state = state.model_copy(update={"newest_snapshot_at": snap.taken_at})
+        return state
+
+    def with_read(self, position: Position) -> DiskState:
+        """The row with ``position`` recorded as processed."""
+        if self.read.get(position.source, -1) >= position.offset:
+            return self
+        return self.model_copy(update={"read": {**self.read, position.source: position.offset}})
+
+    def processed(self, position: Position | None) -> bool:
+        """Whether the record at ``position`` was processed by a step that changed this row
+        (False without a position: a replay tool, a check decided in memory)."""
+        return position is not None and self.read.get(position.source, -1) >= position.offset
 
     def ended_sync(self, sync_id: uuid.UUID) -> Ended | None:
         """The finished sync ``sync_id`` (committed or failed), if the row remembers it."""

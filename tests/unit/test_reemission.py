@@ -26,7 +26,7 @@ from streams.planner import (
     snapshot_step,
     timeout_step,
 )
-from streams.state import ENDED_HISTORY, DiskState
+from streams.state import ENDED_HISTORY, DiskState, Position
 from tests.unit.factories import EPOCH_A, EPOCH_B, T0, commit_for, disk, snap
 
 KEYS = (2000,)
@@ -254,3 +254,57 @@ def test_committed_snapshot_forgotten_by_seen_is_still_not_superseded() -> None:
     again = snapshot_step(forgot, _snap(1), T0)
     assert again.kind == "redelivered"
     assert not any(isinstance(o, SyncSuperseded) for o in again.outputs)
+
+
+def _forget(s: DiskState) -> DiskState:
+    """The row after a redelivery window longer than its bounded history."""
+    return s.model_copy(update={"seen_snapshots": (), "ended": ()})
+
+
+def test_a_processed_offset_recognises_a_snapshot_the_history_forgot() -> None:
+    """An operator's offset reset far back: the row no longer names snapshot 1, but the record's
+    offset is one the row processed, so it is a redelivery (no SyncSuperseded contradicting the
+    plan that committed), while a snapshot newer than any seen is planned even at an old offset
+    (the topic was recreated and its offsets started again)."""
+    at = Position("t.cbt.snapshot.taken", 2, 10)
+    s = _state(snapshot_step(None, _snap(1), T0)).with_read(at)
+    s = _state(commit_step(s, commit_for(_plan(snapshot_step(None, _snap(1), T0).outputs)), T0))
+    second = snapshot_step(s, _snap(2), T0)
+    s = _state(second).with_read(at._replace(offset=11))
+    s = _state(commit_step(s, commit_for(_plan(second.outputs)), T0))
+    forgot = _forget(s)
+    assert forgot.processed(at) and not forgot.processed(at._replace(offset=12))
+    assert not forgot.processed(at._replace(partition=3)) and not forgot.processed(None)
+    # without the offset the forgotten snapshot 1 is older than the commit: superseded by itself
+    blind = snapshot_step(forgot, _snap(1), T0)
+    assert any(isinstance(o, SyncSuperseded) for o in blind.outputs)
+    again = snapshot_step(forgot, _snap(1), T0, redelivered=True)
+    assert again.kind == "redelivered" and again.outputs == [] and again.state == forgot
+    new = snapshot_step(forgot, _snap(3), T0, redelivered=True)
+    assert new.kind == "applied" and isinstance(_plan(new.outputs), SyncPlanned)
+
+
+def test_a_processed_offset_makes_a_forgotten_commit_a_duplicate() -> None:
+    """A redelivered commit of a sync the history forgot is a duplicate, never a
+    lineage_mismatch; without the offset it would be refused."""
+    first = snapshot_step(None, _snap(1), T0)
+    commit = commit_for(_plan(first.outputs))
+    s = _state(commit_step(_state(first), commit, T0))
+    second = snapshot_step(s, _snap(2), T0)
+    s = _state(commit_step(_state(second), commit_for(_plan(second.outputs)), T0))
+    running = snapshot_step(s, _snap(3), T0)
+    forgot = _forget(_state(running))
+    refused = commit_step(forgot, commit, T0)
+    assert refused.kind == "refused"
+    dup = commit_step(forgot, commit, T0, redelivered=True)
+    assert dup.kind == "duplicate" and dup.state == forgot
+    assert dup.outputs == running.outputs  # the running sync's plan, republished
+    assert not any(isinstance(o, SyncFailed) for o in dup.outputs)
+
+
+def test_read_positions_only_move_forward() -> None:
+    s = DiskState(disk=disk())
+    at = Position("t", 0, 5)
+    s = s.with_read(at)
+    assert s.with_read(at._replace(offset=3)) is s
+    assert s.with_read(at._replace(offset=9)).read == {"t#0": 9}
