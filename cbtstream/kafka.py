@@ -225,6 +225,32 @@ async def topic_partitions(
     return [TopicPartition(name, p) for p in sorted(parts)]
 
 
+async def group_progress(
+    settings: KafkaSettings, group: str, topic: str
+) -> tuple[dict[int, int], dict[int, int]]:
+    """End offsets of ``topic`` and ``group``'s committed offsets on it, by partition (a
+    partition the group never committed is absent from the second). Raises ``KafkaUnavailable``
+    when the broker does not answer."""
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    consumer = AIOKafkaConsumer(**client_kwargs(settings), group_id=None,
+                                enable_auto_commit=False)
+    try:
+        await admin.start()
+        await consumer.start()
+        tps = await topic_partitions(consumer, topic, timeout_s=10.0)
+        # ends first: a record committed after this call only adds to what is processed
+        end = await consumer.end_offsets(tps)
+        committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+        return ({tp.partition: off for tp, off in end.items()},
+                {tp.partition: m.offset for tp, m in committed.items()
+                 if m is not None and m.offset >= 0})
+    except (KafkaError, LookupError) as exc:
+        raise KafkaUnavailable(f"reading the offsets of {topic} failed: {exc}") from exc
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
 async def ensure_topics(
     settings: KafkaSettings, topics: dict[str, tuple[int, dict[str, str]]],
     *, timeout_s: float = 60.0,

@@ -38,14 +38,14 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.types import EventT
 from pydantic import BaseModel
 
 from cbtstream.config import Settings
-from cbtstream.kafka import ssl_context
+from cbtstream.kafka import group_progress, ssl_context
 from cbtstream.log import bind_disk
 from schemas.codec import (
     MAX_REQUEST_BYTES,
@@ -147,6 +147,9 @@ class Planner:
         #: jump means records were skipped; a backward one is a redelivery after a rebalance).
         self._delivered: dict[tuple[str, int], int] = {}
         self._topic_of: dict[type, faust.TopicT] = {}
+        #: Offset of the last record processed per source partition in this process (never
+        #: cleared: see ``snapshots_processed``).
+        self._processed: dict[tuple[str, int], int] = {}
         #: Decoded ``disks`` rows: key -> (the table's JSON value, its DiskState). See ``row``.
         self._decoded: dict[bytes, tuple[object, DiskState]] = {}
         #: The same for the ``snapshots`` table.
@@ -206,7 +209,7 @@ class Planner:
             self.rows, lambda k: self.row(k.encode()), self.send, self.ownership)
         register_store_api(self.app, self.store_service, spread=self.table_spread,
                            authorized=lambda header: authorized(header, secret))
-        register_orphans(self.app, settings, self.rows, self.table_spread, self.send)
+        register_orphans(self.app, settings, self.rows, self.snapshots_processed, self.send)
         self.metrics = register_metrics(self.app)
         register_watchdog(self.app, {self.topic(spec).get_topic_name() for spec in (
             SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)} | {
@@ -279,6 +282,22 @@ class Planner:
         hosts = self.app.router.table_metadata(self.table.name)
         return len([h for h, topics in hosts.items() if any(topics.values())]) > 1
 
+    async def snapshots_processed(self) -> bool:
+        """Whether this worker's rows name every sync that needs a VM snapshot: it holds every
+        partition (recovered, not rebalancing) and every ``SnapshotTaken`` published so far
+        was processed, by it or, below the group's committed offset, by an earlier owner whose
+        rows it recovered. Until then a snapshot may look unneeded only because its event waits
+        in the backlog (a worker catching up after downtime), so no orphan may be judged."""
+        k = self.settings.kafka
+        topic = self.topic(SNAPSHOT_TAKEN).get_topic_name()
+        held = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
+        if (held != set(range(k.partitions)) or self.app.rebalancing
+                or not cast(Any, self.app.tables).recovery.completed.is_set()):
+            return False
+        end, committed = await group_progress(k, self.app.conf.id, topic)
+        return all(max(committed.get(p, 0), self._processed.get((topic, p), -1) + 1) >= e
+                   for p, e in end.items())
+
     def put(self, key: bytes, state: DiskState | None) -> None:
         if state is not None:
             raw = to_json(state)
@@ -326,10 +345,12 @@ class Planner:
         except EventDecodeError as exc:
             await self.dead_letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value,
                                    str(exc))
-            return
-        disk_key = parsed.disk.key  # a computed property: derive it once per event
-        with bind_disk(disk_key):
-            await handle(disk_key.encode(), parsed, Position(msg.topic, msg.partition, msg.offset))
+        else:
+            disk_key = parsed.disk.key  # a computed property: derive it once per event
+            with bind_disk(disk_key):
+                await handle(disk_key.encode(), parsed,
+                             Position(msg.topic, msg.partition, msg.offset))
+        self._processed[tpk] = msg.offset
 
     async def dead_letter(
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,

@@ -4,8 +4,11 @@
 needs, from the ``disks`` table. The worker serves it at ``GET /api/v1/snapshots/needed`` (for
 ``cbtstream snapshots list|prune``) and, with ``streams.orphan_interval_s`` > 0, reconciles
 itself every interval: list the snapshots in vSphere, select the orphans older than
-``streams.orphan_older_than_s`` and remove them. Both refuse to decide while the table is
-spread over several workers (this worker's rows would be only part of the needs).
+``streams.orphan_older_than_s`` and remove them. Both refuse to decide unless this worker's rows
+are the whole of the needs: it holds every partition (the table is not spread over several
+workers, none is being recovered) and has processed every ``SnapshotTaken`` published so far (a
+worker catching up on a backlog would otherwise find the snapshots of events it has not read yet
+unneeded, and remove what a sync is about to copy).
 """
 
 from __future__ import annotations
@@ -47,12 +50,22 @@ class _Sender:
 
 
 def register_orphans(app: Any, settings: Settings, rows: Callable[[], list[DiskState]],
-                     spread: Callable[[], bool],
+                     complete: Callable[[], Awaitable[bool]],
                      send: Callable[[BaseModel], Awaitable[None]]) -> None:
-    """Add the API page and, when configured, the periodic reconcile to the Faust app."""
+    """Add the API page and, when configured, the periodic reconcile to the Faust app.
+    ``complete`` says whether ``rows`` are the whole of the needs (see the module docstring)."""
+
+    async def whole() -> bool:
+        from cbtstream.errors import CbtStreamError
+
+        try:
+            return await complete()
+        except CbtStreamError as exc:
+            log.warning("orphan needs unknown", extra={"error": str(exc)})
+            return False
 
     async def get(self: Any, request: Any) -> Any:
-        if spread():
+        if not await whole():
             return self.json({"complete": False, "needed": []})
         return self.json({"complete": True, "needed": [
             {"vm_instance_uuid": vm, "vm_snapshot": snap}
@@ -74,8 +87,9 @@ def register_orphans(app: Any, settings: Settings, rows: Callable[[], list[DiskS
         try:
             while True:
                 await asyncio.sleep(s.orphan_interval_s)
-                if spread():
-                    log.warning("orphan reconcile skipped: the table is spread over workers")
+                if not await whole():
+                    log.info("orphan reconcile skipped: this worker does not hold every "
+                             "partition, or has not processed every snapshot event yet")
                     continue
                 try:
                     await client.start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from schemas.events import RemovalReason
 from schemas.topics import SNAPSHOT_REMOVED
 from streams.orphans import needed_snapshots
 from streams.planner import on_snapshot
+from tests.load.loadgen import Fleet, publish_cycle
 from tests.support import free_port, read_topic, settings_env
 from tests.unit.factories import EPOCH_A, T0, disk, snap
 
@@ -174,3 +176,39 @@ async def test_the_worker_reconciles_orphans_and_serves_what_syncs_need(
         assert docs[admin.moref]["decision"] == "not_ours"
     finally:
         worker.stop()
+
+
+@pytest.mark.integration
+async def test_a_worker_catching_up_never_removes_a_snapshot_whose_event_waits(
+    sim: SimulatorControl, producer_settings: Settings, vm_name: str, tmp_path: Path
+) -> None:
+    """A worker started over a backlog (down for a while, or a new one): a snapshot older than
+    the threshold whose ``SnapshotTaken`` it has not read yet looks unneeded in its rows. It
+    judges nothing until it holds every partition and has processed every snapshot event, then
+    removes the real orphan and keeps the snapshot its sync now needs."""
+    streams = producer_settings.streams.model_copy(update={
+        "orphan_interval_s": 0.3, "orphan_older_than_s": 1, "remove_snapshots": False})
+    settings = producer_settings.model_copy(update={"streams": streams})
+    simvm = sim.create_vm(vm_name, [MiB], cbt=True)
+    fleet = Fleet(uuid.uuid4().hex, 500)
+    async with VSphereClient(settings.vsphere) as client, Publisher(settings.kafka) as pub:
+        vm = await client.find_vm(path=simvm.path)
+        orphan = await client.create_snapshot(vm, snapshot_name(),
+                                              description=SNAPSHOT_DESCRIPTION)
+        for cycle in range(1, 5):  # 2000 snapshot events of other disks ahead of ours
+            await publish_cycle(settings, fleet, cycle, range(fleet.disks))
+        needed = (await snapshot_and_publish(client, pub, vm))[0].vm_snapshot
+        await asyncio.sleep(1.5)  # both older than the threshold before the worker starts
+        worker = Proc(["worker"], settings, tmp_path / "worker.log")
+        try:
+            def ours(ev: list[Any]) -> list[Any]:
+                return [e for e in ev if e.disk.vm_instance_uuid == vm.instance_uuid]
+
+            removed = ours(await read_topic(settings, SNAPSHOT_REMOVED, timeout=120,
+                                            watch=(worker,), until=lambda ev: bool(ours(ev))))
+            await asyncio.sleep(1.5)  # a few more rounds: nothing else goes
+            left = {s.moref for s in (await _tree(client, vm.moref)).snapshots}
+        finally:
+            worker.stop()
+    assert [e.vm_snapshot for e in removed] == [orphan.moref]
+    assert left == {needed}
