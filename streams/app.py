@@ -78,7 +78,13 @@ from streams.fences import FenceBook
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import register_metrics
 from streams.orphans import register_orphans
-from streams.recovery import TableManager, install_full_flush, on_flush
+from streams.recovery import (
+    TableManager,
+    install_commit_guard,
+    install_full_flush,
+    limit_commits,
+    on_flush,
+)
 from streams.state import DiskState, Position, from_json, new_state, to_json
 from streams.store_api import StoreService, register_store_api
 from streams.timeouts import SyncCheck, register_sync_checks
@@ -115,6 +121,7 @@ class Planner:
         self.settings = settings
         self.remover = remover
         install_full_flush()  # offset commits wait for every row write (streams/recovery.py)
+        install_commit_guard()  # ... and never pass a record we did not process
         k = settings.kafka
         s = settings.streams
         self.app = faust.App(
@@ -147,8 +154,9 @@ class Planner:
         #: jump means records were skipped; a backward one is a redelivery after a rebalance).
         self._delivered: dict[tuple[str, int], int] = {}
         self._topic_of: dict[type, faust.TopicT] = {}
-        #: Offset of the last record processed per source partition in this process (never
-        #: cleared: see ``snapshots_processed``).
+        #: Per source partition, the last offset processed since this worker was assigned it,
+        #: without a gap (a record skipped holds it back): the highest commit allowed is one
+        #: past it (``commit_limit``); also read by ``snapshots_processed``.
         self._processed: dict[tuple[str, int], int] = {}
         #: Decoded ``disks`` rows: key -> (the table's JSON value, its DiskState). See ``row``.
         self._decoded: dict[bytes, tuple[object, DiskState]] = {}
@@ -187,16 +195,24 @@ class Planner:
         self._agent(SNAPSHOT_TAKEN, (SnapshotTaken,), self._on_snapshot)
         self._agent(CHANGEID_COMMITTED, (ChangeIdCommitted,), self._on_commit)
         self._agent(SYNC_FAILED, (SyncFailed,), self._on_failed)
+        #: The topics whose commits the guard limits (``commit_limit``): every agent's input
+        #: but the advisory progress topic's.
+        self._sources: set[str] = {self.topic(spec).get_topic_name()
+                                   for spec in (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)}
+        self._sources.add(self.lifecycle_topic.get_topic_name())
+        limit_commits(self.app, self.commit_limit)
         self.checks_topic = self.app.topic(
             f"{k.topic_prefix}{s.app_id}-sync-checks",
             key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
             partitions=k.partitions, internal=True,
         )
+        self._sources.add(self.checks_topic.get_topic_name())
         #: Time of the latest SyncProgress seen per running sync (memory only: a new owner of
         #: the partition starts counting silence from its own first check).
         self.progress: dict[uuid.UUID, datetime] = {}
         self.app.agent(self.checks_topic, name="on_sync_check")(self._checks_agent)
         self.app.on_partitions_revoked.connect(self._forget_delivered)
+        self.app.on_partitions_assigned.connect(self._forget_processed)
         self.app.agent(self.topic(SYNC_PROGRESS), name="on_sync_progress")(self._progress_agent)
         #: Every change-ID fence (streams/fences.py), read for the worker's lifetime.
         self.fences = FenceBook(k)
@@ -350,7 +366,16 @@ class Planner:
             with bind_disk(disk_key):
                 await handle(disk_key.encode(), parsed,
                              Position(msg.topic, msg.partition, msg.offset))
-        self._processed[tpk] = msg.offset
+        self._mark(msg.topic, msg.partition, msg.offset)
+
+    def _mark(self, topic: str, partition: int, offset: int) -> None:
+        """The record at ``offset`` is processed (its row written, its sends queued)."""
+        tpk = (topic, partition)
+        mark = self._processed.get(tpk)
+        if mark is None or offset == mark + 1:
+            self._processed[tpk] = offset
+        # else: a redelivery (at or below the mark), or a record after a gap, which holds the
+        # commits back until the gap is read (the watchdog re-reads a stalled partition)
 
     async def dead_letter(
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
@@ -431,6 +456,21 @@ class Planner:
         await self._step(key, before, planner.failed_step(
             before, ev, datetime.now(UTC), self.fences.active()), "failure", at)
 
+    def commit_limit(self, topic: str, partition: int) -> int | None:
+        """The highest offset the group may commit for a partition (``streams.recovery``'s
+        commit guard): one past the last record processed without a gap since the assignment;
+        -1 (nothing) for a source partition with none; None for the partitions of other agents
+        (Faust's own bookkeeping)."""
+        if topic not in self._sources:
+            return None
+        mark = self._processed.get((topic, partition))
+        return -1 if mark is None else mark + 1
+
+    def _forget_processed(self, sender: Any, /, *args: Any, signal: Any,
+                          **kwargs: Any) -> None:
+        """A new assignment: what this worker processed before may have moved on elsewhere."""
+        self._processed.clear()
+
     def _forget_delivered(self, sender: Any, /, *args: Any, signal: Any,
                           **kwargs: Any) -> None:
         """A partition may come back after others processed it: its next offset is not news."""
@@ -471,24 +511,35 @@ class Planner:
                         "sync_id": str(check.sync_id), "last_progress": str(last),
                         "checked_at": check.at.isoformat()})
                 await self._step(key, before, step, "check")
+            self._mark(msg.topic, msg.partition, msg.offset)
 
     # -- snapshot lifecycle ---------------------------------------------------------------------
     async def _lifecycle_agent(self, stream: faust.StreamT[bytes]) -> None:
-        async for value in stream:
-            notice = Notice.model_validate_json(value)
-            key = notice.key
-            raw = self.snapshots.get(key)
-            cached = self._snapshot_rows.get(key)
-            if cached is not None and cached[0] is raw:
-                before: SnapshotRow | None = cached[1]
-            else:
-                before = SnapshotRow.model_validate(raw) if raw else None
-            row = lifecycle.apply(before, notice)
-            if lifecycle.releasable(row) and self.remover is not None:
-                row = await self._remove(row)
-            raw = row.model_dump(mode="json")
-            self.snapshots[key] = raw
-            self._snapshot_rows[key] = (raw, row)
+        async for event in stream.events():
+            msg = event.message
+            await self._lifecycle(msg.value)
+            self._mark(msg.topic, msg.partition, msg.offset)
+
+    async def _lifecycle(self, value: bytes) -> None:
+        """One notice: the VM snapshot's row, and its removal once every disk is done."""
+        notice = Notice.model_validate_json(value)
+        key = notice.key
+        raw = self.snapshots.get(key)
+        cached = self._snapshot_rows.get(key)
+        if cached is not None and cached[0] is raw:
+            before: SnapshotRow | None = cached[1]
+        else:
+            before = SnapshotRow.model_validate(raw) if raw else None
+        row = lifecycle.apply(before, notice)
+        log.info("snapshot lifecycle", extra={
+            "vm_snapshot": notice.vm_snapshot, "device_key": notice.disk.device_key,
+            "outcome": notice.outcome, "finished": sorted(row.finished),
+            "expected": row.expected, "removed": row.removed})
+        if lifecycle.releasable(row) and self.remover is not None:
+            row = await self._remove(row)
+        raw = row.model_dump(mode="json")
+        self.snapshots[key] = raw
+        self._snapshot_rows[key] = (raw, row)
 
     async def _remove(self, row: SnapshotRow) -> SnapshotRow:
         """Remove the snapshot in vSphere, then record it per disk. A failure is logged and the

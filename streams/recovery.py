@@ -62,15 +62,17 @@ import hashlib
 import inspect
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
+from faust.streams import Stream
 from faust.tables.base import Collection
 from faust.tables.manager import TableManager as _FaustTableManager
 from faust.tables.recovery import Recovery
 from faust.tables.table import Table
 from faust.transport.consumer import Consumer
 from faust.transport.producer import ProducerBuffer
+from faust.types import TP
 
 log = logging.getLogger("cbtstream.streams.recovery")
 
@@ -104,6 +106,13 @@ UPSTREAM_SHA256 = {
         "3dd3884e1b5fc0e1612bc688b83d9318a1805ddc49700d3b6b37bade73c3905d",
     "faust.tables.table.Table.on_key_set":
         "a370e35ca55c2c7e36e93f0d4b485927c32d49199043cab2314572846184dd94",
+    # the commit guard wraps _commit_offsets; _new_offset and Stream._py_aiter are why
+    "faust.transport.consumer.Consumer._commit_offsets":
+        "1a6979904118844111259d182ca1c6e92ccc16364ccbe55c58e59d6e254a7adb",
+    "faust.transport.consumer.Consumer._new_offset":
+        "1d2c7ea89a7ad4f1a216c1d51936e569162cd66bd56f889e13fd29c910b58eb0",
+    "faust.streams.Stream._py_aiter":
+        "3a48ee257a65435b482d51edb74f2993a67867949b1ef89b49fea893769e0614",
 }
 
 #: Longest a flush waits for the table writes to leave the buffer before it fails the commit.
@@ -128,6 +137,9 @@ def upstream_sources() -> dict[str, str]:
         "faust.tables.recovery.Recovery._seek_offsets": Recovery._seek_offsets,
         "faust.tables.base.Collection.send_changelog": Collection.send_changelog,
         "faust.tables.table.Table.on_key_set": Table.on_key_set,
+        "faust.transport.consumer.Consumer._commit_offsets": _ORIGINAL_COMMIT_OFFSETS,
+        "faust.transport.consumer.Consumer._new_offset": Consumer._new_offset,
+        "faust.streams.Stream._py_aiter": Stream._py_aiter,
     }
     return {name: inspect.getsource(inspect.unwrap(obj)) for name, obj in objs.items()}
 
@@ -254,6 +266,50 @@ async def _full_flush(self: ProducerBuffer) -> None:
     hook = _FLUSH_HOOKS.get(self.app) if self.app is not None else None
     if hook is not None:
         await hook()
+
+
+#: Per app, the highest offset it may commit for a partition (``limit_commits``).
+_COMMIT_LIMITS: weakref.WeakKeyDictionary[Any, Callable[[str, int], int | None]] = (
+    weakref.WeakKeyDictionary())
+_ORIGINAL_COMMIT_OFFSETS = Consumer._commit_offsets
+
+
+def limit_commits(app: Any, limit: Callable[[str, int], int | None]) -> None:
+    """Cap every offset commit of ``app``: ``limit(topic, partition)`` is the highest offset
+    that may be committed (the next record to read: one past the last record the app has
+    processed without a gap), negative when nothing may be, None for a partition it does not
+    track (committed as Faust decides)."""
+    _COMMIT_LIMITS[app] = limit
+
+
+async def _guarded_commit_offsets(self: Consumer, offsets: Mapping[TP, int],
+                                  start_new_transaction: bool = True) -> bool:
+    """``Consumer._commit_offsets`` with each offset capped by the app's limit: Faust acks an
+    event whose processing was interrupted (its stream's ``finally`` acks the event being
+    processed when the agent is cancelled at a stop) and its head check tolerates one
+    missing record, so it could commit past a record nobody processed."""
+    limit = _COMMIT_LIMITS.get(self.app)
+    if limit is not None:
+        kept: dict[TP, int] = {}
+        for tp, offset in offsets.items():
+            cap = limit(tp.topic, tp.partition)
+            if cap is not None and offset > cap:
+                log.warning("offset commit held back to the last processed record", extra={
+                    "topic": tp.topic, "partition": tp.partition, "offset": offset,
+                    "held_at": cap})
+                offset = cap
+            committed = self._committed_offset.get(tp)
+            if offset >= 0 and (committed is None or offset > committed):
+                kept[tp] = offset
+        offsets = kept
+        if not offsets:
+            return False
+    return bool(await _ORIGINAL_COMMIT_OFFSETS(self, offsets, start_new_transaction))
+
+
+def install_commit_guard() -> None:
+    """Make every Faust consumer of this process cap its commits (:func:`limit_commits`)."""
+    Consumer._commit_offsets = _guarded_commit_offsets  # type: ignore[method-assign]
 
 
 def install_full_flush() -> None:

@@ -150,3 +150,53 @@ async def test_outbox_holds_the_agent_when_full() -> None:
     await third
     await outbox.drain()
     assert sent == ["1", "2", "3"]
+
+
+async def test_commit_guard_never_commits_past_the_last_processed_record(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faust acked an event whose processing a stop interrupted and committed past it (the e2e
+    cycles test then found a disk stuck on a commit nobody applied): the guard caps each
+    offset at one past the last record processed, drops partitions with nothing processed or
+    nothing new, and leaves partitions it does not track to Faust."""
+    from faust.types import TP
+
+    from streams import recovery
+
+    committed: list[dict[TP, int]] = []
+
+    async def original(self: object, offsets: dict[TP, int], start: bool = True) -> bool:
+        committed.append(dict(offsets))
+        return True
+
+    monkeypatch.setattr(recovery, "_ORIGINAL_COMMIT_OFFSETS", original)
+
+    class App:
+        pass
+
+    class FakeConsumer:
+        def __init__(self, app: App) -> None:
+            self.app = app
+            self._committed_offset = {TP("src", 3): 7}
+
+    app = App()
+    marks = {("src", 0): 2, ("src", 3): 6}  # last processed offsets
+
+    def limit(topic: str, partition: int) -> int | None:
+        if topic != "src":
+            return None
+        mark = marks.get((topic, partition))
+        return -1 if mark is None else mark + 1
+
+    recovery.limit_commits(app, limit)
+    consumer = FakeConsumer(app)
+    ok = await recovery._guarded_commit_offsets(consumer, {  # type: ignore[arg-type]
+        TP("src", 0): 4,   # one record acked but never processed: held at 3
+        TP("src", 1): 9,   # nothing processed since the assignment: not committed
+        TP("src", 3): 9,   # capped at 7, which is committed already: nothing new
+        TP("internal", 0): 5,  # another agent's partition: as Faust decided
+    })
+    assert ok and committed == [{TP("src", 0): 3, TP("internal", 0): 5}]
+    committed.clear()
+    assert not await recovery._guarded_commit_offsets(  # type: ignore[arg-type]
+        consumer, {TP("src", 1): 2})
+    assert committed == []
