@@ -6,11 +6,11 @@ step (``streams.planner``), writes the new row (table changelog) if it changed, 
 offset recorded in it (``DiskState.read``: a record at or below it is a redelivery), and hands the
 outputs and lifecycle notices to the outbox (``streams.durable``), which sends them once the row
 is acknowledged; Faust commits the input offset after the outbox is drained and its producer
-flushed. The row write and the sends are not atomic: a crash in between leaves a row that has
-seen the input while its outputs are lost. The input's offset was not committed, so it is
-redelivered, and the planner's re-emission rule (``streams.planner``: outputs are a function of
-row and input, also for an input already seen) publishes the same events again (same ids);
-consumers drop the duplicates.
+flushed, and never past the last record processed (``commit_limit``, ``streams.recovery``).
+The row write and the sends are not atomic: a crash in between leaves a row that has seen the input
+while its outputs are lost. The input's offset was not committed, so it is redelivered, and the
+planner's re-emission rule (``streams.planner``: outputs are a function of row and input, also for
+an input already seen) publishes the same events again (same ids); consumers drop the duplicates.
 
 What this relies on in faust-streaming 0.15 (read in its source, ``faust/transport/consumer.py``
 ``Consumer._commit_offsets``): an event's offset becomes committable only once the agent moved
@@ -84,6 +84,7 @@ from streams.recovery import (
     install_full_flush,
     limit_commits,
     on_flush,
+    on_seeked,
 )
 from streams.state import DiskState, Position, from_json, new_state, to_json
 from streams.store_api import StoreService, register_store_api
@@ -201,6 +202,7 @@ class Planner:
                                    for spec in (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)}
         self._sources.add(self.lifecycle_topic.get_topic_name())
         limit_commits(self.app, self.commit_limit)
+        on_seeked(self.app, self._starts_at)
         self.checks_topic = self.app.topic(
             f"{k.topic_prefix}{s.app_id}-sync-checks",
             key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
@@ -470,6 +472,15 @@ class Planner:
                           **kwargs: Any) -> None:
         """A new assignment: what this worker processed before may have moved on elsewhere."""
         self._processed.clear()
+
+    def _starts_at(self, offsets: dict[Any, int]) -> None:
+        """The assigned partitions are seeked: each one's processing starts at its committed
+        offset, so a first record delivered past it (Faust dropped the one at the committed
+        offset) is a gap that holds the commits back until the watchdog re-reads it, instead
+        of a new base the commits would pass the lost record from."""
+        for tp, offset in offsets.items():
+            if tp.topic in self._sources and offset > 0:
+                self._processed[(tp.topic, tp.partition)] = offset - 1
 
     def _forget_delivered(self, sender: Any, /, *args: Any, signal: Any,
                           **kwargs: Any) -> None:

@@ -213,6 +213,9 @@ class SeekFirstRecovery(Recovery):
         if app.consumer_generation_id != generation_id:
             self.log.warning("Recovery rebalancing again after the seek")
             return
+        seeked = _SEEK_HOOKS.get(app)
+        if seeked is not None:  # where each stream partition starts (the commit guard's base)
+            seeked({tp: consumer._committed_offset.get(tp) or 0 for tp in streams})
         # No await between the seeks above and this resume: nothing is fetched unseeked.
         consumer.resume_partitions(streams)
         self.completed.set()
@@ -266,6 +269,18 @@ async def _full_flush(self: ProducerBuffer) -> None:
     hook = _FLUSH_HOOKS.get(self.app) if self.app is not None else None
     if hook is not None:
         await hook()
+
+
+#: Per app, what learns where each stream partition starts after an assignment (``on_seeked``).
+_SEEK_HOOKS: weakref.WeakKeyDictionary[Any, Callable[[dict[TP, int]], None]] = (
+    weakref.WeakKeyDictionary())
+
+
+def on_seeked(app: Any, hook: Callable[[dict[TP, int]], None]) -> None:
+    """After every assignment, once the stream partitions are seeked and before they resume,
+    call ``hook`` with the offset each starts from (its committed offset; 0 for a partition the
+    group never committed, read from its start)."""
+    _SEEK_HOOKS[app] = hook
 
 
 #: Per app, the highest offset it may commit for a partition (``limit_commits``).
