@@ -542,10 +542,11 @@ class Planner:
         else:
             before = SnapshotRow.model_validate(raw) if raw else None
         row = lifecycle.apply(before, notice)
-        log.info("snapshot lifecycle", extra={
-            "vm_snapshot": notice.vm_snapshot, "device_key": notice.disk.device_key,
-            "outcome": notice.outcome, "finished": sorted(row.finished),
-            "expected": row.expected, "removed": row.removed})
+        with bind_disk(notice.disk.key):
+            log.info("snapshot lifecycle", extra={
+                "vm_snapshot": notice.vm_snapshot, "outcome": notice.outcome,
+                "finished": sorted(row.finished), "expected": row.expected,
+                "removed": row.removed})
         if lifecycle.releasable(row) and self.remover is not None:
             row = await self._remove(row)
         raw = row.model_dump(mode="json")
