@@ -45,7 +45,7 @@ Send = Callable[[], Awaitable[Any]]
 
 
 class DurableTable(faust.Table):  # type: ignore[type-arg]  # generic only for type checkers
-    """A Faust table whose latest write of a key can be awaited (:meth:`written`)."""
+    """A Faust table that knows each key's latest unacknowledged write (:meth:`pending`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -64,18 +64,6 @@ class DurableTable(faust.Table):  # type: ignore[type-arg]  # generic only for t
         fut.add_done_callback(done)
         return fut
 
-    async def written(self, key: Any) -> None:
-        """Return once every write of ``key`` so far is acknowledged by the broker (writes of
-        one key go to one changelog partition, in order, so the latest one is enough).
-
-        Raises what the producer raised if the write failed: the caller must not publish what
-        follows from a row that may not be in the changelog (the worker then stops, and the
-        input, whose offset is not committed, is processed again by the next owner)."""
-        fut = self.pending(key)
-        if fut is not None:
-            # shielded: a cancelled step (partition revoked) must not cancel Faust's future
-            await asyncio.shield(fut)
-
     def pending(self, key: Any) -> FutureMessage | None:
         """The latest write of ``key`` not yet acknowledged, if any."""
         return self._writes.get(key)
@@ -88,7 +76,9 @@ class Outbox:
     the order of the steps, hence of each partition's records), then for the row write the step
     made or left unacknowledged, then makes the step's sends (``Topic.send``: handed to the
     producer, whose flush before every commit awaits the acks). A failed row write fails every
-    later entry too, and :meth:`drain`, so no offset is committed past it.
+    later entry too, and :meth:`drain`, so no offset is committed past it: the exception ends
+    Faust's commit task, which crashes the worker (mode's ``Service.crash``), and the next
+    owner processes the uncommitted inputs again.
     """
 
     def __init__(self, table: DurableTable, limit: int = OUTBOX_LIMIT) -> None:
