@@ -15,9 +15,9 @@ input republishes them (``streams.planner``, re-emission).
 :class:`Outbox` keeps that order without holding up the agents: a step hands it its sends, and
 they go out, in step order, as soon as the row of that step's disk is acknowledged; the agent
 goes on with the next record meanwhile (awaiting each row in the agent instead cut the pipeline
-bench from about 900 to about 260 disks/s). An offset commit first drains the outbox
-(``streams.recovery.on_flush``), so a committed input always has its row and its outputs in the
-log.
+bench from about 900 to about 260 disks/s; the outbox costs about 12 %). An offset commit
+first drains the outbox (``streams.recovery.on_flush``), so a committed input always has its row
+and its outputs in the log.
 
 The override is one method, ``send_changelog``, which ``Table.on_key_set`` calls for every
 ``table[key] = value`` (both upstream sources are pinned with the other overrides in
