@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
@@ -225,30 +226,47 @@ async def topic_partitions(
     return [TopicPartition(name, p) for p in sorted(parts)]
 
 
-async def group_progress(
-    settings: KafkaSettings, group: str, topic: str
-) -> tuple[dict[int, int], dict[int, int]]:
-    """End offsets of ``topic`` and ``group``'s committed offsets on it, by partition (a
-    partition the group never committed is absent from the second). Raises ``KafkaUnavailable``
-    when the broker does not answer."""
+@contextlib.asynccontextmanager
+async def offset_clients(
+    settings: KafkaSettings,
+) -> AsyncIterator[tuple[AIOKafkaAdminClient, AIOKafkaConsumer]]:
+    """An admin client and a group-less consumer, started, for reading end and committed
+    offsets; both are closed on exit."""
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
     consumer = AIOKafkaConsumer(**client_kwargs(settings), group_id=None,
                                 enable_auto_commit=False)
     try:
         await admin.start()
         await consumer.start()
-        tps = await topic_partitions(consumer, topic, timeout_s=10.0)
-        # ends first: a record committed after this call only adds to what is processed
-        end = await consumer.end_offsets(tps)
-        committed = await admin.list_consumer_group_offsets(group, partitions=tps)
-        return ({tp.partition: off for tp, off in end.items()},
-                {tp.partition: m.offset for tp, m in committed.items()
-                 if m is not None and m.offset >= 0})
-    except (KafkaError, LookupError) as exc:
-        raise KafkaUnavailable(f"reading the offsets of {topic} failed: {exc}") from exc
+        yield admin, consumer
     finally:
         await consumer.stop()
         await admin.close()
+
+
+async def committed_offsets(admin: AIOKafkaAdminClient, group: str,
+                            tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """``group``'s committed offset of each of ``tps`` it has committed (the others absent)."""
+    committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+    return {tp: m.offset for tp, m in committed.items() if m is not None and m.offset >= 0}
+
+
+async def group_progress(
+    settings: KafkaSettings, group: str, topic: str
+) -> tuple[dict[int, int], dict[int, int]]:
+    """End offsets of ``topic`` and ``group``'s committed offsets on it, by partition (a
+    partition the group never committed is absent from the second). Raises ``KafkaUnavailable``
+    when the broker does not answer."""
+    try:
+        async with offset_clients(settings) as (admin, consumer):
+            tps = await topic_partitions(consumer, topic, timeout_s=10.0)
+            # ends first: a record committed after this call only adds to what is processed
+            end = await consumer.end_offsets(tps)
+            committed = await committed_offsets(admin, group, tps)
+    except (KafkaError, LookupError) as exc:
+        raise KafkaUnavailable(f"reading the offsets of {topic} failed: {exc}") from exc
+    return ({tp.partition: off for tp, off in end.items()},
+            {tp.partition: off for tp, off in committed.items()})
 
 
 async def ensure_topics(

@@ -13,12 +13,18 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from cbtstream.config import KafkaSettings, Settings
 from cbtstream.errors import CbtStreamError
-from cbtstream.kafka import KafkaUnavailable, client_kwargs, topic_name, topic_partitions
+from cbtstream.kafka import (
+    KafkaUnavailable,
+    client_kwargs,
+    committed_offsets,
+    offset_clients,
+    topic_name,
+    topic_partitions,
+)
 from cbtstream.replay.records import Coord, LogRecord
 from schemas.codec import EventDecodeError, decode
 from schemas.topics import (
@@ -250,32 +256,24 @@ def pipeline_stages(settings: Settings) -> tuple[Stage, ...]:
 async def consumer_lag(settings: KafkaSettings, stages: tuple[Stage, ...]) -> list[StageLag]:
     """Committed offsets of each stage's group against the end offsets of its inputs. A
     partition the group never committed counts from its beginning (all of it is unread)."""
-    admin = AIOKafkaAdminClient(**client_kwargs(settings))
-    consumer = AIOKafkaConsumer(**client_kwargs(settings), group_id=None,
-                                enable_auto_commit=False)
     try:
-        await admin.start()
-        await consumer.start()
-        await consumer._client.force_metadata_update()  # metadata of every topic
-        out = []
-        for stage in stages:
-            names = [topic_name(s, settings) for s in stage.inputs]
-            tps = [TopicPartition(n, p) for n in names
-                   for p in sorted(consumer.partitions_for_topic(n) or ())]
-            committed = await admin.list_consumer_group_offsets(stage.group, partitions=tps)
-            end = await consumer.end_offsets(tps) if tps else {}
-            begin = await consumer.beginning_offsets(tps) if tps else {}
-            parts = []
-            for tp in tps:
-                meta = committed.get(tp)
-                off = meta.offset if meta is not None and meta.offset >= 0 else None
-                parts.append(PartitionLag(tp.topic, tp.partition, off, end[tp],
-                                          max(0, end[tp] - (off if off is not None
-                                                            else begin[tp]))))
-            out.append(StageLag(stage, tuple(parts)))
-        return out
+        async with offset_clients(settings) as (admin, consumer):
+            await consumer._client.force_metadata_update()  # metadata of every topic
+            out = []
+            for stage in stages:
+                names = [topic_name(s, settings) for s in stage.inputs]
+                tps = [TopicPartition(n, p) for n in names
+                       for p in sorted(consumer.partitions_for_topic(n) or ())]
+                committed = await committed_offsets(admin, stage.group, tps)
+                end = await consumer.end_offsets(tps) if tps else {}
+                begin = await consumer.beginning_offsets(tps) if tps else {}
+                parts = []
+                for tp in tps:
+                    off = committed.get(tp)
+                    parts.append(PartitionLag(tp.topic, tp.partition, off, end[tp],
+                                              max(0, end[tp] - (off if off is not None
+                                                                else begin[tp]))))
+                out.append(StageLag(stage, tuple(parts)))
+            return out
     except KafkaError as exc:
         raise KafkaUnavailable(f"reading consumer offsets failed: {exc}") from exc
-    finally:
-        await consumer.stop()
-        await admin.close()
