@@ -196,19 +196,19 @@ class Planner:
         self._agent(SNAPSHOT_TAKEN, (SnapshotTaken,), self._on_snapshot)
         self._agent(CHANGEID_COMMITTED, (ChangeIdCommitted,), self._on_commit)
         self._agent(SYNC_FAILED, (SyncFailed,), self._on_failed)
-        #: The topics whose commits the guard limits (``commit_limit``): every agent's input
-        #: but the advisory progress topic's.
-        self._sources: set[str] = {self.topic(spec).get_topic_name()
-                                   for spec in (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)}
-        self._sources.add(self.lifecycle_topic.get_topic_name())
-        limit_commits(self.app, self.commit_limit)
-        on_seeked(self.app, self._starts_at)
         self.checks_topic = self.app.topic(
             f"{k.topic_prefix}{s.app_id}-sync-checks",
             key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
             partitions=k.partitions, internal=True,
         )
-        self._sources.add(self.checks_topic.get_topic_name())
+        #: The topics whose commits the guard limits (``commit_limit``): every agent's input
+        #: but the advisory progress topic's.
+        self._sources: set[str] = {
+            *(self.topic(spec).get_topic_name()
+              for spec in (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)),
+            self.lifecycle_topic.get_topic_name(), self.checks_topic.get_topic_name()}
+        limit_commits(self.app, self.commit_limit)
+        on_seeked(self.app, self._starts_at)
         #: Time of the latest SyncProgress seen per running sync (memory only: a new owner of
         #: the partition starts counting silence from its own first check).
         self.progress: dict[uuid.UUID, datetime] = {}

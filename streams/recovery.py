@@ -63,6 +63,7 @@ import inspect
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, cast
 
 from faust.streams import Stream
@@ -213,9 +214,9 @@ class SeekFirstRecovery(Recovery):
         if app.consumer_generation_id != generation_id:
             self.log.warning("Recovery rebalancing again after the seek")
             return
-        seeked = _SEEK_HOOKS.get(app)
-        if seeked is not None:  # where each stream partition starts (the commit guard's base)
-            seeked({tp: consumer._committed_offset.get(tp) or 0 for tp in streams})
+        hooks = _HOOKS.get(app)
+        if hooks is not None and hooks.seeked is not None:  # the commit guard's base
+            hooks.seeked({tp: consumer._committed_offset.get(tp) or 0 for tp in streams})
         # No await between the seeks above and this resume: nothing is fetched unseeked.
         consumer.resume_partitions(streams)
         self.completed.set()
@@ -241,15 +242,28 @@ class TableManager(_FaustTableManager):
         return self._recovery
 
 
-#: Per app, what a flush awaits after the table writes (``streams.durable.Outbox.drain``).
-_FLUSH_HOOKS: weakref.WeakKeyDictionary[Any, Callable[[], Awaitable[None]]] = (
-    weakref.WeakKeyDictionary())
+@dataclass
+class _Hooks:
+    """What one app plugged into the overrides (:func:`on_flush`, :func:`on_seeked`,
+    :func:`limit_commits`)."""
+
+    flush: Callable[[], Awaitable[None]] | None = None
+    seeked: Callable[[dict[TP, int]], None] | None = None
+    commit_limit: Callable[[str, int], int | None] | None = None
+
+
+_HOOKS: weakref.WeakKeyDictionary[Any, _Hooks] = weakref.WeakKeyDictionary()
+
+
+def _hooks(app: Any) -> _Hooks:
+    return _HOOKS.setdefault(app, _Hooks())
 
 
 def on_flush(app: Any, hook: Callable[[], Awaitable[None]]) -> None:
     """Make every flush of ``app``'s producer (before each offset commit) await ``hook`` once
-    the table writes are handed to the driver, before the driver's own flush."""
-    _FLUSH_HOOKS[app] = hook
+    the table writes are handed to the driver, before the driver's own flush (the drain of
+    ``streams.durable.Outbox``)."""
+    _hooks(app).flush = hook
 
 
 async def _full_flush(self: ProducerBuffer) -> None:
@@ -266,26 +280,18 @@ async def _full_flush(self: ProducerBuffer) -> None:
     # the write taken off the queue last may still be on its way into the driver
     for _ in range(3):
         await asyncio.sleep(0)
-    hook = _FLUSH_HOOKS.get(self.app) if self.app is not None else None
-    if hook is not None:
-        await hook()
-
-
-#: Per app, what learns where each stream partition starts after an assignment (``on_seeked``).
-_SEEK_HOOKS: weakref.WeakKeyDictionary[Any, Callable[[dict[TP, int]], None]] = (
-    weakref.WeakKeyDictionary())
+    hooks = _HOOKS.get(self.app) if self.app is not None else None
+    if hooks is not None and hooks.flush is not None:
+        await hooks.flush()
 
 
 def on_seeked(app: Any, hook: Callable[[dict[TP, int]], None]) -> None:
     """After every assignment, once the stream partitions are seeked and before they resume,
     call ``hook`` with the offset each starts from (its committed offset; 0 for a partition the
     group never committed, read from its start)."""
-    _SEEK_HOOKS[app] = hook
+    _hooks(app).seeked = hook
 
 
-#: Per app, the highest offset it may commit for a partition (``limit_commits``).
-_COMMIT_LIMITS: weakref.WeakKeyDictionary[Any, Callable[[str, int], int | None]] = (
-    weakref.WeakKeyDictionary())
 _ORIGINAL_COMMIT_OFFSETS = Consumer._commit_offsets
 
 
@@ -294,7 +300,7 @@ def limit_commits(app: Any, limit: Callable[[str, int], int | None]) -> None:
     that may be committed (the next record to read: one past the last record the app has
     processed without a gap), negative when nothing may be, None for a partition it does not
     track (committed as Faust decides)."""
-    _COMMIT_LIMITS[app] = limit
+    _hooks(app).commit_limit = limit
 
 
 async def _guarded_commit_offsets(self: Consumer, offsets: Mapping[TP, int],
@@ -303,7 +309,8 @@ async def _guarded_commit_offsets(self: Consumer, offsets: Mapping[TP, int],
     event whose processing was interrupted (its stream's ``finally`` acks the event being
     processed when the agent is cancelled at a stop) and its head check tolerates one
     missing record, so it could commit past a record nobody processed."""
-    limit = _COMMIT_LIMITS.get(self.app)
+    hooks = _HOOKS.get(self.app)
+    limit = hooks.commit_limit if hooks is not None else None
     if limit is not None:
         kept: dict[TP, int] = {}
         for tp, offset in offsets.items():
