@@ -8,6 +8,7 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY cbtstream ./cbtstream
+COPY cbtctl ./cbtctl
 COPY schemas ./schemas
 COPY streams ./streams
 COPY producers ./producers

@@ -146,7 +146,7 @@ class TargetMapping(BaseModel):
 
 class VddkSettings(BaseModel):
     """How the copier starts ``nbdkit vddk`` per (disk, VM snapshot) (``copier.exports =
-    "vddk"``; see ``cbtstream/vsphere/vddk/``). Credentials are the ``[vsphere]`` ones: the
+    "vddk"``; see ``consumers/vddk/``). Credentials are the ``[vsphere]`` ones: the
     password reaches nbdkit by an inherited pipe (``password=-FD``) or, with ``password_file``,
     as ``password=+FILE`` that nbdkit reads itself; it is never on a command line."""
 
@@ -225,7 +225,7 @@ class CopierSettings(BaseModel):
     nbd_connections: int = Field(default=2, ge=1, le=16)
     #: Where snapshot disks are exported over NBD: "vddk" starts ``nbdkit vddk`` per disk and
     #: snapshot (production; see ``copier.vddk``); "simulator" asks the vcsim-cbt side channel
-    #: (development). Both are ``cbtstream.vsphere.exports.ExportResolver``.
+    #: (development). Both are ``consumers.exports.ExportResolver``.
     exports: Literal["simulator", "vddk"] = "simulator"
     vddk: VddkSettings = VddkSettings()
     #: Save a resume checkpoint after at least this many bytes (each save flushes the target).

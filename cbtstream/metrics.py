@@ -1,10 +1,10 @@
-"""Prometheus metrics of a cbtstream process, and the copier's small ``/metrics`` HTTP server.
+"""The metrics registry of a cbtstream process: every metric's name, labels and meaning.
 
-This is the module that imports ``prometheus_client``. Each process builds one :class:`Metrics`
-with its own registry (no global state, so tests can run several in one interpreter) and
-records **events at the edges**: the copier after an outcome is published
-(:class:`MeteredPublisher`), the planner after a decision is sent (``streams.metrics``), both
-when a record is dead-lettered. Pure modules (planner, engine, guard) know nothing of metrics.
+Each process builds one :class:`Metrics` with its own registry (no global state, so tests can
+run several in one interpreter) and records **events at the edges**: the copier after an outcome
+is published (``consumers.metered.MeteredPublisher``), the planner after a decision is sent
+(``streams.metrics``), both when a record is dead-lettered. Pure modules (planner, engine,
+guard) know nothing of metrics. :mod:`cbtstream.metrics_http` serves a registry over HTTP.
 
 Metric names (all ``cbtstream_``-prefixed):
 
@@ -23,21 +23,13 @@ Metric names (all ``cbtstream_``-prefixed):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from types import TracebackType
-from typing import Any
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from cbtstream.config import KafkaSettings
-from cbtstream.kafka import Publisher, topic_name
-from schemas.codec import Headers
 from schemas.events import (
     ChangeIdCommitted,
     FullReason,
@@ -47,9 +39,6 @@ from schemas.events import (
     SyncFailed,
     SyncPlanned,
 )
-from schemas.topics import DEADLETTER
-
-log = logging.getLogger("cbtstream.metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -149,127 +138,3 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE``)."""
         return generate_latest(self.registry)
-
-
-class MeteredPublisher(Publisher):
-    """A :class:`Publisher` that records what it published: outcomes and dead letters."""
-
-    def __init__(self, settings: KafkaSettings, metrics: Metrics, component: str,
-                 **kwargs: Any) -> None:
-        super().__init__(settings, **kwargs)
-        self.metrics = metrics
-        self._component = component
-        self._deadletter = topic_name(DEADLETTER, settings)
-
-    async def publish(self, event: BaseModel) -> tuple[int, int]:
-        where = await super().publish(event)
-        self.metrics.observe_outcome(event)
-        return where
-
-    async def publish_raw(self, topic: str, key: bytes | None, value: bytes,
-                          headers: Headers) -> tuple[int, int]:
-        where = await super().publish_raw(topic, key, value, headers)
-        if topic == self._deadletter:
-            self.metrics.observe_dead_letter(self._component)
-        return where
-
-
-#: How long one scrape waits for the coordinator's committed offset of a partition.
-COMMITTED_TIMEOUT_S = 2.0
-
-
-async def consumer_lag(consumer: Any) -> dict[tuple[str, int], int]:
-    """Lag per assigned partition of an ``AIOKafkaConsumer``: the high watermark of the last
-    fetch minus the group's committed offset (asked from the coordinator)."""
-    lags: dict[tuple[str, int], int] = {}
-    for tp in list(consumer.assignment()):
-        end = consumer.highwater(tp)
-        if end is None:
-            continue
-        try:
-            async with asyncio.timeout(COMMITTED_TIMEOUT_S):
-                committed = await consumer.committed(tp)
-        except Exception:  # a rebalance or a slow coordinator: skip this scrape
-            continue
-        lags[(tp.topic, tp.partition)] = end - (committed or 0)
-    return lags
-
-
-class MetricsServer:
-    """``GET /metrics`` on ``host:port`` (aiohttp). ``refresh`` runs before each scrape (to
-    sample values that are cheap to read only on demand, such as consumer lag)."""
-
-    def __init__(self, metrics: Metrics, host: str, port: int,
-                 refresh: Callable[[], Awaitable[None]] | None = None) -> None:
-        self.metrics = metrics
-        self.host = host
-        self.port = port
-        self._refresh = refresh
-        self._runner: Any = None
-
-    async def _handle(self, request: Any) -> Any:
-        from aiohttp import web
-
-        if self._refresh is not None:
-            try:
-                await self._refresh()
-            except Exception:
-                log.warning("metrics refresh failed", exc_info=True)
-        return web.Response(body=self.metrics.render(),
-                            headers={"Content-Type": CONTENT_TYPE})
-
-    async def start(self) -> None:
-        from aiohttp import web
-
-        if self._runner is not None:
-            return
-        app = web.Application()
-        app.router.add_get("/metrics", self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
-        try:
-            await site.start()
-        except OSError:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        if self.port == 0:  # an ephemeral port: report the real one
-            sockets = getattr(site._server, "sockets", None)
-            if sockets:
-                self.port = int(sockets[0].getsockname()[1])
-        log.info("metrics endpoint listening", extra={"url": self.url})
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}/metrics"
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            with contextlib.suppress(Exception):
-                await runner.cleanup()
-
-    async def __aenter__(self) -> MetricsServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
-
-
-@contextlib.asynccontextmanager
-async def serve_consumer_metrics(metrics: Metrics, host: str, port: int, consumer: Any,
-                                 group: str) -> AsyncIterator[MetricsServer | None]:
-    """Serve ``metrics`` with the lag of ``consumer`` (an ``AIOKafkaConsumer`` in ``group``)
-    refreshed on each scrape; does nothing when ``port`` is 0."""
-    if not port:
-        yield None
-        return
-
-    async def refresh() -> None:
-        metrics.set_lag(group, await consumer_lag(consumer))
-
-    async with MetricsServer(metrics, host, port, refresh) as server:
-        yield server

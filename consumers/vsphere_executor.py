@@ -38,7 +38,6 @@ from cbtstream.vsphere.errors import (
     VSphereInvalidArgument,
     VSphereNotFound,
 )
-from cbtstream.vsphere.exports import ExportResolver
 from consumers.copy.checkpoint import Checkpoint
 from consumers.copy.digest import HashTree
 from consumers.copy.engine import CopyOptions, CopyResult, copy_disk
@@ -53,6 +52,7 @@ from consumers.copy.targets import (
     TargetResolver,
 )
 from consumers.executor import ProgressCallback, ProgressUpdate, SyncResult
+from consumers.exports import ExportResolver
 from consumers.replica.guard import Admission
 from consumers.replica.session import OutcomeAlreadyPublished, ReplicaSession, pipeline_name
 from consumers.replica.state import TargetKind
@@ -265,7 +265,7 @@ class VSphereExecutor:
 async def build_vsphere_executor(settings: Settings) -> VSphereExecutor:
     """The production composition: a connected vSphere client and the configured exports,
     started (a VDDK plugin that does not load stops the copier here, with the reason)."""
-    from cbtstream.vsphere.exports import build_exports
+    from consumers.exports import build_exports
 
     client = VSphereClient(settings.vsphere)
     await client.start()

@@ -17,6 +17,10 @@ delta files grow until the datastore fills. :func:`select` decides, purely, whic
 (disk, snapshot) so a retry republishes the same facts. VMs with
 ``runtime.consolidationNeeded`` are reported, and consolidated (``ConsolidateVMDisks_Task``) only
 on request.
+
+:class:`OrphanReaper` binds these rules to one vSphere connection for the planner worker's
+periodic reconcile: the worker's command builds it and hands it to ``streams/``, which knows only
+the set of snapshots its syncs need and never imports this role.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
+from cbtstream.config import VSphereSettings
 from cbtstream.vsphere.adapter import VmRef, VmSnapshot, VmSnapshots, VSphereClient
 from cbtstream.vsphere.errors import VSphereNotFound
 from producers.naming import created_by_cbtstream
@@ -105,3 +110,30 @@ async def prune(client: VSphereClient, publisher: EventPublisher, selection: Sel
             await client.consolidate_disks(vm)
             log.info("disks consolidated", extra={"vm": vm.instance_uuid})
     return published
+
+
+class OrphanReaper:
+    """Lists cbtstream's snapshots in vSphere and removes the orphans among them (one
+    ``reconcile`` per call; the caller says which snapshots its syncs still need)."""
+
+    def __init__(self, vsphere: VSphereSettings, older_than: timedelta, *,
+                 consolidate: bool = False) -> None:
+        self._client = VSphereClient(vsphere)
+        self._older_than = older_than
+        self._consolidate = consolidate
+
+    async def reconcile(self, needed: Collection[SnapshotId],
+                        publisher: EventPublisher) -> Selection:
+        """Select the orphans given ``needed`` (the whole set of needs), remove them and publish
+        their ``SnapshotRemoved``; VMs that need consolidation are logged."""
+        await self._client.start()
+        selection = select(await self._client.list_snapshots(), needed, datetime.now(UTC),
+                           self._older_than)
+        await prune(self._client, publisher, selection, consolidate=self._consolidate)
+        for vm in selection.consolidation_needed:
+            log.warning("VM needs disk consolidation", extra={
+                "vm": vm.instance_uuid, "path": vm.path})
+        return selection
+
+    async def stop(self) -> None:
+        await self._client.stop()

@@ -219,6 +219,26 @@ class ChangeIdCommitted(_Event):
     _v_new = field_validator("change_id")(_check_change_id)
 
 
+class FailureReason(StrEnum):
+    """The ``SyncFailed`` reasons that the pipeline decides itself. A copier's own failures
+    carry the reason of the error that ended the copy (``not_found``, ``nbd_error``...), which is
+    why ``SyncFailed.reason`` stays a string."""
+
+    #: The planner's commit guard refused a commit (``streams/guard.py``).
+    LINEAGE_MISMATCH = "lineage_mismatch"
+    #: The copier's replica guard refused a plan older than what the replica holds
+    #: (``consumers/replica/guard.py``).
+    STALE_PLAN = "stale_plan"
+    #: The planner ended a running sync that showed no outcome and no progress.
+    SYNC_TIMED_OUT = "sync_timed_out"
+
+
+def lineage_refusal_id(commit_event_id: uuid.UUID) -> uuid.UUID:
+    """The id of the ``SyncFailed(lineage_mismatch)`` that refuses the commit
+    ``commit_event_id``: the planner emits it, the audit and replay find the refusal by it."""
+    return stable_event_id("SyncFailed", FailureReason.LINEAGE_MISMATCH, commit_event_id)
+
+
 class SyncFailed(_Event):
     """A sync (or a commit) did not happen; ``reason`` says why, nothing was committed."""
 

@@ -77,7 +77,7 @@ from streams.durable import DurableTable, Outbox
 from streams.fences import FenceBook
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import register_metrics
-from streams.orphans import register_orphans
+from streams.orphans import OrphanReconciler, register_orphans
 from streams.recovery import (
     TableManager,
     install_commit_guard,
@@ -118,7 +118,8 @@ def _credentials(settings: Settings) -> Any:
 class Planner:
     """Composition root of the Faust side: builds the app, its topics, table and agents."""
 
-    def __init__(self, settings: Settings, remover: SnapshotRemover | None = None) -> None:
+    def __init__(self, settings: Settings, remover: SnapshotRemover | None = None,
+                 orphans: OrphanReconciler | None = None) -> None:
         self.settings = settings
         self.remover = remover
         install_full_flush()  # offset commits wait for every row write (streams/recovery.py)
@@ -227,7 +228,8 @@ class Planner:
             self.rows, lambda k: self.row(k.encode()), self.send, self.ownership)
         register_store_api(self.app, self.store_service, spread=self.table_spread,
                            authorized=lambda header: authorized(header, secret))
-        register_orphans(self.app, settings, self.rows, self.snapshots_processed, self.send)
+        register_orphans(self.app, settings, self.rows, self.snapshots_processed, self.send,
+                         orphans)
         self.metrics = register_metrics(self.app)
         register_watchdog(self.app, {self.topic(spec).get_topic_name() for spec in (
             SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)} | {

@@ -35,12 +35,11 @@ from schemas.events import (
     FullReason,
     ReplicationType,
     SnapshotTaken,
-    SyncFailed,
     stable_event_id,
 )
 from streams.api import Answer, error
-from streams.guard import LINEAGE_MISMATCH, GuardResult, Verdict
-from streams.planner import Step, superseded_event
+from streams.guard import GuardResult, Verdict
+from streams.planner import Step, lineage_refusal, superseded_event
 from streams.state import DiskState, Ended
 
 STORED = "ChangeID stored successfully"
@@ -222,11 +221,8 @@ def apply_external(state: DiskState | None, ev: ChangeIdCommitted, now: datetime
     if result.verdict == Verdict.DUPLICATE:
         return Step(state, [], (), "duplicate")
     if result.verdict == Verdict.REFUSE:
-        return Step(state, [SyncFailed(
-            event_id=stable_event_id("SyncFailed", LINEAGE_MISMATCH, ev.event_id),
-            occurred_at=now, disk=ev.disk, sync_id=ev.sync_id, vm_snapshot=ev.vm_snapshot,
-            reason=LINEAGE_MISMATCH, detail=f"external commit {ev.event_id} refused: "
-            f"{result.detail}")], (), "refused")
+        return Step(state, [lineage_refusal(ev, now, result.detail, "external commit")], (),
+                    "refused")
     assert state is not None
     return Step(state.model_copy(update={
         "change_id": ev.change_id,

@@ -26,8 +26,6 @@ from schemas.changeid import ChangeId
 from schemas.events import ChangeIdCommitted, ReplicationType
 from streams.state import DiskState
 
-LINEAGE_MISMATCH = "lineage_mismatch"
-
 
 class Verdict(StrEnum):
     ACCEPT = "accept"

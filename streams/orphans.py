@@ -1,4 +1,5 @@
-"""The worker's side of the orphan hunt (``producers/orphans.py`` has the rules).
+"""The worker's side of the orphan hunt (the rules live with the producer, in
+``producers/orphans.py``; the worker's command hands them in as an :class:`OrphanReconciler`).
 
 ``needed_snapshots`` (pure) is the set of VM snapshots a running or waiting sync of some disk
 needs, from the ``disks`` table. The worker serves it at ``GET /api/v1/snapshots/needed`` (for
@@ -15,9 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import Any, Protocol
 
 from faust.web import View
 from pydantic import BaseModel
@@ -38,6 +38,20 @@ def needed_snapshots(rows: Iterable[DiskState]) -> set[tuple[str, str]]:
     return out
 
 
+class EventSink(Protocol):
+    async def publish(self, event: BaseModel) -> tuple[int, int]: ...
+
+
+class OrphanReconciler(Protocol):
+    """Removes the cbtstream snapshots that are not in ``needed`` (and old enough), publishing
+    what it removed through ``publisher``; ``producers.orphans.OrphanReaper`` in production."""
+
+    async def reconcile(self, needed: Collection[tuple[str, str]],
+                        publisher: EventSink) -> Any: ...
+
+    async def stop(self) -> None: ...
+
+
 class _Sender:
     """The producer's EventPublisher over the worker's own Faust producer."""
 
@@ -51,9 +65,11 @@ class _Sender:
 
 def register_orphans(app: Any, settings: Settings, rows: Callable[[], list[DiskState]],
                      complete: Callable[[], Awaitable[bool]],
-                     send: Callable[[BaseModel], Awaitable[None]]) -> None:
-    """Add the API page and, when configured, the periodic reconcile to the Faust app.
-    ``complete`` says whether ``rows`` are the whole of the needs (see the module docstring)."""
+                     send: Callable[[BaseModel], Awaitable[None]],
+                     reconciler: OrphanReconciler | None) -> None:
+    """Add the API page and, with a ``reconciler`` and ``streams.orphan_interval_s`` > 0, the
+    periodic reconcile to the Faust app. ``complete`` says whether ``rows`` are the whole of the
+    needs (see the module docstring)."""
 
     async def whole() -> bool:
         from cbtstream.errors import CbtStreamError
@@ -74,36 +90,25 @@ def register_orphans(app: Any, settings: Settings, rows: Callable[[], list[DiskS
     app.page("/api/v1/snapshots/needed", name="api_snapshots_needed")(
         type("SnapshotsNeeded", (View,), {"get": get}))
 
-    s = settings.streams
-    if s.orphan_interval_s <= 0:
+    interval_s = settings.streams.orphan_interval_s
+    if reconciler is None or interval_s <= 0:
         return
 
     async def reconcile_forever() -> None:
         from cbtstream.errors import CbtStreamError
-        from cbtstream.vsphere.adapter import VSphereClient
-        from producers.orphans import prune, select
 
-        client = VSphereClient(settings.vsphere)
         try:
             while True:
-                await asyncio.sleep(s.orphan_interval_s)
+                await asyncio.sleep(interval_s)
                 if not await whole():
                     log.info("orphan reconcile skipped: this worker does not hold every "
                              "partition, or has not processed every snapshot event yet")
                     continue
                 try:
-                    await client.start()
-                    selection = select(await client.list_snapshots(),
-                                       needed_snapshots(rows()), datetime.now(UTC),
-                                       timedelta(seconds=s.orphan_older_than_s))
-                    await prune(client, _Sender(send), selection,
-                                consolidate=s.orphan_consolidate)
-                    for vm in selection.consolidation_needed:
-                        log.warning("VM needs disk consolidation", extra={
-                            "vm": vm.instance_uuid, "path": vm.path})
+                    await reconciler.reconcile(needed_snapshots(rows()), _Sender(send))
                 except CbtStreamError as exc:
                     log.warning("orphan reconcile failed", extra={"error": str(exc)})
         finally:
-            await client.stop()
+            await reconciler.stop()
 
     app.task(reconcile_forever)

@@ -44,22 +44,23 @@ from schemas.disk import DiskRef
 from schemas.events import (
     ChangeIdCommitted,
     ChangeIdFence,
+    FailureReason,
     FullReason,
     ReplicationType,
     SnapshotTaken,
     SyncFailed,
     SyncPlanned,
     SyncSuperseded,
+    lineage_refusal_id,
     stable_event_id,
 )
 from streams.fence import trusted
-from streams.guard import LINEAGE_MISMATCH, Verdict, check_commit
+from streams.guard import Verdict, check_commit
 from streams.state import DiskState, Ended, Outcome, RunningSync, new_state
 
 Output = SyncPlanned | SyncSuperseded | SyncFailed
 
 #: ``SyncFailed.reason`` of a sync the planner ended because nothing came of it.
-SYNC_TIMED_OUT = "sync_timed_out"
 #: Times a silent sync is re-issued (same plan, same sync id) before it is ended as timed out.
 REISSUES = 1
 
@@ -293,15 +294,19 @@ def _finish(state: DiskState, now: datetime, out: list[Output], ended: Ended,
     return Step(state, [*out, plan], (ended,), kind)
 
 
-def _lineage_failure(ev: ChangeIdCommitted, now: datetime, detail: str) -> SyncFailed:
+def lineage_refusal(ev: ChangeIdCommitted, now: datetime, detail: str,
+                    source: str = "commit") -> SyncFailed:
+    """The ``SyncFailed(lineage_mismatch)`` refusing ``ev`` (an internal or external commit);
+    its id is :func:`schemas.events.lineage_refusal_id`, so a redelivery refuses with the same
+    event and the audit finds the refused row by it."""
     return SyncFailed(
-        event_id=stable_event_id("SyncFailed", LINEAGE_MISMATCH, ev.event_id),
+        event_id=lineage_refusal_id(ev.event_id),
         occurred_at=now,
         disk=ev.disk,
         sync_id=ev.sync_id,
         vm_snapshot=ev.vm_snapshot,
-        reason=LINEAGE_MISMATCH,
-        detail=f"commit {ev.event_id} refused: {detail}",
+        reason=FailureReason.LINEAGE_MISMATCH,
+        detail=f"{source} {ev.event_id} refused: {detail}",
     )
 
 
@@ -325,7 +330,7 @@ def commit_step(state: DiskState | None, ev: ChangeIdCommitted, now: datetime,
     result = check_commit(state, ev)
     if state is not None and (running is None or running.sync_id != ev.sync_id):
         e = state.ended_sync(ev.sync_id)
-        failure_id = stable_event_id("SyncFailed", LINEAGE_MISMATCH, ev.event_id)
+        failure_id = lineage_refusal_id(ev.event_id)
         caused = e is not None and e.failure is not None and e.failure.event_id == failure_id
         if e is not None and (result.verdict == Verdict.DUPLICATE or caused):
             # a duplicate, or the redelivery of the commit that ended this sync refused
@@ -335,10 +340,11 @@ def commit_step(state: DiskState | None, ev: ChangeIdCommitted, now: datetime,
     if result.verdict == Verdict.DUPLICATE:
         return Step(state, _running_plan(state), (), "duplicate")
     if result.verdict == Verdict.REFUSE:
-        failed = _lineage_failure(ev, now, result.detail)
+        failed = lineage_refusal(ev, now, result.detail)
         if state is not None and running is not None and running.sync_id == ev.sync_id:
             # The running sync produced a commit we cannot apply: that sync is over.
-            released = state.model_copy(update={"running": None, "last_failure": LINEAGE_MISMATCH})
+            released = state.model_copy(update={"running": None,
+                                                 "last_failure": FailureReason.LINEAGE_MISMATCH})
             return _finish(released, now, [failed], _ended_sync(running, "failed", now, failed),
                            "refused", fences)
         return Step(state, [failed], (), "refused")
@@ -397,7 +403,8 @@ def timeout_step(state: DiskState | None, sync_id: uuid.UUID, now: datetime,
     running = state.running
     if running is None or running.sync_id != sync_id:
         e = state.ended_sync(sync_id)
-        if e is not None and e.failure is not None and e.failure.reason == SYNC_TIMED_OUT:
+        if e is not None and e.failure is not None and (
+                e.failure.reason == FailureReason.SYNC_TIMED_OUT):
             return Step(state, [e.failure, *_running_plan(state)], (e,), "redelivered")
         return Step(state, [], (), "idle")
     since = max(t for t in (running.planned_at, state.reissued_at, last_progress)
@@ -408,17 +415,18 @@ def timeout_step(state: DiskState | None, sync_id: uuid.UUID, now: datetime,
         state = state.model_copy(update={"reissued": state.reissued + 1, "reissued_at": now})
         return Step(state, [plan_of(state)], (), "reissued")
     failed = SyncFailed(
-        event_id=stable_event_id("SyncFailed", SYNC_TIMED_OUT, running.sync_id),
+        event_id=stable_event_id("SyncFailed", FailureReason.SYNC_TIMED_OUT, running.sync_id),
         occurred_at=now,
         disk=running.disk,
         sync_id=running.sync_id,
         vm_snapshot=running.vm_snapshot,
-        reason=SYNC_TIMED_OUT,
+        reason=FailureReason.SYNC_TIMED_OUT,
         detail=f"no outcome and no progress for {(now - since).total_seconds():.0f}s "
                f"(re-issued {state.reissued} times)",
         retriable=True,
     )
-    released = state.model_copy(update={"running": None, "last_failure": SYNC_TIMED_OUT})
+    released = state.model_copy(update={"running": None,
+                                        "last_failure": FailureReason.SYNC_TIMED_OUT})
     ended = _ended_sync(running, "failed", now, failed)
     return _finish(released, now, [failed], ended, "timed_out", fences)
 

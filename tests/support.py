@@ -12,8 +12,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
+from cbtctl.demo.processes import Proc, child_env
 from cbtstream.config import Settings
-from cbtstream.demo.processes import Proc, child_env
 from cbtstream.kafka import client_kwargs, topic_name, topic_partitions
 from schemas.codec import decode
 from schemas.topics import TopicSpec

@@ -17,7 +17,7 @@ rows (except ``events.ingested_at``).
 
 Refused commits: the planner answers a commit its guard refuses with
 ``SyncFailed(reason="lineage_mismatch")`` whose event id is
-``stable_event_id("SyncFailed", "lineage_mismatch", <commit event id>)``. ``cbt_history`` stores
+``schemas.events.lineage_refusal_id(<commit event id>)``. ``cbt_history`` stores
 that derived id for each commit; whichever of the two events arrives second marks the history row
 ``refused``, and the job's and disk's commit columns are recomputed from the commits that are not
 refused, so a refused change ID never shows as ``vm_disks.disk_change_id``.
@@ -29,19 +29,18 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from consumers.replica.guard import STALE_PLAN
 from schemas.disk import DiskRef, parse_disk_key
 from schemas.events import (
     ChangeIdCommitted,
     DeadLetter,
     Event,
+    FailureReason,
     SnapshotRemoved,
     SyncFailed,
     SyncPlanned,
     SyncProgress,
-    stable_event_id,
+    lineage_refusal_id,
 )
-from streams.guard import LINEAGE_MISMATCH
 
 
 @dataclass(frozen=True)
@@ -68,11 +67,6 @@ INSERT_EVENTS = (
     "AS u(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10) "
     "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
 )
-
-
-def refusal_event_id(commit_event_id: uuid.UUID) -> uuid.UUID:
-    """The event id of the planner's ``SyncFailed(lineage_mismatch)`` refusing this commit."""
-    return stable_event_id("SyncFailed", LINEAGE_MISMATCH, commit_event_id)
 
 
 def newest_progress_only(events: list[Event]) -> list[Event]:
@@ -257,13 +251,13 @@ def project(event: Event) -> list[Stmt]:
                 event.previous_change_id, event.change_id, event.replication_type.value,
                 event.reason.value, event.bytes_copied, event.bytes_zeroed, event.extents,
                 event.digest, event.duration_s, event.occurred_at, event.sync_id,
-                event.vm_snapshot, refusal_event_id(event.event_id))),
+                event.vm_snapshot, lineage_refusal_id(event.event_id))),
             *_recompute(event.sync_id),
             *([Stmt(_ORIGIN, (event.sync_id, event.origin, event.origin_job_id, event.event_id,
                               event.origin_client))] if event.origin != "cbtstream" else []),
         ]
     if isinstance(event, SyncFailed):
-        if event.sync_id is None or event.reason == STALE_PLAN:
+        if event.sync_id is None or event.reason == FailureReason.STALE_PLAN:
             # a failure outside any sync (e.g. before planning), or an old plan delivered again
             # and refused by the copier (its job's own outcome stands): kept in events only
             return []
@@ -271,7 +265,7 @@ def project(event: Event) -> list[Stmt]:
             *_job_and_disk(event.sync_id, event.disk, event.vm_snapshot, event.occurred_at),
             Stmt(_FAIL_JOB, (event.sync_id, event.occurred_at, event.reason, event.detail)),
         ]
-        if event.reason == LINEAGE_MISMATCH:
+        if event.reason == FailureReason.LINEAGE_MISMATCH:
             out += [Stmt(_REFUSE, (event.event_id,)), *_recompute(event.sync_id)]
         return out
     if isinstance(event, SyncProgress):

@@ -31,8 +31,6 @@ from enum import StrEnum
 from consumers.replica.state import ReplicaState, ReplicaStatus, TargetIdentity, Unknown
 from schemas.events import FullReason, ReplicationType, SyncPlanned
 
-STALE_PLAN = "stale_plan"
-
 
 class Action(StrEnum):
     WRITE = "write"

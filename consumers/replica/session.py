@@ -21,7 +21,7 @@ from cbtstream.errors import CbtStreamError
 from consumers.copy.digest import HashTree
 from consumers.copy.targets import ReplicaLocation, TargetResolver
 from consumers.executor import SyncResult
-from consumers.replica.guard import STALE_PLAN, Action, Admission, ReplicaView, admit
+from consumers.replica.guard import Action, Admission, ReplicaView, admit
 from consumers.replica.state import (
     HeldSync,
     ReplicaState,
@@ -31,7 +31,7 @@ from consumers.replica.state import (
     WritingSync,
     first_state,
 )
-from schemas.events import FullReason, ReplicationType, SyncPlanned
+from schemas.events import FailureReason, FullReason, ReplicationType, SyncPlanned
 
 log = logging.getLogger("cbtstream.copier.replica")
 
@@ -39,7 +39,7 @@ log = logging.getLogger("cbtstream.copier.replica")
 class StalePlan(CbtStreamError):
     """The plan is older than what the replica holds: it is never written."""
 
-    reason = STALE_PLAN
+    reason = FailureReason.STALE_PLAN
 
 
 class OutcomeAlreadyPublished(CbtStreamError):

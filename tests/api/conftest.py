@@ -12,8 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from cbtctl.demo.processes import Proc
 from cbtstream.config import Settings, load_settings
-from cbtstream.demo.processes import Proc
 from cbtstream.kafka import create_topics
 from tests.support import isolated_settings
 

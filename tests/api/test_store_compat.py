@@ -22,9 +22,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from cbtctl.demo.processes import Proc
+from cbtctl.demo.seed import SEED_QUERY_1, SEED_QUERY_2
 from cbtstream.config import load_settings
-from cbtstream.demo.processes import Proc
-from cbtstream.demo.seed import SEED_QUERY_1, SEED_QUERY_2
 from cbtstream.kafka import Publisher, create_topics
 from consumers.audit.repository import AuditRepository
 from schemas.topics import CHANGEID_COMMITTED

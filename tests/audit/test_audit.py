@@ -9,8 +9,8 @@ import time
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from cbtctl.demo import seed
 from cbtstream.config import Settings
-from cbtstream.demo import seed
 from cbtstream.kafka import Publisher, client_kwargs, topic_name
 from consumers.audit.repository import AuditRecord, AuditRepository, rebuild
 from schemas.codec import decode, encode

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.demo.processes import Proc, child_env
 from cbtstream.config import Settings
-from cbtstream.demo.processes import Proc, child_env
 from consumers.audit.repository import AuditRepository
 from tests.audit.conftest import publish, wait_for
 from tests.audit.history import Fleet, vm
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def _cli(settings: Settings, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "cbtstream.cli", *args],
+    return subprocess.Popen([sys.executable, "-m", "cbtctl.cli", *args],
                             env=child_env(settings), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.demo.processes import Proc
+from cbtctl.demo.scenario import Scenario, random_name
+from cbtctl.demo.workload import MiB, initial_fill, scattered
 from cbtstream.config import Settings
-from cbtstream.demo.processes import Proc
-from cbtstream.demo.scenario import Scenario, random_name
-from cbtstream.demo.workload import MiB, initial_fill, scattered
 from consumers.audit.repository import AuditRepository
 from tests.audit.conftest import wait_for
 from tests.e2e.conftest import Pipeline

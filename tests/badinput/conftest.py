@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.demo.run import stack_settings as with_simulator
 from cbtstream.config import Settings
-from cbtstream.demo.run import stack_settings as with_simulator
 from consumers.audit.repository import AuditRepository, AuditUnavailable
 
 

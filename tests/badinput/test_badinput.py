@@ -43,12 +43,12 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from cbtctl.demo.processes import Proc, child_env
+from cbtctl.demo.scenario import CycleResult, Scenario, random_name
+from cbtctl.demo.workload import MiB, initial_fill, scattered
+from cbtctl.replay.reader import consumer_lag, pipeline_stages
 from cbtstream.config import Settings
-from cbtstream.demo.processes import Proc, child_env
-from cbtstream.demo.scenario import CycleResult, Scenario, random_name
-from cbtstream.demo.workload import MiB, initial_fill, scattered
 from cbtstream.kafka import client_kwargs, topic_name
-from cbtstream.replay.reader import consumer_lag, pipeline_stages
 from cbtstream.vsphere.simctl import SimulatorControl
 from consumers.audit.repository import AuditRepository
 from schemas.codec import EventDecodeError, decode
@@ -113,7 +113,7 @@ async def _send(producer: AIOKafkaProducer, settings: Settings, records: list[Ba
 def _publish(settings: Settings, lines: list[BadRecord], path: Path
              ) -> subprocess.CompletedProcess[bytes]:
     path.write_bytes(b"".join((r.value or b"") + b"\n" for r in lines))
-    return subprocess.run([sys.executable, "-m", "cbtstream.cli", "publish", str(path)],
+    return subprocess.run([sys.executable, "-m", "cbtctl.cli", "publish", str(path)],
                           env=child_env(settings), capture_output=True, timeout=60,
                           check=False)
 

@@ -30,8 +30,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from cbtctl.demo.processes import Proc
 from cbtstream.config import Settings
-from cbtstream.demo.processes import Proc
 from cbtstream.kafka import Publisher, client_kwargs, topic_name
 from schemas import DiskRef, SnapshotTaken
 from schemas.codec import MAX_VALUE_BYTES, encode

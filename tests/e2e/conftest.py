@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.demo.processes import Proc
+from cbtctl.demo.run import stack_settings
+from cbtctl.demo.scenario import Scenario
 from cbtstream.config import Settings
-from cbtstream.demo.processes import Proc
-from cbtstream.demo.run import stack_settings
-from cbtstream.demo.scenario import Scenario
 from cbtstream.vsphere.simctl import SimulatorControl
 
 

@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from cbtstream.demo.scenario import Scenario, files_equal, random_name
-from cbtstream.demo.workload import MiB, initial_fill, scattered
+from cbtctl.demo.scenario import Scenario, files_equal, random_name
+from cbtctl.demo.workload import MiB, initial_fill, scattered
 from schemas.events import ChangeIdCommitted, SyncPlanned, SyncSuperseded
 from tests.e2e.conftest import Pipeline
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from cbtstream.demo.scenario import Scenario, random_name
-from cbtstream.demo.workload import MiB, initial_fill, scattered
+from cbtctl.demo.scenario import Scenario, random_name
+from cbtctl.demo.workload import MiB, initial_fill, scattered
 from schemas.changeid import ChangeId
 from tests.e2e.conftest import Pipeline
 

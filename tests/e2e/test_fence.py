@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 
 import pytest
 
+from cbtctl.demo.scenario import Scenario, random_name
+from cbtctl.demo.workload import MiB, initial_fill, scattered
 from cbtstream.config import to_env
-from cbtstream.demo.scenario import Scenario, random_name
-from cbtstream.demo.workload import MiB, initial_fill, scattered
 from tests.e2e.conftest import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 def fence_cli(pipeline: Pipeline, *args: str) -> dict[str, object]:
     env = {**os.environ, **to_env(pipeline.settings)}
-    out = subprocess.run([sys.executable, "-m", "cbtstream.cli", "fence", *args], env=env,
+    out = subprocess.run([sys.executable, "-m", "cbtctl.cli", "fence", *args], env=env,
                          capture_output=True, text=True, check=True, timeout=60).stdout
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -45,7 +45,7 @@ async def test_fence_makes_the_next_sync_full_once(scenario: Scenario,
     fence = fence_cli(pipeline, "--vm", vm.instance_uuid, "--before", before,
                       "--reason", "KB 317933: hosts before the patch")
     assert fence["scope"] == "vm" and fence["target"] == vm.instance_uuid
-    listed = subprocess.run([sys.executable, "-m", "cbtstream.cli", "fence", "--list"],
+    listed = subprocess.run([sys.executable, "-m", "cbtctl.cli", "fence", "--list"],
                             env={**os.environ, **to_env(pipeline.settings)},
                             capture_output=True, text=True, check=True, timeout=60).stdout
     assert fence["fence_id"] in listed

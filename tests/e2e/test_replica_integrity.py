@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.demo.processes import child_env
+from cbtctl.demo.scenario import CycleResult, Scenario, files_equal, random_name
+from cbtctl.demo.workload import MiB, initial_fill, scattered
 from cbtstream.config import Settings
-from cbtstream.demo.processes import child_env
-from cbtstream.demo.scenario import CycleResult, Scenario, files_equal, random_name
-from cbtstream.demo.workload import MiB, initial_fill, scattered
 from cbtstream.kafka import topic_name
 from consumers.copy.targets import TargetResolver
 from schemas.events import ChangeIdCommitted, ReplicaMismatch, SyncFailed, SyncPlanned
@@ -47,7 +47,7 @@ def _by_disk(c: CycleResult) -> dict[str, tuple[str, str, bool]]:
 
 
 def _verify(settings: Settings, *args: str) -> tuple[int, list[dict[str, object]]]:
-    out = subprocess.run([sys.executable, "-m", "cbtstream.cli", "verify", "--json", *args],
+    out = subprocess.run([sys.executable, "-m", "cbtctl.cli", "verify", "--json", *args],
                          env=child_env(settings), capture_output=True, text=True, timeout=120)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     return out.returncode, rows

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.demo.scenario import Scenario, random_name
+from cbtctl.demo.workload import MiB, initial_fill, scattered
 from cbtstream.config import Settings, TargetMapping
-from cbtstream.demo.scenario import Scenario, random_name
-from cbtstream.demo.workload import MiB, initial_fill, scattered
 from tests.e2e.conftest import Pipeline
 from tests.support import free_port
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from cbtstream.demo.scenario import Scenario, files_equal, random_name
-from cbtstream.demo.workload import MiB, initial_fill, scattered
+from cbtctl.demo.scenario import Scenario, files_equal, random_name
+from cbtctl.demo.workload import MiB, initial_fill, scattered
 from schemas.events import ChangeIdCommitted, SyncFailed
 from tests.e2e.conftest import Pipeline
 

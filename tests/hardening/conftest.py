@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.demo.run import stack_settings as sim_settings
 from cbtstream.config import Settings
-from cbtstream.demo.run import stack_settings as sim_settings
 from cbtstream.vsphere.simctl import SimulatorControl
 from tests.hardening.harness import Lane, lane_settings
 

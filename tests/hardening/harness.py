@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cbtctl.demo.processes import Proc
+from cbtctl.demo.run import stack_settings
+from cbtctl.demo.scenario import Scenario, files_equal
+from cbtctl.demo.workload import KiB, MiB, Write, initial_fill, scattered
 from cbtstream.config import Settings
-from cbtstream.demo.processes import Proc
-from cbtstream.demo.run import stack_settings
-from cbtstream.demo.scenario import Scenario, files_equal
-from cbtstream.demo.workload import KiB, MiB, Write, initial_fill, scattered
 from cbtstream.kafka import create_topics
 from cbtstream.vsphere.simctl import SimulatorControl
 from schemas.events import ChangeIdCommitted, SyncFailed, SyncPlanned

@@ -14,8 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from cbtstream.vsphere.exports import Export
 from cbtstream.vsphere.simctl import SimulatorControl
+from consumers.exports import Export
 from schemas.disk import DiskRef
 from tests.support import free_port
 

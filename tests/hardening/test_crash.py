@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from cbtstream.demo.scenario import random_name
+from cbtctl.demo.scenario import random_name
 from tests.hardening.conftest import LaneFactory
 from tests.hardening.harness import Lane
 

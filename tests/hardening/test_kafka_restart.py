@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.demo.scenario import files_equal, random_name
+from cbtctl.stack.kafka import Kafka
 from cbtstream.config import Settings, StackSettings
-from cbtstream.demo.scenario import files_equal, random_name
-from cbtstream.stack.kafka import Kafka
 from tests.hardening.conftest import LaneFactory
 from tests.hardening.harness import log_lines
 from tests.stack.conftest import free_ports

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from cbtstream.demo.scenario import files_equal, random_name
+from cbtctl.demo.scenario import files_equal, random_name
 from cbtstream.kafka import Publisher
 from cbtstream.vsphere.adapter import VSphereClient
 from consumers.copier import Copier

@@ -12,8 +12,8 @@ import asyncio
 
 import pytest
 
-from cbtstream.demo.scenario import files_equal, random_name
-from cbtstream.demo.workload import MiB
+from cbtctl.demo.scenario import files_equal, random_name
+from cbtctl.demo.workload import MiB
 from producers.snapshot import snapshot_events
 from schemas.changeid import ChangeId
 from schemas.events import ChangeIdCommitted, SyncFailed

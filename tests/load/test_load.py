@@ -3,7 +3,7 @@
 Checked, for every disk:
 
 - after each cycle the table row (changelog) has one more commit and no running sync;
-- the replay of the whole log (``cbtstream.replay``: the planner's and the guard's own functions
+- the replay of the whole log (``cbtctl.replay``: the planner's and the guard's own functions
   over the log) finds no break, and every disk has exactly 3 applied commits: full from nothing,
   then incremental, each from the previous commit's change ID;
 - after the load the worker is stopped and a new one started: the time from its start until
@@ -28,12 +28,12 @@ from typing import Any
 
 import pytest
 
-from cbtstream.bench.pipeline import delete_topics
+from cbtctl.bench.pipeline import delete_topics
+from cbtctl.demo.processes import Proc
+from cbtctl.replay.reader import StartAt
+from cbtctl.replay.run import load
 from cbtstream.config import Settings
-from cbtstream.demo.processes import Proc
 from cbtstream.kafka import create_topics
-from cbtstream.replay.reader import StartAt
-from cbtstream.replay.run import load
 from schemas.codec import decode
 from schemas.events import SyncPlanned
 from schemas.topics import SYNC_PLANNED

@@ -20,10 +20,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cbtctl.demo.run import stack_settings
+from cbtctl.demo.scenario import Scenario, random_name
+from cbtctl.demo.workload import MiB, initial_fill, scattered
 from cbtstream.config import Settings
-from cbtstream.demo.run import stack_settings
-from cbtstream.demo.scenario import Scenario, random_name
-from cbtstream.demo.workload import MiB, initial_fill, scattered
 from cbtstream.kafka import Publisher, topic_name
 from cbtstream.vsphere.simctl import SimulatorControl
 from schemas.topics import DEADLETTER, SNAPSHOT_TAKEN, SYNC_PLANNED

@@ -46,7 +46,7 @@ async def test_publish_validates_each_line(kafka_settings: Settings, tmp_path: P
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(lines) + "\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "cbtstream.cli", "publish", str(src)],
+        [sys.executable, "-m", "cbtctl.cli", "publish", str(src)],
         env=settings_env(kafka_settings), capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 1, proc.stderr
@@ -67,7 +67,7 @@ async def test_publish_validates_each_line(kafka_settings: Settings, tmp_path: P
         assert b"\n" not in r.value
     # the same line again gets the same (derived) event id: the planner drops the duplicate
     again = subprocess.run(
-        [sys.executable, "-m", "cbtstream.cli", "publish", "-"], input=lines[0] + "\n",
+        [sys.executable, "-m", "cbtctl.cli", "publish", "-"], input=lines[0] + "\n",
         env=settings_env(kafka_settings), capture_output=True, text=True, timeout=60,
     )
     assert again.returncode == 0

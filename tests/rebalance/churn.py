@@ -37,8 +37,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from cbtctl.demo.processes import Proc
 from cbtstream.config import Settings
-from cbtstream.demo.processes import Proc
 from cbtstream.kafka import client_kwargs, topic_name
 from schemas.codec import decode, encode
 from schemas.events import ChangeIdCommitted, SyncFailed, SyncPlanned, SyncSuperseded

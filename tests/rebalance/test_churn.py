@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cbtstream.bench.pipeline import delete_topics
+from cbtctl.bench.pipeline import delete_topics
 from cbtstream.config import Settings
 from cbtstream.kafka import create_topics
 from tests.rebalance.churn import Churn, run

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from cbtstream.replay.records import Coord, LogRecord
+from cbtctl.replay.records import Coord, LogRecord
 from schemas.disk import DiskRef
 from schemas.events import ChangeIdCommitted, DiskEvent, SnapshotTaken, SyncPlanned
 from schemas.topics import topic_for

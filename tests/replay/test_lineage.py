@@ -5,16 +5,16 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
-from cbtstream.replay.lineage import Severity, replay
-from cbtstream.replay.records import LogRecord
+from cbtctl.replay.lineage import Severity, replay
+from cbtctl.replay.records import LogRecord
 from schemas.events import (
     ChangeIdCommitted,
+    FailureReason,
     SnapshotTaken,
     SyncFailed,
     SyncPlanned,
     stable_event_id,
 )
-from streams.guard import LINEAGE_MISMATCH
 from tests.replay.history import History
 from tests.unit.factories import EPOCH_A, EPOCH_B, commit_for, disk
 
@@ -63,7 +63,7 @@ def test_refused_commit_recorded_by_the_pipeline_is_not_a_break() -> None:
     plan = h.snapshot(D1, f"{EPOCH_A}/4")
     assert plan is not None
     h.commit(commit_for(plan, previous_change_id=f"{EPOCH_B}/13"))  # planner refuses it
-    assert any(isinstance(r.event, SyncFailed) and r.event.reason == LINEAGE_MISMATCH
+    assert any(isinstance(r.event, SyncFailed) and r.event.reason == FailureReason.LINEAGE_MISMATCH
                for r in h.records)
     result = replay(h.records, complete=True)
     assert result.breaks == []

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
+from cbtctl.demo.processes import Proc, child_env
+from cbtctl.demo.scenario import CycleResult, Scenario, random_name
+from cbtctl.demo.workload import MiB, initial_fill, scattered
+from cbtctl.replay.reader import StartAt, consumer_lag, pipeline_stages
+from cbtctl.replay.run import load
 from cbtstream.config import Settings
-from cbtstream.demo.processes import Proc, child_env
-from cbtstream.demo.scenario import CycleResult, Scenario, random_name
-from cbtstream.demo.workload import MiB, initial_fill, scattered
 from cbtstream.kafka import Publisher
-from cbtstream.replay.reader import StartAt, consumer_lag, pipeline_stages
-from cbtstream.replay.run import load
 from cbtstream.vsphere.simctl import SimulatorControl
 from consumers.audit.repository import AuditRepository
 from schemas.events import ChangeIdCommitted, FullReason, ReplicationType, SyncFailed
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 
 def cli(settings: Settings, *args: str) -> tuple[int, list[dict[str, Any]], str]:
     """Run ``cbtstream <args> --json`` as a child process; (exit status, JSON lines, stderr)."""
-    done = subprocess.run([sys.executable, "-m", "cbtstream.cli", *args, "--json"],
+    done = subprocess.run([sys.executable, "-m", "cbtctl.cli", *args, "--json"],
                           env=child_env(settings), capture_output=True, text=True, timeout=120,
                           check=False)
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

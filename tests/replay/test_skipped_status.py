@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cbtstream.replay.lineage import replay
-from cbtstream.replay.render import status_json
-from cbtstream.replay.status import disk_status
+from cbtctl.replay.lineage import replay
+from cbtctl.replay.render import status_json
+from cbtctl.replay.status import disk_status
 from schemas.events import DiskSkipped, SkipReason
 from tests.replay.history import History
 from tests.unit.factories import EPOCH_A, T0, disk, snap

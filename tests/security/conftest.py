@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
+from cbtctl.stack.kafka import SASL_MECHANISM, Kafka
 from cbtstream.config import KafkaSettings, Settings
-from cbtstream.stack.kafka import SASL_MECHANISM, Kafka
 
 
 def sasl_kafka(settings: Settings) -> KafkaSettings:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from cbtctl.demo.processes import Proc
+from cbtctl.stack.certs import make_certs
 from cbtstream.config import KafkaSettings, Settings
-from cbtstream.demo.processes import Proc
 from cbtstream.kafka import KafkaAuthError, Publisher, client_kwargs, ssl_context
-from cbtstream.stack.certs import make_certs
 from schemas.events import SnapshotTaken, SyncPlanned
 from schemas.topics import SNAPSHOT_TAKEN, SYNC_PLANNED
 from tests.support import read_topic

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.stack.certs import CertFiles, make_certs
 from cbtstream.config import CopierSettings
-from cbtstream.stack.certs import CertFiles, make_certs
 from cbtstream.tls import nbd_tls_context
 from consumers.copy.sources import open_nbd_source
 from consumers.nbd.errors import NbdError, NbdNegotiationError

@@ -19,11 +19,11 @@ import aiohttp
 import pytest
 from pydantic import SecretStr
 
+from cbtctl.demo.processes import child_env
+from cbtctl.demo.run import stack_settings
+from cbtctl.demo.scenario import Scenario, random_name
+from cbtctl.demo.workload import MiB, initial_fill
 from cbtstream.config import KafkaSettings, PostgresSettings, Settings, VSphereSettings, to_env
-from cbtstream.demo.processes import child_env
-from cbtstream.demo.run import stack_settings
-from cbtstream.demo.scenario import Scenario, random_name
-from cbtstream.demo.workload import MiB, initial_fill
 from cbtstream.errors import ConfigError
 from cbtstream.vsphere.simctl import SimulatorControl
 from tests.e2e.conftest import Pipeline
@@ -106,7 +106,7 @@ def test_unreadable_secret_file_names_the_path_only(tmp_path: Path) -> None:
 def _run_cli(args: list[str], settings: Settings, stdin: str = ""
              ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cbtstream.cli", *args], env=child_env(settings), input=stdin,
+        [sys.executable, "-m", "cbtctl.cli", *args], env=child_env(settings), input=stdin,
         capture_output=True, text=True, timeout=90, check=False,
     )
 

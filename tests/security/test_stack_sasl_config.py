@@ -5,9 +5,9 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from cbtctl.stack.certs import ensure_certs
+from cbtctl.stack.kafka import server_properties
 from cbtstream.config import StackSettings
-from cbtstream.stack.certs import ensure_certs
-from cbtstream.stack.kafka import server_properties
 
 
 def _props(text: str) -> dict[str, str]:

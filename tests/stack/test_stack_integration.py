@@ -15,11 +15,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 
-from cbtstream.commands import stack as stack_command
+from cbtctl.commands import stack as stack_command
+from cbtctl.stack import manager
+from cbtctl.stack.kafka import Kafka
+from cbtctl.stack.service import pid_alive
 from cbtstream.config import Settings
-from cbtstream.stack import manager
-from cbtstream.stack.kafka import Kafka
-from cbtstream.stack.service import pid_alive
 from schemas.topics import ALL_TOPICS
 
 pytestmark = pytest.mark.integration

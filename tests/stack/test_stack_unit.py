@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.stack import system
+from cbtctl.stack.kafka import TOOLS, server_properties, tool_script
+from cbtctl.stack.postgres import Postgres, bootstrap_sql, quote_ident, quote_literal
+from cbtctl.stack.service import _CHILDREN, Service, pid_alive, process_start_time
 from cbtstream.config import Settings, StackSettings
 from cbtstream.errors import StackError
-from cbtstream.stack import system
-from cbtstream.stack.kafka import TOOLS, server_properties, tool_script
-from cbtstream.stack.postgres import Postgres, bootstrap_sql, quote_ident, quote_literal
-from cbtstream.stack.service import _CHILDREN, Service, pid_alive, process_start_time
 
 
 def _props(text: str) -> dict[str, str]:
@@ -163,9 +163,9 @@ def test_a_service_that_exits_fails_loudly_with_its_log(tmp_path: Path) -> None:
 def test_connection_info_never_shows_the_password(tmp_path: Path) -> None:
     from pydantic import SecretStr
 
-    from cbtstream.commands.stack import _connection_info
+    from cbtctl.commands.stack import _connection_info
+    from cbtctl.stack.manager import StartReport
     from cbtstream.config import PostgresSettings
-    from cbtstream.stack.manager import StartReport
 
     settings = Settings(
         stack=StackSettings(dir=tmp_path),

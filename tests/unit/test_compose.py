@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cbtstream.cli import build_parser
+from cbtctl.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 

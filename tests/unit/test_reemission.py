@@ -15,10 +15,9 @@ import uuid
 from datetime import timedelta
 
 from schemas import ChangeIdCommitted, SnapshotTaken, SyncFailed, SyncPlanned, SyncSuperseded
+from schemas.events import FailureReason
 from streams import lifecycle
-from streams.guard import LINEAGE_MISMATCH
 from streams.planner import (
-    SYNC_TIMED_OUT,
     Output,
     Step,
     commit_step,
@@ -107,7 +106,7 @@ def test_real_lineage_conflict_is_still_refused_and_its_refusal_republished() ->
     bad = commit_for(plan, previous_change_id=f"{EPOCH_B}/7")
     first = commit_step(s, bad, T0)
     (failed,) = first.outputs
-    assert isinstance(failed, SyncFailed) and failed.reason == LINEAGE_MISMATCH
+    assert isinstance(failed, SyncFailed) and failed.reason == FailureReason.LINEAGE_MISMATCH
     assert first.kind == "refused"
     again = commit_step(first.state, bad, T0 + timedelta(minutes=1))
     assert again.outputs == [failed]  # the very same event, detail included
@@ -134,18 +133,18 @@ def test_silent_sync_is_reissued_then_timed_out_and_the_waiting_snapshot_starts(
     out = timeout_step(s, sid, T0 + timedelta(minutes=22), timeout)
     assert out.kind == "timed_out"
     failed, plan2 = out.outputs
-    assert isinstance(failed, SyncFailed) and failed.reason == SYNC_TIMED_OUT
+    assert isinstance(failed, SyncFailed) and failed.reason == FailureReason.SYNC_TIMED_OUT
     assert failed.sync_id == sid
     assert isinstance(plan2, SyncPlanned) and plan2.vm_snapshot == "snapshot-2"
     assert [n.outcome for n in lifecycle.notices(out.ended)] == ["failed"]
     s = _state(out)
-    assert s.last_failure == SYNC_TIMED_OUT and s.running is not None
+    assert s.last_failure == FailureReason.SYNC_TIMED_OUT and s.running is not None
     # the check redelivered after a crash republishes the same outputs
     assert timeout_step(s, sid, T0 + timedelta(minutes=22), timeout).outputs == out.outputs
     # a late commit of the timed-out sync is dropped, never a lineage mismatch
     late = commit_step(s, commit_for(plan1), T0)
     assert late.kind == "duplicate" and late.state == s
-    assert not any(isinstance(o, SyncFailed) and o.reason == LINEAGE_MISMATCH
+    assert not any(isinstance(o, SyncFailed) and o.reason == FailureReason.LINEAGE_MISMATCH
                    for o in late.outputs)
 
 
@@ -241,7 +240,7 @@ def test_commit_of_a_finished_sync_with_another_lineage_is_refused() -> None:
     step = commit_step(s, forged, T0)
     (failed,) = step.outputs
     assert step.kind == "refused" and step.state == s
-    assert isinstance(failed, SyncFailed) and failed.reason == LINEAGE_MISMATCH
+    assert isinstance(failed, SyncFailed) and failed.reason == FailureReason.LINEAGE_MISMATCH
     assert commit_step(s, forged, T0).outputs == [failed]
 
 

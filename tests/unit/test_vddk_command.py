@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from cbtstream.config import VddkSettings
-from cbtstream.vsphere.exports import ExportNotFound
-from cbtstream.vsphere.vddk.command import (
+from consumers.exports import ExportNotFound
+from consumers.nbd.uri import check_allowed, parse_nbd_uri
+from consumers.vddk.command import (
     VddkDisk,
     check_dump,
     classify,
@@ -18,14 +19,13 @@ from cbtstream.vsphere.vddk.command import (
     nbdkit_argv,
     render,
 )
-from cbtstream.vsphere.vddk.errors import (
+from consumers.vddk.errors import (
     VddkLoginFailed,
     VddkPasswordError,
     VddkStartFailed,
     VddkThumbprintMismatch,
     VddkUnavailable,
 )
-from consumers.nbd.uri import check_allowed, parse_nbd_uri
 
 THUMB = "B2:31:BD:DE:9F:DB:9D:E0:78:EF:30:42:8A:41:B0:28:92:93:C8:DD"
 DISK = VddkDisk(server="vcenter.example.com", port=443, user="backup@vsphere.local",

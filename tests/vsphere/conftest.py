@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.stack.vcsim import VcsimService
 from cbtstream.config import Settings, StackSettings, VSphereSettings, load_settings
 from cbtstream.kafka import create_topics
-from cbtstream.stack.vcsim import VcsimService
 from cbtstream.vsphere.adapter import VSphereClient
 from cbtstream.vsphere.simctl import SimulatorControl
 from tests.support import free_port, isolated_settings, kafka_answers

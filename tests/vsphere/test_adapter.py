@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from cbtctl.stack.vcsim import VcsimService
 from cbtstream.config import VSphereSettings
-from cbtstream.stack.vcsim import VcsimService
 from cbtstream.vsphere.adapter import VSphereClient
 from cbtstream.vsphere.errors import (
     VSphereAuthError,

@@ -21,8 +21,8 @@ from cbtstream.vsphere.errors import (
     VSphereInvalidArgument,
     VSphereNotFound,
 )
-from cbtstream.vsphere.exports import ExportNotFound, SimulatorExports
 from cbtstream.vsphere.simctl import SimulatorControl
+from consumers.exports import ExportNotFound, SimulatorExports
 from producers.cbt import set_cbt
 from schemas.changeid import ChangeId
 

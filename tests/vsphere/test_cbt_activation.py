@@ -88,7 +88,7 @@ async def test_snapshot_refuses_cbt_off_vm_and_publishes_nothing(
 
 async def _cli(settings: Settings, *argv: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cbtstream.cli", *argv, env=settings_env(settings),
+        sys.executable, "-m", "cbtctl.cli", *argv, env=settings_env(settings),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None

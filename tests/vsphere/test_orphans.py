@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from cbtctl.demo.processes import Proc
 from cbtstream.config import Settings
-from cbtstream.demo.processes import Proc
 from cbtstream.kafka import Publisher
 from cbtstream.vsphere.adapter import VmRef, VmSnapshot, VmSnapshots, VSphereClient
 from cbtstream.vsphere.simctl import SimulatorControl
@@ -117,7 +117,7 @@ async def test_cli_prune_refuses_without_the_worker_and_list_reports(
 
     async def cli(*argv: str) -> tuple[int, list[dict[str, object]], str]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cbtstream.cli", "snapshots", *argv, "--older-than", "1s",
+            sys.executable, "-m", "cbtctl.cli", "snapshots", *argv, "--older-than", "1s",
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode is not None
@@ -167,7 +167,7 @@ async def test_the_worker_reconciles_orphans_and_serves_what_syncs_need(
         assert left == {admin.moref, needed}
         env = settings_env(settings)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cbtstream.cli", "snapshots", "list", "--older-than", "1s",
+            sys.executable, "-m", "cbtctl.cli", "snapshots", "list", "--older-than", "1s",
             env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         docs = {d.get("vm_snapshot"): d for d in map(json.loads, out.decode().splitlines())}

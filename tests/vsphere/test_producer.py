@@ -72,7 +72,7 @@ async def test_cli_prints_one_json_line_per_event(
     simvm = sim.create_vm(vm_name, [1 << 20, 1 << 20], cbt=True)
     env = settings_env(producer_settings)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cbtstream.cli", "snapshot", simvm.path,
+        sys.executable, "-m", "cbtctl.cli", "snapshot", simvm.path,
         "--vcenter", producer_settings.vsphere.url, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )

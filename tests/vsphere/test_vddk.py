@@ -20,19 +20,19 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.stack.vcsim import VcsimService
+from cbtctl.stack.vddk_standin import STAND_IN
 from cbtstream.config import Settings, StackSettings, VSphereSettings
-from cbtstream.stack.vcsim import VcsimService
-from cbtstream.stack.vddk_standin import STAND_IN
 from cbtstream.vsphere.adapter import VmRef, VSphereClient
-from cbtstream.vsphere.exports import ExportNotFound
 from cbtstream.vsphere.simctl import SimulatorControl
-from cbtstream.vsphere.vddk.errors import (
+from consumers.exports import ExportNotFound
+from consumers.vddk.errors import (
     VddkLoginFailed,
     VddkPasswordError,
     VddkThumbprintMismatch,
     VddkUnavailable,
 )
-from cbtstream.vsphere.vddk.exports import VddkExports
+from consumers.vddk.exports import VddkExports
 from schemas.disk import DiskRef
 
 pytestmark = pytest.mark.integration
@@ -259,7 +259,7 @@ async def test_copier_killed_takes_nbdkit_with_it(
         import asyncio, sys
         from cbtstream.config import Settings
         from cbtstream.vsphere.adapter import VSphereClient
-        from cbtstream.vsphere.vddk.exports import VddkExports
+        from consumers.vddk.exports import VddkExports
         from schemas.disk import DiskRef
 
         async def main():

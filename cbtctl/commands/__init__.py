@@ -1,0 +1,1 @@
+"""One module per ``cbtstream`` subcommand (see :mod:`cbtctl.cli`)."""

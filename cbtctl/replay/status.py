@@ -1,0 +1,99 @@
+"""Per-disk status from a replay of the log: no dependency on a running worker. Pure."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from cbtctl.replay.lineage import DiskLineage
+
+
+@dataclass(frozen=True)
+class Running:
+    """A sync that is planned and has no outcome in the log yet."""
+
+    sync_id: uuid.UUID
+    vm_snapshot: str
+    replication_type: str
+    planned_at: datetime
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    rate_bytes_per_s: float | None = None
+    progress_at: datetime | None = None
+
+    @property
+    def percent(self) -> float | None:
+        if self.bytes_done is None or not self.bytes_total:
+            return None
+        return 100.0 * self.bytes_done / self.bytes_total
+
+
+@dataclass(frozen=True)
+class Failure:
+    reason: str
+    detail: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class DiskStatus:
+    key: str
+    vm_instance_uuid: str
+    vm_name: str
+    disk_id: str
+    change_id: str | None
+    last_sync_at: datetime | None
+    last_type: str | None
+    last_reason: str | None
+    commits: int
+    running: Running | None
+    failure: Failure | None
+    waiting: str | None
+    #: Who copies the disk: "cbtstream", or "external" (a copier storing its change IDs through
+    #: the API).
+    owner: str = "cbtstream"
+    #: Why the VM's latest snapshot did not capture the disk (``DiskSkipped.reason``), if so.
+    skipped: str | None = None
+
+    @property
+    def state(self) -> str:
+        if self.running is not None:
+            return "running"
+        if self.skipped is not None:
+            return "skipped"
+        if self.failure is not None:
+            return "failed"
+        return "synced" if self.change_id is not None else "new"
+
+
+def disk_status(lin: DiskLineage) -> DiskStatus:
+    """The disk's latest applied commit, its running sync (with the latest progress of that sync)
+    and its last failure if nothing was committed since."""
+    last = lin.links[-1] if lin.links else None
+    row = lin.state
+    running = None
+    if row is not None and row.running is not None:
+        r = row.running
+        prog = lin.progress.get(r.sync_id)
+        running = Running(
+            r.sync_id, r.vm_snapshot, str(r.replication_type), r.planned_at,
+            *((prog[0].bytes_done, prog[0].bytes_total, prog[0].rate_bytes_per_s, prog[1])
+              if prog else (None, None, None, None)))
+    failure = None
+    if lin.last_failed is not None and running is None:
+        ev, _, at = lin.last_failed
+        if last is None or at >= last.time:
+            failure = Failure(ev.reason, ev.detail, at)
+    return DiskStatus(
+        key=lin.key, vm_instance_uuid=lin.disk.vm_instance_uuid, vm_name=lin.disk.vm_name,
+        disk_id=lin.disk.disk_id,
+        change_id=last.commit.change_id if last else (row.change_id if row else None),
+        last_sync_at=last.time if last else None,
+        last_type=str(last.commit.replication_type) if last else None,
+        last_reason=str(last.commit.reason) if last else None,
+        commits=len(lin.links), running=running, failure=failure,
+        waiting=row.waiting.vm_snapshot if row is not None and row.waiting is not None else None,
+        owner=row.owner if row is not None else "cbtstream",
+        skipped=str(lin.skipped.reason) if lin.skipped is not None else None,
+    )

@@ -1,1 +1,0 @@
-"""One module per ``cbtstream`` subcommand (see :mod:`cbtstream.cli`)."""
