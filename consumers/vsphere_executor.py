@@ -43,17 +43,11 @@ from consumers.copy.digest import HashTree
 from consumers.copy.engine import CopyOptions, CopyResult, copy_disk
 from consumers.copy.progress import CopyProgress
 from consumers.copy.sources import BlockSource, open_nbd_source
-from consumers.copy.targets import (
-    BlockTarget,
-    FileTarget,
-    NbdTarget,
-    ReplicaLocation,
-    TargetError,
-    TargetResolver,
-)
+from consumers.copy.targets import BlockTarget, FileTarget, NbdTarget, TargetError
 from consumers.executor import ProgressCallback, ProgressUpdate, SyncResult
 from consumers.exports import ExportResolver
 from consumers.replica.guard import Admission
+from consumers.replica.location import ReplicaLocation, TargetResolver
 from consumers.replica.session import OutcomeAlreadyPublished, ReplicaSession, pipeline_name
 from consumers.replica.state import TargetKind
 from consumers.replica.store import ReplicaBusy
@@ -139,7 +133,10 @@ class VSphereExecutor:
 
     async def execute(self, plan: SyncPlanned, progress: ProgressCallback, *,
                       outcome_published: bool = False) -> SyncResult:
-        """The order of effects of ``consumers/replica/session.py`` around the copy."""
+        """The order of effects of ``consumers/replica/session.py`` around the copy.
+
+        The replica's placement is resolved once here and handed to every step that needs it
+        (both admissions, the opener, the identity)."""
         capacity = plan.disk.capacity_bytes
         loc = self.targets.locate(plan.disk.key)
         async with contextlib.AsyncExitStack() as stack:
@@ -147,8 +144,8 @@ class VSphereExecutor:
             nbd_identity = None
             if loc.kind == TargetKind.NBD:
                 nbd_target = await stack.enter_async_context(self._nbd_target(loc, capacity))
-                nbd_identity = TargetResolver.nbd_identity(loc, nbd_target)
-            session = await ReplicaSession.begin(self.targets, plan, self.pipeline, nbd_identity)
+                nbd_identity = loc.nbd_identity(nbd_target)
+            session = await ReplicaSession.begin(loc, plan, self.pipeline, nbd_identity)
             held = session.already_applied
             if held is not None:
                 log.info("plan redelivered; the replica already holds it: same outcome again",
@@ -169,7 +166,7 @@ class VSphereExecutor:
             # no file behind), take the replica's lock and admit the plan again under it: a
             # verify or another copier may have changed the record meanwhile.
             await stack.enter_async_context(loc.store.lock())
-            again = await ReplicaSession.begin(self.targets, plan, self.pipeline, nbd_identity)
+            again = await ReplicaSession.begin(loc, plan, self.pipeline, nbd_identity)
             if again.admission != session.admission or again.already_applied is not None:
                 raise ReplicaBusy(f"the record of {plan.disk.key} changed while the sync was "
                                   "being prepared; retrying")
@@ -187,7 +184,7 @@ class VSphereExecutor:
                 opened = await asyncio.to_thread(self.targets.open, loc, capacity)
                 assert isinstance(opened, FileTarget)
                 target = await stack.enter_async_context(opened)
-                identity = await asyncio.to_thread(self.targets.identity, loc)
+                identity = await asyncio.to_thread(loc.identity)
             assert identity is not None
             await session.mark_dirty(rtype, identity)
             result = await self._copy(plan, source, target, rtype, extents, zero_rest,

@@ -19,7 +19,7 @@ from cbtstream.config import load_settings
 from cbtstream.extents import Extent
 from consumers.copy.engine import CopyOptions, DiskJob, copy_disks
 from consumers.copy.sources import open_nbd_source
-from consumers.copy.targets import TargetResolver
+from consumers.replica.location import TargetResolver
 
 
 async def _main(args: argparse.Namespace) -> dict[str, float]:

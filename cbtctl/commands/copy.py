@@ -59,7 +59,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.copy.engine import CopyOptions, copy_disk
     from consumers.copy.progress import RichProgress
     from consumers.copy.sources import open_nbd_source
-    from consumers.copy.targets import TargetResolver
+    from consumers.replica.location import TargetResolver
 
     copier = settings.copier
     raw = _load_extents(args.extents)

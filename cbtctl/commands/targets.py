@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def rows(settings: Settings) -> list[dict[str, object]]:
-    from consumers.copy.targets import TargetResolver
+    from consumers.replica.location import TargetResolver
     from consumers.replica.state import ReplicaState
     from consumers.replica.verify import find_records
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from consumers.copy.targets import TargetResolver
+    from consumers.replica.location import TargetResolver
 
     if args.forget:
         targets = TargetResolver(settings.copier)

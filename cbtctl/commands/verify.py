@@ -90,7 +90,7 @@ def _wanted(key: str, args: argparse.Namespace) -> bool:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> list[Row]:
-    from consumers.copy.targets import TargetResolver
+    from consumers.replica.location import TargetResolver
     from consumers.replica.verify import find_records
 
     targets = TargetResolver(settings.copier)

@@ -24,7 +24,7 @@ from cbtstream.config import Settings
 from cbtstream.kafka import Publisher
 from cbtstream.vsphere.adapter import VmRef, VSphereClient
 from cbtstream.vsphere.simctl import SimulatorControl, SimVm
-from consumers.copy.targets import TargetResolver
+from consumers.replica.location import TargetResolver
 from producers.snapshot import snapshot_and_publish
 from schemas.events import ChangeIdCommitted, SnapshotTaken, SyncFailed
 

@@ -1,17 +1,17 @@
-"""Where replicas are written: a local file or block device, or an NBD export.
+"""Block writers: the write side of a copy, a local file or block device (:class:`FileTarget`)
+or an NBD export (:class:`NbdTarget`), and the openers that refuse what must never be written.
 
-Which target a disk goes to is decided here, by :class:`TargetResolver`, from the configuration
-alone (``copier.target_root``, ``copier.targets``, ``copier.device_allow``, ``copier.nbd_allow``)
-and the disk key. Nothing in an event names a path or an endpoint, so nothing outside what the
-operator configured can be written:
+*Which* target a disk goes to is decided elsewhere, from the configuration alone
+(``consumers/replica/location.py``); this module only opens and writes what it is given:
 
-* files: the disk key must parse as ``<vm uuid>/disk-<n>``; the file is ``<root>/<vm uuid>/
-  disk-<n>.img`` or the mapping's path *below* the root (no absolute paths, no ``..``), and no
-  component below the root may be a symlink (opened with ``O_NOFOLLOW`` relative to directory
-  descriptors, so a symlink swapped in between a check and the open is refused too);
-* block devices: only paths an operator mapped *and* that match a ``device_allow`` glob, opened
-  with ``O_EXCL`` so a mounted or otherwise held device is refused;
-* NBD exports: only URIs an operator mapped whose endpoint is in ``nbd_allow``.
+* files: :func:`open_below` opens ``<root>/<rel>`` for a plain relative ``rel`` (no absolute
+  path, no ``..``), and no component below the root may be a symlink: each is opened with
+  ``O_NOFOLLOW`` relative to its parent directory's descriptor, so a symlink swapped in between
+  a check and the open is refused too;
+* block devices: :func:`open_block` opens with ``O_EXCL``, so a mounted or otherwise held
+  device is refused;
+* NBD exports: :class:`NbdTarget` refuses a read-only export (its endpoint was checked against
+  ``nbd_allow`` when it was placed).
 """
 
 from __future__ import annotations
@@ -20,23 +20,16 @@ import asyncio
 import contextlib
 import ctypes
 import errno
-import fnmatch
-import hashlib
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Protocol, runtime_checkable
 
-from cbtstream.config import CopierSettings, TargetMapping
 from cbtstream.errors import CbtStreamError, PermissionDenied
 from consumers.nbd.client import NbdClient
 from consumers.nbd.errors import NbdError
-from consumers.nbd.uri import NbdAddress, check_allowed, parse_nbd_uri
-from consumers.replica.state import TargetIdentity, TargetKind
-from consumers.replica.store import ReplicaStore
-from schemas.disk import parse_disk_key
+from consumers.nbd.uri import NbdAddress
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -233,172 +226,40 @@ class NbdTarget:
         await self.client.read_into(offset, buf)
 
 
-@dataclass(frozen=True)
-class ReplicaLocation:
-    """Where one disk's replica lives and where its record is kept (decided by configuration)."""
+def open_below(root: Path, rel: PurePosixPath, capacity: int) -> FileTarget:
+    """Open ``<root>/<rel>``, creating directories and the file, at least ``capacity`` bytes.
 
-    disk_key: str
-    kind: TargetKind
-    #: Absolute path of a file or block device, or the NBD URI.
-    location: str
-    store: ReplicaStore
-    #: For file replicas: the path below ``target_root``.
-    relpath: PurePosixPath | None = None
-
-
-def _expand(template: str, vm_uuid: str, device_key: int) -> str:
-    return (template.replace("{vm}", vm_uuid).replace("{device_key}", str(device_key))
-            .replace("{disk_id}", f"disk-{device_key}"))
-
-
-def _safe_relpath(text: str) -> PurePosixPath:
-    rel = PurePosixPath(text)
+    A regular file is created or extended to ``capacity`` (never truncated: a larger replica
+    is refused, since a shrunk disk is a different disk). Every component below the root is
+    opened with ``O_NOFOLLOW`` relative to its parent's descriptor. ``rel`` must be a plain
+    relative path (placement produces only such); anything else is refused, not trusted.
+    """
     if rel.is_absolute() or not rel.parts or any(p in ("", ".", "..") for p in rel.parts):
-        raise PermissionDenied(f"target file {text!r} is not a plain path below target_root")
-    return rel
-
-
-def _slug(kind: TargetKind, location: str) -> str:
-    return f"{kind.value}-{hashlib.sha256(location.encode()).hexdigest()[:32]}"
-
-
-class TargetResolver:
-    """Maps a disk key to its replica: an operator-chosen target (``copier.targets``) or the
-    default file ``<target_root>/<vm uuid>/disk-<n>.img``; refuses escapes."""
-
-    def __init__(self, settings: CopierSettings) -> None:
-        self.settings = settings
-        self.root = Path(os.path.abspath(settings.target_root))
-        self.state_root = Path(os.path.abspath(settings.state_dir)) / "targets"
-
-    @staticmethod
-    def _parse(disk_key: str) -> tuple[str, int]:
-        try:
-            vm_uuid, device_key = parse_disk_key(disk_key)
-        except ValueError as exc:
-            raise PermissionDenied(f"not a disk key: {disk_key[:100]!r}") from exc
-        if device_key < 0 or "/" in vm_uuid or vm_uuid in ("", ".", ".."):
-            raise PermissionDenied(f"not a disk key: {disk_key[:100]!r}")
-        return vm_uuid, device_key
-
-    def path_for(self, disk_key: str) -> Path:
-        """The default replica path of a disk (pure: no file system access)."""
-        vm_uuid, device_key = self._parse(disk_key)
-        return self.root / vm_uuid / f"disk-{device_key}.img"
-
-    def mapping_for(self, disk_key: str) -> TargetMapping | None:
-        """The operator's mapping of a disk: a per-disk one wins over a per-VM one."""
-        vm_uuid, _ = self._parse(disk_key)
-        by_vm = None
-        for m in self.settings.targets:
-            if m.disk == disk_key:
-                return m
-            if by_vm is None and m.vm is not None and m.vm.lower() == vm_uuid:
-                by_vm = m
-        return by_vm
-
-    def locate(self, disk_key: str) -> ReplicaLocation:
-        """Where the replica of ``disk_key`` is (pure apart from nothing: no file system access).
-
-        Raises :class:`PermissionDenied` for a mapping outside what the configuration allows
-        (a file escaping ``target_root``, a device not in ``device_allow``, an NBD endpoint not
-        in ``nbd_allow``).
-        """
-        vm_uuid, device_key = self._parse(disk_key)
-        m = self.mapping_for(disk_key)
-        if m is None or m.file is not None:
-            text = (_expand(m.file, vm_uuid, device_key) if m is not None and m.file
-                    else f"{vm_uuid}/disk-{device_key}.img")
-            rel = _safe_relpath(text)
-            path = self.root.joinpath(*rel.parts)
-            return ReplicaLocation(disk_key, TargetKind.FILE, str(path),
-                                   ReplicaStore(path.parent, path.name), rel)
-        if m.device is not None:
-            device = _expand(m.device, vm_uuid, device_key)
-            if not os.path.isabs(device) or not any(
-                fnmatch.fnmatchcase(device, g) for g in self.settings.device_allow
-            ):
-                raise PermissionDenied(f"block device {device!r} is not in copier.device_allow")
-            return ReplicaLocation(disk_key, TargetKind.BLOCK, device,
-                                   ReplicaStore(self.state_root, _slug(TargetKind.BLOCK, device)))
-        assert m.nbd is not None
-        uri = _expand(m.nbd, vm_uuid, device_key)
-        check_allowed(parse_nbd_uri(uri), self.settings.nbd_allow)
-        return ReplicaLocation(disk_key, TargetKind.NBD, uri,
-                               ReplicaStore(self.state_root, _slug(TargetKind.NBD, uri)))
-
-    # -- identity -------------------------------------------------------------------------------
-    def identity(self, loc: ReplicaLocation) -> TargetIdentity | None:
-        """The identity of a file or block device target now; None if it does not exist."""
-        if loc.kind == TargetKind.NBD:
-            raise ValueError("the identity of an NBD target is known once connected")
-        is_file = loc.kind == TargetKind.FILE
-        try:
-            st = os.stat(loc.location, follow_symlinks=not is_file)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise TargetError(f"cannot stat {loc.location}: {exc.strerror}") from exc
-        if is_file:
-            if not stat.S_ISREG(st.st_mode):
-                raise PermissionDenied(f"replica {loc.location} is not a regular file")
-            return TargetIdentity(kind=TargetKind.FILE, location=loc.location,
-                                  device=st.st_dev, inode=st.st_ino, size=st.st_size)
-        if not stat.S_ISBLK(st.st_mode):
-            raise PermissionDenied(f"{loc.location} is not a block device")
-        return TargetIdentity(kind=TargetKind.BLOCK, location=loc.location,
-                              device=st.st_rdev, size=_device_size(loc.location))
-
-    @staticmethod
-    def nbd_identity(loc: ReplicaLocation, target: NbdTarget) -> TargetIdentity:
-        return TargetIdentity(kind=TargetKind.NBD, location=loc.location, size=target.size)
-
-    # -- opening ------------------------------------------------------------------------------
-    def open(self, loc: ReplicaLocation, capacity: int, **nbd_kwargs: object) -> BlockTarget:
-        """Open (creating a missing file) the target of ``loc`` for writing; NBD targets must
-        be started (``async with``)."""
-        if loc.kind == TargetKind.FILE:
-            assert loc.relpath is not None
-            return self._open_file(loc.relpath, capacity)
-        if loc.kind == TargetKind.BLOCK:
-            return _open_block(loc.location, capacity)
-        return NbdTarget(parse_nbd_uri(loc.location), **nbd_kwargs)
-
-    def target_for(self, disk_key: str, capacity: int) -> FileTarget:
-        """Open (creating if needed) the default replica file of ``disk_key``."""
-        vm_uuid, device_key = self._parse(disk_key)
-        return self._open_file(PurePosixPath(vm_uuid, f"disk-{device_key}.img"), capacity)
-
-    def _open_file(self, rel: PurePosixPath, capacity: int) -> FileTarget:
-        """Open ``<root>/<rel>``, creating directories and the file, at least ``capacity`` bytes.
-
-        A regular file is created or extended to ``capacity`` (never truncated: a larger replica
-        is refused, since a shrunk disk is a different disk). Every component below the root is
-        opened with ``O_NOFOLLOW`` relative to its parent's descriptor.
-        """
-        path = self.root.joinpath(*rel.parts)
-        try:
-            os.makedirs(self.root, exist_ok=True)
-            dir_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise TargetError(f"cannot open target root {self.root}: {exc.strerror}") from exc
-        try:
-            for part in rel.parts[:-1]:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o750, dir_fd=dir_fd)
-                child = _open_nofollow(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd, path)
-                os.close(dir_fd)
-                dir_fd = child
-            fd = _open_nofollow(rel.parts[-1], os.O_RDWR | os.O_CREAT, dir_fd, path, mode=0o640)
-            try:
-                target = _prepare(path, fd, capacity)
-            except BaseException:
-                os.close(fd)
-                raise
-            os.fsync(dir_fd)  # the file's directory entry is durable too
-            return target
-        finally:
+        raise PermissionDenied(f"refusing {rel}: not a plain path below the target root")
+    path = root.joinpath(*rel.parts)
+    try:
+        os.makedirs(root, exist_ok=True)
+        dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TargetError(f"cannot open target root {root}: {exc.strerror}") from exc
+    try:
+        for part in rel.parts[:-1]:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o750, dir_fd=dir_fd)
+            child = _open_nofollow(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd, path)
             os.close(dir_fd)
+            dir_fd = child
+        fd = _open_nofollow(rel.parts[-1], os.O_RDWR | os.O_CREAT, dir_fd, path, mode=0o640)
+        try:
+            target = _prepare(path, fd, capacity)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.fsync(dir_fd)  # the file's directory entry is durable too
+        return target
+    finally:
+        os.close(dir_fd)
+
 
 def _prepare(path: Path, fd: int, capacity: int) -> FileTarget:
     st = os.fstat(fd)
@@ -417,15 +278,7 @@ def _prepare(path: Path, fd: int, capacity: int) -> FileTarget:
     return FileTarget(path, fd)
 
 
-def _device_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
-def _open_block(path: str, capacity: int) -> FileTarget:
+def open_block(path: str, capacity: int) -> FileTarget:
     """Open a mapped block device for writing. ``O_EXCL`` makes the kernel refuse a device that
     is mounted or held by another opener (a file system, LVM, another copier): the copier must
     never write under a live file system."""

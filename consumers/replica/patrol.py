@@ -21,8 +21,8 @@ from typing import Any
 from cbtstream.config import CopierSettings
 from cbtstream.log import bind_disk
 from cbtstream.tls import nbd_tls_context
-from consumers.copy.targets import TargetResolver
 from consumers.copy.throttle import Throttle
+from consumers.replica.location import TargetResolver
 from consumers.replica.state import ReplicaState, ReplicaStatus
 from consumers.replica.verify import (
     Check,

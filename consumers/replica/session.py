@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from cbtstream.errors import CbtStreamError
 from consumers.copy.digest import HashTree
-from consumers.copy.targets import ReplicaLocation, TargetResolver
 from consumers.executor import SyncResult
 from consumers.replica.guard import Action, Admission, ReplicaView, admit
+from consumers.replica.location import ReplicaLocation
 from consumers.replica.state import (
     HeldSync,
     ReplicaState,
@@ -66,14 +66,17 @@ class ReplicaSession:
     tree: HashTree | None = None
 
     @classmethod
-    async def begin(cls, targets: TargetResolver, plan: SyncPlanned, pipeline: str,
+    async def begin(cls, loc: ReplicaLocation, plan: SyncPlanned, pipeline: str,
                     target: TargetIdentity | None = None) -> ReplicaSession:
-        """Load the record and admit the plan. ``target`` is the identity of an NBD target,
-        already connected (files and block devices are looked up here)."""
-        loc = targets.locate(plan.disk.key)
+        """Load the record and admit the plan. ``loc`` is the plan's placement, resolved once by
+        the caller (``TargetResolver.locate``) and not worked out again here; ``target`` is the
+        identity of an NBD target, already connected (files and block devices are looked up
+        here)."""
+        if loc.disk_key != plan.disk.key:
+            raise ValueError(f"the location of {loc.disk_key} is not that of {plan.disk.key}")
         record = await asyncio.to_thread(loc.store.load)
         if loc.kind != TargetKind.NBD:
-            target = await asyncio.to_thread(targets.identity, loc)
+            target = await asyncio.to_thread(loc.identity)
         admission = admit(plan, ReplicaView(record, target), pipeline)
         state = record if isinstance(record, ReplicaState) else None
         session = cls(plan, loc, record, admission, pipeline, state)

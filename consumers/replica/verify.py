@@ -25,9 +25,9 @@ from pathlib import Path
 
 from consumers.copy.digest import LEAF, HashTree, hash_item
 from consumers.copy.sources import NbdSource
-from consumers.copy.targets import ReplicaLocation, TargetResolver
 from consumers.copy.throttle import Throttle
 from consumers.nbd.uri import parse_nbd_uri
+from consumers.replica.location import ReplicaLocation, TargetResolver
 from consumers.replica.state import ReplicaState, ReplicaStatus, TargetKind, Unknown
 from consumers.replica.store import ReplicaBusy, ReplicaStore
 from schemas.disk import DiskRef

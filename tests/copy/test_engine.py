@@ -30,8 +30,9 @@ from consumers.copy.engine import (
 )
 from consumers.copy.progress import CopyProgress
 from consumers.copy.sources import NbdSource, open_nbd_source
-from consumers.copy.targets import NbdTarget, TargetResolver
+from consumers.copy.targets import NbdTarget
 from consumers.nbd.uri import parse_nbd_uri
+from consumers.replica.location import TargetResolver
 from tests.copy.images import M, apply, make_image
 from tests.copy.treeref import root_of
 from tests.nbd.nbdkit import nbdkit, needs_nbdkit
@@ -228,7 +229,7 @@ from cbtstream.extents import Extent
 from consumers.copy.checkpoint import Checkpoint
 from consumers.copy.engine import CopyOptions, copy_disk
 from consumers.copy.sources import NbdSource
-from consumers.copy.targets import TargetResolver
+from consumers.replica.location import TargetResolver
 from consumers.nbd.uri import parse_nbd_uri
 
 async def main(uri, root, state, key, sync_id, size):

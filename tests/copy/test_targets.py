@@ -10,7 +10,8 @@ import pytest
 
 from cbtstream.config import CopierSettings
 from cbtstream.errors import PermissionDenied
-from consumers.copy.targets import TargetError, TargetResolver
+from consumers.copy.targets import TargetError
+from consumers.replica.location import TargetResolver
 
 VM = "4211c3d5-7f1e-4b8a-9d6c-0123456789ab"
 

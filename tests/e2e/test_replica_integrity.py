@@ -25,7 +25,7 @@ from cbtctl.demo.scenario import CycleResult, Scenario, files_equal, random_name
 from cbtctl.demo.workload import MiB, initial_fill, scattered
 from cbtstream.config import Settings
 from cbtstream.kafka import topic_name
-from consumers.copy.targets import TargetResolver
+from consumers.replica.location import TargetResolver
 from schemas.events import ChangeIdCommitted, ReplicaMismatch, SyncFailed, SyncPlanned
 from schemas.topics import REPLICA_VERIFIED, SYNC_PLANNED
 from tests.e2e.conftest import Pipeline

@@ -8,7 +8,7 @@ import pytest
 
 from cbtstream.config import CopierSettings, TargetMapping
 from cbtstream.errors import PermissionDenied
-from consumers.copy.targets import TargetResolver
+from consumers.replica.location import TargetResolver
 from consumers.replica.state import TargetKind
 
 VM = "5012abcd-1111-2222-3333-444455556666"
