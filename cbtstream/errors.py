@@ -30,12 +30,6 @@ class StackError(CbtStreamError):
     reason = "stack_error"
 
 
-class ValidationFailed(CbtStreamError):
-    """An event failed validation against its schema (bad JSON, wrong types, key/body mismatch)."""
-
-    reason = "invalid_event"
-
-
 class TransientError(CbtStreamError):
     """A failure that is expected to go away on its own (timeouts, connection resets)."""
 

@@ -292,12 +292,6 @@ class Copier:
             return None
         return asyncio.create_task(self._finish(event, outcome))
 
-    async def execute_plan(self, plan: SyncPlanned) -> None:
-        """Execute one plan with retries and publish its outcome (if it has one to publish)."""
-        outcome = await self._copy(plan)
-        if outcome is not None:
-            await self._finish(plan, outcome)
-
     async def _copy(self, plan: SyncPlanned, *, outcome_published: bool = False
                     ) -> ChangeIdCommitted | SyncFailed | None:
         """Step 1 (copy and flush, with retries); returns the outcome to publish (None: the

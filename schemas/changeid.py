@@ -44,14 +44,6 @@ class ChangeId:
             raise ChangeIdError(f"change ID sequence {seq!r} is not a non-negative integer")
         return cls(epoch=epoch, sequence=int(seq))
 
-    @staticmethod
-    def is_valid(text: str) -> bool:
-        try:
-            ChangeId.parse(text)
-        except ChangeIdError:
-            return False
-        return True
-
     def same_epoch(self, other: ChangeId) -> bool:
         """Epoch comparison ignores case and separators, which vSphere does not vary anyway."""
         return _norm(self.epoch) == _norm(other.epoch)

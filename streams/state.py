@@ -180,13 +180,6 @@ class DiskState(BaseModel):
                 return e
         return None
 
-    def ended_snapshot(self, snapshot_event_id: uuid.UUID) -> Ended | None:
-        """What became of the snapshot ``snapshot_event_id``, if the row remembers it."""
-        for e in reversed(self.ended):
-            if e.snapshot_event_id == snapshot_event_id:
-                return e
-        return None
-
     @property
     def committed_disk(self) -> DiskRef | None:
         """The disk's identity as of its latest commit (None if never committed)."""

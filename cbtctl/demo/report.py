@@ -51,10 +51,3 @@ def render(rows: list[CycleRow], console: Console) -> None:
             "equal" if r.verified else "MISMATCH" if r.outcome == "committed" else r.outcome,
         )
     console.print(table)
-
-
-def as_text(rows: list[CycleRow]) -> str:
-    console = Console(width=160, record=True, color_system=None)
-    with console.capture():
-        render(rows, console)
-    return console.export_text()

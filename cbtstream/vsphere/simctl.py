@@ -62,7 +62,6 @@ class SimVm:
 @dataclass(frozen=True)
 class SimExport:
     uri: str
-    host_port: str
     export: str
     capacity: int
     change_id: str
@@ -117,10 +116,6 @@ class SimulatorControl:
         body = None if doc is None else json.dumps(doc).encode()
         return json.loads(self._request(method, path, body))
 
-    def health(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._json("GET", "/health")
-        return result
-
     def create_vm(self, name: str, disk_sizes: list[int], *, cbt: bool = False,
                   power_on: bool = False) -> SimVm:
         """A VM with one SCSI controller and one thin disk per size (bytes, multiple of 1 KiB)."""
@@ -167,7 +162,7 @@ class SimulatorControl:
     def export(self, snapshot: str, key: int) -> SimExport:
         """Where the frozen image of one snapshot disk is served over NBD."""
         d = self._json("GET", f"/snapshots/{snapshot}/disks/{key}/export")
-        return SimExport(d["uri"], d["host_port"], d["export"], d["capacity"], d["change_id"])
+        return SimExport(d["uri"], d["export"], d["capacity"], d["change_id"])
 
     def inject_fault(self, method: str, fault: str, *, count: int = 0, obj: str = "*",
                      delay_ms: int = 0) -> None:

@@ -239,8 +239,3 @@ class AuditConsumer:
             # Rebalanced meanwhile: the new owner redelivers; the rows are already idempotent.
             log.warning("offset commit failed", extra={"error": str(exc)[:300]})
 
-
-def measured_rate(stats: AuditStats) -> float:
-    """Events stored per second of busy time."""
-    return stats.stored / stats.busy_s if stats.busy_s else 0.0
-

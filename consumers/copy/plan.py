@@ -142,10 +142,6 @@ def segments(
     return out
 
 
-def total_bytes(ranges: Iterable[Extent]) -> int:
-    return sum(r.length for r in ranges)
-
-
 def fingerprint(ranges: Iterable[Extent], capacity: int) -> str:
     """Identity of a plan, stored in checkpoints so a resume never applies to different work."""
     h = hashlib.sha256(f"capacity={capacity};".encode())

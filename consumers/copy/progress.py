@@ -1,8 +1,8 @@
 """Progress of disk copies: a snapshot type for callbacks, a throttle, and a rich display.
 
 The engine calls ``on_progress(CopyProgress)`` at most every ``progress_interval_s`` and once at
-the end (``final=True``). The pipeline's copier turns snapshots into ``SyncProgress`` events
-(:meth:`CopyProgress.event_fields`); the command line shows them with :class:`RichProgress`.
+the end (``final=True``). The pipeline's executor passes the bytes on to the copier, which turns
+them into ``SyncProgress`` events; the command line shows them with :class:`RichProgress`.
 """
 
 from __future__ import annotations
@@ -25,14 +25,6 @@ class CopyProgress:
     rate_bytes_per_s: float
     eta_s: float | None
     final: bool = False
-
-    def event_fields(self) -> dict[str, Any]:
-        """The fields of a ``SyncProgress`` event (the caller adds the disk and sync ids)."""
-        return {
-            "bytes_done": self.bytes_done,
-            "bytes_total": self.bytes_total,
-            "rate_bytes_per_s": max(0.0, self.rate_bytes_per_s),
-        }
 
 
 ProgressCallback = Callable[[CopyProgress], None]

@@ -71,8 +71,6 @@ class NbdClient:
         # Reply parsing state.
         self._hdr: p.ReplyHeader | None = None
         self._req: Request | None = None
-        self._data_offset = 0
-        self._data_len = 0
         self._idle = asyncio.Event()
         self._idle.set()
         # Negotiated facts.
@@ -92,10 +90,6 @@ class NbdClient:
     @property
     def can_flush(self) -> bool:
         return bool(self.flags & p.TFLAG_SEND_FLUSH)
-
-    @property
-    def can_trim(self) -> bool:
-        return bool(self.flags & p.TFLAG_SEND_TRIM)
 
     @property
     def can_zero(self) -> bool:
@@ -278,11 +272,6 @@ class NbdClient:
             return
         flags = 0 if punch else p.CMD_FLAG_NO_HOLE
         await self._submit(p.CMD_WRITE_ZEROES, offset, length, flags=flags)
-
-    async def trim(self, offset: int, length: int) -> None:
-        if not self.can_trim:
-            raise NbdUnsupported("the server does not support TRIM")
-        await self._submit(p.CMD_TRIM, offset, length)
 
     async def flush(self) -> None:
         """Ask the server to make every completed write durable."""

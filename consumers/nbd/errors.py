@@ -54,7 +54,6 @@ class NbdServerError(NbdError):
         self.offset = offset
         self.length = length
         self.errno = errno
-        self.server_message = message
         name = _errno.errorcode.get(errno, f"errno {errno}")
         detail = f": {message}" if message else ""
         super().__init__(

@@ -2,6 +2,7 @@
 
 Follows ``doc/proto.md`` of the NetworkBlockDevice/nbd project: fixed newstyle handshake,
 ``NBD_OPT_GO`` with ``NBD_INFO_*`` replies, structured replies, ``base:allocation`` block status.
+Only the values this client sends or reads are defined here; the spec has the rest.
 All integers are big-endian. Decoders raise :class:`NbdProtocolError` on anything malformed, so a
 misbehaving server can never make the client index out of bounds or loop.
 """
@@ -27,17 +28,13 @@ FLAG_C_NO_ZEROES = 1 << 1
 # Options.
 OPT_EXPORT_NAME = 1
 OPT_ABORT = 2
-OPT_LIST = 3
 OPT_STARTTLS = 5
-OPT_INFO = 6
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
-OPT_LIST_META_CONTEXT = 9
 OPT_SET_META_CONTEXT = 10
 
 # Option replies.
 REP_ACK = 1
-REP_SERVER = 2
 REP_INFO = 3
 REP_META_CONTEXT = 4
 REP_ERR_BIT = 1 << 31
@@ -65,8 +62,6 @@ REP_ERR_NAMES = {
 
 # NBD_REP_INFO types.
 INFO_EXPORT = 0
-INFO_NAME = 1
-INFO_DESCRIPTION = 2
 INFO_BLOCK_SIZE = 3
 
 # Transmission flags.
@@ -74,19 +69,14 @@ TFLAG_HAS_FLAGS = 1 << 0
 TFLAG_READ_ONLY = 1 << 1
 TFLAG_SEND_FLUSH = 1 << 2
 TFLAG_SEND_FUA = 1 << 3
-TFLAG_ROTATIONAL = 1 << 4
-TFLAG_SEND_TRIM = 1 << 5
 TFLAG_SEND_WRITE_ZEROES = 1 << 6
-TFLAG_SEND_DF = 1 << 7
 TFLAG_CAN_MULTI_CONN = 1 << 8
-TFLAG_SEND_FAST_ZERO = 1 << 11
 
 # Commands and command flags.
 CMD_READ = 0
 CMD_WRITE = 1
 CMD_DISC = 2
 CMD_FLUSH = 3
-CMD_TRIM = 4
 CMD_WRITE_ZEROES = 6
 CMD_BLOCK_STATUS = 7
 CMD_NAMES = {
@@ -94,14 +84,11 @@ CMD_NAMES = {
     CMD_WRITE: "WRITE",
     CMD_DISC: "DISC",
     CMD_FLUSH: "FLUSH",
-    CMD_TRIM: "TRIM",
     CMD_WRITE_ZEROES: "WRITE_ZEROES",
     CMD_BLOCK_STATUS: "BLOCK_STATUS",
 }
 CMD_FLAG_FUA = 1 << 0
 CMD_FLAG_NO_HOLE = 1 << 1
-CMD_FLAG_DF = 1 << 2
-CMD_FLAG_REQ_ONE = 1 << 3
 
 # Transmission magics and structured reply chunk types.
 REQUEST_MAGIC = 0x25609513
@@ -117,7 +104,6 @@ REPLY_TYPE_ERROR = REPLY_TYPE_ERR_BIT | 1
 REPLY_TYPE_ERROR_OFFSET = REPLY_TYPE_ERR_BIT | 2
 
 # base:allocation flags.
-STATE_HOLE = 1 << 0
 STATE_ZERO = 1 << 1
 BASE_ALLOCATION = "base:allocation"
 
@@ -140,7 +126,6 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _GREETING = struct.Struct(">QQH")
-REQUEST_SIZE = _REQ.size
 
 
 def parse_greeting(data: bytes) -> int:
@@ -218,17 +203,6 @@ def option_error_text(reply: OptionReply, payload: bytes) -> str:
     name = REP_ERR_NAMES.get(reply.reply_type, f"error {reply.reply_type & ~REP_ERR_BIT}")
     message = payload.decode(errors="replace")[:MAX_STRING]
     return f"{name}: {message}" if message else name
-
-
-@dataclass(frozen=True, slots=True)
-class ExportInfo:
-    """What ``NBD_OPT_GO`` told us about the export."""
-
-    size: int
-    flags: int
-    min_block: int = 1
-    preferred_block: int = 4096
-    max_block: int = 32 * 1024 * 1024
 
 
 def parse_info(payload: bytes) -> tuple[int, tuple[int, ...]]:

@@ -88,7 +88,6 @@ class VddkExports:
         self._vms: dict[str, VmRef] = {}
         self._thumbprints: dict[tuple[str, int], str] = {}
         self._running: set[NbdkitProcess] = set()
-        self.plugin_info: dict[str, str] = {}
 
     # -- start-up -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -106,8 +105,7 @@ class VddkExports:
                                   "(apt-get install nbdkit)") from exc
         out, _ = await proc.communicate()
         await asyncio.to_thread(remove_stale, self.run_dir)
-        self.plugin_info = check_dump(self.vddk, proc.returncode or 0,
-                                      out.decode(errors="replace"))
+        check_dump(self.vddk, proc.returncode or 0, out.decode(errors="replace"))
         probe_socket = str(self.run_dir / "xxxxxxxxxxxxxxxx" / "nbd.sock")
         if len(probe_socket) > _SUN_PATH_MAX:
             raise ConfigError(f"copier.vddk.run_dir {self.run_dir} is too long for unix socket "
@@ -258,8 +256,3 @@ def remove_stale(run_dir: Path) -> None:
         except (OSError, ValueError):
             pass
         shutil.rmtree(sub, ignore_errors=True)
-
-
-def default_stand_in() -> Path:
-    """The project's stand-in plugin (source checkouts only)."""
-    return Path(__file__).resolve().parents[2] / "devstack" / "nbdkit-vddk" / "vddk_standin.py"
