@@ -1,5 +1,16 @@
-"""The Faust application (the only module that imports Faust): topics, the ``disks`` table and the
-agents that feed the pure planner.
+"""The planner worker's Faust application: :func:`build`, the composition root (the Faust app,
+its two tables, two internal topics, six agents, web pages and timers, registered in order), and
+:class:`PlannerApp`, what its agents run: read the disk's row, run the pure step
+(``streams.planner``), write the row, hand the outputs to the outbox.
+
+Faust stays inside ``streams/`` (``tests/unit/test_layers.py`` checks it), so ``producers/``,
+``consumers/`` and ``schemas/`` would survive its replacement. Within ``streams/`` it is imported
+by this module, ``streams.durable`` (the ``disks`` table and its outbox), ``streams.recovery``
+(the overrides of Faust's internals), ``streams.worker`` (the process), ``streams.api``,
+``streams.store_api``, ``streams.orphans`` and ``streams.metrics`` (web pages), and
+``streams.watchdog`` and ``streams.timeouts`` (timers). The rules they feed (``streams.planner``,
+``streams.guard``, ``streams.state``, ``streams.lifecycle``, ``streams.external``,
+``streams.fence``) do not import it.
 
 Delivery: at-least-once. For each input record an agent reads the disk's row, runs the pure
 step (``streams.planner``), writes the new row (table changelog) if it changed, with the input's
@@ -41,7 +52,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import faust
-from faust.types import EventT
+from faust.types import EventT, TableT
 from pydantic import BaseModel
 
 from cbtstream.config import Settings
@@ -76,7 +87,7 @@ from streams.api import authorized, register_api
 from streams.durable import DurableTable, Outbox
 from streams.fences import FenceBook
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
-from streams.metrics import register_metrics
+from streams.metrics import PlannerMetrics, register_metrics
 from streams.orphans import OrphanReconciler, register_orphans
 from streams.recovery import (
     TableManager,
@@ -97,6 +108,63 @@ TABLE_NAME = "disks"
 SNAPSHOTS_TABLE = "snapshots"
 #: Attempts to remove a finished VM snapshot before giving up (logged; the snapshot stays).
 REMOVE_ATTEMPTS = 3
+#: The source topics with an agent that writes rows: their commits are capped by the commit
+#: guard (``PlannerApp.commit_limit``) and the watchdog re-reads them when stalled, together
+#: with the two internal topics. Not ``cbt.sync.progress``: advisory, its agent writes nothing.
+SOURCE_TOPICS = (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)
+
+
+def build(settings: Settings, remover: SnapshotRemover | None = None,
+          orphans: OrphanReconciler | None = None) -> PlannerApp:
+    """Build the planner worker; the body is the list of what it runs.
+
+    The order is the one the worker always had, kept where Faust makes it observable: the
+    process-wide overrides (``streams.recovery``) are installed before the app exists; Faust
+    keeps its tables, agents, signal receivers, tasks and timers in the order they are
+    registered here (the ``disks`` table before ``snapshots``; the lifecycle agent, the three
+    source agents, the sync-check agent, then the progress agent; the fence reader before the
+    orphan reconciler, the watchdog and the sync-check timer). Only the ``/metrics`` page moved
+    up (the pages have distinct paths, so their order is free). Nothing here reads the
+    environment: ``settings`` comes from the worker command."""
+    k, s = settings.kafka, settings.streams
+    install_full_flush()  # offset commits wait for every row write (streams/recovery.py)
+    install_commit_guard()  # ... and never pass a record we did not process
+    app_id = f"{k.topic_prefix}{s.app_id}"
+    app = _faust_app(settings, app_id)
+    table = _disks_table(app, k.partitions)
+    outbox = Outbox(table)
+    on_flush(app, outbox.drain)  # no offset commit before the outbox is empty
+    snapshots = _snapshots_table(app, k.partitions)
+    metrics = register_metrics(app)
+    pa = PlannerApp(  # pa: what the registrations below run
+        settings, app, table=table, outbox=outbox, snapshots=snapshots,
+        lifecycle_topic=_internal_topic(app, f"{app_id}-snapshot-lifecycle", k.partitions),
+        checks_topic=_internal_topic(app, f"{app_id}-sync-checks", k.partitions),
+        fences=FenceBook(k), ownership=external.Ownership(s.external, s.handover),
+        metrics=metrics, remover=remover)
+    app.agent(pa.lifecycle_topic, name="on_snapshot_lifecycle")(pa.lifecycle_agent)
+    pa.source_agent(SNAPSHOT_TAKEN, (SnapshotTaken,), pa.on_snapshot)
+    pa.source_agent(CHANGEID_COMMITTED, (ChangeIdCommitted,), pa.on_commit)
+    pa.source_agent(SYNC_FAILED, (SyncFailed,), pa.on_failed)
+    limit_commits(app, pa.commit_limit)
+    on_seeked(app, pa.starts_at)
+    app.agent(pa.checks_topic, name="on_sync_check")(pa.checks_agent)
+    app.on_partitions_revoked.connect(pa.forget_delivered)
+    app.on_partitions_assigned.connect(pa.forget_processed)
+    app.agent(pa.topic(SYNC_PROGRESS), name="on_sync_progress")(pa.progress_agent)
+    app.task(pa.fences.run)
+    token = settings.api.token
+    secret = token.get_secret_value() if token else None
+    register_api(app, table, secret)
+    store = StoreService(pa.rows, lambda key: pa.row(key.encode()), pa.send, pa.ownership)
+    register_store_api(app, store, spread=pa.table_spread,
+                       authorized=lambda header: authorized(header, secret))
+    register_orphans(app, settings, pa.rows, pa.snapshots_processed, pa.send, orphans)
+    register_watchdog(app, set(pa.sources), metrics.observe_watchdog)
+    if s.sync_timeout_s > 0:
+        register_sync_checks(app, table, pa.checks_topic, pa.progress,
+                             timeout_s=s.sync_timeout_s, interval_s=s.sync_check_interval_s)
+    return pa
 
 
 def _credentials(settings: Settings) -> Any:
@@ -115,42 +183,98 @@ def _credentials(settings: Settings) -> Any:
     return None
 
 
-class Planner:
-    """Composition root of the Faust side: builds the app, its topics, table and agents."""
+def _faust_app(settings: Settings, app_id: str) -> faust.App:
+    """The Faust app (its id ``app_id`` is the consumer group and the prefix of its internal
+    topics), configured from ``settings``."""
+    k = settings.kafka
+    s = settings.streams
+    return faust.App(
+        app_id,
+        broker=[f"kafka://{h.strip()}" for h in k.bootstrap_servers.split(",")],
+        broker_credentials=_credentials(settings),
+        store="memory://",
+        topic_partitions=k.partitions,
+        topic_replication_factor=k.replication_factor,
+        web_host=s.web_host,
+        web_bind=s.web_host,
+        web_port=s.web_port,
+        datadir=str(s.data_dir / app_id),
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        producer_max_request_size=MAX_REQUEST_BYTES,  # a dead letter may be large
+        # Batch the per-event sends (row, plan, lifecycle) instead of one request each.
+        producer_linger=0.03,
+        autodiscover=False,
+        # Seek before resume after every assignment (streams/recovery.py).
+        TableManager=TableManager,
+        # Quick failover: a killed worker's partitions move within the session timeout.
+        broker_session_timeout=s.session_timeout_s,
+        broker_heartbeat_interval=s.heartbeat_interval_s,
+        broker_rebalance_timeout=max(20.0, 2 * s.session_timeout_s),
+        consumer_group_instance_id=s.group_instance_id,
+    )
 
-    def __init__(self, settings: Settings, remover: SnapshotRemover | None = None,
-                 orphans: OrphanReconciler | None = None) -> None:
+
+def _disks_table(app: faust.App, partitions: int) -> DurableTable:
+    """The ``disks`` table. Its rows are awaited before the outputs they imply are sent
+    (streams/durable.py)."""
+    table = DurableTable(
+        app,
+        name=TABLE_NAME,
+        default=None,
+        beacon=app.tables.beacon,
+        partitions=partitions,
+        # bytes keys -> "raw" key codec for the table AND its changelog (a Schema here
+        # would leave the changelog on JSON keys and break recovery).
+        key_type=bytes,
+        help="Latest committed change ID and sync state per disk key.",
+    )
+    app.tables.add(table)
+    return table
+
+
+def _snapshots_table(app: faust.App, partitions: int) -> TableT[bytes, Any]:
+    """The ``snapshots`` table (``streams.lifecycle``)."""
+    return app.Table(
+        SNAPSHOTS_TABLE,
+        default=None,
+        partitions=partitions,
+        # bytes keys -> "raw" key codec for the table AND its changelog (a Schema here
+        # would leave the changelog on JSON keys and break recovery).
+        key_type=bytes,
+        help="Per VM snapshot: the disks it covers and those finished with it.",
+    )
+
+
+def _internal_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
+    """A topic of the worker's own (keyed by disk or VM snapshot, raw bytes)."""
+    return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
+                     value_serializer="raw", partitions=partitions, internal=True)
+
+
+class PlannerApp:
+    """The planner's Faust side: what the agents, pages and timers wired by :func:`build` run.
+
+    Named ``PlannerApp``, not ``Planner``: ``streams.planner`` is the module of the pure planning
+    rules this class feeds, and one name for both read as if they were the same thing."""
+
+    def __init__(self, settings: Settings, app: faust.App, *, table: DurableTable,
+                 outbox: Outbox, snapshots: TableT[bytes, Any], lifecycle_topic: faust.TopicT,
+                 checks_topic: faust.TopicT, fences: FenceBook,
+                 ownership: external.Ownership, metrics: PlannerMetrics,
+                 remover: SnapshotRemover | None = None) -> None:
         self.settings = settings
+        self.app = app
+        self.table = table
+        self.outbox = outbox
+        self.snapshots = snapshots
+        self.lifecycle_topic = lifecycle_topic
+        self.checks_topic = checks_topic
+        #: Every change-ID fence (streams/fences.py); :func:`build` runs its reader.
+        self.fences = fences
+        self.ownership = ownership
+        self.metrics = metrics
         self.remover = remover
-        install_full_flush()  # offset commits wait for every row write (streams/recovery.py)
-        install_commit_guard()  # ... and never pass a record we did not process
-        k = settings.kafka
-        s = settings.streams
-        self.app = faust.App(
-            f"{k.topic_prefix}{s.app_id}",
-            broker=[f"kafka://{h.strip()}" for h in k.bootstrap_servers.split(",")],
-            broker_credentials=_credentials(settings),
-            store="memory://",
-            topic_partitions=k.partitions,
-            topic_replication_factor=k.replication_factor,
-            web_host=s.web_host,
-            web_bind=s.web_host,
-            web_port=s.web_port,
-            datadir=str(s.data_dir / f"{k.topic_prefix}{s.app_id}"),
-            consumer_auto_offset_reset="earliest",
-            producer_acks=-1,
-            producer_max_request_size=MAX_REQUEST_BYTES,  # a dead letter may be large
-            # Batch the per-event sends (row, plan, lifecycle) instead of one request each.
-            producer_linger=0.03,
-            autodiscover=False,
-            # Seek before resume after every assignment (streams/recovery.py).
-            TableManager=TableManager,
-            # Quick failover: a killed worker's partitions move within the session timeout.
-            broker_session_timeout=s.session_timeout_s,
-            broker_heartbeat_interval=s.heartbeat_interval_s,
-            broker_rebalance_timeout=max(20.0, 2 * s.session_timeout_s),
-            consumer_group_instance_id=s.group_instance_id,
-        )
         self._topics: dict[str, faust.TopicT] = {}
         #: Offset of the last record delivered per source partition in this process (a forward
         #: jump means records were skipped; a backward one is a redelivery after a rebalance).
@@ -164,80 +288,14 @@ class Planner:
         self._decoded: dict[bytes, tuple[object, DiskState]] = {}
         #: The same for the ``snapshots`` table.
         self._snapshot_rows: dict[bytes, tuple[object, SnapshotRow]] = {}
-        # Rows are awaited before the outputs they imply are sent (streams/durable.py).
-        self.table = DurableTable(
-            self.app,
-            name=TABLE_NAME,
-            default=None,
-            beacon=self.app.tables.beacon,
-            partitions=k.partitions,
-            # bytes keys -> "raw" key codec for the table AND its changelog (a Schema here
-            # would leave the changelog on JSON keys and break recovery).
-            key_type=bytes,
-            help="Latest committed change ID and sync state per disk key.",
-        )
-        self.app.tables.add(self.table)
-        self.outbox = Outbox(self.table)
-        on_flush(self.app, self.outbox.drain)  # no offset commit before the outbox is empty
-        self.snapshots = self.app.Table(
-            SNAPSHOTS_TABLE,
-            default=None,
-            partitions=k.partitions,
-            # bytes keys -> "raw" key codec for the table AND its changelog (a Schema here
-            # would leave the changelog on JSON keys and break recovery).
-            key_type=bytes,
-            help="Per VM snapshot: the disks it covers and those finished with it.",
-        )
-        self.lifecycle_topic = self.app.topic(
-            f"{k.topic_prefix}{s.app_id}-snapshot-lifecycle",
-            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-            partitions=k.partitions, internal=True,
-        )
-        self.app.agent(self.lifecycle_topic, name="on_snapshot_lifecycle")(self._lifecycle_agent)
-        self._agent(SNAPSHOT_TAKEN, (SnapshotTaken,), self._on_snapshot)
-        self._agent(CHANGEID_COMMITTED, (ChangeIdCommitted,), self._on_commit)
-        self._agent(SYNC_FAILED, (SyncFailed,), self._on_failed)
-        self.checks_topic = self.app.topic(
-            f"{k.topic_prefix}{s.app_id}-sync-checks",
-            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-            partitions=k.partitions, internal=True,
-        )
-        #: The topics whose commits the guard limits (``commit_limit``): every agent's input
-        #: but the advisory progress topic's.
-        self._sources: set[str] = {
-            *(self.topic(spec).get_topic_name()
-              for spec in (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)),
-            self.lifecycle_topic.get_topic_name(), self.checks_topic.get_topic_name()}
-        limit_commits(self.app, self.commit_limit)
-        on_seeked(self.app, self._starts_at)
+        #: The topics whose commits the guard limits (``commit_limit``): ``SOURCE_TOPICS`` and
+        #: the two internal topics.
+        self.sources: frozenset[str] = frozenset({
+            *(spec.full_name(settings.kafka.topic_prefix) for spec in SOURCE_TOPICS),
+            lifecycle_topic.get_topic_name(), checks_topic.get_topic_name()})
         #: Time of the latest SyncProgress seen per running sync (memory only: a new owner of
         #: the partition starts counting silence from its own first check).
         self.progress: dict[uuid.UUID, datetime] = {}
-        self.app.agent(self.checks_topic, name="on_sync_check")(self._checks_agent)
-        self.app.on_partitions_revoked.connect(self._forget_delivered)
-        self.app.on_partitions_assigned.connect(self._forget_processed)
-        self.app.agent(self.topic(SYNC_PROGRESS), name="on_sync_progress")(self._progress_agent)
-        #: Every change-ID fence (streams/fences.py), read for the worker's lifetime.
-        self.fences = FenceBook(k)
-        self.app.task(self.fences.run)
-        token = settings.api.token
-        secret = token.get_secret_value() if token else None
-        register_api(self.app, self.table, secret)
-        self.ownership = external.Ownership(settings.streams.external, settings.streams.handover)
-        self.store_service = StoreService(
-            self.rows, lambda k: self.row(k.encode()), self.send, self.ownership)
-        register_store_api(self.app, self.store_service, spread=self.table_spread,
-                           authorized=lambda header: authorized(header, secret))
-        register_orphans(self.app, settings, self.rows, self.snapshots_processed, self.send,
-                         orphans)
-        self.metrics = register_metrics(self.app)
-        register_watchdog(self.app, {self.topic(spec).get_topic_name() for spec in (
-            SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)} | {
-            self.lifecycle_topic.get_topic_name(), self.checks_topic.get_topic_name()},
-            self.metrics.observe_watchdog)
-        if s.sync_timeout_s > 0:
-            register_sync_checks(self.app, self.table, self.checks_topic, self.progress,
-                                 timeout_s=s.sync_timeout_s, interval_s=s.sync_check_interval_s)
 
     def kafka_topics(self) -> dict[str, tuple[int, dict[str, str]]]:
         """Every topic the worker consumes or writes, with its partitions and config: our
@@ -246,7 +304,7 @@ class Planner:
         k = self.settings.kafka
         parts = k.partitions
         topics = {self.topic(spec).get_topic_name(): (parts, dict(spec.config))
-                  for spec in (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED, SYNC_PROGRESS)}
+                  for spec in (*SOURCE_TOPICS, SYNC_PROGRESS)}
         for table in (self.table, self.snapshots):
             topics[table.changelog_topic.get_topic_name()] = (
                 parts, {"cleanup.policy": "compact"})
@@ -325,12 +383,14 @@ class Planner:
             self._decoded[key] = (raw, state)
 
     # -- agents ---------------------------------------------------------------------------------
-    def _agent(
+    def source_agent(
         self,
         spec: TopicSpec,
         expect: tuple[type[BaseModel], ...],
         handle: Callable[[bytes, Any, Position], Awaitable[None]],
     ) -> None:
+        """Register the agent ``on_<topic>`` of a source topic: each record is decoded (as one
+        of ``expect``, else dead-lettered) and handed to ``handle`` with its position."""
         topic = self.topic(spec)
 
         # A coroutine, not an async generator: Faust then awaits it instead of iterating what
@@ -425,7 +485,7 @@ class Planner:
         await self.outbox.put(key, sends)
         self.metrics.observe_step(source, step.kind, step.outputs)
 
-    async def _on_snapshot(self, key: bytes, ev: SnapshotTaken, at: Position) -> None:
+    async def on_snapshot(self, key: bytes, ev: SnapshotTaken, at: Position) -> None:
         before = self.row(key)
         await self.fences.wait_ready()
         row = before if before is not None else new_state(ev.disk)
@@ -437,7 +497,7 @@ class Planner:
             before, ev, datetime.now(UTC), self.fences.active(), row.processed(at)),
             "snapshot", at)
 
-    async def _on_commit(self, key: bytes, ev: ChangeIdCommitted, at: Position) -> None:
+    async def on_commit(self, key: bytes, ev: ChangeIdCommitted, at: Position) -> None:
         before = self.row(key)
         await self.fences.wait_ready()
         if ev.origin == external.EXTERNAL:
@@ -452,7 +512,7 @@ class Planner:
         self.progress.pop(ev.sync_id, None)
         await self._step(key, before, step, "commit", at)
 
-    async def _on_failed(self, key: bytes, ev: SyncFailed, at: Position) -> None:
+    async def on_failed(self, key: bytes, ev: SyncFailed, at: Position) -> None:
         before = self.row(key)
         if ev.sync_id is not None:
             self.progress.pop(ev.sync_id, None)
@@ -465,32 +525,32 @@ class Planner:
         commit guard): one past the last record processed without a gap since the assignment;
         -1 (nothing) for a source partition with none; None for the partitions of other agents
         (Faust's own bookkeeping)."""
-        if topic not in self._sources:
+        if topic not in self.sources:
             return None
         mark = self._processed.get((topic, partition))
         return -1 if mark is None else mark + 1
 
-    def _forget_processed(self, sender: Any, /, *args: Any, signal: Any,
+    def forget_processed(self, sender: Any, /, *args: Any, signal: Any,
                           **kwargs: Any) -> None:
         """A new assignment: what this worker processed before may have moved on elsewhere."""
         self._processed.clear()
 
-    def _starts_at(self, offsets: dict[Any, int]) -> None:
+    def starts_at(self, offsets: dict[Any, int]) -> None:
         """The assigned partitions are seeked: each one's processing starts at its committed
         offset, so a first record delivered past it (Faust dropped the one at the committed
         offset) is a gap that holds the commits back until the watchdog re-reads it, instead
         of a new base the commits would pass the lost record from."""
         for tp, offset in offsets.items():
-            if tp.topic in self._sources and offset > 0:
+            if tp.topic in self.sources and offset > 0:
                 self._processed[(tp.topic, tp.partition)] = offset - 1
 
-    def _forget_delivered(self, sender: Any, /, *args: Any, signal: Any,
+    def forget_delivered(self, sender: Any, /, *args: Any, signal: Any,
                           **kwargs: Any) -> None:
         """A partition may come back after others processed it: its next offset is not news."""
         self._delivered.clear()
 
     # -- silent syncs ---------------------------------------------------------------------------
-    async def _progress_agent(self, stream: faust.StreamT[bytes]) -> None:
+    async def progress_agent(self, stream: faust.StreamT[bytes]) -> None:
         """Remember when each running sync last reported progress (no table write: progress
         only postpones a time-out)."""
         async for event in stream.events():
@@ -504,7 +564,7 @@ class Planner:
                 self.progress.clear()  # bounded: forgetting progress only delays nothing
             self.progress[ev.sync_id] = datetime.now(UTC)
 
-    async def _checks_agent(self, stream: faust.StreamT[bytes]) -> None:
+    async def checks_agent(self, stream: faust.StreamT[bytes]) -> None:
         """Decide the time-out checks the timer sent (keyed by disk, so in the disk's
         partition); the decision time travels in the record, so a redelivered check decides
         the same and republishes the same outputs."""
@@ -527,7 +587,7 @@ class Planner:
             self._mark(msg.topic, msg.partition, msg.offset)
 
     # -- snapshot lifecycle ---------------------------------------------------------------------
-    async def _lifecycle_agent(self, stream: faust.StreamT[bytes]) -> None:
+    async def lifecycle_agent(self, stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
             msg = event.message
             await self._lifecycle(msg.value)

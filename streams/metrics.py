@@ -1,6 +1,6 @@
 """Prometheus metrics of the Faust planner worker, served at ``/metrics`` by its web server.
 
-:func:`register_metrics` is called once by ``Planner.__init__`` with the Faust app; the app
+:func:`register_metrics` is called once by ``streams.app.build`` with the Faust app; the app
 reports each planner step to the returned :class:`PlannerMetrics` (one call per step, after its
 outputs are handed to the producer), so the pure planner stays free of metrics code:
 

@@ -336,5 +336,5 @@ def install_commit_guard() -> None:
 
 def install_full_flush() -> None:
     """Make every ``ProducerBuffer`` of this process flush completely (idempotent). Called by
-    ``streams.app.Planner``, the composition root, not at import."""
+    ``streams.app.build``, the composition root, not at import."""
     ProducerBuffer.flush = _full_flush  # type: ignore[method-assign]

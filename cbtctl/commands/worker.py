@@ -23,7 +23,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
     from cbtstream.kafka import ensure_topics
-    from streams.app import Planner
+    from streams.app import build
     from streams.worker import DeadlineWorker
 
     settings.streams.data_dir.mkdir(parents=True, exist_ok=True)
@@ -41,13 +41,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         orphans = OrphanReaper(settings.vsphere,
                                timedelta(seconds=settings.streams.orphan_older_than_s),
                                consolidate=settings.streams.orphan_consolidate)
-    planner = Planner(settings, remover, orphans)
+    planner_app = build(settings, remover, orphans)
     # Every topic must be in the cluster metadata before Faust's first assignment, or its
     # assignor skips it until the next rebalance (a worker started right after topic creation
     # would consume nothing).
-    asyncio.run(ensure_topics(settings.kafka, planner.kafka_topics()))
+    asyncio.run(ensure_topics(settings.kafka, planner_app.kafka_topics()))
     worker = DeadlineWorker(
-        planner.app,
+        planner_app.app,
         loglevel=settings.log_level.lower(),
         override_logging=False,
         quiet=True,
