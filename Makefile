@@ -29,8 +29,10 @@ test: stack
 soak: stack
 	$(BIN)/pytest -m soak tests
 
+# Every test that needs no stack, wherever it lives: tests that need Kafka, PostgreSQL or the
+# vSphere simulator carry the `integration` marker (the rule and its check: tests/conftest.py).
 unit: install
-	$(BIN)/pytest tests/unit
+	$(BIN)/pytest -m "not integration and not soak" tests
 
 # Dead code: vulture reads the packages and tests/ (code only tests use is not dead) and reports
 # what the packages define and nothing uses; its settings and whitelist are [tool.vulture] in

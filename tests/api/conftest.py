@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from cbtctl.demo.processes import Proc
-from cbtstream.config import Settings, load_settings
+from cbtstream.config import Settings
 from cbtstream.kafka import create_topics
 from tests.support import isolated_settings
 
@@ -57,9 +57,10 @@ async def _wait_ready(w: ApiWorker, timeout: float = 60) -> None:
 
 
 @pytest.fixture(scope="module")
-def api_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiWorker]:
+def api_worker(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[ApiWorker]:
     tmp = tmp_path_factory.mktemp("api")
-    settings = isolated_settings(load_settings(), tmp, api={"token": TOKEN},
+    settings = isolated_settings(stack_settings, tmp, api={"token": TOKEN},
                                  streams={"remove_snapshots": False})
     asyncio.run(create_topics(settings.kafka))
     logs = Path(tmp) / "logs"

@@ -24,7 +24,7 @@ import pytest
 
 from cbtctl.demo.processes import Proc
 from cbtctl.demo.seed import SEED_QUERY_1, SEED_QUERY_2
-from cbtstream.config import load_settings
+from cbtstream.config import Settings
 from cbtstream.kafka import Publisher, create_topics
 from consumers.audit.repository import AuditRepository
 from schemas.topics import CHANGEID_COMMITTED
@@ -40,12 +40,13 @@ MULTI = ("51bbbbbb-0000-4000-8000-000000000002", "/DatabanxDC/vm/pgtest1", (2000
 
 
 @pytest.fixture(scope="module")
-def seed_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiWorker]:
+def seed_worker(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[ApiWorker]:
     """A worker whose two VMs are copied by an external copier, and the audit consumer."""
     tmp = tmp_path_factory.mktemp("seed")
     schema = f"audit_t{uuid.uuid4().hex[:10]}"
     settings = isolated_settings(
-        load_settings(), tmp, api={"token": TOKEN},
+        stack_settings, tmp, api={"token": TOKEN},
         streams={"remove_snapshots": False, "external": (SINGLE[0], MULTI[0])})
     settings = settings.model_copy(update={
         "postgres": settings.postgres.model_copy(update={"db_schema": schema})})

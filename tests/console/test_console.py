@@ -24,8 +24,6 @@ from schemas.topics import CHANGEID_COMMITTED, SNAPSHOT_TAKEN
 from tests.support import read_topic
 from tests.unit.factories import EPOCH_A, disk
 
-pytestmark = pytest.mark.integration
-
 DOC = Path(__file__).resolve().parents[2] / "docs" / "console.md"
 _BLOCK = re.compile(r"<!-- console-test: (?P<name>[\w-]+) -->\n```sh\n(?P<body>.*?)```", re.S)
 
@@ -57,6 +55,7 @@ def test_every_documented_block_is_tested() -> None:
                              "tail-jq", "topics", "reset-group"}
 
 
+@pytest.mark.integration
 async def test_publish_snapshot_taken_by_hand(kafka_settings: Settings) -> None:
     await sh(kafka_settings, "produce-kcat")
     await sh(kafka_settings, "produce-console")
@@ -85,6 +84,7 @@ def _commit(device_key: int, seq: int) -> ChangeIdCommitted:
         bytes_copied=4096, extents=1, digest="sha256:ab", duration_s=0.5)
 
 
+@pytest.mark.integration
 async def test_tail_committed_with_keys_headers_timestamps(kafka_settings: Settings) -> None:
     commits = [_commit(2000, 1), _commit(2001, 2)]
     async with Publisher(kafka_settings.kafka) as pub:
@@ -118,6 +118,7 @@ async def test_tail_committed_with_keys_headers_timestamps(kafka_settings: Setti
     assert "retention.ms=-1" in out
 
 
+@pytest.mark.integration
 async def test_reset_group_to_a_datetime(kafka_settings: Settings) -> None:
     k = kafka_settings.kafka
     async with Publisher(k) as pub:

@@ -37,7 +37,7 @@ from tests.copy.images import M, apply, make_image
 from tests.copy.treeref import root_of
 from tests.nbd.nbdkit import nbdkit, needs_nbdkit
 
-pytestmark = [pytest.mark.integration, needs_nbdkit]
+pytestmark = needs_nbdkit
 
 VM = "4211c3d5-7f1e-4b8a-9d6c-0123456789ab"
 KEY = f"{VM}/disk-2000"

@@ -3,6 +3,7 @@ advertise multi-conn, so the engine must not hang waiting for a second connectio
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +20,10 @@ from tests.copy.images import M, make_image
 from tests.copy.treeref import root_of
 
 SIZE = 24 * M + 4096
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None,
+    reason="qemu-nbd and qemu-img are not installed (Debian: qemu-utils)")
 
 
 @pytest.fixture

@@ -18,6 +18,21 @@ NBDKIT = shutil.which("nbdkit")
 needs_nbdkit = pytest.mark.skipif(NBDKIT is None, reason="nbdkit is not installed")
 
 
+def _nbdkit_has_tls() -> bool:
+    if NBDKIT is None:
+        return False
+    try:
+        out = subprocess.run([NBDKIT, "--dump-config"], capture_output=True, text=True,
+                             timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "tls=yes" in out.splitlines()
+
+
+needs_nbdkit_tls = pytest.mark.skipif(not _nbdkit_has_tls(),
+                                      reason="nbdkit is not installed or built without TLS")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ from consumers.nbd.errors import (
 from consumers.nbd.uri import parse_nbd_uri
 from tests.nbd.nbdkit import nbdkit, needs_nbdkit
 
-pytestmark = [pytest.mark.integration, needs_nbdkit]
+pytestmark = needs_nbdkit
 
 
 async def test_memory_export_roundtrip(tmp_path: Path) -> None:

@@ -13,8 +13,6 @@ from consumers.nbd.client import NbdClient
 from consumers.nbd.errors import NbdConnectionError
 from consumers.nbd.uri import parse_nbd_uri
 
-pytestmark = pytest.mark.integration
-
 SIZE = 1 << 20
 
 

@@ -15,12 +15,11 @@ from cbtctl.demo.processes import Proc
 from cbtctl.stack.certs import make_certs
 from cbtstream.config import KafkaSettings, Settings
 from cbtstream.kafka import KafkaAuthError, Publisher, client_kwargs, ssl_context
+from schemas.codec import decode
 from schemas.events import SnapshotTaken, SyncPlanned
 from schemas.topics import SNAPSHOT_TAKEN, SYNC_PLANNED
 from tests.support import read_topic
 from tests.unit.factories import EPOCH_A, disk, snap
-
-pytestmark = pytest.mark.integration
 
 WRONG = "wrong-Pa55-5c1f9e"
 
@@ -37,6 +36,7 @@ def test_verification_is_on_by_default() -> None:
     assert client_kwargs(k)["ssl_context"] is not None
 
 
+@pytest.mark.integration
 async def test_publish_and_consume_over_sasl_ssl(sasl_settings: Settings) -> None:
     assert sasl_settings.kafka.sasl_password is not None  # read from the password file
     ev = snapshot_taken()
@@ -47,6 +47,7 @@ async def test_publish_and_consume_over_sasl_ssl(sasl_settings: Settings) -> Non
     assert got == [ev]
 
 
+@pytest.mark.integration
 async def test_wrong_password_is_a_clear_error(sasl_settings: Settings) -> None:
     kafka = sasl_settings.kafka.model_copy(
         update={"sasl_password": SecretStr(WRONG), "sasl_password_file": None})
@@ -60,6 +61,7 @@ async def test_wrong_password_is_a_clear_error(sasl_settings: Settings) -> None:
     assert not info.value.retriable
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("trust", ["other-ca", "system-store"])
 async def test_untrusted_broker_certificate_is_refused(
     sasl_settings: Settings, tmp_path: Path, trust: str
@@ -71,12 +73,28 @@ async def test_untrusted_broker_certificate_is_refused(
             pass
 
 
+@pytest.mark.integration
 async def test_verification_opt_out_is_explicit(sasl_settings: Settings) -> None:
+    """With ``ssl_verify=false`` and no CA (the setup refused in the test above), the publisher
+    talks SASL_SSL to the broker without verifying it: the record is stored, and a consumer on
+    the same unverified settings reads it back where the broker said it put it."""
     kafka = sasl_settings.kafka.model_copy(update={"ssl_cafile": None, "ssl_verify": False})
+    ctx = client_kwargs(kafka)["ssl_context"]
+    assert kafka.security_protocol == "SASL_SSL"
+    assert ctx.verify_mode.name == "CERT_NONE" and not ctx.check_hostname
+    ev = snapshot_taken()
     async with Publisher(kafka) as pub:
-        await pub.publish(snapshot_taken())
+        partition, offset = await pub.publish(ev)
+    assert 0 <= partition < kafka.partitions and offset >= 0
+    unverified = sasl_settings.model_copy(update={"kafka": kafka})
+    where = (partition, offset)
+    records = await read_topic(unverified, SNAPSHOT_TAKEN, raw=True, timeout=20,
+                               until=lambda rs: any((r.partition, r.offset) == where for r in rs))
+    (record,) = [r for r in records if (r.partition, r.offset) == where]
+    assert decode(record.value, key=record.key) == ev
 
 
+@pytest.mark.integration
 async def test_faust_worker_over_sasl_ssl(sasl_settings: Settings, tmp_path: Path) -> None:
     """The planner worker consumes a snapshot and plans its sync, all through SASL_SSL (the
     worker's own consumer, producer, table changelog and admin client)."""

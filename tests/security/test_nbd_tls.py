@@ -14,9 +14,7 @@ from cbtstream.config import CopierSettings
 from cbtstream.tls import nbd_tls_context
 from consumers.copy.sources import open_nbd_source
 from consumers.nbd.errors import NbdError, NbdNegotiationError
-from tests.nbd.nbdkit import nbdkit, needs_nbdkit
-
-pytestmark = [pytest.mark.integration, needs_nbdkit]
+from tests.nbd.nbdkit import nbdkit, needs_nbdkit_tls
 
 SIZE = 1024 * 1024
 
@@ -48,6 +46,7 @@ def test_defaults_verify() -> None:
     assert ctx is not None and ctx.check_hostname and ctx.verify_mode.name == "CERT_REQUIRED"
 
 
+@needs_nbdkit_tls
 async def test_verified_tls_reads_the_bytes(
     tmp_path: Path, pki: tuple[CertFiles, CertFiles], image: tuple[Path, bytes]
 ) -> None:
@@ -63,6 +62,7 @@ async def test_verified_tls_reads_the_bytes(
     assert bytes(buf) == image[1]
 
 
+@needs_nbdkit_tls
 async def test_server_requiring_tls_refuses_plain_client(
     tmp_path: Path, pki: tuple[CertFiles, CertFiles], image: tuple[Path, bytes]
 ) -> None:
@@ -72,6 +72,7 @@ async def test_server_requiring_tls_refuses_plain_client(
             pass
 
 
+@needs_nbdkit_tls
 @pytest.mark.parametrize("cafile", ["other", "system"])
 async def test_untrusted_certificate_is_refused(
     tmp_path: Path, pki: tuple[CertFiles, CertFiles], image: tuple[Path, bytes], cafile: str
@@ -90,6 +91,7 @@ async def test_untrusted_certificate_is_refused(
                 pass
 
 
+@needs_nbdkit_tls
 async def test_verification_opt_out_is_explicit(
     tmp_path: Path, pki: tuple[CertFiles, CertFiles], image: tuple[Path, bytes]
 ) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cbtctl.stack.vcsim import VcsimService
-from cbtstream.config import Settings, StackSettings, VSphereSettings, load_settings
+from cbtstream.config import Settings, StackSettings, VSphereSettings
 from cbtstream.kafka import create_topics
 from cbtstream.vsphere.adapter import VSphereClient
 from cbtstream.vsphere.simctl import SimulatorControl
@@ -66,10 +66,11 @@ def vm_name() -> str:
 
 
 @pytest.fixture
-async def producer_settings(vcsim: VcsimService, tmp_path: Path) -> Settings:
+async def producer_settings(stack_settings: Settings, vcsim: VcsimService, tmp_path: Path
+                            ) -> Settings:
     """Settings on the real broker with a unique topic prefix (topics created), and vsphere
     pointing at the private simulator. Skips only when no broker answers."""
-    base = load_settings()
+    base = stack_settings
     if not await kafka_answers(base):
         pytest.skip(f"no Kafka broker answers at {base.kafka.bootstrap_servers}")
     settings = isolated_settings(base, tmp_path, vsphere={

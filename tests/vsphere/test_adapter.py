@@ -17,9 +17,8 @@ from cbtstream.vsphere.simctl import SimulatorControl
 from producers.cbt import set_cbt
 from tests.support import free_port
 
-pytestmark = pytest.mark.integration
 
-
+@pytest.mark.integration
 async def test_tls_is_verified_by_default(vcsim: VcsimService) -> None:
     # No cafile: the simulator's self-signed certificate is not trusted.
     with pytest.raises(VSphereAuthError, match="certificate"):
@@ -38,6 +37,7 @@ async def test_connection_refused_is_transient() -> None:
     assert info.value.retriable
 
 
+@pytest.mark.integration
 async def test_bad_login_is_auth_error(vcsim: VcsimService) -> None:
     # vcsim accepts only the configured user (default user:pass).
     settings = VSphereSettings(url=vcsim.sdk_url, cafile=vcsim.cert_file, username="nobody",
@@ -47,6 +47,7 @@ async def test_bad_login_is_auth_error(vcsim: VcsimService) -> None:
             pass
 
 
+@pytest.mark.integration
 async def test_find_vm_by_uuid_and_path(sim: SimulatorControl, client: VSphereClient,
                                         vm_name: str) -> None:
     simvm = sim.create_vm(vm_name, [1 << 20])
@@ -63,6 +64,7 @@ async def test_find_vm_by_uuid_and_path(sim: SimulatorControl, client: VSphereCl
         await client.find_vm()
 
 
+@pytest.mark.integration
 async def test_snapshot_of_cbt_off_vm_has_no_change_ids_and_quiesce_flag(
     sim: SimulatorControl, client: VSphereClient, vm_name: str
 ) -> None:
@@ -84,6 +86,7 @@ async def test_snapshot_of_cbt_off_vm_has_no_change_ids_and_quiesce_flag(
         await client.snapshot_info(other, snap2.moref)
 
 
+@pytest.mark.integration
 async def test_injected_fault_is_transient_then_recovers(
     sim: SimulatorControl, client: VSphereClient, vm_name: str
 ) -> None:

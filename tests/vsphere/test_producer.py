@@ -19,9 +19,8 @@ from schemas.events import SnapshotTaken, stable_event_id
 from schemas.topics import SNAPSHOT_TAKEN
 from tests.support import read_topic, settings_env
 
-pytestmark = pytest.mark.integration
 
-
+@pytest.mark.integration
 async def test_snapshot_and_publish_one_event_per_disk(
     sim: SimulatorControl, producer_settings: Settings, vm_name: str
 ) -> None:
@@ -43,6 +42,7 @@ async def test_snapshot_and_publish_one_event_per_disk(
     assert sorted(got, key=lambda e: e.disk.device_key) == events
 
 
+@pytest.mark.integration
 async def test_scheduler_keeps_going_when_one_vm_fails(
     sim: SimulatorControl, producer_settings: Settings, vm_name: str
 ) -> None:
@@ -66,6 +66,7 @@ def test_parse_interval() -> None:
             parse_interval(bad)
 
 
+@pytest.mark.integration
 async def test_cli_prints_one_json_line_per_event(
     sim: SimulatorControl, producer_settings: Settings, vm_name: str, tmp_path: Path
 ) -> None:

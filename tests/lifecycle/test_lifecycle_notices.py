@@ -1,4 +1,4 @@
-"""Lifecycle notices after the throughput work: one notice per disk and VM snapshot, only for
+"""Lifecycle notices (``streams.lifecycle``): one notice per disk and VM snapshot, only for
 snapshots the pipeline removes, carrying ``snapshot_device_keys``. Pure functions, no broker."""
 
 from __future__ import annotations
