@@ -189,6 +189,10 @@ class VSphereExecutor:
             await session.mark_dirty(rtype, identity)
             result = await self._copy(plan, source, target, rtype, extents, zero_rest,
                                       session.base_tree(rtype, capacity), progress)
+            if result.leaves_repaired and rtype == ReplicationType.INCREMENTAL:
+                # leaves it rewrote in part were corrupt: repaired from the snapshot, reported
+                # under verify's word (consumers/copy/engine.py, "Edge leaves")
+                reason = FullReason.REPLICA_MISMATCH
             synced = SyncResult(
                 replication_type=rtype,
                 reason=reason,

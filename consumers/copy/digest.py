@@ -12,6 +12,10 @@ keeps the others from the tree of the replica it started from, so maintaining th
 O(bytes written) hashing plus 32 bytes per MiB of disk to fold the root. A zero leaf hashes to a
 constant (:func:`zero_leaf`), so holes and zero runs are never hashed.
 
+A leaf a sync covers only in part keeps bytes the sync does not write; before they are hashed
+into the new tree they must be proven to be the base's (:func:`holds_base`, used by the copy
+engine), else a corrupt replica would be certified as good.
+
 The digest of one sync (``ChangeIdCommitted.digest``) covers just the touched leaves::
 
     digest = "blake3:" + hex(blake3( for each run of touched leaves: u64be(first) || u64be(count)
@@ -161,12 +165,45 @@ def partial_leaves(offset: int, length: int, capacity: int) -> list[int]:
     return sorted(i for i in edges if i not in inside)
 
 
+def untouched(span: Extent, touched: Iterable[Extent]) -> list[tuple[int, int]]:
+    """The runs ``(start, end)``, relative to the leaf ``span``, that ``touched`` (sorted,
+    disjoint, inside the leaf) does not cover: the bytes a sync keeps from the replica."""
+    out = []
+    pos = span.start
+    for t in touched:
+        if t.start > pos:
+            out.append((pos - span.start, t.start - span.start))
+        pos = max(pos, t.end)
+    if pos < span.end:
+        out.append((pos - span.start, span.length))
+    return out
+
+
+def holds_base(leaf: memoryview, base: bytes, keep: Iterable[tuple[int, int]]) -> bool:
+    """Does ``leaf`` (a replica leaf as read before a sync writes into it) prove that its runs
+    ``keep`` (see :func:`untouched`) hold what the base tree's hash ``base`` describes?
+
+    For a zero leaf in the base (a full copy's starting point, or a hole) the runs themselves
+    must be zero: exact, and the bytes the sync overwrites do not matter. Otherwise the whole
+    leaf must hash to ``base``: a leaf hash cannot be split, so a difference only in the bytes
+    the sync overwrites (an interrupted earlier write) also fails the proof; the caller then
+    asks the source (:func:`same_runs`). Thread-safe (hashing releases the GIL)."""
+    if base == zero_leaf(len(leaf)):
+        return all(leaf[a:b].tobytes() == bytes(b - a) for a, b in keep)
+    return leaf_hash(leaf) == base
+
+
+def same_runs(a: memoryview, b: memoryview, runs: Iterable[tuple[int, int]]) -> bool:
+    """Are the runs ``(start, end)`` of ``a`` and ``b`` byte for byte equal?"""
+    return all(a[s:e].tobytes() == b[s:e].tobytes() for s, e in runs)
+
+
 async def leaves_of_target(
     indexes: Iterable[int],
     capacity: int,
     read_into: Callable[[int, memoryview], Awaitable[None]],
 ) -> AsyncIterator[tuple[int, bytes]]:
-    """Hash leaves by reading them from a replica (a verifier's view, and partial leaves)."""
+    """Hash leaves by reading them from a replica (a verifier's view)."""
     view = memoryview(bytearray(LEAF))
     for i in indexes:
         span = leaf_span(i, capacity)

@@ -2,16 +2,55 @@
 
 Order of a disk copy (each step only after the previous one succeeded)::
 
-    plan (merge, clip) -> [resume: skip what the checkpoint says is durable]
-    -> for each range: block status -> data runs read+written, zero runs written as zeroes
+    plan (merge, clip) -> cut into runs of whole leaves and "edge leaves" (leaves the ranges
+    cover only in part) -> [resume: skip what the checkpoint says is durable]
+    -> whole leaves: block status -> data runs read+written, zero runs written as zeroes
+       edge leaf: read the old leaf from the target -> prove the bytes the sync keeps against
+       the base tree -> read+write the changed bytes into it (unproven: copy the whole leaf
+       from the source) -> hash the new leaf
        (pipelined: ``max_in_flight`` requests, one buffer each, so memory is bounded)
        -> every few hundred MiB: flush target -> save checkpoint
-    -> rehash the leaves the ranges cover only in part (read back from the target)
     -> flush target -> [verify: re-read every touched leaf, compare] -> return CopyResult
 
 Every touched leaf of the replica hash tree (``digest.py``) is rehashed as its bytes are written
 (hashing overlaps the writes, in a thread pool); untouched leaves keep the hash they had in the
 ``tree`` passed in, i.e. the replica's tree at the sync's base.
+
+Edge leaves (issue 24: "a corrupt replica can be certified as good"). An edge leaf is hashed
+whole, so the bytes the sync keeps from the replica go into the new tree, the commit's
+``replica_digest`` and every later ``cbtstream verify``, which compares the replica with that
+digest: a corrupt byte hashed here would be certified as good for ever. So before the sync
+writes into an edge leaf it reads the old leaf from the target (the one target read such a leaf
+always cost; the new hash is computed from that buffer with the changed bytes laid over it, not
+read back again) and proves the kept bytes with the base tree (``digest.holds_base``). The
+normal case reads no source byte more than before. Unproven, the leaf is read whole from the
+source, the snapshot (the one witness of what the kept bytes must be: CBT never misses a change,
+so they are unchanged since the base), and written whole:
+
+* the kept bytes differ from the snapshot's: the replica was corrupt there. The leaf is counted
+  in ``CopyResult.repaired`` and a warning names the disk and the leaf;
+* they equal them: only bytes this sync rewrites differed (a write of an interrupted run of the
+  same lineage: a resumed sync, or a dirty replica admitted for repair). Counted in
+  ``recopied`` only, one INFO line per sync: no alarm for what a restart always leaves behind.
+
+An edge leaf a checkpoint covers was proven by the run that wrote it, and is rehashed as found.
+Where the base tree has a zero leaf (a hole; and every leaf of a full copy, which starts from the
+all-zero tree after its caller zeroed what it does not copy) the kept bytes must be zero: checked
+as such, without a hash, so the old bytes the sync overwrites cost no source read either.
+
+What the outcome says (the copier, ``consumers/vsphere_executor.py``): the commit stays
+``incremental`` (the lineage is intact: the plan's changed areas were applied onto its base)
+with ``reason=replica_mismatch`` when a leaf was repaired. That is the word ``cbtstream verify``
+uses for "the replica differed from its record", already carried by the audit tables, ``status``,
+the replay and ``cbtstream_syncs_total{reason}``, so an operator finds every finding of
+corruption under one reason, and the type tells them apart: ``full``, verify found it and the
+whole disk was copied; ``incremental``, the sync found it in leaves it rewrote in part and copied
+those from the snapshot. No ``ReplicaMismatch`` is published: that event is verify's verdict on a
+whole replica and marks its record for a full copy, while this difference is repaired in the very
+commit that reports it; the leaves the sync did not touch are as proven as after any incremental
+(verify and the patrol cover them, as the warning says). A new reason would be refused by older
+workers (their commit would be dead-lettered), and the event has no field for the count: it is
+in the log lines and in :class:`CopyResult`.
 
 The caller commits the change ID only after ``copy_disk`` returned, then calls
 ``checkpoint.done()``. Any failure raises :class:`CopyFailed` (with the reason and retryability
@@ -22,10 +61,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cbtstream.config import CopierSettings
 from cbtstream.errors import CbtStreamError
@@ -44,6 +85,8 @@ _STATUS_WINDOW = 1 << 30
 _INLINE_HASH = 256 * 1024
 #: One leaf hash: its index and blake3 digest.
 LeafHashes = list[tuple[int, bytes]]
+
+log = logging.getLogger("cbtstream.copier.copy")
 
 
 class CopyFailed(CbtStreamError):
@@ -106,6 +149,68 @@ class CopyResult:
     resumed_from: int = 0
     verified: bool = False
     ranges: tuple[Extent, ...] = field(default=(), repr=False)
+    #: Edge leaves whose kept bytes differed from the snapshot: the replica was corrupt there;
+    #: copied whole from the source (see "Edge leaves" above).
+    repaired: tuple[int, ...] = ()
+    #: Every edge leaf copied whole from the source because the base tree did not prove it
+    #: (``repaired`` and those that differed only in bytes this sync rewrote).
+    recopied: tuple[int, ...] = ()
+
+    @property
+    def leaves_repaired(self) -> int:
+        return len(self.repaired)
+
+
+class Edge(NamedTuple):
+    """A leaf the planned ranges cover only in part, and the parts they cover (sorted)."""
+
+    leaf: int
+    touched: tuple[Extent, ...]
+
+
+class EdgeLeaf(NamedTuple):
+    """Work item: an edge leaf with the segments of it the sync writes (in order)."""
+
+    leaf: int
+    segs: tuple[Segment, ...]
+
+    @property
+    def end(self) -> int:
+        return self.segs[-1].end
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.segs)
+
+
+def cut_edges(ranges: Iterable[Extent], capacity: int) -> list[Extent | Edge]:
+    """Cut planned ranges (sorted, disjoint, not touching) into runs of whole leaves and edge
+    leaves, in disk order. A leaf shared by the end of one range and the start of the next is
+    one :class:`Edge`. Pure."""
+    out: list[Extent | Edge] = []
+    edge, touched = -1, list[Extent]()
+    for r in ranges:
+        whole = dg.full_leaves(r.start, r.length, capacity)
+        pos = r.start
+        while pos < r.end:
+            i = pos // dg.LEAF
+            if i in whole:
+                end = min(whole.stop * dg.LEAF, r.end)
+                if touched:
+                    out.append(Edge(edge, tuple(touched)))
+                    edge, touched = -1, []
+                out.append(Extent(pos, end - pos))
+            else:
+                end = min(r.end, (i + 1) * dg.LEAF)
+                if i != edge and touched:
+                    out.append(Edge(edge, tuple(touched)))
+                    touched = []
+                edge = i
+                touched.append(Extent(pos, end - pos))
+            pos = end
+    if touched:
+        out.append(Edge(edge, tuple(touched)))
+    return out
 
 
 async def _collect(extents: Iterable[Extent] | AsyncIterable[Extent]) -> list[Extent]:
@@ -136,7 +241,9 @@ class _Run:
     ) -> None:
         self.source, self.target, self.ranges, self.o = source, target, ranges, options
         self.tree = tree
-        self.partial: set[int] = set()
+        self.units = cut_edges(ranges, capacity)
+        self.repaired: list[int] = []
+        self.recopied: list[int] = []
         self.checkpoint, self.plan_id, self.on_progress = checkpoint, plan_id, on_progress
         limit = min(source.max_request, target.max_request)
         self.request = min(_round_piece(options.request_bytes), _round_piece(limit))
@@ -193,11 +300,21 @@ class _Run:
             cur = cur // dg.LEAF * dg.LEAF
         return out, cur
 
-    async def items(self) -> AsyncIterable[Segment]:
-        for r in self.ranges:
-            pos = r.start
-            while pos < r.end:
-                status, nxt = await self._status(pos, r.end)
+    async def items(self) -> AsyncIterable[Segment | EdgeLeaf]:
+        for unit in self.units:
+            if isinstance(unit, Edge):
+                segs: list[Segment] = []
+                for t in unit.touched:
+                    pos = t.start
+                    while pos < t.end:
+                        status, nxt = await self._status(pos, t.end)
+                        segs.extend(segments(pos, nxt - pos, status, dg.LEAF))
+                        pos = nxt
+                yield EdgeLeaf(unit.leaf, tuple(segs))
+                continue
+            pos = unit.start
+            while pos < unit.end:
+                status, nxt = await self._status(pos, unit.end)
                 for seg in segments(pos, nxt - pos, status, dg.LEAF):
                     if seg.zero:
                         yield seg
@@ -208,7 +325,8 @@ class _Run:
 
     # -- execution -----------------------------------------------------------------------------
     async def execute(self) -> None:
-        queue: asyncio.Queue[tuple[int, Segment] | None] = asyncio.Queue(self.o.max_in_flight)
+        queue: asyncio.Queue[tuple[int, Segment | EdgeLeaf] | None] = asyncio.Queue(
+            self.o.max_in_flight)
         workers = max(1, self.o.max_in_flight)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -228,13 +346,22 @@ class _Run:
                 with contextlib.suppress(BaseException):
                     await self._saving
 
-    async def _worker(self, queue: asyncio.Queue[tuple[int, Segment] | None]) -> None:
+    async def _worker(self, queue: asyncio.Queue[tuple[int, Segment | EdgeLeaf] | None]
+                      ) -> None:
         loop = asyncio.get_running_loop()
         buf: memoryview | None = None
+        leaf: memoryview | None = None
         while (job := await queue.get()) is not None:
-            seq, seg = job
+            seq, item = job
             copied = zeroed = 0
             cap = self.capacity
+            if isinstance(item, EdgeLeaf):
+                if leaf is None:
+                    leaf = memoryview(bytearray(dg.LEAF))
+                records, copied, zeroed = await self._edge(item, leaf)
+                self._complete(seq, item, records, copied, zeroed)
+                continue
+            seg = item
             if seg.end <= self.resume_until:
                 records = await self._rehash(seg, buf)
                 self.resumed_bytes += seg.length
@@ -271,32 +398,70 @@ class _Run:
             self._pool, dg.hash_item, seg.start, view, self.capacity
         )
 
-    async def rehash_partial(self) -> None:
-        """Leaves the ranges cover only in part: hash them whole, as the target now holds them
-        (written part from this sync, the rest from the replica's base). Several leaves are
-        read and hashed at once (reads overlap, hashing runs in the pool), since a scattered
-        incremental has a partial leaf at nearly every changed area."""
-        todo = sorted(self.partial)
+    async def _edge(self, edge: EdgeLeaf, buf: memoryview) -> tuple[LeafHashes, int, int]:
+        """One edge leaf (see "Edge leaves" above): (its new hash, bytes copied, zeroed).
+
+        The old leaf is read before anything of this sync is written into it (no other item
+        writes into an edge leaf), its kept bytes proven, and the changed bytes read from the
+        source straight into that buffer, so the buffer then is the new leaf."""
         loop = asyncio.get_running_loop()
+        i = edge.leaf
+        span = dg.leaf_span(i, self.capacity)
+        leaf = buf[: span.length]
+        await self.target.read_into(span.start, leaf)
+        if edge.end <= self.resume_until:
+            # Written (after being proven) by the run whose checkpoint covers it.
+            self.resumed_bytes += edge.length
+            return [(i, await loop.run_in_executor(self._pool, dg.leaf_hash, leaf))], 0, 0
+        keep = dg.untouched(span, (Extent(s.start, s.length) for s in edge.segs))
+        if not await loop.run_in_executor(self._pool, dg.holds_base, leaf, self.tree.get(i),
+                                          keep):
+            return await self._recopy(i, span, leaf, keep), span.length, 0
+        copied = zeroed = 0
+        for seg in edge.segs:
+            rel = seg.start - span.start
+            piece = leaf[rel : rel + seg.length]
+            if seg.zero:
+                piece[:] = bytes(seg.length)
+                await self.target.zero(seg.start, seg.length)
+                zeroed += seg.length
+            else:
+                await self.throttle.acquire(seg.length)
+                await self.source.read_into(seg.start, piece)
+                await self.target.write(seg.start, piece)
+                copied += seg.length
+        return [(i, await loop.run_in_executor(self._pool, dg.leaf_hash, leaf))], copied, zeroed
 
-        async def lane(k: int) -> None:
-            buf = memoryview(bytearray(dg.LEAF))
-            for i in todo[k :: self.o.max_in_flight]:
-                span = dg.leaf_span(i, self.capacity)
-                piece = buf[: span.length]
-                await self.target.read_into(span.start, piece)
-                self.tree.set(i, await loop.run_in_executor(self._pool, dg.leaf_hash, piece))
-
-        async with asyncio.TaskGroup() as tg:
-            for k in range(min(len(todo), max(1, self.o.max_in_flight))):
-                tg.create_task(lane(k))
+    async def _recopy(self, i: int, span: Extent, old: memoryview,
+                      keep: list[tuple[int, int]]) -> LeafHashes:
+        """An edge leaf the base tree does not prove: copy it whole from the source, and tell
+        a corrupt replica (kept bytes differ from the snapshot) from an interrupted write."""
+        loop = asyncio.get_running_loop()
+        new = memoryview(bytearray(span.length))
+        await self.throttle.acquire(span.length)
+        await self.source.read_into(span.start, new)
+        intact = await loop.run_in_executor(self._pool, dg.same_runs, old, new, keep)
+        await self.target.write(span.start, new)
+        self.recopied.append(i)
+        disk = self.o.disk_key or "disk"
+        where = {"leaf": i, "leaf_offset": span.start, "leaf_length": span.length}
+        if intact:
+            log.debug(f"{disk}: leaf {i} (bytes {span.start}+{span.length}) differed from the "
+                      "replica's tree only in bytes this sync rewrites: copied whole from the "
+                      "snapshot", extra=where)
+        else:
+            self.repaired.append(i)
+            log.warning(f"{disk}: replica corrupt in leaf {i} (bytes {span.start}+"
+                        f"{span.length}): bytes this sync keeps differ from the snapshot; leaf "
+                        "repaired from the snapshot. Leaves the sync does not touch are not "
+                        "checked: run cbtstream verify", extra=where)
+        return [(i, await loop.run_in_executor(self._pool, dg.leaf_hash, new))]
 
     def _complete(
-        self, seq: int, seg: Segment, records: LeafHashes, copied: int, zeroed: int
+        self, seq: int, seg: Segment | EdgeLeaf, records: LeafHashes, copied: int, zeroed: int
     ) -> None:
         for i, h in records:
             self.tree.set(i, h)
-        self.partial.update(dg.partial_leaves(seg.start, seg.length, self.capacity))
         self.copied += copied
         self.zeroed += zeroed
         self.done_bytes += seg.length
@@ -380,7 +545,9 @@ async def copy_disk(
     Extents outside ``[0, capacity)`` are clipped. With a ``checkpoint`` an interrupted copy of
     the same plan resumes after the last durable offset. ``tree`` is the replica's hash tree at
     the sync's base (default: an all-zero disk); it is updated in place for every touched leaf and
-    returned in the result. Raises :class:`CopyFailed`.
+    returned in the result. The bytes a leaf covered only in part keeps from the target are
+    proven against it first, and repaired from the source if they are not what it says (see
+    "Edge leaves" above). Raises :class:`CopyFailed`.
     """
     t0 = time.monotonic()
     input_extents = await _collect(extents)
@@ -400,7 +567,6 @@ async def copy_disk(
     try:
         try:
             await run.execute()
-            await run.rehash_partial()
         finally:
             run.close()
         await target.flush()
@@ -416,6 +582,11 @@ async def copy_disk(
             raise
         raise _failure(exc, options.disk_key) from exc
     run.report(final=True)
+    if len(run.recopied) > len(run.repaired):
+        log.info(f"{options.disk_key or 'disk'}: {len(run.recopied) - len(run.repaired)} leaves "
+                 "this sync writes in part differed from the replica's tree only in bytes it "
+                 "rewrites (an interrupted earlier write): copied whole from the snapshot",
+                 extra={"leaves_recopied": len(run.recopied) - len(run.repaired)})
     return CopyResult(
         bytes_copied=run.copied,
         bytes_zeroed=run.zeroed,
@@ -428,6 +599,8 @@ async def copy_disk(
         resumed_from=run.resume_until,
         verified=verified,
         ranges=tuple(ranges),
+        repaired=tuple(sorted(run.repaired)),
+        recopied=tuple(sorted(run.recopied)),
     )
 
 
