@@ -98,7 +98,9 @@ class Metrics:
             self.bytes_zeroed.labels(rtype).inc(event.bytes_zeroed)
             self.duration.labels(rtype).observe(event.duration_s)
             self.last_commit.labels(event.disk.key).set(time.time())
-            if event.reason in COPIER_FALLBACKS:
+            # an incremental commit with replica_mismatch repaired leaves it rewrote in part
+            # (consumers/copy/engine.py, "Edge leaves"): no full copy, so no fallback
+            if event.reason in COPIER_FALLBACKS and rtype == ReplicationType.FULL:
                 self.fallbacks.labels("copier", str(event.reason)).inc()
         elif isinstance(event, SyncFailed):
             self.syncs.labels("failed", "", event.reason).inc()

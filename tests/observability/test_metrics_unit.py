@@ -36,6 +36,8 @@ def test_outcomes_plans_and_fallbacks() -> None:
     m = Metrics()
     m.observe_outcome(commit(FullReason.PREVIOUS_COMMIT, ReplicationType.INCREMENTAL))
     m.observe_outcome(commit(FullReason.BASE_CHANGE_ID_REJECTED, ReplicationType.FULL))
+    # an incremental that repaired corrupt edge leaves: a finding, not a full copy
+    m.observe_outcome(commit(FullReason.REPLICA_MISMATCH, ReplicationType.INCREMENTAL))
     m.observe_outcome(SyncFailed(disk=disk(), sync_id=uuid.uuid4(), vm_snapshot="snapshot-1",
                                  reason="vsphere_not_found", detail="gone", retriable=False))
     m.observe_plan(SyncPlanned(
@@ -53,12 +55,16 @@ def test_outcomes_plans_and_fallbacks() -> None:
     assert s[("cbtstream_syncs_total", (("outcome", "failed"), ("reason", "vsphere_not_found"),
                                         ("replication_type", "")))] == 1
     assert s[("cbtstream_bytes_copied_total", (("replication_type", "full"),))] == 4096
-    assert s[("cbtstream_bytes_zeroed_total", (("replication_type", "incremental"),))] == 512
+    assert s[("cbtstream_bytes_zeroed_total", (("replication_type", "incremental"),))] == 1024
     assert s[("cbtstream_sync_duration_seconds_count", (("replication_type", "full"),))] == 1
     assert s[("cbtstream_fallbacks_total", (("reason", "base_change_id_rejected"),
                                             ("stage", "copier")))] == 1
     assert s[("cbtstream_fallbacks_total", (("reason", "epoch_changed"),
                                             ("stage", "planner")))] == 1
+    assert s[("cbtstream_syncs_total", (("outcome", "committed"), ("reason", "replica_mismatch"),
+                                        ("replication_type", "incremental")))] == 1
+    assert not any(k[0] == "cbtstream_fallbacks_total" and ("reason", "replica_mismatch") in k[1]
+                   for k in s)
     # a first full copy is not a fallback
     assert not any(k[0] == "cbtstream_fallbacks_total" and ("reason", "no_previous_commit") in k[1]
                    for k in s)
