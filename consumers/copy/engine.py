@@ -143,8 +143,6 @@ class CopyResult:
     duration_s: float
     replica_digest: str = ""
     tree: dg.HashTree | None = field(default=None, repr=False)
-    #: Bytes covered by the plan (merged ranges): bytes_copied + bytes_zeroed when not resumed.
-    bytes_planned: int = 0
     #: Disk offset up to which a checkpoint let this run skip work (0: started from scratch).
     resumed_from: int = 0
     verified: bool = False
@@ -252,7 +250,6 @@ class _Run:
         self.zeroed = resume.bytes_zeroed if resume else 0
         self.total = sum(r.length for r in ranges)
         self.done_bytes = 0
-        self.resumed_bytes = 0
         # In-order completion tracking for checkpoints.
         self._ends: dict[int, tuple[int, int, int]] = {}  # seq -> (end, copied, zeroed)
         self._next = 0
@@ -260,7 +257,6 @@ class _Run:
         self._prefix_copied, self._prefix_zeroed = self.copied, self.zeroed
         self._saved_at, self._saved_time = self.watermark, time.monotonic()
         self._saving: asyncio.Task[None] | None = None
-        self._t0 = time.monotonic()
         self._last_progress = 0.0
         self._pool = ThreadPoolExecutor(max(1, options.hash_threads), "cbt-hash")
         self.capacity = capacity
@@ -364,7 +360,6 @@ class _Run:
             seg = item
             if seg.end <= self.resume_until:
                 records = await self._rehash(seg, buf)
-                self.resumed_bytes += seg.length
             elif seg.zero:
                 await self.target.zero(seg.start, seg.length)
                 records = dg.zero_item(seg.start, seg.length, cap)
@@ -411,7 +406,6 @@ class _Run:
         await self.target.read_into(span.start, leaf)
         if edge.end <= self.resume_until:
             # Written (after being proven) by the run whose checkpoint covers it.
-            self.resumed_bytes += edge.length
             return [(i, await loop.run_in_executor(self._pool, dg.leaf_hash, leaf))], 0, 0
         keep = dg.untouched(span, (Extent(s.start, s.length) for s in edge.segs))
         if not await loop.run_in_executor(self._pool, dg.holds_base, leaf, self.tree.get(i),
@@ -500,12 +494,7 @@ class _Run:
         self._pool.shutdown(wait=True)
 
     def progress(self, final: bool = False) -> CopyProgress:
-        elapsed = time.monotonic() - self._t0
-        fresh = self.done_bytes - self.resumed_bytes
-        rate = fresh / elapsed if elapsed > 0 else 0.0
-        left = self.total - self.done_bytes
-        eta = left / rate if rate > 0 else None
-        return CopyProgress(self.o.disk_key, self.done_bytes, self.total, elapsed, rate, eta, final)
+        return CopyProgress(self.o.disk_key, self.done_bytes, self.total, final)
 
     def report(self, final: bool = False) -> None:
         if self.on_progress is None:
@@ -595,7 +584,6 @@ async def copy_disk(
         duration_s=time.monotonic() - t0,
         replica_digest=tree.root(),
         tree=tree,
-        bytes_planned=run.total,
         resumed_from=run.resume_until,
         verified=verified,
         ranges=tuple(ranges),

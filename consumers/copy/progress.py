@@ -15,15 +15,12 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class CopyProgress:
-    """How far the copy of one disk is."""
+    """How far the copy of one disk is (rates and ETAs are the reader's: the copier and the
+    progress bar measure their own)."""
 
     disk_key: str
     bytes_done: int
     bytes_total: int
-    elapsed_s: float
-    #: Average rate since the start of this run (resumed bytes excluded).
-    rate_bytes_per_s: float
-    eta_s: float | None
     final: bool = False
 
 

@@ -56,7 +56,6 @@ class ReplicaPatrol:
         self.targets = TargetResolver(settings)
         self._publish = publish
         self._sleep = sleep
-        self.checks = 0
 
     async def check_next(self) -> Check | None:
         """Verify the replica most due; None if there is none."""
@@ -69,7 +68,6 @@ class ReplicaPatrol:
                        throttle=throttle)
         with bind_disk(due.disk_key):
             check = await check_replica(due.location, read, wait_s=0)
-            self.checks += 1
             event = event_for(check)
             if event is not None:
                 await self._publish(event)
