@@ -168,13 +168,31 @@ class SyncSuperseded(_Event):
 
 
 class SyncProgress(_Event):
-    """Periodic progress of a running sync."""
+    """Periodic news of a sync a copier holds: running (bytes so far), or queued (held but not
+    started: waiting for a copy slot, or for the disk's previous plan). Either one tells the
+    planner the sync is not silent."""
 
     event_type: Literal["SyncProgress"] = "SyncProgress"
     sync_id: uuid.UUID
     bytes_done: int = Field(ge=0)
     bytes_total: int = Field(ge=0)
     rate_bytes_per_s: float = Field(ge=0)
+    state: Literal["queued", "running"] = Field(
+        default="running",
+        description="'running': the copy has started; 'queued': the copier holds the plan and "
+        "has not started it (bytes are then 0). Readers older than this field reject events "
+        "carrying it: upgrade readers (planner, audit, tools) before copiers.",
+    )
+    queue_position: int | None = Field(
+        default=None, ge=1, le=1 << 31,
+        description="With state 'queued': the plan's place in its copier's queue (1: next).",
+    )
+
+    @model_validator(mode="after")
+    def _position_when_queued(self) -> SyncProgress:
+        if (self.queue_position is not None) != (self.state == "queued"):
+            raise ValueError("queue_position is given exactly when the state is 'queued'")
+        return self
 
 
 class ChangeIdCommitted(_Event):

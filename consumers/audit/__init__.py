@@ -14,7 +14,8 @@ Tables (all in ``postgres.db_schema``):
   that never committed (reason ``no_previous_commit``), ``incremental``, and ``full`` = a full
   copy for any other reason (CBT reset, resized disk, rejected base change ID...; see ``reason``).
   It is the committed commit's type if there is one (a copier fallback shows), else the plan's.
-  ``status``: ``planned`` -> ``running`` (progress seen) -> ``completed`` (a commit not refused) or
+  ``status``: ``planned`` (queued in a copier included) -> ``running`` (progress of the copy
+  seen) -> ``completed`` (a commit not refused) or
   ``failed`` (a ``SyncFailed``, including a refused commit: ``failure_reason``).
 * ``vm_disks``: the seed's table, one row per (job, disk); ``disk_id`` is ``disk-<device key>``,
   ``disk_change_id`` is the committed change ID, null until committed and for refused commits.

@@ -6,7 +6,9 @@ return, for the live consumer and for rebuilds alike, so the two cannot diverge.
 Idempotency: the repository inserts the ``events`` row first (``on conflict (event_id) do
 nothing``) and applies an event's projection only when that insert created the row, in the same
 transaction. ``SyncProgress`` is the exception: it is not logged in ``events`` (high volume); its
-projection keeps the newest progress per sync and is idempotent by itself.
+projection keeps the newest progress per sync and is idempotent by itself. A queued report
+(``state="queued"``: a copier holds the plan and has not started it) is not progress: it only
+touches the job's rows, and the job stays ``planned`` until the copy runs.
 
 Order independence: topics are consumed concurrently, so a commit may be read before its plan, or
 a refusal before the commit it refuses. Every projection column therefore merges commutatively:
@@ -70,16 +72,18 @@ INSERT_EVENTS = (
 
 
 def newest_progress_only(events: list[Event]) -> list[Event]:
-    """Drop every ``SyncProgress`` of a batch but the newest of its sync (the projection keeps
-    only the newest anyway; progress is the high-volume topic)."""
-    newest: dict[uuid.UUID, SyncProgress] = {}
+    """Drop every ``SyncProgress`` of a batch but the newest of its sync and state (the
+    projection keeps only the newest anyway; progress is the high-volume topic). Per state, so
+    a queued report never hides the running one it follows or precedes."""
+    newest: dict[tuple[uuid.UUID, str], SyncProgress] = {}
     for e in events:
         if isinstance(e, SyncProgress):
-            kept = newest.get(e.sync_id)
+            kept = newest.get((e.sync_id, e.state))
             if kept is None or (e.occurred_at, str(e.event_id)) > (kept.occurred_at,
                                                                    str(kept.event_id)):
-                newest[e.sync_id] = e
-    return [e for e in events if not isinstance(e, SyncProgress) or newest[e.sync_id] is e]
+                newest[(e.sync_id, e.state)] = e
+    return [e for e in events
+            if not isinstance(e, SyncProgress) or newest[(e.sync_id, e.state)] is e]
 
 
 def stored_in_events(event: Event) -> bool:
@@ -269,6 +273,10 @@ def project(event: Event) -> list[Stmt]:
             out += [Stmt(_REFUSE, (event.event_id,)), *_recompute(event.sync_id)]
         return out
     if isinstance(event, SyncProgress):
+        if event.state == "queued":
+            # Held by a copier and not started (consumers/queued.py): news of the sync, so its
+            # rows exist and are touched, but no progress: the job stays 'planned'.
+            return _job_and_disk(event.sync_id, event.disk, None, event.occurred_at)
         return [
             *_job_and_disk(event.sync_id, event.disk, None, event.occurred_at),
             Stmt(_PROGRESS, (event.sync_id, event.occurred_at, event.bytes_done,

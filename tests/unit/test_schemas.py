@@ -14,12 +14,13 @@ from schemas import (
     DiskRef,
     SnapshotTaken,
     SyncPlanned,
+    SyncProgress,
     parse_disk_key,
 )
 from schemas.codec import EventDecodeError, dead_letter_record, decode, encode
 from schemas.jsonschema import drift, render_all
 from schemas.topics import ALL_TOPICS, CONTROL_TOPICS, topic_for
-from tests.unit.factories import EPOCH_A, VM, disk, snap
+from tests.unit.factories import EPOCH_A, VM, disk, new_id, snap
 
 
 def test_committed_json_schemas_match_the_models() -> None:
@@ -88,6 +89,19 @@ def test_codec_round_trip_single_line_with_headers() -> None:
     assert b"\n" not in value
     assert dict(headers)["event-type"] == b"SnapshotTaken"
     assert decode(value, key=key) == ev
+
+
+def test_sync_progress_is_running_or_queued_with_its_place() -> None:
+    base = {"disk": disk(), "sync_id": new_id(), "bytes_done": 0, "bytes_total": 0,
+            "rate_bytes_per_s": 0.0}
+    assert SyncProgress.model_validate(base).state == "running"
+    queued = SyncProgress.model_validate({**base, "state": "queued", "queue_position": 2})
+    key, value, _ = encode(queued)
+    assert decode(value, key=key) == queued
+    for wrong in ({"state": "queued"}, {"queue_position": 1},
+                  {"state": "queued", "queue_position": 0}, {"state": "waiting"}):
+        with pytest.raises(ValidationError):
+            SyncProgress.model_validate({**base, **wrong})
 
 
 def test_codec_refuses_key_naming_another_disk() -> None:
