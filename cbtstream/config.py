@@ -215,10 +215,18 @@ class CopierSettings(BaseModel):
     max_in_flight: int = Field(default=8, ge=1, le=256)
     #: Changed extents closer than this are merged into one read (DOMAIN.md: about 1 MiB).
     merge_gap_bytes: int = Field(default=1024 * 1024, ge=0)
-    #: How many disks are copied at once.
+    #: How many disks are copied at once (plans of different disks run concurrently even when
+    #: they share a partition; the plans of one disk run one after another).
     max_parallel_disks: int = Field(default=4, ge=1)
+    #: Plans a copier holds per partition before it stops fetching from it (it resumes at half
+    #: of it). Held plans are reported as queued; plans still in Kafka are not, so keep this
+    #: above the number of disks of a partition that may have a sync pending at once.
+    max_waiting_per_partition: int = Field(default=1000, ge=1)
     #: Seconds between SyncProgress events per disk.
     progress_interval_s: float = Field(default=2.0, gt=0)
+    #: Seconds between two ``SyncProgress(state="queued")`` of a plan the copier holds but has
+    #: not started (at most a fifth of ``streams.sync_timeout_s``, so waiting is not silence).
+    queue_report_interval_s: float = Field(default=60.0, gt=0)
     #: Resume checkpoints of running syncs (must survive restarts; small files).
     state_dir: Path = Path(".stack/copier")
     #: Parallel NBD connections per source disk.
@@ -279,7 +287,8 @@ class StreamsSettings(BaseModel):
     #: A running sync with no outcome and no ``SyncProgress`` for this long is re-issued (its
     #: plan again, same sync id), and after as long again ended as ``SyncFailed(sync_timed_out)``
     #: so the disk's waiting snapshot starts. Longer than any silence of a healthy copier (it
-    #: reports progress every ``copier.progress_interval_s``); 0 turns the check off.
+    #: reports progress every ``copier.progress_interval_s``, and a plan it holds queued every
+    #: ``copier.queue_report_interval_s``); 0 turns the check off.
     sync_timeout_s: float = Field(default=1800.0, ge=0)
     #: How often the worker looks for silent syncs.
     sync_check_interval_s: float = Field(default=30.0, gt=0)

@@ -10,12 +10,21 @@ Order of effects for one plan (at-least-once, idempotent):
    (durable);
 2. publish ``ChangeIdCommitted`` (or ``SyncFailed``) and wait for ``acks=all``;
 3. let the executor release what it holds for the sync (e.g. the vSphere snapshot);
-4. commit the plan's offset in the copier's consumer group.
+4. commit the offset in the copier's consumer group, only once the outcome of **every** record
+   at or below it in its partition is acknowledged.
 
-Steps 2-3 of one plan overlap the copy of the next plan of the same partition; offsets are
-committed per partition once the outcome of every plan up to them is acknowledged (every
-``COMMIT_EVERY`` plans, or when the partition's queue is empty), so an offset is still never
-committed before the outcomes of the plans it covers were published.
+Order per disk, not per partition (``consumers/schedule.py``, pure): plans of different disks
+run concurrently even when they share a partition, at most ``copier.max_parallel_disks`` copies
+at a time; the plans of one disk run one after another in offset order, and a disk's next plan
+starts only once the previous one's outcome is acknowledged (a disk never has two copies at
+once). A copy slot frees as soon as step 1 ends, so steps 2-3 of one plan overlap the copy of
+the next. When a slot frees, the oldest waiting plan whose disk is free starts.
+
+Commits are gap-aware: a partition's offset is committed only below its lowest record not
+finished (a long seeding copy holds the commits of its partition back, not the copies of the
+disks behind it), every ``COMMIT_EVERY`` records or when nothing of the partition waits. So an
+offset is never committed before the outcomes of the plans it covers were published, and a
+crash re-reads every record whose outcome was not acknowledged.
 
 A redelivered plan whose outcome was already published (the ledger, ``consumers/ledger.py``,
 records each published outcome before the offset commit) is never written again: the replica
@@ -28,11 +37,20 @@ from its checkpoint). A crash between 2 and 4 publishes the same commit again wi
 id (uuid5 of the sync id), which the table drops as a duplicate. No change ID is ever published
 before the data behind it is durable.
 
-Concurrency: plans of one partition run one after another in offset order (a disk's events all
-live in one partition, so one disk never has two copies at once); partitions run concurrently,
-at most ``copier.max_parallel_disks`` copies at a time. The consumer keeps polling while copies
-run (partitions with queued work are paused), so long copies do not trigger a rebalance; a revoked
-partition's copy is cancelled and resumed from its checkpoint by the new owner.
+Failures: a plan whose outcome cannot be published (Kafka away for longer than the publish
+retries) or that hits a bug stays at the head of its disk's queue, its offset holding the
+partition's commits back, and runs again after a delay from the record the copier holds (a
+crash meanwhile re-reads it from Kafka).
+
+Waiting is not silence (``consumers/queued.py``): every plan held but not started is reported
+as ``SyncProgress(state="queued", queue_position=n)`` every ``queued.report_interval`` seconds,
+so the planner's silent-sync time-out measures the silence of the copier holding it.
+
+Bounded memory: a partition with ``copier.max_waiting_per_partition`` plans waiting is paused
+(its records stay in Kafka) and resumed at half of it; the consumer keeps polling while copies
+run, so long copies do not trigger a rebalance. A revoked partition's copies are cancelled (the
+engine's checkpoints let the new owner resume them), outcomes being published finish (they are
+facts), what is finished is committed, and its waiting plans are forgotten.
 """
 
 from __future__ import annotations
@@ -42,21 +60,26 @@ import contextlib
 import logging
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
+from pydantic import BaseModel
 
 from cbtstream.config import Settings
 from cbtstream.errors import CbtStreamError, PermissionDenied
-from cbtstream.kafka import Publisher, client_kwargs, topic_name
+from cbtstream.kafka import client_kwargs, topic_name
 from cbtstream.log import bind_disk
 from consumers.executor import ProgressUpdate, SyncExecutor, SyncResult
 from consumers.ledger import SyncLedger
+from consumers.queued import queued_reports, report_interval
 from consumers.replica.session import OutcomeAlreadyPublished
-from schemas.codec import EventDecodeError, dead_letter_record, decode
+from consumers.schedule import Schedule, Stage, Work
+from schemas.codec import EventDecodeError, Headers, dead_letter_record, decode
 from schemas.events import (
     ChangeIdCommitted,
     SyncFailed,
@@ -72,11 +95,13 @@ log = logging.getLogger("cbtstream.copier")
 #: Backoff before each retry of a retriable failure (seconds). Three retries ride out a broker
 #: leader election or a vCenter hiccup without holding a disk for minutes.
 RETRY_DELAYS = (1.0, 4.0, 15.0)
-#: Plans of one partition whose outcomes may be in flight before their offsets are committed:
-#: one commit (a broker round trip) per batch instead of one per plan.
+#: Records of one partition finished before their offsets are committed while more of the
+#: partition waits: one commit (a broker round trip) per batch instead of one per plan.
 COMMIT_EVERY = 256
-#: Records per poll. Large polls mean fewer fetch requests and fewer offset commits (one per
-#: partition per poll when the pipeline is busy); the partition is paused while its queue drains.
+#: How long a revocation waits to commit what finished (the rebalance waits for it); after
+#: that the next owner redoes those plans (idempotently).
+REVOKE_COMMIT_TIMEOUT_S = 10.0
+#: Records per poll. Large polls mean fewer fetch requests and fewer offset commits.
 MAX_POLL_RECORDS = 500
 #: ``linger_ms`` of the outcome publisher: outcomes wait up to this long to share a produce
 #: request (fewer requests for the broker and us), a small delay next to any real copy.
@@ -132,6 +157,40 @@ def failure_event(plan: SyncPlanned, reason: str, detail: str, retriable: bool) 
     )
 
 
+@dataclass(frozen=True)
+class _BadRecord:
+    """A record that is neither a plan nor a superseded snapshot: it goes to the dead letters."""
+
+    rec: ConsumerRecord[bytes, bytes]
+    error: str
+
+
+_Item = SyncPlanned | _BadRecord
+_Work = Work[TopicPartition, _Item]
+
+
+class PlanConsumer(Protocol):
+    """What the copier asks of its Kafka consumer: ``AIOKafkaConsumer`` (a fake in tests)."""
+
+    def subscribe(self, topics: list[str], listener: ConsumerRebalanceListener) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def getmany(self, *, timeout_ms: int
+                      ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]: ...
+    def pause(self, *partitions: TopicPartition) -> None: ...
+    def resume(self, *partitions: TopicPartition) -> None: ...
+    def assignment(self) -> set[TopicPartition]: ...
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None: ...
+
+
+class OutcomePublisher(Protocol):
+    """What the copier asks of its publisher (:class:`cbtstream.kafka.Publisher`)."""
+
+    async def publish(self, event: BaseModel) -> tuple[int, int]: ...
+    async def publish_raw(self, topic: str, key: bytes | None, value: bytes,
+                          headers: Headers) -> tuple[int, int]: ...
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, copier: Copier) -> None:
         self._copier = copier
@@ -150,8 +209,9 @@ class Copier:
         self,
         settings: Settings,
         executor: SyncExecutor,
-        publisher: Publisher,
+        publisher: OutcomePublisher,
         *,
+        consumer: PlanConsumer | None = None,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         self.settings = settings
@@ -162,16 +222,22 @@ class Copier:
         self._sleep = sleep
         k = settings.kafka
         self.group_id = f"{k.topic_prefix}cbtstream-copier"
-        self.consumer = AIOKafkaConsumer(
+        self.consumer: PlanConsumer = consumer if consumer is not None else AIOKafkaConsumer(
             **client_kwargs(k),
             group_id=self.group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=MAX_POLL_RECORDS,
         )
-        self._slots = asyncio.Semaphore(settings.copier.max_parallel_disks)
-        self._queues: dict[TopicPartition, asyncio.Queue[ConsumerRecord[bytes, bytes]]] = {}
-        self._tasks: dict[TopicPartition, asyncio.Task[None]] = {}
+        c = settings.copier
+        self.schedule: Schedule[TopicPartition, _Item] = Schedule(
+            c.max_parallel_disks, c.max_waiting_per_partition, COMMIT_EVERY)
+        self._tasks: dict[_Work, asyncio.Task[None]] = {}
+        self._commit_wanted = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        #: Syncs reported queued in the latest round: their start is reported at once.
+        self._reported_queued: set[uuid.UUID] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -180,133 +246,210 @@ class Copier:
             [topic_name(SYNC_PLANNED, self.settings.kafka)], listener=_Listener(self)
         )
         await self.consumer.start()
+        helpers = [asyncio.create_task(self._committer(), name="copier-commits"),
+                   asyncio.create_task(self._report_queued(), name="copier-queued")]
         try:
             while not self._stopping.is_set():
                 batch = await self.consumer.getmany(timeout_ms=300)
+                if not batch:
+                    continue
+                assigned = self.consumer.assignment()
                 for tp, records in batch.items():
-                    self._enqueue(tp, records)
+                    if tp in assigned:
+                        for rec in records:
+                            self._admit(tp, rec)
+                self._commit_wanted.set()
+                self._kick()
         finally:
-            await self._drop_partitions(list(self._tasks))
+            await self._drop_partitions(self.schedule.partitions())
+            for task in (*helpers, *self._background):
+                task.cancel()
+            for task in (*helpers, *self._background):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             await self.consumer.stop()
 
     def request_stop(self) -> None:
         self._stopping.set()
 
-    # -- partitions -----------------------------------------------------------------------------
-    def _enqueue(self, tp: TopicPartition, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        queue = self._queues.setdefault(tp, asyncio.Queue())
-        for rec in records:
-            queue.put_nowait(rec)
-        self.consumer.pause(tp)  # resumed when the queue drains: bounded memory
-        if tp not in self._tasks or self._tasks[tp].done():
-            self._tasks[tp] = asyncio.create_task(self._drain(tp, queue), name=f"copier-{tp}")
-
-    async def _drain(
-        self, tp: TopicPartition, queue: asyncio.Queue[ConsumerRecord[bytes, bytes]]
-    ) -> None:
-        pending: list[asyncio.Task[None]] = []
-        first: int | None = None  # first offset of the plans not committed yet
-        try:
-            while not queue.empty():
-                rec = queue.get_nowait()
-                first = rec.offset if first is None else first
-                settle = False
-                try:
-                    finish = await self._process(rec)
-                    if finish is not None:
-                        pending.append(finish)
-                    settle = len(pending) >= COMMIT_EVERY or queue.empty()
-                    if settle:
-                        await asyncio.gather(*pending)  # outcomes acknowledged, then offsets
-                except Exception as exc:
-                    # Kafka unreachable for longer than the publish retries (or a bug): nothing
-                    # was committed from ``first`` on, so re-read those records later.
-                    log.error("records not processed; they will be retried",
-                              extra={"tp": str(tp), "offset": first, "error": str(exc)})
-                    await asyncio.gather(*pending, return_exceptions=True)
-                    while not queue.empty():
-                        queue.get_nowait()
-                    if tp in self.consumer.assignment():
-                        self.consumer.seek(tp, first)
-                    await self._sleep(RETRY_DELAYS[0])
-                    break
-                finally:
-                    if settle:
-                        pending.clear()
-                if not settle:
-                    continue
-                first = None
-                try:
-                    await self.consumer.commit({tp: rec.offset + 1})
-                except CommitFailedError as exc:
-                    # The partition moved to another member: it will redo these plans
-                    # idempotently.
-                    log.warning("offset commit refused", extra={"tp": str(tp), "error": str(exc)})
-                    return
-                except KafkaError as exc:
-                    # Coordinator unavailable (broker restart): offsets are cumulative, so the
-                    # next successful commit of this partition covers these records too.
-                    log.warning("offset commit failed", extra={"tp": str(tp), "error": str(exc)})
-        except asyncio.CancelledError:
-            # Revoked or stopping: let outcomes being published finish (they are facts); their
-            # offsets stay uncommitted and whoever reads the partition next redoes the plans.
-            await asyncio.gather(*pending, return_exceptions=True)
-            raise
-        if tp in self.consumer.assignment():
-            self.consumer.resume(tp)
-
-    async def _drop_partitions(self, tps: list[TopicPartition]) -> None:
-        tasks = [self._tasks.pop(tp) for tp in tps if tp in self._tasks]
-        for tp in tps:
-            self._queues.pop(tp, None)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-
-    # -- one record -----------------------------------------------------------------------------
-    async def _process(self, rec: ConsumerRecord[bytes, bytes]) -> asyncio.Task[None] | None:
-        """Copy one plan (step 1); returns the task publishing its outcome (steps 2-3), or None
-        if there is nothing to wait for."""
+    # -- scheduling -----------------------------------------------------------------------------
+    def _admit(self, tp: TopicPartition, rec: ConsumerRecord[bytes, bytes]) -> None:
+        """Hand one fetched record to the schedule, keyed by its disk."""
         try:
             event = decode(rec.value, key=rec.key, expect=(SyncPlanned, SyncSuperseded))
         except EventDecodeError as exc:
-            k, v, h = dead_letter_record(
-                rec.topic, rec.partition, rec.offset, rec.key, rec.value, str(exc), "copier"
-            )
-            log.warning("dead letter", extra={"offset": rec.offset, "error": str(exc)[:300]})
-            await self.publisher.publish_raw(topic_name(DEADLETTER, self.settings.kafka), k, v, h)
-            return None
-        if not isinstance(event, SyncPlanned):
-            return None  # superseded snapshots are the lifecycle's business, not the copier's
-        published = self.ledger.finished(event.sync_id)
-        if published and not self.executor.guards_replicas:
-            with bind_disk(event.disk.key):
-                log.info("plan redelivered after its outcome was published; skipped",
-                         extra={"sync_id": str(event.sync_id)})
-            return None
-        with bind_disk(event.disk.key):
-            outcome = await self._copy(event, outcome_published=published)
-        if outcome is None:
-            return None
-        return asyncio.create_task(self._finish(event, outcome))
+            # Its own key: a bad record waits for no disk and no disk waits for it.
+            self.schedule.add(tp, rec.offset, f"dead-letter:{tp.topic}/{tp.partition}@{rec.offset}",
+                              _BadRecord(rec, str(exc)))
+            return
+        if isinstance(event, SyncPlanned):
+            self.schedule.add(tp, rec.offset, event.disk.key, event)
+        else:
+            self.schedule.passed(tp, rec.offset)  # superseded snapshots: the lifecycle's business
 
-    async def _copy(self, plan: SyncPlanned, *, outcome_published: bool = False
-                    ) -> ChangeIdCommitted | SyncFailed | None:
+    def _kick(self) -> None:
+        """Start every plan that may start now, then pause or resume partitions for the bound."""
+        while (work := self.schedule.next()) is not None:
+            self._tasks[work] = asyncio.create_task(self._run_work(work),
+                                                    name=f"copier-{work.key}")
+        pause, resume = self.schedule.flow()
+        assigned = self.consumer.assignment()
+        if to_pause := [tp for tp in pause if tp in assigned]:
+            self.consumer.pause(*to_pause)
+        if to_resume := [tp for tp in resume if tp in assigned]:
+            self.consumer.resume(*to_resume)
+
+    async def _run_work(self, work: _Work) -> None:
+        """One record from start to acknowledged outcome; tells the schedule how it ended."""
+        try:
+            await self._process(work)
+        except asyncio.CancelledError:
+            self.schedule.abandon(work)
+            raise
+        except Exception as exc:
+            # Kafka unreachable for longer than the publish retries, or a bug: the record stays
+            # at the head of its disk's queue and holds its partition's commits back.
+            log.error("record not processed; it will be retried", extra={
+                "tp": str(work.partition), "offset": work.offset, "error": str(exc)})
+            try:
+                await self._sleep(RETRY_DELAYS[0])
+            except asyncio.CancelledError:
+                self.schedule.abandon(work)
+                raise
+            self.schedule.retry(work)
+        else:
+            self.schedule.done(work)
+            self._commit_wanted.set()
+        finally:
+            self._tasks.pop(work, None)
+            self._kick()
+
+    async def _drop_partitions(self, tps: list[TopicPartition]) -> None:
+        """Revoked (or stopping): forget the partitions' waiting plans, cancel their copies
+        (checkpointed: the new owner resumes them), let outcomes being published finish (they
+        are facts), then commit what is finished."""
+        active = [w for tp in tps for w in self.schedule.revoke(tp)]
+        tasks = [self._tasks[w] for w in active if w in self._tasks]
+        for work in active:
+            if work.stage == Stage.RUNNING and work in self._tasks:
+                self._tasks[work].cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        points = {tp: p for tp in tps if (p := self.schedule.forget(tp)) is not None}
+        try:  # best effort: aiokafka retries a commit while the coordinator is away
+            await asyncio.wait_for(self._commit(points), REVOKE_COMMIT_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("offset commit at revocation timed out; the next owner redoes the plans",
+                        extra={"offsets": {str(tp): o for tp, o in points.items()}})
+
+    # -- offsets --------------------------------------------------------------------------------
+    async def _committer(self) -> None:
+        """Commit what is due whenever something finished (one request for all partitions)."""
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            if not await self._commit(self.schedule.due_commits()):
+                await asyncio.sleep(RETRY_DELAYS[0])
+                self._commit_wanted.set()
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        """Commit ``offsets`` of the partitions still assigned; False: try again later."""
+        async with self._commit_lock:
+            assigned = self.consumer.assignment()
+            offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+            if not offsets:
+                return True
+            try:
+                await self.consumer.commit(offsets)
+            except CommitFailedError as exc:
+                # The partitions moved to another member: it redoes these plans idempotently.
+                log.warning("offset commit refused", extra={"error": str(exc)})
+                return True
+            except KafkaError as exc:
+                # Coordinator unavailable (broker restart): offsets are cumulative, so the next
+                # successful commit covers these records too.
+                log.warning("offset commit failed", extra={"error": str(exc)})
+                return False
+            self.schedule.committed(offsets)
+            return True
+
+    # -- waiting is not silence -----------------------------------------------------------------
+    async def _report_queued(self) -> None:
+        interval = report_interval(self.settings)
+        while True:
+            await asyncio.sleep(interval)
+            await self._publish_queued()
+
+    async def _publish_queued(self) -> None:
+        """One ``SyncProgress(state="queued")`` per plan held and not started."""
+        reports = queued_reports(
+            (w.item for w in self.schedule.waiting() if isinstance(w.item, SyncPlanned)),
+            (w.item for w in self.schedule.active() if isinstance(w.item, SyncPlanned)))
+        self._reported_queued = {r.sync_id for r in reports}
+        results = await asyncio.gather(*(self.publisher.publish(r) for r in reports),
+                                       return_exceptions=True)
+        if lost := sum(isinstance(r, Exception) for r in results):
+            log.warning("queued reports not published", extra={"count": lost})
+
+    def _report_start(self, plan: SyncPlanned) -> None:
+        """A plan reported queued starts: say so now, not at its first progress."""
+        if plan.sync_id not in self._reported_queued:
+            return
+        self._reported_queued.discard(plan.sync_id)
+
+        async def publish() -> None:
+            with contextlib.suppress(CbtStreamError):
+                await self.publisher.publish(SyncProgress(
+                    disk=plan.disk, sync_id=plan.sync_id, bytes_done=0, bytes_total=0,
+                    rate_bytes_per_s=0.0, state="running"))
+
+        task = asyncio.create_task(publish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- one record -----------------------------------------------------------------------------
+    async def _process(self, work: _Work) -> None:
+        """Steps 1-3 of one record. Its copy slot is freed as soon as step 1 ends."""
+        item = work.item
+        try:
+            if isinstance(item, _BadRecord):
+                await self._dead_letter(item)
+                return
+            outcome = await self._copy(item)
+        finally:
+            self.schedule.copied(work)
+            self._kick()
+        if outcome is not None:
+            await self._finish(item, outcome)
+
+    async def _dead_letter(self, bad: _BadRecord) -> None:
+        rec = bad.rec
+        k, v, h = dead_letter_record(
+            rec.topic, rec.partition, rec.offset, rec.key, rec.value, bad.error, "copier"
+        )
+        log.warning("dead letter", extra={"offset": rec.offset, "error": bad.error[:300]})
+        await self.publisher.publish_raw(topic_name(DEADLETTER, self.settings.kafka), k, v, h)
+
+    async def _copy(self, plan: SyncPlanned) -> ChangeIdCommitted | SyncFailed | None:
         """Step 1 (copy and flush, with retries); returns the outcome to publish (None: the
         outcome was published before and the plan is skipped)."""
-        if log.isEnabledFor(logging.INFO):
-            log.info(
-                "sync started",
-                extra={
-                    "sync_id": str(plan.sync_id),
-                    "replication_type": plan.replication_type,
-                    "base_change_id": plan.base_change_id,
-                },
-            )
-        async with self._slots:
-            return await self._execute_with_retries(plan, outcome_published)
+        published = self.ledger.finished(plan.sync_id)
+        with bind_disk(plan.disk.key):
+            if published and not self.executor.guards_replicas:
+                log.info("plan redelivered after its outcome was published; skipped",
+                         extra={"sync_id": str(plan.sync_id)})
+                return None
+            self._report_start(plan)
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "sync started",
+                    extra={
+                        "sync_id": str(plan.sync_id),
+                        "replication_type": plan.replication_type,
+                        "base_change_id": plan.base_change_id,
+                    },
+                )
+            return await self._execute_with_retries(plan, published)
 
     async def _finish(self, plan: SyncPlanned, outcome: ChangeIdCommitted | SyncFailed) -> None:
         """Steps 2-3: publish the outcome (acks=all), then release what the sync holds."""
