@@ -259,8 +259,11 @@ async def _offsets_at(settings: Settings, group: str, n: int) -> bool:
     return await _committed(settings, group) == n
 
 
-async def test_throughput(audit_settings: Settings, repo: AuditRepository) -> None:
-    """Events per second into PostgreSQL through Kafka (printed; only a floor is asserted)."""
+async def test_backlog_is_stored_whole_in_batches(audit_settings: Settings,
+                                                  repo: AuditRepository) -> None:
+    """A backlog (40 VMs x 3 disks x 3 cycles) is stored whole, written in batches (many events per
+    transaction), not one round trip per event. The rate is printed for information only: speed
+    is measured by benchmarks, never asserted in a test."""
     vms = [vm(f"vm{i:03d}", (2000, 2001, 2002)) for i in range(40)]
     fleet = Fleet()
     for _ in range(3):
@@ -276,7 +279,7 @@ async def test_throughput(audit_settings: Settings, repo: AuditRepository) -> No
           f"wall = {len(fleet.events) / wall:.0f} records/s; "
           f"{rate_busy:.0f} events/s while busy; {consumer.stats.batches} batches")
     assert consumer.stats.stored == total
-    assert rate_busy > 200
+    assert 0 < consumer.stats.batches < total / 4
 
 
 async def test_decode_roundtrip_of_stored_bodies(repo: AuditRepository) -> None:
