@@ -169,3 +169,27 @@ def test_duplicate_commit_is_info() -> None:
     result = replay(h.records, complete=True)
     assert [f.code for f in result.findings] == ["duplicate"]
     assert stable_event_id("x") == stable_event_id("x")
+
+
+def test_rebuilt_rows_record_the_latest_source_offsets_of_each_disk() -> None:
+    """``cbtstream table rebuild``'s rows: the replay's state, plus per source partition of the
+    worker the offset of the disk's latest record (so a re-read record counts as processed);
+    plans and progress are not inputs of the worker and set nothing."""
+    from cbtctl.replay.table import rebuilt_rows
+
+    h, _ = three_cycles()
+    h.snapshot(D1, f"{EPOCH_A}/4")  # a sync left running
+    result = replay(h.records, complete=True)
+    rows = rebuilt_rows(result, h.records)
+    assert set(rows) == {D1.key, D2.key}
+    assert rows[D1.key].change_id == f"{EPOCH_A}/3" and rows[D1.key].running is not None
+    assert rows[D2.key].change_id == f"{EPOCH_B}/13" and rows[D2.key].running is None
+    for d in (D1, D2):
+        expected: dict[str, int] = {}
+        for r in h.records:
+            if r.disk_key == d.key and r.topic_name in (
+                    "cbt.snapshot.taken", "cbt.changeid.committed", "cbt.sync.failed"):
+                where = f"{r.coord.topic}#{r.coord.partition}"
+                expected[where] = max(expected.get(where, -1), r.coord.offset)
+        assert rows[d.key].read == expected and expected
+        assert not any("planned" in source for source in rows[d.key].read)
