@@ -36,6 +36,10 @@ class SyncResult:
     duration_s: float
     #: Root of the whole replica's hash tree after this sync (None: the executor keeps none).
     replica_digest: str | None = None
+    #: Bytes read from the snapshot, and bytes in the changed areas asked for (None: not
+    #: counted); ``bytes_read / bytes_changed`` is the sync's read amplification.
+    bytes_read: int | None = None
+    bytes_changed: int | None = None
 
 
 ProgressCallback = Callable[[ProgressUpdate], None]

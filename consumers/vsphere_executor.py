@@ -171,6 +171,7 @@ class VSphereExecutor:
                 raise ReplicaBusy(f"the record of {plan.disk.key} changed while the sync was "
                                   "being prepared; retrying")
             session = again
+            stack.callback(session.close)
             source = await stack.enter_async_context(open_nbd_source(
                 export.uri,
                 self.settings.copier.nbd_allow,
@@ -186,9 +187,14 @@ class VSphereExecutor:
                 target = await stack.enter_async_context(opened)
                 identity = await asyncio.to_thread(loc.identity)
             assert identity is not None
+            if session.legacy is not None and not await session.convert(target.read_into):
+                # the replica differs from its record: full, like after a verify mismatch
+                rtype, reason, extents, zero_rest = await self.changed_extents(
+                    vm, plan, session.admission)
             await session.mark_dirty(rtype, identity)
-            result = await self._copy(plan, source, target, rtype, extents, zero_rest,
-                                      session.base_tree(rtype, capacity), progress)
+            tree = await session.base_tree(rtype, capacity)
+            result = await self._copy(plan, source, target, rtype, extents, zero_rest, tree,
+                                      progress)
             if result.leaves_repaired and rtype == ReplicationType.INCREMENTAL:
                 # leaves it rewrote in part were corrupt: repaired from the snapshot, reported
                 # under verify's word (consumers/copy/engine.py, "Edge leaves")
@@ -201,6 +207,8 @@ class VSphereExecutor:
                 extents=result.extents,
                 digest=result.digest,
                 duration_s=round(result.duration_s, 6),
+                bytes_read=result.bytes_read,
+                bytes_changed=result.bytes_changed,
             )
             assert result.tree is not None
             return await session.mark_clean(synced, result.tree, identity)

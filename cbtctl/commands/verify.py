@@ -161,6 +161,7 @@ async def _hash_source(settings: Settings, row: Any, held: Any, capacity: int) -
     if row is None:
         return None
     from cbtstream.tls import nbd_tls_context
+    from consumers.copy.digest_v1 import version_of
     from consumers.copy.sources import open_nbd_source
     from consumers.exports import ExportNotFound, open_exports
     from consumers.replica.verify import tree_of
@@ -174,7 +175,7 @@ async def _hash_source(settings: Settings, row: Any, held: Any, capacity: int) -
         src = await stack.enter_async_context(open_nbd_source(
             export.uri, settings.copier.nbd_allow, connections=1,
             tls_context=nbd_tls_context(settings.copier)))
-        tree = await tree_of(src.read_into, capacity)
+        tree = await tree_of(src.read_into, capacity, version=version_of(held.replica_digest))
     root: str = tree.root()
     return root
 

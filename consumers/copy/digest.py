@@ -1,67 +1,94 @@
 """The replica hash tree: what a replica holds, recomputable from the replica alone.
 
-Definition (``blake3tree`` version 1). Cut the disk of ``capacity`` bytes into leaves of
-:data:`LEAF` bytes (1 MiB; the last leaf may be shorter). Then::
+Definition (``blake3tree2``, version 2). Cut the disk of ``capacity`` bytes into leaves of
+:data:`LEAF` bytes (64 KiB) and pieces of :data:`PIECE` bytes (1 MiB, :data:`FANOUT` leaves; the
+last leaf and piece may be shorter). Then::
 
-    leaf_i  = blake3(replica bytes [i * LEAF, min((i + 1) * LEAF, capacity)))
-    root    = blake3("cbtstream-tree-v1" || u64be(capacity) || u64be(LEAF) || leaf_0 || ... )
-    replica_digest = "blake3tree:1048576:" + hex(root)
+    leaf_i  = blake3(replica bytes of leaf i)          or 32 zero bytes if those bytes are all zero
+    piece_j = blake3("cbtstream-piece-v2" || leaf entries of piece j)
+                                                       or 32 zero bytes if every entry is
+    root    = blake3("cbtstream-tree-v2" || u64be(capacity) || u64be(LEAF) || u64be(PIECE)
+                     || piece_0 || piece_1 || ...)
+    replica_digest = "blake3tree2:65536:1048576:" + hex(root)
 
-A sync rehashes only the leaves it touched (every leaf overlapping one of its planned ranges) and
-keeps the others from the tree of the replica it started from, so maintaining the digest costs
-O(bytes written) hashing plus 32 bytes per MiB of disk to fold the root. A zero leaf hashes to a
-constant (:func:`zero_leaf`), so holes and zero runs are never hashed.
+Why two levels: a sync rehashes the leaves it touched and keeps the others' entries from the
+base's tree. An incremental's changed areas are CBT blocks (64 KiB and up), so with 64 KiB leaves
+they almost never cover a leaf in part, and an *edge leaf* (read from the replica and proven
+before it is rehashed, :func:`holds_base`) costs 64 KiB instead of 1 MiB. But 32 bytes per
+64 KiB is 2 GiB for a 4 TiB disk: the leaf entries live in a file (``consumers/copy/leaves.py``,
+a :class:`LeafStore`), and only the piece entries (32 bytes per MiB, 128 MiB for 4 TiB, as
+version 1's leaves were) are held in memory; the root folds over those. A zero entry stands for
+a zero leaf or piece, so a new disk's tree is a sparse file and an empty piece array, and holes
+are never hashed.
 
-A leaf a sync covers only in part keeps bytes the sync does not write; before they are hashed
-into the new tree they must be proven to be the base's (:func:`holds_base`, used by the copy
-engine), else a corrupt replica would be certified as good.
+Version 1 (``blake3tree:1048576:<hex>``: 1 MiB leaves folded straight into the root) is read by
+``cbtstream verify`` and converted on a replica's first incremental after the upgrade
+(:mod:`consumers.copy.digest_v1`, ``consumers/replica/convert.py``).
 
 The digest of one sync (``ChangeIdCommitted.digest``) covers just the touched leaves::
 
     digest = "blake3:" + hex(blake3( for each run of touched leaves: u64be(first) || u64be(count)
                                      || leaf_first || ... || leaf_(first+count-1) ))
-
-Both are recomputed by ``cbtstream verify`` and by the copier's ``verify`` option by reading the
-replica (:func:`leaves_of_target`).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import blake3
 
 from cbtstream.extents import Extent
 
-LEAF = 1024 * 1024
+LEAF = 64 * 1024
+PIECE = 1024 * 1024
+FANOUT = PIECE // LEAF
 HASH = 32
-PREFIX = "blake3tree"
-_ROOT_TAG = b"cbtstream-tree-v1"
+#: The entry of an all-zero leaf or piece.
+ZERO = bytes(HASH)
+PREFIX = "blake3tree2"
+_PIECE_TAG = b"cbtstream-piece-v2"
+_ROOT_TAG = b"cbtstream-tree-v2"
 _U64X2 = struct.Struct(">QQ")
-_ZERO: dict[int, bytes] = {}
-#: Hash buffers at least this large with several threads (the crate releases the GIL).
-_THREADED = 8 * LEAF
+_U64X3 = struct.Struct(">QQQ")
+_ZERO_HASH: dict[int, bytes] = {}
+_ZERO_ENTRIES = bytes(FANOUT * HASH)
+#: Pieces folded per read of the leaf store (64 KiB of entries).
+_FOLD_BATCH = 128
 
 
-def leaf_hash(data: memoryview | bytes) -> bytes:
-    if len(data) >= _THREADED:
-        return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
-    return blake3.blake3(data).digest()
-
-
-def zero_leaf(length: int = LEAF) -> bytes:
-    """Hash of ``length`` zero bytes (cached: at most two lengths occur per disk)."""
-    h = _ZERO.get(length)
+def _zero_hash(length: int) -> bytes:
+    """blake3 of ``length`` zero bytes (cached: at most two lengths occur per disk)."""
+    h = _ZERO_HASH.get(length)
     if h is None:
         h = blake3.blake3(bytes(length)).digest()
-        if len(_ZERO) < 64:
-            _ZERO[length] = h
+        if len(_ZERO_HASH) < 64:
+            _ZERO_HASH[length] = h
     return h
+
+
+def leaf_entry(data: memoryview | bytes) -> bytes:
+    """A leaf's entry: its blake3, or :data:`ZERO` for zero bytes (thread-safe)."""
+    h = blake3.blake3(data).digest()
+    return ZERO if h == _zero_hash(len(data)) else h
+
+
+def fold(entries: bytes | memoryview) -> bytes:
+    """A piece's entry from its leaves' entries."""
+    if bytes(entries) == _ZERO_ENTRIES[: len(entries)]:
+        return ZERO
+    h = blake3.blake3(_PIECE_TAG)
+    h.update(entries)
+    return h.digest()
 
 
 def leaf_count(capacity: int) -> int:
     return -(-capacity // LEAF)
+
+
+def piece_count(capacity: int) -> int:
+    return -(-capacity // PIECE)
 
 
 def leaf_span(index: int, capacity: int) -> Extent:
@@ -69,13 +96,19 @@ def leaf_span(index: int, capacity: int) -> Extent:
     return Extent(start, min(LEAF, capacity - start))
 
 
-def touched_leaves(ranges: Iterable[Extent]) -> Iterator[tuple[int, int]]:
-    """Runs ``(first leaf, count)`` of the leaves overlapping ``ranges`` (sorted, disjoint)."""
+def piece_span(index: int, capacity: int) -> Extent:
+    start = index * PIECE
+    return Extent(start, min(PIECE, capacity - start))
+
+
+def touched_units(ranges: Iterable[Extent], unit: int = LEAF) -> Iterator[tuple[int, int]]:
+    """Runs ``(first, count)`` of the ``unit``-sized blocks overlapping ``ranges`` (sorted,
+    disjoint): leaves by default, pieces with ``unit=PIECE``."""
     first = end = -1
     for r in ranges:
         if r.length <= 0:
             continue
-        a, b = r.start // LEAF, (r.end - 1) // LEAF + 1
+        a, b = r.start // unit, (r.end - 1) // unit + 1
         if a <= end:
             end = max(end, b)
             continue
@@ -86,51 +119,148 @@ def touched_leaves(ranges: Iterable[Extent]) -> Iterator[tuple[int, int]]:
         yield first, end - first
 
 
+def partial_pieces(ranges: Iterable[Extent], capacity: int) -> list[int]:
+    """Pieces that ``ranges`` (sorted, disjoint) cover only in part: the pieces whose untouched
+    leaves keep their entries from the base tree."""
+    covered: dict[int, int] = {}
+    for r in ranges:
+        if r.length <= 0:
+            continue
+        for j in {r.start // PIECE, (r.end - 1) // PIECE}:  # pieces in between are covered
+            covered[j] = covered.get(j, 0) + min(r.end, (j + 1) * PIECE) - max(r.start, j * PIECE)
+    return sorted(j for j, n in covered.items() if n < piece_span(j, capacity).length)
+
+
+class LeafStore(Protocol):
+    """Where a tree keeps its leaf entries (32 bytes each, leaf index order)."""
+
+    def read(self, first: int, count: int) -> bytes: ...
+
+    def write(self, first: int, entries: bytes | memoryview) -> None: ...
+
+    def protect(self, runs: list[tuple[int, int]]) -> None:
+        """The leaves of ``runs`` are about to be rewritten: keep their entries recoverable
+        until the new tree is recorded (a file store journals them; see ``leaves.py``)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MemoryLeaves:
+    """Leaf entries in one buffer (tests, small disks): 32 bytes per 64 KiB of disk."""
+
+    def __init__(self, entries: bytearray) -> None:
+        self.entries = entries
+
+    def read(self, first: int, count: int) -> bytes:
+        return bytes(self.entries[first * HASH : (first + count) * HASH])
+
+    def write(self, first: int, entries: bytes | memoryview) -> None:
+        if first < 0 or (first * HASH + len(entries)) > len(self.entries):
+            raise ValueError(f"leaves {first}+{len(entries) // HASH} outside the tree")
+        self.entries[first * HASH : first * HASH + len(entries)] = entries
+
+    def protect(self, runs: list[tuple[int, int]]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
 class HashTree:
-    """Leaf hashes of one replica, ``32 * leaf_count`` bytes in one buffer (32 MiB per TiB)."""
+    """One replica's tree: piece entries in memory, leaf entries in a :class:`LeafStore`
+    (None: a tree known by its pieces only, as loaded to check a record or computed by verify).
+    """
 
-    __slots__ = ("capacity", "leaves")
+    __slots__ = ("capacity", "leaves", "pieces")
 
-    def __init__(self, capacity: int, leaves: bytearray) -> None:
-        if len(leaves) != leaf_count(capacity) * HASH:
-            raise ValueError(f"{len(leaves)} bytes of leaves do not fit a {capacity}-byte disk")
+    def __init__(self, capacity: int, pieces: bytearray, leaves: LeafStore | None = None) -> None:
+        if len(pieces) != piece_count(capacity) * HASH:
+            raise ValueError(f"{len(pieces)} bytes of pieces do not fit a {capacity}-byte disk")
         self.capacity = capacity
+        self.pieces = pieces
         self.leaves = leaves
 
     @classmethod
-    def zeros(cls, capacity: int) -> HashTree:
-        """The tree of an all-zero disk."""
-        n = leaf_count(capacity)
-        tail = capacity - (n - 1) * LEAF if n else 0
-        leaves = bytearray(zero_leaf(LEAF) * max(0, n - 1))
-        if n:
-            leaves += zero_leaf(tail)
-        return cls(capacity, leaves)
+    def zeros(cls, capacity: int, leaves: LeafStore | None = None) -> HashTree:
+        """The tree of an all-zero disk (leaves in memory unless a zeroed store is given)."""
+        if leaves is None:
+            leaves = MemoryLeaves(bytearray(leaf_count(capacity) * HASH))
+        return cls(capacity, bytearray(piece_count(capacity) * HASH), leaves)
 
-    def __len__(self) -> int:
-        return len(self.leaves) // HASH
+    @classmethod
+    def of_leaves(cls, capacity: int, leaves: LeafStore) -> HashTree:
+        """The tree whose leaf entries ``leaves`` holds (its pieces folded from them)."""
+        tree = cls(capacity, bytearray(piece_count(capacity) * HASH), leaves)
+        tree.refold([(0, piece_count(capacity))])
+        return tree
 
-    def get(self, index: int) -> bytes:
-        return bytes(self.leaves[index * HASH : (index + 1) * HASH])
+    @property
+    def leaf_count(self) -> int:
+        return leaf_count(self.capacity)
 
-    def set(self, index: int, digest: bytes) -> None:
-        if not 0 <= index < len(self) or len(digest) != HASH:
-            raise ValueError(f"leaf {index} outside the tree or bad hash length")
-        self.leaves[index * HASH : (index + 1) * HASH] = digest
+    def store(self) -> LeafStore:
+        if self.leaves is None:
+            raise ValueError("this tree was loaded without its leaves")
+        return self.leaves
+
+    def leaf(self, index: int) -> bytes:
+        return self.store().read(index, 1)
+
+    def set_leaves(self, first: int, entries: bytes | memoryview) -> None:
+        """Entries of the leaves ``first``, ``first + 1``, ... (their pieces are refolded by
+        :meth:`refold`)."""
+        if first < 0 or first + len(entries) // HASH > self.leaf_count or \
+                len(entries) % HASH:
+            raise ValueError(f"leaves {first}+{len(entries) // HASH} outside the tree")
+        self.store().write(first, entries)
+
+    def piece(self, index: int) -> bytes:
+        return bytes(self.pieces[index * HASH : (index + 1) * HASH])
+
+    def piece_leaves(self, index: int) -> tuple[int, int]:
+        """``(first leaf, count)`` of a piece."""
+        first = index * FANOUT
+        return first, min(FANOUT, self.leaf_count - first)
+
+    def consistent(self, index: int) -> bool:
+        """Do the stored entries of the piece's leaves fold to its entry? (False after a crash
+        lost the leaf file's update, or bit rot in it; the engine then proves the piece whole.)"""
+        first, n = self.piece_leaves(index)
+        return fold(self.store().read(first, n)) == self.piece(index)
+
+    def refold(self, runs: Iterable[tuple[int, int]]) -> None:
+        """Recompute the entries of the pieces in ``runs`` (``(first, count)``) from the leaves."""
+        store = self.store()
+        total = self.leaf_count
+        for first, count in runs:
+            for j0 in range(first, first + count, _FOLD_BATCH):
+                j1 = min(first + count, j0 + _FOLD_BATCH)
+                lo, hi = j0 * FANOUT, min(total, j1 * FANOUT)
+                raw = memoryview(store.read(lo, hi - lo))
+                for j in range(j0, j1):
+                    a = (j * FANOUT - lo) * HASH
+                    self.pieces[j * HASH : (j + 1) * HASH] = fold(raw[a : a + FANOUT * HASH])
 
     def root(self) -> str:
-        h = blake3.blake3(_ROOT_TAG)
-        h.update(_U64X2.pack(self.capacity, LEAF))
-        h.update(self.leaves)
-        return f"{PREFIX}:{LEAF}:{h.hexdigest()}"
+        return root_of_pieces(self.capacity, self.pieces)
 
     def touched_digest(self, ranges: Iterable[Extent]) -> str:
         """The digest of a sync that touched ``ranges`` (see the module docstring)."""
         h = blake3.blake3()
-        for first, count in touched_leaves(ranges):
+        store = self.store()
+        for first, count in touched_units(ranges):
             h.update(_U64X2.pack(first, count))
-            h.update(memoryview(self.leaves)[first * HASH : (first + count) * HASH])
+            for i in range(first, first + count, 1 << 16):
+                h.update(store.read(i, min(1 << 16, first + count - i)))
         return "blake3:" + h.hexdigest()
+
+
+def root_of_pieces(capacity: int, pieces: bytes | bytearray) -> str:
+    h = blake3.blake3(_ROOT_TAG)
+    h.update(_U64X3.pack(capacity, LEAF, PIECE))
+    h.update(pieces)
+    return f"{PREFIX}:{LEAF}:{PIECE}:{h.hexdigest()}"
 
 
 def full_leaves(offset: int, length: int, capacity: int) -> range:
@@ -141,33 +271,27 @@ def full_leaves(offset: int, length: int, capacity: int) -> range:
     return range(first, max(first, last))
 
 
-def hash_item(offset: int, data: memoryview, capacity: int) -> list[tuple[int, bytes]]:
-    """Leaf hashes of the leaves entirely inside ``data`` written at ``offset`` (thread-safe)."""
-    out = []
-    for i in full_leaves(offset, len(data), capacity):
+def hash_run(offset: int, data: memoryview, capacity: int) -> tuple[int, bytes]:
+    """``(first leaf, entries)`` of the leaves entirely inside ``data`` written at ``offset``
+    (thread-safe: hashing releases the GIL)."""
+    inside = full_leaves(offset, len(data), capacity)
+    out = bytearray()
+    for i in inside:
         span = leaf_span(i, capacity)
         rel = span.start - offset
-        out.append((i, leaf_hash(data[rel : rel + span.length])))
-    return out
+        out += leaf_entry(data[rel : rel + span.length])
+    return inside.start, bytes(out)
 
 
-def zero_item(offset: int, length: int, capacity: int) -> list[tuple[int, bytes]]:
-    return [(i, zero_leaf(leaf_span(i, capacity).length))
-            for i in full_leaves(offset, length, capacity)]
-
-
-def partial_leaves(offset: int, length: int, capacity: int) -> list[int]:
-    """Leaves that ``[offset, offset+length)`` covers only in part (at most two)."""
-    if length <= 0:
-        return []
+def zero_run(offset: int, length: int, capacity: int) -> tuple[int, bytes]:
     inside = full_leaves(offset, length, capacity)
-    edges = {offset // LEAF, (offset + length - 1) // LEAF}
-    return sorted(i for i in edges if i not in inside)
+    return inside.start, bytes(len(inside) * HASH)
 
 
 def untouched(span: Extent, touched: Iterable[Extent]) -> list[tuple[int, int]]:
-    """The runs ``(start, end)``, relative to the leaf ``span``, that ``touched`` (sorted,
-    disjoint, inside the leaf) does not cover: the bytes a sync keeps from the replica."""
+    """The runs ``(start, end)``, relative to the unit ``span`` (a leaf or a piece), that
+    ``touched`` (sorted, disjoint, inside the unit) does not cover: the bytes a sync keeps from
+    the replica."""
     out = []
     pos = span.start
     for t in touched:
@@ -179,34 +303,37 @@ def untouched(span: Extent, touched: Iterable[Extent]) -> list[tuple[int, int]]:
     return out
 
 
-def holds_base(leaf: memoryview, base: bytes, keep: Iterable[tuple[int, int]]) -> bool:
-    """Does ``leaf`` (a replica leaf as read before a sync writes into it) prove that its runs
-    ``keep`` (see :func:`untouched`) hold what the base tree's hash ``base`` describes?
+def holds_base(unit: memoryview, base: bytes, keep: Iterable[tuple[int, int]],
+               piece: bool = False) -> bool:
+    """Does ``unit`` (a leaf, or with ``piece`` a whole piece, as read from the replica before
+    a sync writes into it) prove that its runs ``keep`` (see :func:`untouched`) hold what the
+    base tree's entry ``base`` describes?
 
-    For a zero leaf in the base (a full copy's starting point, or a hole) the runs themselves
+    For a zero entry in the base (a full copy's starting point, or a hole) the runs themselves
     must be zero: exact, and the bytes the sync overwrites do not matter. Otherwise the whole
-    leaf must hash to ``base``: a leaf hash cannot be split, so a difference only in the bytes
-    the sync overwrites (an interrupted earlier write) also fails the proof; the caller then
-    asks the source (:func:`same_runs`). Thread-safe (hashing releases the GIL)."""
-    if base == zero_leaf(len(leaf)):
-        return all(leaf[a:b].tobytes() == bytes(b - a) for a, b in keep)
-    return leaf_hash(leaf) == base
+    unit must hash to ``base`` (a piece: its leaves' entries folded): a hash cannot be split, so
+    a difference only in the bytes the sync overwrites (an interrupted earlier write) also fails
+    the proof; the caller then asks the source (:func:`same_runs`). Thread-safe."""
+    if base == ZERO:
+        return all(unit[a:b].tobytes() == bytes(b - a) for a, b in keep)
+    if piece:
+        return fold(unit_entries(unit)) == base
+    return leaf_entry(unit) == base
+
+
+def unit_entries(unit: memoryview) -> bytes:
+    """Entries of the leaves of a unit that starts on a leaf boundary (its tail may be short)."""
+    return b"".join(leaf_entry(unit[a : a + LEAF]) for a in range(0, len(unit), LEAF))
+
+
+def hash_pieces(data: memoryview) -> tuple[bytes, bytes]:
+    """``(leaf entries, piece entries)`` of whole pieces read from a piece boundary (the last
+    piece may be short: the disk's end). Thread-safe."""
+    leaves = unit_entries(data)
+    step = FANOUT * HASH
+    return leaves, b"".join(fold(leaves[k : k + step]) for k in range(0, len(leaves), step))
 
 
 def same_runs(a: memoryview, b: memoryview, runs: Iterable[tuple[int, int]]) -> bool:
     """Are the runs ``(start, end)`` of ``a`` and ``b`` byte for byte equal?"""
     return all(a[s:e].tobytes() == b[s:e].tobytes() for s, e in runs)
-
-
-async def leaves_of_target(
-    indexes: Iterable[int],
-    capacity: int,
-    read_into: Callable[[int, memoryview], Awaitable[None]],
-) -> AsyncIterator[tuple[int, bytes]]:
-    """Hash leaves by reading them from a replica (a verifier's view)."""
-    view = memoryview(bytearray(LEAF))
-    for i in indexes:
-        span = leaf_span(i, capacity)
-        piece = view[: span.length]
-        await read_into(span.start, piece)
-        yield i, leaf_hash(piece)

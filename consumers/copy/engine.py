@@ -2,19 +2,33 @@
 
 Order of a disk copy (each step only after the previous one succeeded)::
 
-    plan (merge, clip) -> cut into runs of whole leaves and "edge leaves" (leaves the ranges
-    cover only in part) -> [resume: skip what the checkpoint says is durable]
-    -> whole leaves: block status -> data runs read+written, zero runs written as zeroes
-       edge leaf: read the old leaf from the target -> prove the bytes the sync keeps against
-       the base tree -> read+write the changed bytes into it (unproven: copy the whole leaf
-       from the source) -> hash the new leaf
+    plan (merge, clip) -> before any write: find the pieces the ranges cover in part whose leaf
+    entries do not fold to the base's piece ("coarse"), and let the tree's store journal the
+    entries of every touched piece (``prepare_tree``) -> cut into runs of whole units and "edge
+    units" (units the ranges cover only in part; a unit is a 64 KiB leaf, or a whole coarse
+    piece) -> [resume: skip what the checkpoint says is durable]
+    -> whole units: block status -> data runs read+written, zero runs written as zeroes
+       edge unit: read the old unit from the target -> prove the bytes the sync keeps against
+       the base tree -> read+write the changed bytes into it (unproven: copy the whole unit
+       from the source) -> hash the new unit's leaves
        (pipelined: ``max_in_flight`` requests, one buffer each, so memory is bounded)
        -> every few hundred MiB: flush target -> save checkpoint
-    -> flush target -> [verify: re-read every touched leaf, compare] -> return CopyResult
+    -> flush target -> refold the touched pieces -> [verify: re-read every touched leaf,
+    compare] -> return CopyResult
 
 Every touched leaf of the replica hash tree (``digest.py``) is rehashed as its bytes are written
-(hashing overlaps the writes, in a thread pool); untouched leaves keep the hash they had in the
-``tree`` passed in, i.e. the replica's tree at the sync's base.
+(hashing overlaps the writes, in a thread pool) and its entry written to the tree's leaf store;
+untouched leaves keep the entry they had in the ``tree`` passed in, i.e. the replica's tree at
+the sync's base, and each touched piece is folded again from its leaves at the end.
+
+What a sync costs: the changed areas are CBT blocks (64 KiB and up, aligned), so they cover the
+64 KiB leaves whole; only an area that starts or ends inside a leaf (the guest's write was
+smaller, or a merged gap) makes an edge leaf, which costs a 64 KiB read from the target (with
+1 MiB leaves nearly every scattered 64 KiB change cost a 1 MiB target read and hash: an
+incremental of 1% of a disk took 11-15% of a full copy's time). Every source read goes through
+``_Run._read`` and is counted (``CopyResult.bytes_read``), against the bytes of the changed
+areas (``bytes_changed``): their ratio is the read amplification the merge gap trades for fewer
+requests (``CopyOptions.merge_gap_bytes``).
 
 Edge leaves (issue 24: "a corrupt replica can be certified as good"). An edge leaf is hashed
 whole, so the bytes the sync keeps from the replica go into the new tree, the commit's
@@ -33,7 +47,13 @@ so they are unchanged since the base), and written whole:
   same lineage: a resumed sync, or a dirty replica admitted for repair). Counted in
   ``recopied`` only, one INFO line per sync: no alarm for what a restart always leaves behind.
 
-An edge leaf a checkpoint covers was proven by the run that wrote it, and is rehashed as found.
+A *coarse* piece is one whose leaf entries the store cannot vouch for (they do not fold to the
+base's piece: the leaf file was lost or damaged; an interrupted sync's rewrites are put back by
+its journal before this point, ``leaves.py``). Such a piece is proven as one unit the same way,
+its leaves hashed and folded against the base's piece entry, so a lost leaf file costs target
+reads, never a wrong tree.
+
+An edge unit a checkpoint covers was proven by the run that wrote it, and is rehashed as found.
 Where the base tree has a zero leaf (a hole; and every leaf of a full copy, which starts from the
 all-zero tree after its caller zeroed what it does not copy) the kept bytes must be zero: checked
 as such, without a hash, so the old bytes the sync overwrites cost no source read either.
@@ -63,7 +83,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -73,7 +93,15 @@ from cbtstream.errors import CbtStreamError
 from cbtstream.extents import Extent
 from consumers.copy import digest as dg
 from consumers.copy.checkpoint import Checkpoint, CheckpointState
-from consumers.copy.plan import Segment, fingerprint, plan_ranges, segments, split_aligned
+from consumers.copy.leaves import FileLeaves
+from consumers.copy.plan import (
+    Segment,
+    fingerprint,
+    normalize,
+    plan_ranges,
+    segments,
+    split_aligned,
+)
 from consumers.copy.progress import CopyProgress, ProgressCallback
 from consumers.copy.sources import BlockSource
 from consumers.copy.targets import BlockTarget
@@ -83,8 +111,6 @@ from consumers.copy.throttle import Throttle
 _STATUS_WINDOW = 1 << 30
 #: Items up to this size are hashed on the event loop thread (about 0.1 ms of work).
 _INLINE_HASH = 256 * 1024
-#: One leaf hash: its index and blake3 digest.
-LeafHashes = list[tuple[int, bytes]]
 
 log = logging.getLogger("cbtstream.copier.copy")
 
@@ -153,6 +179,11 @@ class CopyResult:
     #: Every edge leaf copied whole from the source because the base tree did not prove it
     #: (``repaired`` and those that differed only in bytes this sync rewrote).
     recopied: tuple[int, ...] = ()
+    #: Bytes read from the source (data, gaps merged into a read, units copied whole).
+    bytes_read: int = 0
+    #: Bytes in the changed areas asked for (clipped, overlaps joined): the denominator of the
+    #: read amplification ``bytes_read / bytes_changed``.
+    bytes_changed: int = 0
 
     @property
     def leaves_repaired(self) -> int:
@@ -160,17 +191,20 @@ class CopyResult:
 
 
 class Edge(NamedTuple):
-    """A leaf the planned ranges cover only in part, and the parts they cover (sorted)."""
+    """A unit (a leaf, or a whole piece whose leaf entries are not known: ``coarse``) that the
+    planned ranges cover only in part, and the parts they cover (sorted)."""
 
-    leaf: int
+    span: Extent
     touched: tuple[Extent, ...]
+    coarse: bool = False
 
 
-class EdgeLeaf(NamedTuple):
-    """Work item: an edge leaf with the segments of it the sync writes (in order)."""
+class EdgeUnit(NamedTuple):
+    """Work item: an edge unit with the segments of it the sync writes (in order)."""
 
-    leaf: int
+    span: Extent
     segs: tuple[Segment, ...]
+    coarse: bool
 
     @property
     def end(self) -> int:
@@ -181,33 +215,46 @@ class EdgeLeaf(NamedTuple):
         return sum(s.length for s in self.segs)
 
 
-def cut_edges(ranges: Iterable[Extent], capacity: int) -> list[Extent | Edge]:
-    """Cut planned ranges (sorted, disjoint, not touching) into runs of whole leaves and edge
-    leaves, in disk order. A leaf shared by the end of one range and the start of the next is
-    one :class:`Edge`. Pure."""
+def _unit(pos: int, capacity: int, coarse: Container[int]) -> Extent:
+    size = dg.PIECE if pos // dg.PIECE in coarse else dg.LEAF
+    start = pos // size * size
+    return Extent(start, min(size, capacity - start))
+
+
+def cut_edges(ranges: Iterable[Extent], capacity: int, coarse: Container[int] = frozenset()
+              ) -> list[Extent | Edge]:
+    """Cut planned ranges (sorted, disjoint, not touching) into runs of whole units and edge
+    units, in disk order. A unit is a leaf, or the whole piece for the pieces in ``coarse``. A
+    unit shared by the end of one range and the start of the next is one :class:`Edge`. Pure."""
     out: list[Extent | Edge] = []
-    edge, touched = -1, list[Extent]()
+    edge: Extent | None = None
+    touched: list[Extent] = []
+
+    def close_edge() -> None:
+        nonlocal edge, touched
+        if edge is not None:
+            out.append(Edge(edge, tuple(touched), edge.start // dg.PIECE in coarse))
+        edge, touched = None, []
+
     for r in ranges:
-        whole = dg.full_leaves(r.start, r.length, capacity)
         pos = r.start
         while pos < r.end:
-            i = pos // dg.LEAF
-            if i in whole:
-                end = min(whole.stop * dg.LEAF, r.end)
-                if touched:
-                    out.append(Edge(edge, tuple(touched)))
-                    edge, touched = -1, []
-                out.append(Extent(pos, end - pos))
-            else:
-                end = min(r.end, (i + 1) * dg.LEAF)
-                if i != edge and touched:
-                    out.append(Edge(edge, tuple(touched)))
-                    touched = []
-                edge = i
+            u = _unit(pos, capacity, coarse)
+            if pos != u.start or r.end < u.end:
+                end = min(r.end, u.end)
+                if u != edge:
+                    close_edge()
+                    edge = u
                 touched.append(Extent(pos, end - pos))
-            pos = end
-    if touched:
-        out.append(Edge(edge, tuple(touched)))
+                pos = end
+                continue
+            # whole units from here to the last unit boundary at or below the range's end
+            stop = r.end if r.end >= capacity else _unit(r.end, capacity, coarse).start
+            stop = max(stop, u.end)
+            close_edge()
+            out.append(Extent(pos, stop - pos))
+            pos = stop
+    close_edge()
     return out
 
 
@@ -218,7 +265,7 @@ async def _collect(extents: Iterable[Extent] | AsyncIterable[Extent]) -> list[Ex
 
 
 def _round_piece(n: int) -> int:
-    return max(dg.LEAF, n // dg.LEAF * dg.LEAF)
+    return max(dg.PIECE, n // dg.PIECE * dg.PIECE)
 
 
 class _Run:
@@ -236,12 +283,15 @@ class _Run:
         on_progress: ProgressCallback | None,
         capacity: int,
         tree: dg.HashTree,
+        coarse: frozenset[int],
     ) -> None:
         self.source, self.target, self.ranges, self.o = source, target, ranges, options
         self.tree = tree
-        self.units = cut_edges(ranges, capacity)
+        self.units = cut_edges(ranges, capacity, coarse)
+        self.edge_size = dg.PIECE if coarse else dg.LEAF
         self.repaired: list[int] = []
         self.recopied: list[int] = []
+        self.bytes_read = 0
         self.checkpoint, self.plan_id, self.on_progress = checkpoint, plan_id, on_progress
         limit = min(source.max_request, target.max_request)
         self.request = min(_round_piece(options.request_bytes), _round_piece(limit))
@@ -282,7 +332,7 @@ class _Run:
         return [d for d in self._cache if d[0] + d[1] > pos and d[0] < end]
 
     async def _status(self, pos: int, end: int) -> tuple[list[tuple[int, int, bool]], int]:
-        """Zero map of ``[pos, x)``, where x is ``end`` or a piece-aligned offset > pos."""
+        """Zero map of ``[pos, x)``, where x is ``end`` or a leaf-aligned offset > pos."""
         want = min(end, pos + _STATUS_WINDOW)
         if not self.o.use_block_status:
             return [], want
@@ -296,7 +346,10 @@ class _Run:
             cur = cur // dg.LEAF * dg.LEAF
         return out, cur
 
-    async def items(self) -> AsyncIterable[Segment | EdgeLeaf]:
+    async def items(self) -> AsyncIterable[Segment | EdgeUnit]:
+        """Work items in disk order. Runs of whole units become data and zero segments whose
+        boundaries are leaf boundaries (zero runs trimmed to whole pieces, so a fragmented map
+        does not become thousands of tiny requests), each hashed as it is written."""
         for unit in self.units:
             if isinstance(unit, Edge):
                 segs: list[Segment] = []
@@ -306,12 +359,12 @@ class _Run:
                         status, nxt = await self._status(pos, t.end)
                         segs.extend(segments(pos, nxt - pos, status, dg.LEAF))
                         pos = nxt
-                yield EdgeLeaf(unit.leaf, tuple(segs))
+                yield EdgeUnit(unit.span, tuple(segs), unit.coarse)
                 continue
             pos = unit.start
             while pos < unit.end:
                 status, nxt = await self._status(pos, unit.end)
-                for seg in segments(pos, nxt - pos, status, dg.LEAF):
+                for seg in segments(pos, nxt - pos, status, dg.PIECE):
                     if seg.zero:
                         yield seg
                     else:
@@ -321,7 +374,7 @@ class _Run:
 
     # -- execution -----------------------------------------------------------------------------
     async def execute(self) -> None:
-        queue: asyncio.Queue[tuple[int, Segment | EdgeLeaf] | None] = asyncio.Queue(
+        queue: asyncio.Queue[tuple[int, Segment | EdgeUnit] | None] = asyncio.Queue(
             self.o.max_in_flight)
         workers = max(1, self.o.max_in_flight)
         try:
@@ -342,19 +395,25 @@ class _Run:
                 with contextlib.suppress(BaseException):
                     await self._saving
 
-    async def _worker(self, queue: asyncio.Queue[tuple[int, Segment | EdgeLeaf] | None]
+    async def _read(self, offset: int, buf: memoryview) -> None:
+        """Read from the source (every source byte a sync reads goes through here)."""
+        await self.throttle.acquire(len(buf))
+        self.bytes_read += len(buf)
+        await self.source.read_into(offset, buf)
+
+    async def _worker(self, queue: asyncio.Queue[tuple[int, Segment | EdgeUnit] | None]
                       ) -> None:
         loop = asyncio.get_running_loop()
         buf: memoryview | None = None
-        leaf: memoryview | None = None
+        unit: memoryview | None = None
         while (job := await queue.get()) is not None:
             seq, item = job
             copied = zeroed = 0
             cap = self.capacity
-            if isinstance(item, EdgeLeaf):
-                if leaf is None:
-                    leaf = memoryview(bytearray(dg.LEAF))
-                records, copied, zeroed = await self._edge(item, leaf)
+            if isinstance(item, EdgeUnit):
+                if unit is None:
+                    unit = memoryview(bytearray(self.edge_size))
+                records, copied, zeroed = await self._edge(item, unit)
                 self._complete(seq, item, records, copied, zeroed)
                 continue
             seg = item
@@ -362,20 +421,19 @@ class _Run:
                 records = await self._rehash(seg, buf)
             elif seg.zero:
                 await self.target.zero(seg.start, seg.length)
-                records = dg.zero_item(seg.start, seg.length, cap)
+                records = dg.zero_run(seg.start, seg.length, cap)
                 zeroed = seg.length
             else:
                 if buf is None:
                     buf = memoryview(bytearray(self.request))
                 view = buf[: seg.length]
-                await self.throttle.acquire(seg.length)
-                await self.source.read_into(seg.start, view)
+                await self._read(seg.start, view)
                 if seg.length <= _INLINE_HASH:
                     # Small: hashing here is cheaper than a thread hop (and its GIL hand-off).
-                    records = dg.hash_item(seg.start, view, cap)
+                    records = dg.hash_run(seg.start, view, cap)
                     await self.target.write(seg.start, view)
                 else:
-                    hashed = loop.run_in_executor(self._pool, dg.hash_item, seg.start, view, cap)
+                    hashed = loop.run_in_executor(self._pool, dg.hash_run, seg.start, view, cap)
                     try:
                         await self.target.write(seg.start, view)
                     finally:
@@ -383,79 +441,89 @@ class _Run:
                 copied = seg.length
             self._complete(seq, seg, records, copied, zeroed)
 
-    async def _rehash(self, seg: Segment, buf: memoryview | None) -> LeafHashes:
-        """Leaf hashes of an item a previous run made durable (read back from the target)."""
+    async def _rehash(self, seg: Segment, buf: memoryview | None) -> tuple[int, bytes]:
+        """Leaf entries of an item a previous run made durable (read back from the target)."""
         if seg.zero:
-            return dg.zero_item(seg.start, seg.length, self.capacity)
+            return dg.zero_run(seg.start, seg.length, self.capacity)
         view = (buf if buf is not None else memoryview(bytearray(self.request)))[: seg.length]
         await self.target.read_into(seg.start, view)
         return await asyncio.get_running_loop().run_in_executor(
-            self._pool, dg.hash_item, seg.start, view, self.capacity
+            self._pool, dg.hash_run, seg.start, view, self.capacity
         )
 
-    async def _edge(self, edge: EdgeLeaf, buf: memoryview) -> tuple[LeafHashes, int, int]:
-        """One edge leaf (see "Edge leaves" above): (its new hash, bytes copied, zeroed).
+    async def _edge(self, edge: EdgeUnit, buf: memoryview) -> tuple[tuple[int, bytes], int, int]:
+        """One edge unit (see "Edge leaves" above): (its new entries, bytes copied, zeroed).
 
-        The old leaf is read before anything of this sync is written into it (no other item
-        writes into an edge leaf), its kept bytes proven, and the changed bytes read from the
-        source straight into that buffer, so the buffer then is the new leaf."""
+        The old unit is read before anything of this sync is written into it (no other item
+        writes into an edge unit), its kept bytes proven, and the changed bytes read from the
+        source straight into that buffer, so the buffer then is the new unit."""
         loop = asyncio.get_running_loop()
-        i = edge.leaf
-        span = dg.leaf_span(i, self.capacity)
-        leaf = buf[: span.length]
-        await self.target.read_into(span.start, leaf)
+        span = edge.span
+        first = span.start // dg.LEAF
+        unit = buf[: span.length]
+        await self.target.read_into(span.start, unit)
         if edge.end <= self.resume_until:
             # Written (after being proven) by the run whose checkpoint covers it.
-            return [(i, await loop.run_in_executor(self._pool, dg.leaf_hash, leaf))], 0, 0
+            return (first, await loop.run_in_executor(self._pool, dg.unit_entries, unit)), 0, 0
         keep = dg.untouched(span, (Extent(s.start, s.length) for s in edge.segs))
-        if not await loop.run_in_executor(self._pool, dg.holds_base, leaf, self.tree.get(i),
-                                          keep):
-            return await self._recopy(i, span, leaf, keep), span.length, 0
+        base = (self.tree.piece(span.start // dg.PIECE) if edge.coarse
+                else self.tree.leaf(first))
+        if not await loop.run_in_executor(self._pool, dg.holds_base, unit, base, keep,
+                                          edge.coarse):
+            return await self._recopy(edge, unit, keep), span.length, 0
         copied = zeroed = 0
         for seg in edge.segs:
             rel = seg.start - span.start
-            piece = leaf[rel : rel + seg.length]
+            piece = unit[rel : rel + seg.length]
             if seg.zero:
                 piece[:] = bytes(seg.length)
                 await self.target.zero(seg.start, seg.length)
                 zeroed += seg.length
             else:
-                await self.throttle.acquire(seg.length)
-                await self.source.read_into(seg.start, piece)
+                await self._read(seg.start, piece)
                 await self.target.write(seg.start, piece)
                 copied += seg.length
-        return [(i, await loop.run_in_executor(self._pool, dg.leaf_hash, leaf))], copied, zeroed
+        return (first, await loop.run_in_executor(self._pool, dg.unit_entries, unit)), copied, \
+            zeroed
 
-    async def _recopy(self, i: int, span: Extent, old: memoryview,
-                      keep: list[tuple[int, int]]) -> LeafHashes:
-        """An edge leaf the base tree does not prove: copy it whole from the source, and tell
+    async def _recopy(self, edge: EdgeUnit, old: memoryview, keep: list[tuple[int, int]]
+                      ) -> tuple[int, bytes]:
+        """An edge unit the base tree does not prove: copy it whole from the source, and tell
         a corrupt replica (kept bytes differ from the snapshot) from an interrupted write."""
         loop = asyncio.get_running_loop()
+        span = edge.span
         new = memoryview(bytearray(span.length))
-        await self.throttle.acquire(span.length)
-        await self.source.read_into(span.start, new)
-        intact = await loop.run_in_executor(self._pool, dg.same_runs, old, new, keep)
+        await self._read(span.start, new)
+        leaves = range(span.start // dg.LEAF, (span.end - 1) // dg.LEAF + 1)
+        bad = [i for i in leaves if not await loop.run_in_executor(
+            self._pool, dg.same_runs, old, new, _within(keep, i * dg.LEAF - span.start))]
         await self.target.write(span.start, new)
-        self.recopied.append(i)
+        self.recopied.extend(leaves)
         disk = self.o.disk_key or "disk"
-        where = {"leaf": i, "leaf_offset": span.start, "leaf_length": span.length}
-        if intact:
-            log.debug(f"{disk}: leaf {i} (bytes {span.start}+{span.length}) differed from the "
+        what = (f"piece {span.start // dg.PIECE} (its leaf entries were not known)"
+                if edge.coarse else f"leaf {leaves.start}")
+        where = {"leaf": leaves.start, "leaf_offset": span.start, "leaf_length": span.length}
+        if not bad:
+            log.debug(f"{disk}: {what} (bytes {span.start}+{span.length}) differed from the "
                       "replica's tree only in bytes this sync rewrites: copied whole from the "
                       "snapshot", extra=where)
         else:
-            self.repaired.append(i)
-            log.warning(f"{disk}: replica corrupt in leaf {i} (bytes {span.start}+"
-                        f"{span.length}): bytes this sync keeps differ from the snapshot; leaf "
+            self.repaired.extend(bad)
+            where["leaf"] = bad[0]
+            log.warning(f"{disk}: replica corrupt in {what} (bytes {span.start}+"
+                        f"{span.length}): bytes this sync keeps differ from the snapshot; "
                         "repaired from the snapshot. Leaves the sync does not touch are not "
                         "checked: run cbtstream verify", extra=where)
-        return [(i, await loop.run_in_executor(self._pool, dg.leaf_hash, new))]
+        return span.start // dg.LEAF, await loop.run_in_executor(self._pool, dg.unit_entries,
+                                                                 new)
 
     def _complete(
-        self, seq: int, seg: Segment | EdgeLeaf, records: LeafHashes, copied: int, zeroed: int
+        self, seq: int, seg: Segment | EdgeUnit, records: tuple[int, bytes], copied: int,
+        zeroed: int,
     ) -> None:
-        for i, h in records:
-            self.tree.set(i, h)
+        first, entries = records
+        if entries:
+            self.tree.set_leaves(first, entries)
         self.copied += copied
         self.zeroed += zeroed
         self.done_bytes += seg.length
@@ -505,6 +573,12 @@ class _Run:
             self.on_progress(self.progress(final))
 
 
+def _within(keep: list[tuple[int, int]], rel: int) -> list[tuple[int, int]]:
+    """The runs of ``keep`` inside the leaf at ``rel`` (offsets relative to the unit)."""
+    end = rel + dg.LEAF
+    return [(max(a, rel), min(b, end)) for a, b in keep if a < end and b > rel]
+
+
 def _failure(exc: BaseException, disk_key: str) -> CopyFailed:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
@@ -516,6 +590,18 @@ def _failure(exc: BaseException, disk_key: str) -> CopyFailed:
         failed.retriable = exc.retriable
     failed.__cause__ = exc
     return failed
+
+
+def prepare_tree(tree: dg.HashTree, ranges: list[Extent]) -> frozenset[int]:
+    """Before the first write: the pieces the ranges cover in part whose stored leaf entries do
+    not fold to the base's piece (proven whole by the engine: "coarse"), and the old entries of
+    every touched piece handed to the store's journal (``LeafStore.protect``). Blocking I/O."""
+    coarse = frozenset(j for j in dg.partial_pieces(ranges, tree.capacity)
+                       if not tree.consistent(j))
+    total = tree.leaf_count
+    tree.store().protect([(j * dg.FANOUT, min(n * dg.FANOUT, total - j * dg.FANOUT))
+                          for j, n in dg.touched_units(ranges, dg.PIECE)])
+    return coarse
 
 
 async def copy_disk(
@@ -533,14 +619,16 @@ async def copy_disk(
 
     Extents outside ``[0, capacity)`` are clipped. With a ``checkpoint`` an interrupted copy of
     the same plan resumes after the last durable offset. ``tree`` is the replica's hash tree at
-    the sync's base (default: an all-zero disk); it is updated in place for every touched leaf and
-    returned in the result. The bytes a leaf covered only in part keeps from the target are
-    proven against it first, and repaired from the source if they are not what it says (see
-    "Edge leaves" above). Raises :class:`CopyFailed`.
+    the sync's base with its leaf store (default: an all-zero disk, leaves in a temporary file);
+    it is updated in place for every touched leaf and piece and returned in the result. The
+    bytes a unit covered only in part keeps from the target are proven against it first, and
+    repaired from the source if they are not what it says (see "Edge leaves" above). Raises
+    :class:`CopyFailed`.
     """
     t0 = time.monotonic()
     input_extents = await _collect(extents)
     ranges = plan_ranges(input_extents, capacity, options.merge_gap_bytes)
+    changed = sum(e.length for e in normalize(input_extents, capacity))
     if source.size < capacity:
         raise CopyFailed(f"source has {source.size} bytes, the disk {capacity}")
     if target.size < capacity:
@@ -548,18 +636,21 @@ async def copy_disk(
     plan_id = fingerprint(ranges, capacity)
     resume = checkpoint.load(plan_id) if checkpoint is not None else None
     if tree is None:
-        tree = dg.HashTree.zeros(capacity)
+        tree = dg.HashTree.zeros(capacity, await asyncio.to_thread(FileLeaves.temporary,
+                                                                   capacity))
     elif tree.capacity != capacity:
         raise CopyFailed(f"replica tree is for {tree.capacity} bytes, the disk {capacity}")
-    run = _Run(source, target, ranges, options, checkpoint, plan_id, resume, on_progress,
-               capacity, tree)
     try:
+        coarse = await asyncio.to_thread(prepare_tree, tree, ranges)
+        run = _Run(source, target, ranges, options, checkpoint, plan_id, resume, on_progress,
+                   capacity, tree, coarse)
         try:
             await run.execute()
         finally:
             run.close()
         await target.flush()
-        digest = tree.touched_digest(ranges)
+        await asyncio.to_thread(tree.refold, list(dg.touched_units(ranges, dg.PIECE)))
+        digest = await asyncio.to_thread(tree.touched_digest, ranges)
         verified = False
         if options.verify:
             await verify_leaves(target, tree, ranges, options.disk_key)
@@ -589,7 +680,13 @@ async def copy_disk(
         ranges=tuple(ranges),
         repaired=tuple(sorted(run.repaired)),
         recopied=tuple(sorted(run.recopied)),
+        bytes_read=run.bytes_read,
+        bytes_changed=changed,
     )
+
+
+#: Leaves re-read per request by :func:`verify_leaves` (8 MiB).
+_VERIFY_LEAVES = 128
 
 
 async def verify_leaves(
@@ -597,14 +694,24 @@ async def verify_leaves(
 ) -> None:
     """Re-read every leaf ``ranges`` touch from the target; raise :class:`VerifyFailed` on the
     first leaf whose bytes do not hash to the tree's entry."""
-    indexes = (i for first, n in dg.touched_leaves(ranges) for i in range(first, first + n))
-    async for i, h in dg.leaves_of_target(indexes, tree.capacity, target.read_into):
-        if h != tree.get(i):
-            span = dg.leaf_span(i, tree.capacity)
-            raise VerifyFailed(
-                f"verify of {disk_key or 'disk'}: bytes {span.start}+{span.length} on the target "
-                "do not match what was written"
-            )
+    cap = tree.capacity
+    buf = memoryview(bytearray(_VERIFY_LEAVES * dg.LEAF))
+    for first, count in dg.touched_units(ranges):
+        for i in range(first, first + count, _VERIFY_LEAVES):
+            n = min(_VERIFY_LEAVES, first + count - i)
+            start = i * dg.LEAF
+            view = buf[: min(n * dg.LEAF, cap - start)]
+            await target.read_into(start, view)
+            got = await asyncio.to_thread(dg.unit_entries, view)
+            want = await asyncio.to_thread(tree.store().read, i, n)
+            if got != want:
+                bad = next(k for k in range(n) if got[k * dg.HASH : (k + 1) * dg.HASH]
+                           != want[k * dg.HASH : (k + 1) * dg.HASH])
+                span = dg.leaf_span(i + bad, cap)
+                raise VerifyFailed(
+                    f"verify of {disk_key or 'disk'}: bytes {span.start}+{span.length} on the "
+                    "target do not match what was written"
+                )
 
 
 @dataclass(slots=True)

@@ -1,8 +1,11 @@
 """One sync's effects on one replica, in order::
 
     load record -> admit (guard.py: fence, base check) -> [refuse: StalePlan, nothing written]
-    -> mark dirty (durable) -> write -> flush -> save tree -> mark clean at the new change ID
-    (durable) -> [the copier publishes the commit] -> prune old trees
+    -> [a version 1 tree: convert it, proving the replica (convert.py)] -> mark dirty (durable)
+    -> open the base tree's leaves (an interrupted sync's journal put back) -> journal the
+    entries this sync rewrites -> write -> flush -> save leaves and pieces -> mark clean at the
+    new change ID (durable) -> [the copier publishes the commit] -> drop the journal, prune old
+    trees
 
 A crash before "mark dirty" leaves the replica as it was; after it and before "mark clean", the
 record says dirty with this sync: only the same sync (a resume) or a full copy may write next,
@@ -19,12 +22,16 @@ from dataclasses import dataclass
 
 from cbtstream.errors import CbtStreamError
 from consumers.copy.digest import HashTree
+from consumers.copy.digest_v1 import V1Tree
+from consumers.copy.leaves import FileLeaves
 from consumers.executor import SyncResult
+from consumers.replica.convert import ReadInto, convert
 from consumers.replica.guard import Action, Admission, ReplicaView, admit
 from consumers.replica.location import ReplicaLocation
 from consumers.replica.state import (
     HeldSync,
     ReplicaState,
+    ReplicaStatus,
     TargetIdentity,
     TargetKind,
     Unknown,
@@ -64,6 +71,11 @@ class ReplicaSession:
     pipeline: str
     state: ReplicaState | None = None
     tree: HashTree | None = None
+    #: A clean replica's version 1 tree: :meth:`convert` proves the replica and replaces it.
+    legacy: V1Tree | None = None
+    #: The leaf file the sync writes, and its generation (named by the new pieces file).
+    leaves: FileLeaves | None = None
+    leaves_generation: int = 0
 
     @classmethod
     async def begin(cls, loc: ReplicaLocation, plan: SyncPlanned, pipeline: str,
@@ -83,12 +95,18 @@ class ReplicaSession:
         if admission.action == Action.REFUSE:
             raise StalePlan(admission.detail)
         if admission.use_held_tree and state is not None and state.held is not None:
-            session.tree = await asyncio.to_thread(loc.store.load_tree, state.held,
-                                                   plan.disk.capacity_bytes)
-            if session.tree is None:
+            tree = await asyncio.to_thread(loc.store.load_tree, state.held,
+                                           plan.disk.capacity_bytes)
+            if isinstance(tree, HashTree):
+                session.tree = tree
+            elif isinstance(tree, V1Tree) and state.status == ReplicaStatus.CLEAN:
+                session.legacy = tree
+            else:
                 session.admission = Admission(
                     Action.WRITE, ReplicationType.FULL, FullReason.REPLICA_STATE_UNKNOWN,
-                    "the replica's hash tree is missing or does not match its record")
+                    "the replica's hash tree is missing or does not match its record"
+                    if tree is None else "the replica was left dirty with a version 1 hash "
+                    "tree (a sync interrupted before the upgrade): it cannot be proven")
         chosen = session.admission
         if chosen.reason != plan.reason or chosen.replication_type != plan.replication_type:
             log.warning("replica guard: copying in full", extra={
@@ -104,13 +122,46 @@ class ReplicaSession:
         assert held is not None
         return SyncResult(**held.result)
 
-    def base_tree(self, replication_type: ReplicationType, capacity: int) -> HashTree:
-        """The tree the sync starts from: the held base's for an incremental (admitted, and not
-        turned full by vSphere), else an all-zero disk (a full copy rewrites every leaf: data,
-        or zeroes elsewhere)."""
-        if replication_type == ReplicationType.INCREMENTAL and self.tree is not None:
+    async def convert(self, read_into: ReadInto) -> bool:
+        """Prove the replica against its version 1 tree and switch its record to version 2
+        (``convert.py``). False: the replica differs from its record, which is now marked
+        ``mismatch``, and the admission is a full copy with ``replica_mismatch``."""
+        assert self.legacy is not None and self.state is not None
+        store = self.location.store
+        done = await convert(store, self.state, read_into)
+        self.legacy = None
+        if isinstance(done, str):
+            self.state = self.state.mismatched(done)
+            await asyncio.to_thread(store.save, self.state)
+            self.admission = Admission(Action.WRITE, ReplicationType.FULL,
+                                       FullReason.REPLICA_MISMATCH, done)
+            log.warning("replica guard: copying in full", extra={
+                "reason": FullReason.REPLICA_MISMATCH, "detail": done})
+            return False
+        self.state, self.tree = done
+        return True
+
+    async def base_tree(self, replication_type: ReplicationType, capacity: int) -> HashTree:
+        """The tree the sync starts from, with its leaf file open (after :meth:`mark_dirty`,
+        under the lock): the held base's for an incremental (admitted, and not turned full by
+        vSphere), else an all-zero disk in a new leaf file (a full copy rewrites every leaf:
+        data, or zeroes elsewhere)."""
+        store = self.location.store
+        held = self.state.held if self.state is not None else None
+        if (replication_type == ReplicationType.INCREMENTAL and self.tree is not None
+                and held is not None):
+            self.leaves, self.leaves_generation = await asyncio.to_thread(
+                store.open_leaves, held, capacity)
+            self.tree.leaves = self.leaves
             return self.tree
-        return HashTree.zeros(capacity)
+        self.leaves = await asyncio.to_thread(store.new_leaves, capacity, self.plan.generation)
+        self.leaves_generation = self.plan.generation
+        return HashTree.zeros(capacity, self.leaves)
+
+    def close(self) -> None:
+        """Close the leaf file (the sync is over, however it ended)."""
+        if self.leaves is not None:
+            self.leaves.close()
 
     async def mark_dirty(self, replication_type: ReplicationType, target: TargetIdentity) -> None:
         """Durably record that this sync is about to write (before the first byte)."""
@@ -135,13 +186,19 @@ class ReplicaSession:
                 state = state.model_copy(update={"held": None})
         await asyncio.to_thread(self.location.store.save, state)
         self.state = state
+        if replication_type == ReplicationType.FULL:
+            await asyncio.to_thread(self.location.store.prune_trees)
 
     async def mark_clean(self, result: SyncResult, tree: HashTree, target: TargetIdentity
                          ) -> SyncResult:
-        """After the flush: save the tree, then the clean record naming it (both durable)."""
+        """After the flush: save the tree (leaf entries, then pieces), then the clean record
+        naming it (all durable); only then drop the journal and the old trees."""
         assert self.state is not None and self.plan.change_id is not None
+        assert self.leaves is not None and tree.leaves is self.leaves
         store = self.location.store
-        tree_file = await asyncio.to_thread(store.save_tree, tree, self.plan.generation)
+        await asyncio.to_thread(self.leaves.sync)
+        tree_file = await asyncio.to_thread(store.save_tree, tree, self.plan.generation,
+                                            self.leaves_generation)
         result = dataclasses.replace(result, replica_digest=tree.root())
         held = HeldSync(
             sync_id=self.plan.sync_id,
@@ -156,5 +213,6 @@ class ReplicaSession:
         state = self.state.clean(held, target)
         await asyncio.to_thread(store.save, state)
         self.state = state
-        await asyncio.to_thread(store.prune_trees, tree_file)
+        await asyncio.to_thread(store.prune_trees, tree_file,
+                                store.leaves_name(self.leaves_generation))
         return result

@@ -61,9 +61,13 @@ class HeldSync(BaseModel):
     change_id: str
     vm_snapshot: str
     snapshot_taken_at: AwareDatetime | None
-    #: Root of the replica's hash tree and the file holding its leaves.
+    #: Root of the replica's hash tree and the file holding its pieces (which names the file
+    #: of its leaf entries; ``consumers/replica/store.py``).
     replica_digest: str
     tree_file: str
+    #: The version 1 root this tree was converted from, when the sync's commit (published before
+    #: the upgrade) names that root: ``verify`` accepts either (``consumers/replica/convert.py``).
+    converted_from: str | None = None
     #: The outcome that was published for this sync (``SyncResult`` fields), so a redelivered
     #: plan re-publishes the very same commit instead of writing again.
     result: dict[str, Any]

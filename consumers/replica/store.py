@@ -1,12 +1,20 @@
-"""Durable replica records: the state record and the hash tree's leaves, written atomically.
+"""Durable replica records: the state record and the hash tree's files, written atomically.
 
-A replica's record lives beside a file replica (``disk-204.img.state``, leaves in
-``disk-204.img.tree.<generation>``), and for a block device or NBD target in the copier's state
-area (``<state_dir>/targets/<slug>.state``, the slug a hash of the target's configured location),
-so a copier that lost its state dir still knows what a file replica holds.
+A replica's record lives beside a file replica (``disk-204.img.state``), and for a block device
+or NBD target in the copier's state area (``<state_dir>/targets/<slug>.state``, the slug a hash
+of the target's configured location), so a copier that lost its state dir still knows what a
+file replica holds. Beside the record, the tree it names (``consumers/copy/digest.py``):
+
+* ``disk-204.img.pieces.<generation>``: the piece entries of the sync of that generation (32
+  bytes per MiB), written whole per sync, and the generation of its leaf file;
+* ``disk-204.img.leaves.<generation>``: the leaf entries (32 bytes per 64 KiB), created by a
+  full copy (or a conversion) and rewritten in place by the incrementals after it, with
+  ``disk-204.img.leaves.undo`` while one runs (``consumers/copy/leaves.py``);
+* ``disk-204.img.tree.<generation>``: a version 1 tree, as older copiers wrote it (read, never
+  written; converted by the next incremental, ``convert.py``).
 
 Every write is temp file -> fsync -> rename -> fsync of the directory, so a crash leaves the old
-or the new record, never a mix. The record carries a blake3 checksum of its body, and the tree
+or the new record, never a mix. The record carries a blake3 checksum of its body, and the pieces
 file is checked against the root the record names: a torn, edited or mismatched record is
 reported as :class:`~consumers.replica.state.Unknown`, never as clean. All file operations are
 relative to a directory descriptor opened with ``O_NOFOLLOW``, and names are derived from the
@@ -19,6 +27,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import struct
 import time
@@ -29,13 +38,22 @@ import blake3
 from pydantic import ValidationError
 
 from cbtstream.errors import CbtStreamError
-from consumers.copy.digest import LEAF, HashTree, leaf_count
+from consumers.copy import digest_v1 as v1
+from consumers.copy.digest import HASH, LEAF, PIECE, HashTree, piece_count
+from consumers.copy.digest_v1 import V1Tree
+from consumers.copy.leaves import FileLeaves, Journal, undo
 from consumers.replica.state import HeldSync, ReplicaState, Unknown
 
-_TREE_MAGIC = b"CBTTREE1"
-_TREE_HEAD = struct.Struct(">8sQQ")
+_V1_MAGIC = b"CBTTREE1"
+_V1_HEAD = struct.Struct(">8sQQ")
+#: magic, capacity, leaf size, piece size, generation of the leaf file
+_PIECES_MAGIC = b"CBTPIEC2"
+_PIECES_HEAD = struct.Struct(">8sQQQQ")
 #: A record larger than this is not ours (records are a few KiB).
 _MAX_RECORD = 1 << 20
+
+
+log = logging.getLogger("cbtstream.copier.replica")
 
 
 class ReplicaStateError(CbtStreamError):
@@ -94,24 +112,78 @@ class ReplicaStore:
             os.close(dir_fd)
         return decode_record(raw)
 
-    def load_tree(self, held: HeldSync, capacity: int) -> HashTree | None:
-        """The held sync's tree, if its file is intact and folds to the recorded root."""
-        if "/" in held.tree_file or not held.tree_file.startswith(f"{self.name}.tree."):
-            return None
+    def _tree_head(self, held: HeldSync, capacity: int) -> tuple[bytes, int, int]:
+        """(the held tree file's bytes, its format version, its leaf file's generation)."""
+        v2 = held.tree_file.startswith(f"{self.name}.pieces.")
+        if "/" in held.tree_file or not (v2 or held.tree_file.startswith(f"{self.name}.tree.")):
+            raise ValueError("the record names no tree file of this replica")
+        head = _PIECES_HEAD if v2 else _V1_HEAD
+        dir_fd = self._dir_fd(create=False)
         try:
-            dir_fd = self._dir_fd(create=False)
-            try:
-                raw = self._read(dir_fd, held.tree_file, _TREE_HEAD.size + 32 * leaf_count(
-                    capacity))
-            finally:
-                os.close(dir_fd)
-            magic, cap, leaf = _TREE_HEAD.unpack_from(raw)
-            if magic != _TREE_MAGIC or cap != capacity or leaf != LEAF:
-                return None
-            tree = HashTree(capacity, bytearray(raw[_TREE_HEAD.size :]))
+            raw = self._read(dir_fd, held.tree_file, head.size + HASH * piece_count(capacity))
+        finally:
+            os.close(dir_fd)
+        if v2:
+            magic, cap, leaf, piece, leaves = _PIECES_HEAD.unpack_from(raw)
+            if (magic, cap, leaf, piece) != (_PIECES_MAGIC, capacity, LEAF, PIECE):
+                raise ValueError("not a version 2 tree of this disk")
+            return raw[head.size :], 2, leaves
+        magic, cap, leaf = _V1_HEAD.unpack_from(raw)
+        if (magic, cap, leaf) != (_V1_MAGIC, capacity, v1.LEAF):
+            raise ValueError("not a version 1 tree of this disk")
+        return raw[head.size :], 1, -1
+
+    def load_tree(self, held: HeldSync, capacity: int) -> HashTree | V1Tree | None:
+        """The held sync's tree (its pieces; leaves are opened by :meth:`open_leaves`), if its
+        file is intact and folds to the recorded root. A version 1 tree is returned as such
+        (``verify`` reads it; a sync converts it first)."""
+        try:
+            pieces, version, _ = self._tree_head(held, capacity)
+            tree = (HashTree(capacity, bytearray(pieces)) if version == 2
+                    else V1Tree(capacity, bytearray(pieces)))
         except (OSError, ValueError, struct.error):
             return None
         return tree if tree.root() == held.replica_digest else None
+
+    def leaves_name(self, generation: int) -> str:
+        return f"{self.name}.leaves.{generation}"
+
+    @property
+    def journal_name(self) -> str:
+        return f"{self.name}.leaves.undo"
+
+    def new_leaves(self, capacity: int, generation: int) -> FileLeaves:
+        """A new all-zero leaf file for a full copy of ``generation`` (no journal: a full copy's
+        base is the all-zero tree, and an interrupted one is redone from it)."""
+        dir_fd = self._dir_fd(create=True)
+        try:
+            return FileLeaves.create(self.leaves_name(generation), capacity, dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def open_leaves(self, held: HeldSync, capacity: int) -> tuple[FileLeaves, int]:
+        """The leaf file of the held (version 2) tree, for a sync that starts from it, and its
+        generation. Entries an interrupted sync rewrote are put back from the journal first;
+        the sync's own journal will restore ``held``'s root. A missing or foreign leaf file is
+        replaced by a zero one: its pieces then do not fold, and the engine proves each piece
+        it touches whole from the replica (``HashTree.consistent``). Call under the lock."""
+        _, version, generation = self._tree_head(held, capacity)
+        if version != 2:
+            raise ValueError("a version 1 tree is converted before a sync starts from it")
+        name = self.leaves_name(generation)
+        dir_fd = self._dir_fd(create=False)
+        try:
+            try:
+                leaves = FileLeaves.open(name, capacity, dir_fd)
+            except (FileNotFoundError, ValueError) as exc:
+                log.warning("the replica's leaf file is missing or damaged: recreated; pieces "
+                            "the sync touches are proven whole", extra={"error": str(exc)})
+                leaves = FileLeaves.create(name, capacity, dir_fd)
+            undo(self.journal_name, dir_fd, leaves, held.replica_digest)
+            leaves.journal = Journal(dir_fd, self.journal_name, held.replica_digest)
+        finally:
+            os.close(dir_fd)
+        return leaves, generation
 
     # -- writing ----------------------------------------------------------------------------
     def _write_atomic(self, dir_fd: int, name: str, data: bytes | bytearray) -> None:
@@ -140,14 +212,16 @@ class ReplicaStore:
             raise ReplicaStateError(f"cannot write the replica record {self.directory}/"
                                     f"{self.state_name}: {exc.strerror}") from exc
 
-    def save_tree(self, tree: HashTree, generation: int) -> str:
-        """Write a tree file for ``generation``; returns its name (for ``HeldSync.tree_file``)."""
-        name = f"{self.name}.tree.{generation}"
+    def save_tree(self, tree: HashTree, generation: int, leaves: int) -> str:
+        """Write the pieces file of ``generation``, naming the leaf file of generation
+        ``leaves`` (which the caller made durable first); returns its name (for
+        ``HeldSync.tree_file``)."""
+        name = f"{self.name}.pieces.{generation}"
         try:
             dir_fd = self._dir_fd(create=True)
             try:
-                head = _TREE_HEAD.pack(_TREE_MAGIC, tree.capacity, LEAF)
-                self._write_atomic(dir_fd, name, head + tree.leaves)
+                head = _PIECES_HEAD.pack(_PIECES_MAGIC, tree.capacity, LEAF, PIECE, leaves)
+                self._write_atomic(dir_fd, name, head + tree.pieces)
             finally:
                 os.close(dir_fd)
         except OSError as exc:
@@ -155,14 +229,15 @@ class ReplicaStore:
                                     ) from exc
         return name
 
-    def prune_trees(self, keep: str | None) -> None:
-        """Remove tree files other than ``keep`` (after the record naming ``keep`` is durable)."""
+    def prune_trees(self, *keep: str) -> None:
+        """Remove tree, pieces and leaf files and the journal, but ``keep`` (after the record
+        naming them is durable)."""
         with contextlib.suppress(OSError):
             dir_fd = self._dir_fd(create=False)
             try:
-                prefix = f"{self.name}.tree."
+                prefixes = tuple(f"{self.name}.{kind}." for kind in ("tree", "pieces", "leaves"))
                 for entry in os.listdir(dir_fd):
-                    if entry.startswith(prefix) and entry != keep:
+                    if entry.startswith(prefixes) and entry not in keep:
                         with contextlib.suppress(OSError):
                             os.unlink(entry, dir_fd=dir_fd)
             finally:
@@ -199,7 +274,7 @@ class ReplicaStore:
 
     def forget(self) -> None:
         """Remove the record and its trees (the replica is then of unknown state)."""
-        self.prune_trees(None)
+        self.prune_trees()
         with contextlib.suppress(OSError):
             dir_fd = self._dir_fd(create=False)
             try:

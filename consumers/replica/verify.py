@@ -23,7 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from consumers.copy.digest import LEAF, HashTree, hash_item
+from consumers.copy import digest_v1 as v1
+from consumers.copy.digest import HASH, PIECE, HashTree, hash_pieces, piece_count
+from consumers.copy.digest_v1 import V1Tree
 from consumers.copy.sources import NbdSource
 from consumers.copy.throttle import Throttle
 from consumers.nbd.uri import parse_nbd_uri
@@ -33,8 +35,8 @@ from consumers.replica.store import ReplicaBusy, ReplicaStore
 from schemas.disk import DiskRef
 from schemas.events import ReplicaMismatch, ReplicaVerified
 
-#: Bytes read per request while re-hashing (a multiple of the leaf).
-CHUNK = 8 * LEAF
+#: Bytes read per request while re-hashing (a multiple of the piece).
+CHUNK = 8 * PIECE
 
 ReadInto = Callable[[int, memoryview], Awaitable[None]]
 
@@ -83,26 +85,35 @@ def find_records(targets: TargetResolver) -> Iterator[Found]:
 
 
 async def tree_of(read_into: ReadInto, capacity: int,
-                  progress: Callable[[int], None] | None = None) -> HashTree:
-    """The hash tree of ``capacity`` bytes read with ``read_into`` (hashing overlaps reads)."""
-    tree = HashTree.zeros(capacity)
+                  progress: Callable[[int], None] | None = None, version: int = 2
+                  ) -> HashTree | V1Tree:
+    """The hash tree of ``capacity`` bytes read with ``read_into``, in format ``version`` (the
+    one the record's root is in), known by its pieces: leaf entries are folded as they are
+    hashed and not kept, so memory is 32 bytes per MiB of disk. Hashing overlaps reads."""
+    pieces = bytearray(piece_count(capacity) * HASH)
     loop = asyncio.get_running_loop()
     bufs = [memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK))]
+
+    def hash_chunk(view: memoryview) -> bytes:
+        return v1.hash_pieces(view) if version == 1 else hash_pieces(view)[1]
+
+    def put(offset: int, entries: bytes) -> None:
+        j = offset // PIECE * HASH
+        pieces[j : j + len(entries)] = entries
+
     with ThreadPoolExecutor(2, "cbt-verify") as pool:
-        pending: asyncio.Future[list[tuple[int, bytes]]] | None = None
+        pending: tuple[int, asyncio.Future[bytes]] | None = None
         for n, offset in enumerate(range(0, capacity, CHUNK)):
             view = bufs[n % 2][: min(CHUNK, capacity - offset)]
             await read_into(offset, view)
             if pending is not None:
-                for i, h in await pending:
-                    tree.set(i, h)
-            pending = loop.run_in_executor(pool, hash_item, offset, view, capacity)
+                put(pending[0], await pending[1])
+            pending = offset, loop.run_in_executor(pool, hash_chunk, view)
             if progress is not None:
                 progress(len(view))
         if pending is not None:
-            for i, h in await pending:
-                tree.set(i, h)
-    return tree
+            put(pending[0], await pending[1])
+    return V1Tree(capacity, pieces) if version == 1 else HashTree(capacity, pieces)
 
 
 @dataclass(frozen=True)
@@ -113,20 +124,23 @@ class Verdict:
     first_bad_offset: int | None = None
 
 
-def verdict(state: ReplicaState, actual: HashTree, held_tree: HashTree | None,
-            latest_change_id: str | None, latest_digest: str | None,
-            source_root: str | None = None) -> Verdict:
-    """Compare a replica's recomputed tree with its record and the latest commit (pure)."""
+def verdict(state: ReplicaState, actual: HashTree | V1Tree,
+            held_tree: HashTree | V1Tree | None, latest_change_id: str | None,
+            latest_digest: str | None, source_root: str | None = None) -> Verdict:
+    """Compare a replica's recomputed tree with its record and the latest commit (pure).
+    Differences are counted by MiB: version 2 pieces, version 1 leaves."""
     held = state.held
     if held is None:
         return Verdict(False, "the replica holds no committed sync")
     bad = 0
     first: int | None = None
-    if held_tree is not None:
-        for i in range(len(actual)):
-            if actual.get(i) != held_tree.get(i):
+    if held_tree is not None and type(held_tree) is type(actual) \
+            and held_tree.pieces != actual.pieces:
+        a, b = memoryview(actual.pieces), memoryview(held_tree.pieces)
+        for j in range(min(len(a), len(b)) // HASH):
+            if a[j * HASH : (j + 1) * HASH] != b[j * HASH : (j + 1) * HASH]:
                 bad += 1
-                first = i * LEAF if first is None else first
+                first = j * PIECE if first is None else first
     root = actual.root()
     if root != held.replica_digest:
         return Verdict(False, f"replica bytes hash to {root}, its record says "
@@ -134,7 +148,8 @@ def verdict(state: ReplicaState, actual: HashTree, held_tree: HashTree | None,
     if latest_change_id is not None and latest_change_id != held.change_id:
         return Verdict(False, f"replica holds {held.change_id!r}, the latest commit is "
                        f"{latest_change_id!r}")
-    if latest_digest is not None and latest_digest != held.replica_digest:
+    if latest_digest is not None and latest_digest not in (held.replica_digest,
+                                                           held.converted_from):
         return Verdict(False, f"the latest commit names replica digest {latest_digest}, the "
                        f"replica holds {held.replica_digest}")
     if source_root is not None and source_root != held.replica_digest:
@@ -171,8 +186,8 @@ class Check:
 
 async def check_replica(
     loc: ReplicaLocation,
-    read_target: Callable[[ReplicaLocation, int, Callable[[int], None] | None],
-                          Awaitable[HashTree]],
+    read_target: Callable[[ReplicaLocation, int, Callable[[int], None] | None, int],
+                          Awaitable[HashTree | V1Tree]],
     *,
     latest: tuple[str | None, str | None] | None = None,
     source_root: Callable[[ReplicaState], Awaitable[str | None]] | None = None,
@@ -199,10 +214,13 @@ async def check_replica(
                          else None)
         assert isinstance(record, ReplicaState) and record.held is not None
         capacity = record.capacity_bytes
+        version = v1.version_of(record.held.replica_digest)
+        if not version:
+            return Check("unverifiable", "the record's root is of no known tree format", record)
         # Hash without holding the lock, so a sync is never kept waiting behind a long verify;
         # a sync that started meanwhile changed the record (dirty first), and the result is
         # then thrown away rather than trusted.
-        actual = await read_target(loc, capacity, progress)
+        actual = await read_target(loc, capacity, progress, version)
         src = await source_root(record) if source_root is not None else None
         async with loc.store.lock(wait_s=wait_s):
             again = await asyncio.to_thread(loc.store.load)
@@ -242,15 +260,16 @@ def event_for(check: Check, disk: DiskRef | None = None
 
 
 async def read_local_or_nbd(loc: ReplicaLocation, capacity: int,
-                            progress: Callable[[int], None] | None = None, *,
+                            progress: Callable[[int], None] | None = None, version: int = 2, *,
                             tls_context: ssl.SSLContext | None = None,
-                            throttle: Throttle | None = None) -> HashTree:
-    """The tree of a replica, read from its file or block device, or over NBD (one
-    connection: an NBD target may serve one client)."""
+                            throttle: Throttle | None = None) -> HashTree | V1Tree:
+    """The tree (format ``version``) of a replica, read from its file or block device, or over
+    NBD (one connection: an NBD target may serve one client)."""
     if loc.kind == TargetKind.NBD:
         async with NbdSource(parse_nbd_uri(loc.location), connections=1,
                              tls_context=tls_context) as src:
-            return await tree_of(_throttled(src.read_into, throttle), capacity, progress)
+            return await tree_of(_throttled(src.read_into, throttle), capacity, progress,
+                                 version)
     flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if loc.kind == TargetKind.FILE else 0)
     fd = os.open(loc.location, flags)
     try:
@@ -262,7 +281,7 @@ async def read_local_or_nbd(loc: ReplicaLocation, capacity: int,
                     raise OSError(f"{loc.location} ends before {offset + done}")
                 done += n
 
-        return await tree_of(_throttled(read_into, throttle), capacity, progress)
+        return await tree_of(_throttled(read_into, throttle), capacity, progress, version)
     finally:
         os.close(fd)
 

@@ -38,19 +38,21 @@ from consumers.copy.targets import BlockTarget, FileTarget, NbdTarget
 from consumers.nbd.uri import parse_nbd_uri
 from consumers.replica.verify import tree_of
 from tests.copy.images import M, apply, make_image
-from tests.copy.treeref import leaves_of, root_of
+from tests.copy.treeref import leaves_of, pieces_of, root_of
 from tests.nbd.nbdkit import nbdkit, needs_nbdkit
 
 pytestmark = needs_nbdkit
 
 KEY = "4211c3d5-7f1e-4b8a-9d6c-0123456789ab/disk-2000"
 K = 1024
-#: 13 leaves, the last one short (24 sectors: a loop device has whole sectors).
+#: 193 leaves of 64 KiB in 13 pieces of 1 MiB, the last leaf and piece short (24 sectors: a
+#: loop device has whole sectors).
 SIZE = 12 * M + 12288
-#: The changed areas of the incremental (CBT-like), by leaf:
-#:   0, 1, 4, 8 untouched; 2 two small areas; 3 one 64 KiB area; 5+6 one area across the border;
-#:   7 one area in a leaf that is a hole in the base; 9 a new hole and the head of an area that
-#:   covers 10 and 11 whole; 12 (the short last leaf) its last 5000 bytes.
+#: The changed areas of the incremental (CBT-like), by 64 KiB leaf (by 1 MiB piece):
+#:   32 and 39 one small area each (piece 2); 56 one whole 64 KiB area (piece 3); 95+96 one area
+#:   across a piece border (pieces 5, 6); 115+116 one 64 KiB area across a leaf border, in a hole
+#:   of the base (piece 7); 146-149 a new hole, whole leaves (piece 9); 155 the head of an area
+#:   that covers 156-191 whole (pieces 9-11); 192 (the short last leaf) its last 5000 bytes.
 CHANGES = [
     (2 * M + 1000, 100), (2 * M + 500_000, 100),
     (3 * M + 512 * K, 64 * K),
@@ -60,7 +62,7 @@ CHANGES = [
     (10 * M - 300 * K, 2 * M + 300 * K),
     (SIZE - 5000, 5000),
 ]
-EDGES = (2, 3, 5, 6, 7, 9, 12)
+EDGES = (32, 39, 95, 96, 115, 116, 155, 192)
 OPTS = CopyOptions(disk_key=KEY, request_bytes=M, merge_gap_bytes=0, max_in_flight=3)
 
 
@@ -91,7 +93,8 @@ def snaps(tmp_path_factory: pytest.TempPathFactory) -> Snapshots:
 
 def base_tree(base: bytes) -> dg.HashTree:
     """The base's tree as the two good cycles recorded it (computed from the definition)."""
-    return dg.HashTree(SIZE, bytearray(b"".join(leaves_of(base))))
+    return dg.HashTree(SIZE, bytearray(b"".join(pieces_of(base))),
+                       dg.MemoryLeaves(bytearray(b"".join(leaves_of(base)))))
 
 
 def flipped(data: bytes, offset: int, n: int = 3) -> bytes:
@@ -204,14 +207,14 @@ KINDS = ["file", "block", "nbd"]
 
 # -- the reported bug, on every kind of target --------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("leaf, at", [(3, 3 * M + 100), (7, 7 * M + 900 * K)],
+@pytest.mark.parametrize("leaf, at", [(95, 6 * M - 64 * K + 100), (115, 7 * M + 196 * K)],
                          ids=["hashed-leaf", "zero-leaf"])
 async def test_flip_in_an_edge_leaf_is_repaired(
     kind: str, leaf: int, at: int, snaps: Snapshots, tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A few bytes flipped where the sync keeps the replica's bytes (leaf 3: hashed in the base
-    tree; leaf 7: a hole in the base, proven without a hash)."""
+    """A few bytes flipped where the sync keeps the replica's bytes (leaf 95: hashed in the base
+    tree; leaf 115: a hole in the base, proven without a hash)."""
     assert not any(c[0] <= at < c[0] + c[1] for c in CHANGES)
     with caplog.at_level(logging.INFO, "cbtstream.copier.copy"):
         async with replica(kind, tmp_path, flipped(snaps.base, at)) as rep:
@@ -219,7 +222,9 @@ async def test_flip_in_an_edge_leaf_is_repaired(
             after = rep.read()
     assert after == snaps.new  # the replica equals the snapshot, byte for byte
     assert result.replica_digest == root_of(snaps.new)  # and its root is the snapshot's
-    assert result.tree is not None and bytes(result.tree.leaves) == b"".join(leaves_of(after))
+    assert result.tree is not None and result.tree.pieces == b"".join(pieces_of(after))
+    assert result.tree.store().read(0, dg.leaf_count(SIZE)) == b"".join(
+        leaves_of(after))
     assert result.repaired == (leaf,) and result.leaves_repaired == 1
     assert result.recopied == (leaf,)
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -240,9 +245,10 @@ async def test_flip_in_an_untouched_leaf_is_left_for_verify(
     assert result.repaired == () and result.recopied == ()
     assert after == flipped(snaps.new, at)  # not touched, not repaired ...
     assert result.replica_digest == root_of(snaps.new)  # ... and never certified:
-    assert seen.root() != result.replica_digest  # verify finds the difference, in leaf 1
+    assert seen.root() != result.replica_digest  # verify finds the difference, in piece 1
     assert result.tree is not None
-    assert [i for i in range(len(seen)) if seen.get(i) != result.tree.get(i)] == [1]
+    assert [j for j in range(dg.piece_count(SIZE)) if seen.piece(j) != result.tree.piece(j)
+            ] == [1]
 
 
 # -- no alarm, and no extra source read, where nothing is corrupt -------------------------------
@@ -278,13 +284,13 @@ async def test_flip_in_bytes_the_sync_rewrites_is_no_corruption_alarm(
 ) -> None:
     """The leaf's hash fails, but only bytes the sync overwrites differ (as after an interrupted
     write): the leaf is copied whole, without calling the replica corrupt."""
-    at = 3 * M + 512 * K + 10
+    at = 6 * M - 4000  # in the 4 KiB of leaf 95 that the sync rewrites
     with caplog.at_level(logging.INFO, "cbtstream.copier.copy"):
         async with replica("file", tmp_path, flipped(snaps.base, at)) as rep:
             result, _ = await sync(tmp_path, snaps, rep)
             after = rep.read()
     assert after == snaps.new and result.replica_digest == root_of(snaps.new)
-    assert result.repaired == () and result.recopied == (3,)
+    assert result.repaired == () and result.recopied == (95,)
     assert [r.levelno for r in caplog.records] == [logging.INFO]
 
 
@@ -301,14 +307,14 @@ async def test_dirty_replica_of_an_interrupted_sync_is_repaired_without_alarm(
             result, _ = await sync(tmp_path, snaps, rep)
             after = rep.read()
     assert after == snaps.new and result.replica_digest == root_of(snaps.new)
-    assert result.repaired == () and result.recopied == (3, 5, 6, 12)
+    assert result.repaired == () and result.recopied == (95, 96, 192)
     assert {r.levelno for r in caplog.records} == {logging.INFO}
 
 
 async def test_resumed_sync_trusts_the_edge_leaves_its_checkpoint_covers(
     snaps: Snapshots, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A checkpoint up to the end of edge leaf 6: those leaves were proven and written by the
+    """A checkpoint up to the end of edge leaf 96: those leaves were proven and written by the
     run that saved it; the rest is proven now. No source byte below the checkpoint is read."""
     ranges = plan_ranges([Extent(*c) for c in CHANGES], SIZE, 0)
     durable = 6 * M + 8192
@@ -350,36 +356,118 @@ async def test_full_copy_onto_a_used_replica_reads_no_extra_source_bytes(
     assert not caplog.records
 
 
+# -- leaf entries the tree cannot vouch for: proven piece by piece ----------------------------
+#: The pieces CHANGES cover in part (10 and 11 are covered whole).
+PARTIAL = (2, 3, 5, 6, 7, 9, 12)
+
+
+def lost_leaves(base: bytes) -> dg.HashTree:
+    """The base's pieces with a leaf file that lost its entries (all zero): no piece folds."""
+    return dg.HashTree(SIZE, bytearray(b"".join(pieces_of(base))),
+                       dg.MemoryLeaves(bytearray(32 * dg.leaf_count(SIZE))))
+
+
+async def test_unknown_leaf_entries_cost_target_reads_not_a_wrong_tree(
+    snaps: Snapshots, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each piece the sync covers in part is read whole from the replica and proven against the
+    base's piece entry; a clean replica passes, and no source byte beyond the changes is read."""
+    async with replica("file", tmp_path, snaps.base) as rep:
+        reads = 0
+        inner_read = rep.target.read_into
+
+        async def counting(offset: int, buf: memoryview) -> None:
+            nonlocal reads
+            reads += len(buf)
+            await inner_read(offset, buf)
+
+        rep.target.read_into = counting  # type: ignore[method-assign]
+        with caplog.at_level(logging.INFO, "cbtstream.copier.copy"):
+            result, source_read = await sync(tmp_path, snaps, rep, tree=lost_leaves(snaps.base))
+        after = rep.read()
+    assert after == snaps.new and result.replica_digest == root_of(snaps.new)
+    assert result.repaired == result.recopied == () and source_read == result.bytes_copied
+    # piece 7 is a hole in the base: its zero entry agrees with zero leaf entries, so it stays
+    # proven leaf by leaf (edge leaves 115 and 116)
+    assert reads == sum(dg.piece_span(j, SIZE).length for j in PARTIAL if j != 7) + 2 * dg.LEAF
+    assert result.tree is not None
+    entries = result.tree.store().read(0, dg.leaf_count(SIZE))
+    for j in (*PARTIAL, 10, 11):  # every touched piece's leaves are known again
+        assert entries[j * 512 : (j + 1) * 512] == b"".join(leaves_of(after)[j * 16 : j * 16 + 16])
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_flip_in_a_piece_with_unknown_leaf_entries_is_repaired(
+    kind: str, snaps: Snapshots, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Bytes flipped in leaf 48 of piece 3, which the sync does not touch (it writes leaf 56
+    whole): with the leaf entries known they are left for verify, but here piece 3 is proven
+    whole, fails, and is copied whole from the snapshot with a warning naming it."""
+    at = 3 * M + 100
+    with caplog.at_level(logging.INFO, "cbtstream.copier.copy"):
+        async with replica(kind, tmp_path, flipped(snaps.base, at)) as rep:
+            result, _ = await sync(tmp_path, snaps, rep, tree=lost_leaves(snaps.base))
+            after = rep.read()
+    assert after == snaps.new and result.replica_digest == root_of(snaps.new)
+    assert result.repaired == (48,) and result.recopied == tuple(range(48, 64))
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and f"{KEY}: replica corrupt in piece 3 " in warned[0].getMessage()
+    assert warned[0].__dict__["leaf"] == 48
+
+
 # -- the cut itself (pure) ----------------------------------------------------------------------
 def test_cut_edges() -> None:
     ranges = plan_ranges([Extent(*c) for c in CHANGES], SIZE, 0)
     units = cut_edges(ranges, SIZE)
-    assert [u.leaf for u in units if isinstance(u, Edge)] == list(EDGES)
-    assert [u for u in units if isinstance(u, Extent)] == [Extent(10 * M, 2 * M)]
-    shared = next(u for u in units if isinstance(u, Edge) and u.leaf == 9)
+    assert [u.span.start // dg.LEAF for u in units if isinstance(u, Edge)] == list(EDGES)
+    assert all(u.span == dg.leaf_span(u.span.start // dg.LEAF, SIZE) and not u.coarse
+               for u in units if isinstance(u, Edge))
+    assert [u for u in units if isinstance(u, Extent)] == [
+        Extent(3 * M + 512 * K, 64 * K), Extent(9 * M + 128 * K, 256 * K),
+        Extent(9 * M + 768 * K, 2 * M + 256 * K)]
+
+    def every_byte_once(units: list[Extent | Edge]) -> None:
+        flat = [e for u in units for e in (u.touched if isinstance(u, Edge) else (u,))]
+        assert sum(e.length for e in flat) == sum(r.length for r in ranges)
+        assert all(a.end <= b.start for a, b in itertools.pairwise(flat))
+
+    every_byte_once(units)
+    # a piece whose leaf entries are unknown is one unit: here piece 9, shared by two ranges
+    coarse = cut_edges(ranges, SIZE, frozenset({9}))
+    every_byte_once(coarse)
+    shared = next(u for u in coarse if isinstance(u, Edge) and u.coarse)
+    assert shared.span == Extent(9 * M, M)
     assert shared.touched == (Extent(9 * M + 128 * K, 256 * K), Extent(10 * M - 300 * K, 300 * K))
-    # every planned byte exactly once, in disk order
-    flat = [e for u in units for e in (u.touched if isinstance(u, Edge) else (u,))]
-    assert sum(e.length for e in flat) == sum(r.length for r in ranges)
-    assert all(a.end <= b.start for a, b in itertools.pairwise(flat))
-    # whole leaves only outside edges; a range ending at the disk's end covers its short leaf
+    assert [u.span.start // dg.LEAF for u in coarse if isinstance(u, Edge) and not u.coarse
+            ] == [e for e in EDGES if e // dg.FANOUT != 9]
+    # whole units only outside edges; a range ending at the disk's end covers its short leaf
+    leaf = dg.LEAF
     assert cut_edges([Extent(M, SIZE - M)], SIZE) == [Extent(M, SIZE - M)]
-    assert cut_edges([Extent(100, 10)], SIZE) == [Edge(0, (Extent(100, 10),))]
+    assert cut_edges([Extent(100, 10)], SIZE) == [Edge(Extent(0, leaf), (Extent(100, 10),))]
+    assert cut_edges([Extent(100, 10), Extent(200, 10)], SIZE) == [
+        Edge(Extent(0, leaf), (Extent(100, 10), Extent(200, 10)))]
     assert cut_edges([Extent(M - 1, M + 2)], SIZE) == [
-        Edge(0, (Extent(M - 1, 1),)), Extent(M, M), Edge(2, (Extent(2 * M, 1),))]
+        Edge(Extent(M - leaf, leaf), (Extent(M - 1, 1),)), Extent(M, M),
+        Edge(Extent(2 * M, leaf), (Extent(2 * M, 1),))]
+    assert cut_edges([Extent(M - 1, M + 2)], SIZE, frozenset({0, 1})) == [
+        Edge(Extent(0, M), (Extent(M - 1, 1),), True), Extent(M, M),
+        Edge(Extent(2 * M, leaf), (Extent(2 * M, 1),))]
 
 
 def test_untouched_and_the_proof() -> None:
+    leaf_size = dg.LEAF
     span = dg.leaf_span(1, SIZE)
-    keep = dg.untouched(span, [Extent(M + 10, 5), Extent(M + 100, 10)])
-    assert keep == [(0, 10), (15, 100), (110, M)]
-    assert dg.untouched(span, [Extent(M, M)]) == []
-    leaf = bytearray(M)
+    start = span.start
+    keep = dg.untouched(span, [Extent(start + 10, 5), Extent(start + 100, 10)])
+    assert keep == [(0, 10), (15, 100), (110, leaf_size)]
+    assert dg.untouched(span, [span]) == []
+    leaf = bytearray(leaf_size)
     leaf[12] = 7  # inside the touched bytes: a zero base leaf is still proven
-    assert dg.holds_base(memoryview(leaf), dg.zero_leaf(M), keep)
+    assert dg.holds_base(memoryview(leaf), dg.ZERO, keep)
     leaf[200] = 7  # inside the kept bytes: not
-    assert not dg.holds_base(memoryview(leaf), dg.zero_leaf(M), keep)
-    h = dg.leaf_hash(bytes(leaf))
+    assert not dg.holds_base(memoryview(leaf), dg.ZERO, keep)
+    h = dg.leaf_entry(bytes(leaf))
     assert dg.holds_base(memoryview(leaf), h, keep)  # a hashed base leaf: the whole leaf
     leaf[12] = 8
     assert not dg.holds_base(memoryview(leaf), h, keep)
@@ -388,3 +476,9 @@ def test_untouched_and_the_proof() -> None:
     assert dg.same_runs(memoryview(leaf), memoryview(other), keep)
     other[0] = 1
     assert not dg.same_runs(memoryview(leaf), memoryview(other), keep)
+    # a whole piece is proven by its leaves' entries folded, against the base's piece entry
+    piece = bytearray(os.urandom(M))
+    base = dg.fold(b"".join(leaves_of(bytes(piece))))
+    assert dg.holds_base(memoryview(piece), base, [(0, 10)], piece=True)
+    piece[M - 1] ^= 1
+    assert not dg.holds_base(memoryview(piece), base, [(0, 10)], piece=True)

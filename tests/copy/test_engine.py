@@ -34,7 +34,7 @@ from consumers.copy.targets import NbdTarget
 from consumers.nbd.uri import parse_nbd_uri
 from consumers.replica.location import TargetResolver
 from tests.copy.images import M, apply, make_image
-from tests.copy.treeref import root_of
+from tests.copy.treeref import leaves_of, root_of
 from tests.nbd.nbdkit import nbdkit, needs_nbdkit
 
 pytestmark = needs_nbdkit
@@ -100,9 +100,8 @@ async def test_incremental_copy_with_end_of_disk_and_new_holes(tmp_path: Path) -
     with nbdkit(tmp_path, "-r", "file", str(new)) as uri:
         async with NbdSource(parse_nbd_uri(uri)) as src, target:
             opts = CopyOptions(disk_key=KEY, request_bytes=M, merge_gap_bytes=0, max_in_flight=3)
-            base = dg.HashTree.zeros(SIZE)
-            for i, h in dg.hash_item(0, memoryview(old.read_bytes()), SIZE):
-                base.set(i, h)
+            base = dg.HashTree.of_leaves(SIZE, dg.MemoryLeaves(bytearray(b"".join(
+                leaves_of(old.read_bytes())))))
             result = await copy_disk(
                 src, target, [Extent(*e) for e in changed], capacity=SIZE, options=opts,
                 tree=base,

@@ -1,58 +1,82 @@
-"""The replica hash tree: leaves, root, touched runs and the sync digest, against the
-definition (tests/copy/treeref.py)."""
+"""The replica hash tree: leaves, pieces, root, touched runs and the sync digest, against the
+definition (tests/copy/treeref.py); the leaf file and its undo journal."""
 
 from __future__ import annotations
 
 import os
 import struct
+from pathlib import Path
 
 import blake3
 import pytest
 
 from cbtstream.extents import Extent
 from consumers.copy import digest as dg
-from tests.copy.treeref import leaves_of, root_of
+from consumers.copy import digest_v1 as v1
+from consumers.copy.leaves import FileLeaves, Journal, undo
+from tests.copy.treeref import leaves_of, leaves_of_v1, pieces_of, root_of, root_of_v1
 
 M = 1 << 20
+K = 1 << 10
 
 
 def _tree_of(data: bytes) -> dg.HashTree:
     tree = dg.HashTree.zeros(len(data))
-    for i, h in dg.hash_item(0, memoryview(data), len(data)):
-        tree.set(i, h)
+    first, entries = dg.hash_run(0, memoryview(data), len(data))
+    tree.set_leaves(first, entries)
+    tree.refold([(0, dg.piece_count(len(data)))])
     return tree
 
 
-@pytest.mark.parametrize("size", [0, 1, M - 1, M, M + 1, 3 * M + 4097])
+@pytest.mark.parametrize("size", [0, 1, 64 * K - 1, M - 1, M, M + 1, 3 * M + 4097])
 def test_zero_tree_is_the_tree_of_zero_bytes(size: int) -> None:
     assert dg.HashTree.zeros(size).root() == root_of(bytes(size))
-    assert len(dg.HashTree.zeros(size)) == dg.leaf_count(size)
+    assert dg.HashTree.zeros(size).leaf_count == dg.leaf_count(size) == len(leaves_of(
+        bytes(size)))
+    assert _tree_of(bytes(size)).root() == root_of(bytes(size))
 
 
-def test_root_of_data_matches_definition_and_changes_with_one_byte() -> None:
-    data = bytearray(os.urandom(3 * M + 100))
+@pytest.mark.parametrize("size", [1, 64 * K + 1, 3 * M + 100])
+def test_root_of_data_matches_definition_and_changes_with_one_byte(size: int) -> None:
+    data = bytearray(os.urandom(size))
+    data[size // 2 : size // 2 + 64 * K] = bytes(len(data[size // 2 : size // 2 + 64 * K]))
     tree = _tree_of(bytes(data))
     assert tree.root() == root_of(bytes(data))
-    assert [tree.get(i) for i in range(len(tree))] == leaves_of(bytes(data))
-    data[2 * M + 5] ^= 1
+    assert tree.store().read(0, tree.leaf_count) == b"".join(leaves_of(bytes(data)))
+    assert tree.pieces == b"".join(pieces_of(bytes(data)))
+    for j in range(dg.piece_count(size)):
+        assert tree.consistent(j)
+    data[size - 1] ^= 1
     assert _tree_of(bytes(data)).root() != tree.root()
 
 
-def test_items_hash_only_whole_leaves_and_report_partial_ones() -> None:
+def test_zero_entries_stand_for_zero_leaves_and_pieces() -> None:
+    assert dg.leaf_entry(bytes(64 * K)) == dg.leaf_entry(bytes(10)) == dg.ZERO
+    assert dg.leaf_entry(b"\0" * 9 + b"\1") == blake3.blake3(b"\0" * 9 + b"\1").digest()
+    assert dg.fold(bytes(16 * 32)) == dg.ZERO
+    one = bytes(32) + os.urandom(32)
+    assert dg.fold(one) == blake3.blake3(b"cbtstream-piece-v2" + one).digest()
+
+
+def test_runs_hash_only_whole_leaves_and_partial_pieces_are_found() -> None:
     cap = 4 * M + 10
-    assert [i for i, _ in dg.hash_item(M, memoryview(bytes(2 * M)), cap)] == [1, 2]
-    assert [i for i, _ in dg.hash_item(M + 1, memoryview(bytes(2 * M)), cap)] == [2]
-    assert dg.partial_leaves(M + 1, 2 * M, cap) == [1, 3]
-    assert dg.partial_leaves(M, 2 * M, cap) == []
-    assert dg.partial_leaves(4 * M, 10, cap) == []  # the short last leaf, whole
-    assert [i for i, _ in dg.zero_item(4 * M, 10, cap)] == [4]
-    assert dg.zero_item(4 * M, 10, cap)[0][1] == blake3.blake3(bytes(10)).digest()
+    leaf = dg.LEAF
+    assert dg.hash_run(leaf, memoryview(bytes(2 * leaf)), cap)[0] == 1
+    assert len(dg.hash_run(leaf, memoryview(bytes(2 * leaf)), cap)[1]) == 64
+    assert len(dg.hash_run(leaf + 1, memoryview(bytes(2 * leaf)), cap)[1]) == 32
+    assert dg.hash_run(4 * M, memoryview(os.urandom(10)), cap)[0] == 64  # the short last leaf
+    assert dg.zero_run(4 * M, 10, cap) == (64, bytes(32))
+    ranges = [Extent(0, M), Extent(M + 5, 10), Extent(2 * M, M + leaf), Extent(4 * M, 10)]
+    assert dg.partial_pieces(ranges, cap) == [1, 3]  # the short last piece is covered whole
+    assert list(dg.touched_units(ranges, dg.PIECE)) == [(0, 5)]
+    assert list(dg.touched_units([Extent(0, 10), Extent(5 * M, 1)], dg.PIECE)) == [(0, 1), (5, 1)]
 
 
 def test_touched_runs_and_sync_digest() -> None:
-    ranges = [Extent(0, 10), Extent(M - 1, 2), Extent(5 * M, M), Extent(7 * M + 3, 1)]
-    assert list(dg.touched_leaves(ranges)) == [(0, 2), (5, 1), (7, 1)]
-    data = os.urandom(8 * M)
+    leaf = dg.LEAF
+    ranges = [Extent(0, 10), Extent(leaf - 1, 2), Extent(5 * leaf, leaf), Extent(7 * leaf + 3, 1)]
+    assert list(dg.touched_units(ranges)) == [(0, 2), (5, 1), (7, 1)]
+    data = os.urandom(8 * leaf)
     tree = _tree_of(data)
     leaves = leaves_of(data)
     h = blake3.blake3()
@@ -65,4 +89,75 @@ def test_tree_refuses_wrong_sizes() -> None:
     with pytest.raises(ValueError):
         dg.HashTree(2 * M, bytearray(32))
     with pytest.raises(ValueError):
-        dg.HashTree.zeros(M).set(1, bytes(32))
+        dg.HashTree.zeros(M).set_leaves(16, bytes(32))
+    with pytest.raises(ValueError):
+        dg.HashTree(M, bytearray(32)).leaf(0)  # known by its pieces only
+
+
+def test_version_1_definition_is_still_computed_and_recognised() -> None:
+    data = os.urandom(3 * M + 5)
+    tree = v1.V1Tree(len(data), bytearray(v1.hash_pieces(memoryview(data))))
+    assert tree.pieces == b"".join(leaves_of_v1(data))
+    assert tree.root() == root_of_v1(data)
+    assert v1.version_of(root_of_v1(data)) == 1 and v1.version_of(root_of(data)) == 2
+    assert v1.version_of("sha256:00") == 0
+
+
+def test_leaf_file_round_trip_and_refusals(tmp_path: Path) -> None:
+    cap = 3 * M + 5
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        leaves = FileLeaves.create("x.leaves.1", cap, fd)
+        assert leaves.read(0, dg.leaf_count(cap)) == bytes(32 * dg.leaf_count(cap))  # sparse
+        leaves.write(3, b"a" * 64)
+        leaves.close()
+        again = FileLeaves.open("x.leaves.1", cap, fd)
+        assert again.read(2, 3) == bytes(32) + b"a" * 64
+        with pytest.raises(ValueError):
+            again.write(dg.leaf_count(cap), bytes(32))
+        again.close()
+        with pytest.raises(ValueError):
+            FileLeaves.open("x.leaves.1", cap + M, fd)  # another disk's
+    finally:
+        os.close(fd)
+
+
+def test_the_journal_restores_the_base_entries_of_an_interrupted_sync(tmp_path: Path) -> None:
+    """A sync journals the entries it will rewrite, then rewrites them in place and is killed:
+    the next open puts the base back. A journal of a sync recorded clean is dropped unused."""
+    cap = 4 * M
+    base = os.urandom(cap)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        leaves = FileLeaves.create("r.leaves.1", cap, fd)
+        leaves.write(0, b"".join(leaves_of(base)))
+        tree = dg.HashTree.of_leaves(cap, leaves)
+        root = tree.root()
+        leaves.journal = Journal(fd, "r.leaves.undo", root)
+        leaves.protect([(16, 32)])  # pieces 1 and 2
+        leaves.write(20, os.urandom(64))  # the interrupted sync's rewrites
+        leaves.write(40, os.urandom(32))
+        assert not tree.consistent(1) and not tree.consistent(2) and tree.consistent(0)
+        leaves.journal.close()
+        leaves.close()
+
+        reopened = FileLeaves.open("r.leaves.1", cap, fd)
+        assert undo("r.leaves.undo", fd, reopened, root) is True
+        assert not (tmp_path / "r.leaves.undo").exists()
+        tree.leaves = reopened
+        assert all(tree.consistent(j) for j in range(4))
+        assert reopened.read(0, dg.leaf_count(cap)) == b"".join(leaves_of(base))
+
+        # a sync that was recorded clean leaves a journal of the old root: dropped, not applied
+        reopened.journal = Journal(fd, "r.leaves.undo", root)
+        reopened.protect([(0, 16)])
+        reopened.write(0, b"n" * 32)
+        assert undo("r.leaves.undo", fd, reopened, "blake3tree2:65536:1048576:new") is False
+        assert not (tmp_path / "r.leaves.undo").exists()
+        assert reopened.read(0, 1) == b"n" * 32
+        reopened.journal.close()
+        reopened.close()
+    finally:
+        os.close(fd)
+
+

@@ -1,13 +1,19 @@
 """Issue 24, item 1, on the real pipeline (Kafka, Faust, the simulator, nbdkit, the copier):
-bytes flipped in a file replica behind the copier's back, inside a 1 MiB leaf that the next
-incremental writes only in part, must not be certified by that sync's commit.
+bytes flipped in a file replica behind the copier's back, inside a unit of the hash tree that
+the next incremental writes only in part, must not be certified by that sync's commit.
 
-Before the fix the sync read the leaf's kept bytes back, corrupt ones included, and hashed them
+Before the fix the sync read the unit's kept bytes back, corrupt ones included, and hashed them
 into the new tree: the commit's ``replica_digest`` described the corrupt replica and ``cbtstream
 verify`` said equal while the replica differed from the snapshot. Now the sync proves those bytes
-against the base tree first; unproven, the leaf is copied whole from the snapshot and the commit
-says ``incremental`` / ``replica_mismatch``. The control disk has bytes flipped in a leaf its sync
-does not touch: left for ``verify``, as before.
+against the base tree first; unproven, the unit is copied whole from the snapshot and the commit
+says ``incremental`` / ``replica_mismatch``. The control disk has bytes flipped where its sync
+does not write: left for ``verify``, as before.
+
+The simulator's CBT blocks are 64 KiB, like the tree's leaves (issue 24, item 2), so its changed
+areas never cover a leaf in part (``tests/copy/test_edge_leaves.py`` covers edge leaves with
+smaller areas). The unit written in part here is a whole 1 MiB piece: disk a's leaf file is
+lost with the corruption, so the sync cannot vouch for the leaf entries of the piece it writes
+into and proves that piece whole, as it must.
 """
 
 from __future__ import annotations
@@ -62,18 +68,23 @@ async def test_flip_in_a_leaf_the_sync_rewrites_in_part_is_repaired(
     a, b = (d.key for d in vm.disks)
     key_a, key_b = f"{vm.instance_uuid}/disk-{a}", f"{vm.instance_uuid}/disk-{b}"
     rng = scenario.rng
+    # piece 3 of disk a holds data in the base (a hole's zero entry would vouch for its leaves)
+    fill = [w for d in vm.disks for w in initial_fill(rng, d.key, d.capacity)]
     good = [
-        await scenario.cycle(1, [w for d in vm.disks for w in initial_fill(rng, d.key,
-                                                                           d.capacity)]),
+        await scenario.cycle(1, [*fill, Write(a, 3 * MiB, rng.randbytes(MiB))]),
         await scenario.cycle(2, [w for d in vm.disks for w in scattered(rng, d.key,
                                                                         d.capacity)]),
     ]
     assert all(r.verified for c in good for r in c.rows), [c.rows for c in good]
     assert {r.replication_type for r in good[1].rows} == {"incremental"}
 
-    # behind the copier's back: disk a in leaf 3, which the next sync writes only in part
-    # (4 KiB at 3.5 MiB: one 64 KiB CBT block); disk b in leaf 0, which its sync does not touch
+    # behind the copier's back: disk a in piece 3, which the next sync writes only in part
+    # (4 KiB at 3.5 MiB: one 64 KiB CBT block, leaf 56), and its leaf file lost; disk b in
+    # piece 0, which its sync does not touch
     _flip(scenario.replica(a), 3 * MiB + 100)
+    lost = list(scenario.replica(a).parent.glob(scenario.replica(a).name + ".leaves.*"))
+    assert len(lost) == 1
+    lost[0].unlink()
     _flip(scenario.replica(b), 100)
     c3 = await scenario.cycle(3, [Write(a, 3 * MiB + 512 * KiB, rng.randbytes(4 * KiB)),
                                   Write(b, 2 * MiB + 300 * KiB, rng.randbytes(4 * KiB))])
@@ -90,7 +101,7 @@ async def test_flip_in_a_leaf_the_sync_rewrites_in_part_is_repaired(
     assert commit_a.replica_digest == root_of(scenario.model(a).read_bytes())
     assert commit_b.replica_digest == root_of(scenario.model(b).read_bytes())
     log = (pipeline.logs / "copier-1.log").read_text()
-    assert f"{key_a}: replica corrupt in leaf 3 " in log and key_b + ": replica corrupt" not in log
+    assert f"{key_a}: replica corrupt in piece 3 " in log and key_b + ": replica corrupt" not in log
 
     rc, out = _verify(e2e_settings, "--disk", key_a, "--source")
     assert rc == 0 and out[0]["result"] == "equal", out
