@@ -12,11 +12,12 @@ Only entry points (the CLI, test fixtures) call :func:`load_settings`; everythin
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,7 +27,9 @@ from pydantic_settings import (
 
 from cbtstream.errors import ConfigError
 
-_Frozen = ConfigDict(frozen=True, extra="forbid")
+#: ``hide_input_in_errors``: a validation error names the setting, never the value it was given
+#: (the value may be a secret: a misspelt ``sasl_pasword`` or a whole section's input).
+_Frozen = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
 
 def _read_secret_file(path: Path | None) -> SecretStr | None:
@@ -306,14 +309,45 @@ class StreamsSettings(BaseModel):
     shutdown_timeout_s: float = Field(default=8.0, gt=0)
 
 
+#: Shortest API token accepted.
+MIN_TOKEN_LENGTH = 16
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address only reaches this machine: ``localhost``, 127.0.0.0/8 or ``::1``
+    (an empty host or ``0.0.0.0`` binds every interface; any other name may resolve anywhere)."""
+    name = host.strip().removeprefix("[").removesuffix("]").lower()
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 class ApiSettings(BaseModel):
     """The seed-compatible HTTP API. It is served by the planner worker's web server, so its
     address is ``streams.web_host``/``streams.web_port``."""
 
     model_config = _Frozen
 
-    #: When set, every /api request needs ``Authorization: Bearer <token>``.
+    #: Every /api request that carries it as ``Authorization: Bearer <token>`` is let in (the
+    #: readiness probe needs none). Unset: read endpoints are open to anyone who can connect
+    #: (only allowed with a loopback ``streams.web_host``) and write endpoints refuse every
+    #: call (403). At least 16 characters; e.g. ``openssl rand -hex 32``.
     token: SecretStr | None = None
+    #: A file holding the token (Docker/Kubernetes secrets); used when ``token`` is unset.
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _token_from_file(self) -> ApiSettings:
+        if self.token is None and self.token_file is not None:
+            object.__setattr__(self, "token", _read_secret_file(self.token_file))
+        if self.token is not None and len(self.token.get_secret_value()) < MIN_TOKEN_LENGTH:
+            # an empty or short token is a guessable password ("Bearer " would match "")
+            raise ValueError(f"api.token must be at least {MIN_TOKEN_LENGTH} characters "
+                             "(e.g. `openssl rand -hex 32`)")
+        return self
 
 
 class StackSettings(BaseModel):
@@ -343,6 +377,7 @@ class Settings(BaseSettings):
         frozen=True,
         extra="forbid",
         populate_by_name=True,
+        hide_input_in_errors=True,  # the input holds every secret of the environment
     )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -357,6 +392,20 @@ class Settings(BaseSettings):
     streams: StreamsSettings = StreamsSettings()
     api: ApiSettings = ApiSettings()
     stack: StackSettings = StackSettings()
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> Settings:
+        """A worker reachable from other machines must not serve the API without a token:
+        anyone could read every disk's change ID, and the write endpoints would be open."""
+        host = self.streams.web_host
+        if self.api.token is None and not is_loopback(host):
+            raise ValueError(
+                f"streams.web_host {host!r} is not a loopback address (127.0.0.0/8, ::1, "
+                "localhost), so the worker's HTTP API would be reachable from other machines; "
+                "set an API token: CBTSTREAM_API__TOKEN=$(openssl rand -hex 32), or token / "
+                "token_file in the [api] table of the config file (or bind streams.web_host "
+                "to 127.0.0.1)")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -382,7 +431,13 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         os.environ["CBTSTREAM_CONFIG"] = str(config_file)
     try:
         return Settings(**overrides)
-    except ValueError as exc:
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors(include_url=False, include_input=False))
+        raise ConfigError(f"invalid configuration: {problems}") from exc
+    except ValueError as exc:  # e.g. a TOML syntax error
         raise ConfigError(f"invalid configuration: {exc}") from exc
 
 

@@ -29,7 +29,11 @@ snapshot (a renamed VM is found by either name while the rename propagates). Cha
 *committed* ones only: a running sync's target change ID is never reported as the previous one.
 
 Authentication: if ``settings.api.token`` is set, every ``/api`` request needs
-``Authorization: Bearer <token>`` (401 otherwise, compared in constant time, never logged).
+``Authorization: Bearer <token>`` (401 otherwise, compared in constant time, never logged). Without
+a token the read endpoints above are open, which the settings allow only when the worker binds a
+loopback address (``cbtstream.config.Settings``: a non-loopback ``streams.web_host`` without a
+token is a configuration error), and the write endpoints refuse every call
+(``streams.store_api``).
 
 Pure logic (``changeid_answer``, ``disk_view``...) is separate from the Faust glue
 (:func:`register_api`), so it is tested without a worker.
@@ -150,7 +154,8 @@ def disk_view(state: DiskState) -> dict[str, Any]:
 
 def authorized(header: str | None, token: str | None) -> bool:
     """Whether an ``Authorization`` header carries the bearer token (always, if no token is
-    configured). Constant-time comparison."""
+    configured: the read endpoints on a loopback bind; writes check that case themselves,
+    ``streams.store_api.write_refusal``). Constant-time comparison."""
     if token is None:
         return True
     if not header or not header.startswith("Bearer "):

@@ -19,6 +19,11 @@ authority), 202 if that takes longer than :data:`APPLY_WAIT_S`. The same call ag
 applied and answers the same without publishing. Like the VM-wide read endpoints, these need
 the whole table on this worker (503 when it is spread over several), since Faust's request
 router does not forward request bodies.
+
+Authentication: a write always needs the API token. An accepted store call makes the disk the
+external copier's, and cbtstream stops planning it, so an unauthenticated write must never run:
+with no ``api.token`` configured every store call answers **403** saying how to configure one;
+with a token, a call without it (or with another) answers 401. Nothing is published either way.
 """
 
 from __future__ import annotations
@@ -46,6 +51,22 @@ log = logging.getLogger("cbtstream.api")
 APPLY_WAIT_S = 10.0
 #: Largest request body read (a store call is a few hundred bytes).
 MAX_BODY = 64 * 1024
+
+
+def write_refusal(header: str | None, authorized: Callable[[str | None], bool]
+                  ) -> Answer | None:
+    """Why a store call may not run (403 or 401), or None if it may. ``authorized`` is the
+    worker's token check; if it lets a request without credentials through, no token is
+    configured and nobody can be authenticated, so every write is refused (403)."""
+    if authorized(None):
+        return error(403, "Writes need an API token",
+                     "this worker has no api.token, so it refuses every store call; set one "
+                     "on the worker (CBTSTREAM_API__TOKEN=$(openssl rand -hex 32), or token / "
+                     "token_file in the [api] table of the config file), restart it, and send "
+                     "Authorization: Bearer <token>")
+    if not authorized(header):
+        return error(401, "Unauthorized", "Authorization: Bearer <token> required")
+    return None
 
 
 def parse_store(job_id: str, body: bytes, query_vm_path: str | None, client: str | None
@@ -123,10 +144,10 @@ def register_store_api(app: Any, service: StoreService, *, spread: Callable[[], 
 
     async def respond(view: Any, request: Any, make: Callable[[bytes, str | None],
                                                                 StoreRequest | Answer]) -> Any:
-        if not authorized(request.headers.get("Authorization")):
-            return view.json({"error": "Unauthorized",
-                              "details": "Authorization: Bearer <token> required"},
-                             status=401, headers={"WWW-Authenticate": "Bearer"})
+        refused = write_refusal(request.headers.get("Authorization"), authorized)
+        if refused is not None:
+            challenge = {"WWW-Authenticate": "Bearer"} if refused.status == 401 else {}
+            return view.json(refused.body, status=refused.status, headers=challenge)
         if spread():
             answer = error(503, "Table spread over several workers",
                             "store calls need the whole table on one worker; run one worker")

@@ -173,6 +173,24 @@ async def test_token_required(api_worker: ApiWorker, headers: dict[str, str]) ->
         assert body["error"] == "Unauthorized"
 
 
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-token-0000000000"}])
+async def test_write_without_the_token_refused(committed: ApiWorker,
+                                               headers: dict[str, str]) -> None:
+    """Store calls need the token too (401), and nothing is stored: a call that would be
+    accepted with it (it continues the disk's lineage) leaves the disk as it was."""
+    uuid, path, _ = SINGLE
+    before = await get(committed, f"/api/v1/disks/{uuid}/disk-2000")
+    body = {"change_id": change_id(uuid, 2000, 4), "previous_change_id": change_id(uuid, 2000, 3)}
+    for url, data in ((f"/api/v1/replications/job-x/changeid?vm_path={path}", body),
+                      (f"/api/v1/disks/{uuid}/disk-2000/commits", body | {"job_id": "job-x"})):
+        async with aiohttp.ClientSession() as http, http.post(
+                committed.base + url, json=data, headers=headers) as r:
+            assert r.status == 401, url
+            assert (await r.json())["error"] == "Unauthorized"
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+    assert await get(committed, f"/api/v1/disks/{uuid}/disk-2000") == before
+
+
 async def test_token_never_logged(committed: ApiWorker) -> None:
     from tests.api.conftest import TOKEN
 
