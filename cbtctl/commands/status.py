@@ -13,8 +13,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="latest change ID, last sync and running syncs per disk; consumer lag per stage",
         description="Replays the log (no consumer group, works while the worker is down): per "
         "disk the latest committed change ID, the time and type of the last sync, a running "
-        "sync with its latest progress, or the last failure; then the consumer lag of each "
-        "pipeline stage (planner, copier, audit).",
+        "sync as its copier last reported it (queued with its place in the queue, running with "
+        "its progress, or silent: nothing heard for three report intervals), or the last "
+        "failure; then the consumer lag of each pipeline stage (planner, copier, audit).",
     )
     who = p.add_mutually_exclusive_group()
     who.add_argument("--disk", metavar="KEY", help="only this disk")
@@ -26,6 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
     import itertools
+    from datetime import UTC, datetime, timedelta
     from typing import Any
 
     from rich.console import Console
@@ -34,13 +36,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from cbtctl.replay.reader import StageLag, StartAt, consumer_lag, pipeline_stages
     from cbtctl.replay.run import load
     from cbtctl.replay.status import DiskStatus, disk_status
+    from consumers.queued import report_interval
     from streams.fences import read_fences
+
+    # A copier reports a plan it holds every report interval (queued) or progress interval
+    # (running): three of them without a word is silence.
+    silent_after = timedelta(seconds=3 * max(report_interval(settings),
+                                             settings.copier.progress_interval_s))
 
     async def gather() -> tuple[list[DiskStatus], list[StageLag], list[Any]]:
         result = await load(settings, StartAt(), disk=args.disk, vm=args.vm)
         lags = await consumer_lag(settings.kafka, pipeline_stages(settings))
         fences = await read_fences(settings.kafka)
-        return [disk_status(d) for d in result.disks.values()], list(lags), fences
+        now = datetime.now(UTC)
+        return ([disk_status(d, now, silent_after) for d in result.disks.values()], list(lags),
+                fences)
 
     rows, lags, fences = asyncio.run(gather())
     console = Console()

@@ -113,18 +113,33 @@ def status_json(rows: list[DiskStatus], lags: list[StageLag]) -> Iterator[dict[s
             "running": None if r is None else {
                 "sync_id": str(r.sync_id), "vm_snapshot": r.vm_snapshot,
                 "replication_type": r.replication_type, "planned_at": _t(r.planned_at),
+                "state": r.state, "queue_position": r.queue_position,
                 "bytes_done": r.bytes_done, "bytes_total": r.bytes_total,
                 "rate_bytes_per_s": r.rate_bytes_per_s, "progress_at": _t(r.progress_at)},
             "failure": None if s.failure is None else {
                 "reason": s.failure.reason, "detail": s.failure.detail, "at": _t(s.failure.at)},
             "waiting": s.waiting, "skipped": s.skipped,
         }
+    yield {"type": "syncs", **sync_counts(rows)}
     for lag in lags:
         yield {"type": "lag", "stage": lag.stage.name, "group": lag.stage.group,
                "lag": lag.lag, "started": lag.started,
                "partitions": [{"topic": p.topic, "partition": p.partition,
                                "committed": p.committed, "end": p.end, "lag": p.lag}
                               for p in lag.partitions]}
+
+
+#: The states of a running sync in ``status`` (``cbtctl.replay.status.Running.state``).
+SYNC_STATES = ("queued", "running", "silent", "planned")
+
+
+def sync_counts(rows: list[DiskStatus]) -> dict[str, int]:
+    """How many of the planner's running syncs are queued, running, silent or just planned."""
+    counts = dict.fromkeys(SYNC_STATES, 0)
+    for s in rows:
+        if s.running is not None:
+            counts[s.running.state] += 1
+    return counts
 
 
 def print_json(console: Console, objects: Iterator[dict[str, Any]]) -> None:
@@ -195,22 +210,30 @@ def print_status(console: Console, rows: list[DiskStatus], lags: list[StageLag])
         detail = ""
         if s.running is not None:
             r = s.running
-            pct = f"{r.percent:.0f}% " if r.percent is not None else ""
-            detail = (f"{r.replication_type} {r.vm_snapshot} {pct}"
-                      f"{_bytes(r.bytes_done)}/{_bytes(r.bytes_total)}")
+            if r.reported == "queued":
+                detail = f"{r.replication_type} {r.vm_snapshot} #{r.queue_position} in queue"
+            else:
+                pct = f"{r.percent:.0f}% " if r.percent is not None else ""
+                detail = (f"{r.replication_type} {r.vm_snapshot} {pct}"
+                          f"{_bytes(r.bytes_done)}/{_bytes(r.bytes_total)}")
+            if r.silent:
+                detail += f" (last heard {_ts(r.progress_at or r.planned_at)})"
         elif s.skipped is not None:
             detail = f"not captured by snapshots ({s.skipped}): not replicated"
         elif s.failure is not None:
             detail = f"{s.failure.reason}: {s.failure.detail[:60]}"
         if s.waiting:
             detail += f" (waiting: {s.waiting})"
-        style = {"running": "cyan", "failed": "red", "synced": "green",
-                 "skipped": "yellow"}.get(s.state, "")
+        style = {"running": "cyan", "queued": "blue", "silent": "bold red", "failed": "red",
+                 "synced": "green", "skipped": "yellow"}.get(s.state, "")
         table.add_row(s.vm_name, s.key, f"[{style}]{s.state}[/]" if style else s.state,
                       s.owner, _short(s.change_id), _ts(s.last_sync_at),
                       f"{s.last_type}/{s.last_reason}" if s.last_type else "-", str(s.commits),
                       detail)
     console.print(table)
+    counts = sync_counts(rows)
+    if any(counts.values()):
+        console.print("Syncs: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
     lag_table = Table(title="Consumer lag", title_justify="left")
     for col in ("stage", "group", "lag", "partitions (committed/end)"):
         lag_table.add_column(col)

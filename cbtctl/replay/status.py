@@ -1,10 +1,17 @@
-"""Per-disk status from a replay of the log: no dependency on a running worker. Pure."""
+"""Per-disk status from a replay of the log: no dependency on a running worker. Pure.
+
+A disk's running sync (the planner's) is shown by what its copier last said of it:
+``queued`` (held by a copier, not started; with its place in the copier's queue), ``running``
+(copying), ``silent`` (nothing heard, neither report nor plan nor re-issue, for longer than a
+healthy copier stays quiet: the planner will re-issue it and then time it out) or ``planned``
+(no report yet, not silent yet).
+"""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cbtctl.replay.lineage import DiskLineage
 
@@ -21,6 +28,17 @@ class Running:
     bytes_total: int | None = None
     rate_bytes_per_s: float | None = None
     progress_at: datetime | None = None
+    #: What the latest report said: "queued" (held, not started), "running", or None (none).
+    reported: str | None = None
+    queue_position: int | None = None
+    #: Nothing heard of it (report, plan, re-issue) for longer than a healthy copier is quiet.
+    silent: bool = False
+
+    @property
+    def state(self) -> str:
+        if self.silent:
+            return "silent"
+        return self.reported or "planned"
 
     @property
     def percent(self) -> float | None:
@@ -59,7 +77,7 @@ class DiskStatus:
     @property
     def state(self) -> str:
         if self.running is not None:
-            return "running"
+            return self.running.state
         if self.skipped is not None:
             return "skipped"
         if self.failure is not None:
@@ -67,19 +85,31 @@ class DiskStatus:
         return "synced" if self.change_id is not None else "new"
 
 
-def disk_status(lin: DiskLineage) -> DiskStatus:
-    """The disk's latest applied commit, its running sync (with the latest progress of that sync)
-    and its last failure if nothing was committed since."""
+def disk_status(lin: DiskLineage, now: datetime | None = None,
+                silent_after: timedelta | None = None) -> DiskStatus:
+    """The disk's latest applied commit, its running sync (with the latest report of that sync)
+    and its last failure if nothing was committed since. With ``now`` and ``silent_after``, a
+    running sync heard of longer ago than that is silent."""
     last = lin.links[-1] if lin.links else None
     row = lin.state
     running = None
     if row is not None and row.running is not None:
         r = row.running
         prog = lin.progress.get(r.sync_id)
-        running = Running(
-            r.sync_id, r.vm_snapshot, str(r.replication_type), r.planned_at,
-            *((prog[0].bytes_done, prog[0].bytes_total, prog[0].rate_bytes_per_s, prog[1])
-              if prog else (None, None, None, None)))
+        heard = max(t for t in (r.planned_at, row.reissued_at, prog[1] if prog else None)
+                    if t is not None)
+        silent = now is not None and silent_after is not None and now - heard > silent_after
+        if prog is None:
+            running = Running(r.sync_id, r.vm_snapshot, str(r.replication_type), r.planned_at,
+                              silent=silent)
+        else:
+            p, at = prog
+            queued = p.state == "queued"
+            running = Running(
+                r.sync_id, r.vm_snapshot, str(r.replication_type), r.planned_at,
+                None if queued else p.bytes_done, None if queued else p.bytes_total,
+                None if queued else p.rate_bytes_per_s, at, reported=p.state,
+                queue_position=p.queue_position, silent=silent)
     failure = None
     if lin.last_failed is not None and running is None:
         ev, _, at = lin.last_failed
