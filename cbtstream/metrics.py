@@ -19,12 +19,14 @@ Metric names (all ``cbtstream_``-prefixed):
 ``cbtstream_consumer_lag{group,topic,partition}``                 records behind the end
 ``cbtstream_disk_last_commit_timestamp_seconds{disk_key}``        one series per disk: fine
     for thousands of disks, and the one per-disk signal an alert needs ("disk not synced in N h")
+``cbtstream_copies{state}``                                        the copier's plans held now:
+    ``queued`` (held, not started) and ``running`` (copying), read at each scrape
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -87,6 +89,8 @@ class Metrics:
         self.last_commit = Gauge("cbtstream_disk_last_commit_timestamp_seconds",
                                  "When the disk's last change ID was committed (Unix time).",
                                  ["disk_key"], registry=r)
+        self.copies = Gauge("cbtstream_copies", "Plans the copier holds, by state: queued "
+                            "(held, not started) or running (copying).", ["state"], registry=r)
 
     # -- recording ------------------------------------------------------------------------------
     def observe_outcome(self, event: BaseModel) -> None:
@@ -118,6 +122,12 @@ class Metrics:
         self.planned.labels(str(replication_type), str(reason)).inc()
         if replication_type == ReplicationType.FULL and reason not in NOT_A_FALLBACK:
             self.fallbacks.labels("planner", str(reason)).inc()
+
+    def count_copies(self, queued: Callable[[], int], running: Callable[[], int]) -> None:
+        """Read the copier's queued and running copies at each scrape (both series exist from
+        the start, at 0, so a rule can tell "none" from "not reported")."""
+        self.copies.labels("queued").set_function(queued)
+        self.copies.labels("running").set_function(running)
 
     def observe_dead_letter(self, component: str) -> None:
         self.dead_letters.labels(component).inc()

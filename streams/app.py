@@ -142,6 +142,7 @@ def build(settings: Settings, remover: SnapshotRemover | None = None,
         checks_topic=_internal_topic(app, f"{app_id}-sync-checks", k.partitions),
         fences=FenceBook(k), ownership=external.Ownership(s.external, s.handover),
         metrics=metrics, remover=remover)
+    metrics.rows = pa.rows  # the table's series, read at each scrape
     app.agent(pa.lifecycle_topic, name="on_snapshot_lifecycle")(pa.lifecycle_agent)
     pa.source_agent(SNAPSHOT_TAKEN, (SnapshotTaken,), pa.on_snapshot)
     pa.source_agent(CHANGEID_COMMITTED, (ChangeIdCommitted,), pa.on_commit)
@@ -159,7 +160,8 @@ def build(settings: Settings, remover: SnapshotRemover | None = None,
     store = StoreService(pa.rows, lambda key: pa.row(key.encode()), pa.send, pa.ownership)
     register_store_api(app, store, spread=pa.table_spread,
                        authorized=lambda header: authorized(header, secret))
-    register_orphans(app, settings, pa.rows, pa.snapshots_processed, pa.send, orphans)
+    register_orphans(app, settings, pa.rows, pa.snapshots_processed, pa.send, orphans,
+                     metrics.observe_reconcile)
     register_watchdog(app, set(pa.sources), metrics.observe_watchdog)
     if s.sync_timeout_s > 0:
         register_sync_checks(app, table, pa.checks_topic, pa.progress,

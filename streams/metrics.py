@@ -17,7 +17,18 @@ outputs are handed to the producer), so the pure planner stays free of metrics c
 * every action of the partition watchdog -> ``cbtstream_watchdog_actions_total{topic}``;
 * every record sent to the dead letter topic -> ``cbtstream_dead_letters_total``;
 * at scrape time, the lag of each partition the worker consumes (end offset minus committed
-  offset, both from Faust's monitor) -> ``cbtstream_consumer_lag``.
+  offset, both from Faust's monitor) -> ``cbtstream_consumer_lag``;
+* at scrape time, from the rows of the ``disks`` table in this worker's active partitions
+  (:meth:`PlannerMetrics.observe_rows`): disks by state -> ``cbtstream_disks{state}``; each
+  disk's last commit -> ``cbtstream_disk_last_commit_timestamp_seconds{disk_key}`` (the
+  copier's series of the same name, kept by the table: it survives a copier restart and covers
+  external commits) and its VM -> ``cbtstream_disk_info{disk_key,vm_instance_uuid,vm_name}``
+  (value 1, to join on ``disk_key``); the oldest VM snapshot a running or waiting sync needs ->
+  ``cbtstream_snapshot_oldest_age_seconds``. Left as they were while the worker rebalances or
+  recovers its tables (a partial table would make disks vanish for a scrape);
+* every orphan reconcile (``streams.orphan_interval_s``) ->
+  ``cbtstream_orphan_reconciles_total{result}`` (``done``, ``failed``, ``skipped``) and, when
+  done, the orphans it found and removed -> ``cbtstream_orphan_snapshots``.
 
 Shared metric names and labels are defined in :mod:`cbtstream.metrics`.
 """
@@ -25,18 +36,47 @@ Shared metric names and labels are defined in :mod:`cbtstream.metrics`.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import faust
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from cbtstream.metrics import CONTENT_TYPE, Metrics
 from schemas.events import SyncPlanned
+from streams.state import DiskState
 
 log = logging.getLogger("cbtstream.streams.metrics")
 
 #: Step kinds whose plans are new decisions (a redelivery or re-issue republishes an old one).
 _NEW_PLANS = frozenset({"applied", "refused", "timed_out"})
+
+#: ``cbtstream_disks{state}``: the states of ``cbtstream status`` the table knows (``skipped``
+#: comes from ``DiskSkipped``, which the table does not keep).
+DISK_STATES = ("running", "failed", "synced", "new")
+#: ``cbtstream_orphan_reconciles_total{result}``.
+RECONCILE_RESULTS = ("done", "failed", "skipped")
+
+
+def disk_state(row: DiskState) -> str:
+    """``running`` (a sync in flight), ``failed`` (the last sync failed), ``synced`` (a change
+    ID committed) or ``new`` (nothing committed yet)."""
+    if row.running is not None:
+        return "running"
+    if row.last_failure is not None:
+        return "failed"
+    return "synced" if row.change_id is not None else "new"
+
+
+def row_partition(row: DiskState) -> int | None:
+    """The partition of a row, from the inputs it recorded (``<topic>#<partition>``: every topic
+    has the same partitions, keyed by disk); None if it recorded none."""
+    for source in row.read:
+        _, _, partition = source.rpartition("#")
+        if partition.isdigit():
+            return int(partition)
+    return None
 
 
 class PlannerMetrics:
@@ -58,6 +98,26 @@ class PlannerMetrics:
         self.watchdog = Counter("cbtstream_watchdog_actions", "Stalled source partitions the "
                                 "watchdog re-read from their committed offset.", ["topic"],
                                 registry=r)
+        self.disks = Gauge("cbtstream_disks", "Disks of this worker's partitions by state: "
+                           "running, failed (the last sync failed), synced, new (nothing "
+                           "committed yet).", ["state"], registry=r)
+        self.disk_info = Gauge("cbtstream_disk_info", "Each disk of this worker's partitions "
+                               "(value 1) and its VM, to join on disk_key.",
+                               ["disk_key", "vm_instance_uuid", "vm_name"], registry=r)
+        self.snapshot_age = Gauge("cbtstream_snapshot_oldest_age_seconds", "Age of the oldest "
+                                  "VM snapshot a running or waiting sync of this worker's disks "
+                                  "needs (0: none).", registry=r)
+        self.orphans = Gauge("cbtstream_orphan_snapshots", "Orphaned cbtstream snapshots the "
+                             "latest orphan reconcile found (and removed).", registry=r)
+        self.reconciles = Counter("cbtstream_orphan_reconciles", "Orphan reconciles by result: "
+                                  "done, failed, skipped (the worker does not hold the whole "
+                                  "table).", ["result"], registry=r)
+        for state in DISK_STATES:
+            self.disks.labels(state)
+        for result in RECONCILE_RESULTS:
+            self.reconciles.labels(result)
+        #: The rows of this worker's ``disks`` table (``PlannerApp.rows``), set by ``build``.
+        self.rows: Callable[[], list[DiskState]] | None = None
 
     def observe_step(self, source: str, kind: str, outputs: list[Any]) -> None:
         self.steps.labels(source, kind).inc()
@@ -79,6 +139,44 @@ class PlannerMetrics:
     def observe_dead_letter(self) -> None:
         self.metrics.observe_dead_letter("planner")
 
+    def observe_reconcile(self, result: str, orphans: int | None = None) -> None:
+        """An orphan reconcile ended: ``done`` (with the orphans it found), ``failed`` or
+        ``skipped``."""
+        self.reconciles.labels(result).inc()
+        if orphans is not None:
+            self.orphans.set(orphans)
+
+    def observe_rows(self, rows: Iterable[DiskState], now: datetime) -> None:
+        """Replace the table's series with those of ``rows`` (see the module docstring)."""
+        counts = dict.fromkeys(DISK_STATES, 0)
+        oldest: datetime | None = None
+        self.disk_info.clear()
+        self.metrics.last_commit.clear()
+        for row in rows:
+            counts[disk_state(row)] += 1
+            d = row.disk
+            self.disk_info.labels(d.key, d.vm_instance_uuid, d.vm_name).set(1)
+            if row.committed_at is not None:
+                self.metrics.last_commit.labels(d.key).set(row.committed_at.timestamp())
+            for snap in (row.running, row.waiting):
+                if snap is not None and (oldest is None or snap.taken_at < oldest):
+                    oldest = snap.taken_at
+        for state, n in counts.items():
+            self.disks.labels(state).set(n)
+        self.snapshot_age.set(0.0 if oldest is None
+                              else max(0.0, (now - oldest).total_seconds()))
+
+    def refresh_rows(self, app: faust.App) -> None:
+        """:meth:`observe_rows` for the rows of the partitions ``app`` holds as active (a
+        standby's rows are another worker's), unless it is rebalancing or recovering."""
+        if (self.rows is None or app.rebalancing
+                or not cast(Any, app.tables).recovery.completed.is_set()):
+            return
+        held: set[int | None] = {tp.partition for tp in app.assignor.assigned_actives()}
+        held.add(None)  # a row that recorded no input: keep it rather than lose it
+        self.observe_rows((r for r in self.rows() if row_partition(r) in held),
+                          datetime.now(UTC))
+
 
 def worker_lag(app: faust.App) -> dict[tuple[str, int], int]:
     """End offset minus committed offset per partition, from Faust's monitor."""
@@ -94,6 +192,7 @@ def register_metrics(app: faust.App) -> PlannerMetrics:
 
     async def metrics_page(view: Any, request: Any) -> Any:
         metrics.metrics.set_lag(app.conf.id, worker_lag(app))
+        metrics.refresh_rows(app)
         return view.bytes(metrics.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     app.page("/metrics", name="metrics")(metrics_page)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sized
 from typing import Any, Protocol
 
 from faust.web import View
@@ -42,12 +42,19 @@ class EventSink(Protocol):
     async def publish(self, event: BaseModel) -> tuple[int, int]: ...
 
 
+class Reconciled(Protocol):
+    """What a reconcile tells the worker: the orphans it found (and removed)."""
+
+    @property
+    def orphans(self) -> Sized: ...
+
+
 class OrphanReconciler(Protocol):
     """Removes the cbtstream snapshots that are not in ``needed`` (and old enough), publishing
     what it removed through ``publisher``; ``producers.orphans.OrphanReaper`` in production."""
 
     async def reconcile(self, needed: Collection[tuple[str, str]],
-                        publisher: EventSink) -> Any: ...
+                        publisher: EventSink) -> Reconciled: ...
 
     async def stop(self) -> None: ...
 
@@ -66,10 +73,16 @@ class _Sender:
 def register_orphans(app: Any, settings: Settings, rows: Callable[[], list[DiskState]],
                      complete: Callable[[], Awaitable[bool]],
                      send: Callable[[BaseModel], Awaitable[None]],
-                     reconciler: OrphanReconciler | None) -> None:
+                     reconciler: OrphanReconciler | None,
+                     observe: Callable[[str, int | None], None] | None = None) -> None:
     """Add the API page and, with a ``reconciler`` and ``streams.orphan_interval_s`` > 0, the
     periodic reconcile to the Faust app. ``complete`` says whether ``rows`` are the whole of the
-    needs (see the module docstring)."""
+    needs (see the module docstring). ``observe(result, orphans)`` hears how each reconcile
+    ended: ``done`` (with the number of orphans found), ``failed`` or ``skipped``."""
+
+    def ended(result: str, orphans: int | None = None) -> None:
+        if observe is not None:
+            observe(result, orphans)
 
     async def whole() -> bool:
         from cbtstream.errors import CbtStreamError
@@ -103,11 +116,15 @@ def register_orphans(app: Any, settings: Settings, rows: Callable[[], list[DiskS
                 if not await whole():
                     log.info("orphan reconcile skipped: this worker does not hold every "
                              "partition, or has not processed every snapshot event yet")
+                    ended("skipped")
                     continue
                 try:
-                    await reconciler.reconcile(needed_snapshots(rows()), _Sender(send))
+                    done = await reconciler.reconcile(needed_snapshots(rows()), _Sender(send))
                 except CbtStreamError as exc:
                     log.warning("orphan reconcile failed", extra={"error": str(exc)})
+                    ended("failed")
+                else:
+                    ended("done", len(done.orphans))
         finally:
             await reconciler.stop()
 

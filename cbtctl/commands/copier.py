@@ -57,6 +57,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     async with MeteredPublisher(settings.kafka, metrics, "copier",
                                 linger_ms=OUTCOME_LINGER_MS) as publisher:
         copier = Copier(settings, executor, publisher)
+        metrics.count_copies(lambda: len(copier.schedule.waiting()),
+                             lambda: copier.schedule.running)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, copier.request_stop)
