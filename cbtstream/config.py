@@ -257,8 +257,10 @@ class CopierSettings(BaseModel):
     nbd_cafile: Path | None = None
     #: Verify the NBD server's certificate and host name. Only an explicit opt-out turns it off.
     nbd_tls_verify: bool = True
-    #: Port of the copier's Prometheus ``/metrics`` endpoint (0: no endpoint).
-    metrics_port: int = Field(default=0, ge=0, le=65535)
+    #: Port of the copier's Prometheus ``/metrics`` endpoint on ``metrics_host``: on by default
+    #: (loopback), so a copier is always scrapeable by a local agent; 0 turns it off. Two
+    #: copiers on one host need a port each (a copier refuses to start on a port in use).
+    metrics_port: int = Field(default=9466, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
 
 

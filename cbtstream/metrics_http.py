@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
+from cbtstream.errors import ConfigError
 from cbtstream.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("cbtstream.metrics")
@@ -105,7 +106,9 @@ class MetricsServer:
 async def serve_consumer_metrics(metrics: Metrics, host: str, port: int, consumer: Any,
                                  group: str) -> AsyncIterator[MetricsServer | None]:
     """Serve ``metrics`` with the lag of ``consumer`` (an ``AIOKafkaConsumer`` in ``group``)
-    refreshed on each scrape; does nothing when ``port`` is 0."""
+    refreshed on each scrape (``copier.metrics_port``); does nothing when ``port`` is 0. A port
+    in use is a :class:`ConfigError` naming the setting: the endpoint is on by default, so a
+    second copier on a host meets it first."""
     if not port:
         yield None
         return
@@ -113,5 +116,15 @@ async def serve_consumer_metrics(metrics: Metrics, host: str, port: int, consume
     async def refresh() -> None:
         metrics.set_lag(group, await consumer_lag(consumer))
 
-    async with MetricsServer(metrics, host, port, refresh) as server:
+    server = MetricsServer(metrics, host, port, refresh)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise ConfigError(
+            f"the copier's metrics endpoint cannot listen on {host}:{port} ({exc.strerror}); "
+            "is another copier running on this host? Give each its own copier.metrics_port "
+            "(CBTSTREAM_COPIER__METRICS_PORT), or 0 for no endpoint") from exc
+    try:
         yield server
+    finally:
+        await server.stop()

@@ -31,8 +31,10 @@ def isolated_settings(base: Settings, tmp: Path, **sections: dict[str, Any]) -> 
     data = base.model_dump()
     data["kafka"] |= {"topic_prefix": prefix, "partitions": 2}
     data["streams"] |= {"web_port": free_port(), "data_dir": tmp / "faust"}
+    # metrics_port 0: no endpoint (the default port is one per host, and tests run copiers side
+    # by side); a test that scrapes its copier sets a free port of its own
     data["copier"] |= {"target_root": tmp / "replicas", "state_dir": tmp / "copier",
-                       "progress_interval_s": 0.5}
+                       "progress_interval_s": 0.5, "metrics_port": 0}
     for name, values in sections.items():
         data[name] |= values
     return Settings.model_validate(data)
