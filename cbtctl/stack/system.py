@@ -60,11 +60,18 @@ QEMU_NBD = Tool("qemu-nbd", "qemu-utils")
 #: (devstack/nbdkit-vddk), which Debian 12 does not ship.
 NBDKIT_PYTHON = Tool("nbdkit-python-plugin", "nbdkit-plugin-python",
                      lib_glob="*/nbdkit/plugins/nbdkit-python-plugin.so")
+#: promtool checks and unit-tests the alert rules (deploy/monitoring); the same package's
+#: prometheus scrapes a worker and a copier in the monitoring end-to-end test, which starts its
+#: own on a free port. On a host with systemd apt also starts Debian's service (:9090, scraping
+#: itself); the project does not use it (``systemctl disable --now prometheus``).
+PROMTOOL = Tool("promtool", "prometheus")
+PROMETHEUS = Tool("prometheus", "prometheus")
 
 #: Everything the project needs on a developer machine or CI, services or not (nbdkit and
-#: libnbd-bin are used by the copier and its tests, qemu-utils by the NBD target tests).
+#: libnbd-bin are used by the copier and its tests, qemu-utils by the NBD target tests,
+#: prometheus by the monitoring tests).
 ALL_TOOLS: tuple[Tool, ...] = (JAVA, MAVEN, KCAT, POSTGRES, PSQL, NBDKIT, NBDCOPY, QEMU_NBD,
-                               NBDKIT_PYTHON)
+                               NBDKIT_PYTHON, PROMTOOL, PROMETHEUS)
 
 _apt_updated = False
 
