@@ -12,6 +12,9 @@ outputs are handed to the producer), so the pure planner stays free of metrics c
   ``ignored``, ``reissued``, ``timed_out``) -> ``cbtstream_planner_steps_total{input,kind}``;
 * running syncs ended because they showed no outcome and no progress ->
   ``cbtstream_syncs_timed_out_total``; re-issued first -> ``cbtstream_syncs_reissued_total``;
+* every ``SyncFailed`` the planner decides itself (``sync_timed_out``, ``lineage_mismatch``)
+  -> ``cbtstream_syncs_total{outcome="failed"}``, the copier's series of the same name, so the
+  failures of every reason add up across both (the copier never publishes these reasons);
 * source records skipped (an offset jump within a partition: never expected) ->
   ``cbtstream_source_records_skipped_total{topic}``;
 * every action of the partition watchdog -> ``cbtstream_watchdog_actions_total{topic}``;
@@ -44,7 +47,7 @@ import faust
 from prometheus_client import Counter, Gauge
 
 from cbtstream.metrics import CONTENT_TYPE, Metrics
-from schemas.events import SyncPlanned
+from schemas.events import SyncFailed, SyncPlanned
 from streams.state import DiskState
 
 log = logging.getLogger("cbtstream.streams.metrics")
@@ -129,6 +132,8 @@ class PlannerMetrics:
             for o in outputs:
                 if isinstance(o, SyncPlanned):
                     self.metrics.observe_plan(o)
+                elif isinstance(o, SyncFailed):
+                    self.metrics.observe_outcome(o)
 
     def observe_skipped(self, topic: str, count: int) -> None:
         self.skipped.labels(topic).inc(count)

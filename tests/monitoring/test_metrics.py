@@ -11,7 +11,7 @@ from datetime import timedelta
 from prometheus_client.parser import text_string_to_metric_families
 
 from cbtstream.metrics import Metrics
-from schemas.events import ReplicationType
+from schemas.events import FailureReason, ReplicationType, SyncFailed
 from streams.metrics import PlannerMetrics, disk_state, row_partition
 from streams.state import DiskState, RunningSync
 from tests.unit.factories import EPOCH_A, T0, disk, snap
@@ -101,3 +101,13 @@ def test_orphan_reconciles() -> None:
     s = samples(pm.metrics)
     assert series(s, "cbtstream_orphan_snapshots") == {(): 2.0}
     assert series(s, "cbtstream_orphan_reconciles_total")[(("result", "failed"),)] == 1.0
+
+
+def test_the_planners_own_failures_count_as_failed_syncs() -> None:
+    pm = PlannerMetrics()
+    timed_out = SyncFailed(disk=disk(), sync_id=uuid.uuid4(), vm_snapshot="snapshot-1",
+                           reason=FailureReason.SYNC_TIMED_OUT)
+    pm.observe_step("sync-checks", "timed_out", [timed_out])
+    pm.observe_step("sync-checks", "redelivered", [timed_out])  # republished: not again
+    assert series(samples(pm.metrics), "cbtstream_syncs_total") == {
+        (("outcome", "failed"), ("reason", "sync_timed_out"), ("replication_type", "")): 1.0}
