@@ -218,7 +218,21 @@ class ChangeIdCommitted(_Event):
         default=None,
         max_length=200,
         description="Root of the whole replica's hash tree as of this snapshot "
-        "('blake3tree:<leaf bytes>:<hex>'); `cbtstream verify` recomputes it from the replica.",
+        "('blake3tree2:<leaf bytes>:<piece bytes>:<hex>'; before version 2 "
+        "'blake3tree:<leaf bytes>:<hex>'); `cbtstream verify` recomputes it from the replica.",
+    )
+    bytes_read: int | None = Field(
+        default=None, ge=0,
+        description="Bytes this sync read from the snapshot's export: the changed data, the "
+        "gaps merged into its reads, and any unit of the hash tree copied whole (null: not "
+        "counted, e.g. an external copier). bytes_read / bytes_changed is its read "
+        "amplification.",
+    )
+    bytes_changed: int | None = Field(
+        default=None, ge=0,
+        description="Bytes in the changed areas the sync copied (vSphere's changed areas, or the "
+        "allocated ones for a full copy; clipped to the disk, overlaps joined). Null: not "
+        "counted.",
     )
     generation: int = Field(default=0, ge=0, le=(1 << 62), description="The plan's generation.")
     origin: Literal["cbtstream", "external"] = Field(

@@ -85,3 +85,18 @@ def test_lag_series_are_replaced_per_group() -> None:
         ("cbtstream_consumer_lag", (("group", "g1"), ("partition", "1"), ("topic", "t"))): 3,
         ("cbtstream_consumer_lag", (("group", "g2"), ("partition", "0"), ("topic", "u"))): 2,
     }
+
+
+def test_read_amplification_from_commits_that_count_it() -> None:
+    m = Metrics()
+    base = commit(FullReason.PREVIOUS_COMMIT, ReplicationType.INCREMENTAL)
+    m.observe_outcome(base.model_copy(update={"bytes_read": 110, "bytes_changed": 100}))
+    m.observe_outcome(base.model_copy(update={"bytes_read": 300, "bytes_changed": 100}))
+    m.observe_outcome(base)  # an older copier's commit: not counted, not a ratio of zero
+    s = samples(m)
+    incr = (("replication_type", "incremental"),)
+    assert s[("cbtstream_source_read_bytes_total", incr)] == 410
+    assert s[("cbtstream_changed_bytes_total", incr)] == 200
+    assert s[("cbtstream_read_amplification_count", incr)] == 2
+    assert s[("cbtstream_read_amplification_bucket", (("le", "1.2"), *incr))] == 1
+    assert s[("cbtstream_read_amplification_bucket", (("le", "3.0"), *incr))] == 2
