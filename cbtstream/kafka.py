@@ -18,6 +18,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
 from aiokafka.errors import (
     KafkaError,
@@ -29,8 +30,9 @@ from pydantic import BaseModel
 
 from cbtstream.config import KafkaSettings
 from cbtstream.errors import CbtStreamError, TransientError
+from cbtstream.topic_check import TopicLayout, TopicReport, catalogue_layout, layout_report
 from schemas.codec import MAX_REQUEST_BYTES, Headers, encode
-from schemas.topics import ALL_TOPICS, CONTROL_TOPICS, TopicSpec, topic_for
+from schemas.topics import TopicSpec, topic_for
 
 
 class KafkaUnavailable(TransientError):
@@ -176,34 +178,76 @@ class Publisher:
         await self._producer.flush()
 
 
-async def create_topics(settings: KafkaSettings, extra: dict[str, int] | None = None) -> list[str]:
-    """Create every topic of the catalogue (idempotent); returns the names created now."""
+async def create_topics(settings: KafkaSettings) -> list[str]:
+    """Create every topic of the catalogue that is missing, after checking those that exist
+    (``cbtstream.topic_check``: raises ``TopicsMismatch`` naming every error, logs the
+    warnings); returns the names created now. Topics it creates match by construction."""
+    layout = catalogue_layout(settings)
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
     try:
         await admin.start()
-    except KafkaError as exc:
-        raise KafkaUnavailable(f"cannot connect to Kafka: {exc}") from exc
-    try:
         existing = set(await admin.list_topics())
+        (await _inspect(admin, settings, layout, existing)).enforce()
         new = [
-            NewTopic(
-                name=topic_name(spec, settings),
-                num_partitions=settings.partitions,
-                replication_factor=settings.replication_factor,
-                topic_configs=dict(spec.config),
-            )
-            for spec in (*ALL_TOPICS, *CONTROL_TOPICS)
-            if topic_name(spec, settings) not in existing
+            NewTopic(name=name, num_partitions=parts,
+                     replication_factor=settings.replication_factor, topic_configs=config)
+            for name, (parts, config) in layout.items() if name not in existing
         ]
-        if new:
-            try:
-                resp = await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                return []
-            for name, code, *rest in getattr(resp, "topic_errors", []):
-                if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a concurrent creator)
-                    raise CbtStreamError(f"creating topic {name} failed: error {code} {rest}")
-        return [t.name for t in new]
+        if not new:
+            return []
+        resp = await admin.create_topics(new)
+    except TopicAlreadyExistsError:
+        return []
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"cannot create topics: {exc}") from exc
+    finally:
+        await admin.close()
+    codes = {name: code for name, code, *_ in getattr(resp, "topic_errors", [])}
+    for name, code, *rest in getattr(resp, "topic_errors", []):
+        if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a concurrent creator)
+            raise CbtStreamError(f"creating topic {name} failed: error {code} {rest}")
+    return [t.name for t in new if codes.get(t.name, 0) == 0]
+
+
+async def _describe(admin: AIOKafkaAdminClient, names: list[str], keys: set[str]
+                    ) -> TopicLayout:
+    """Partition count and the settings ``keys`` of each topic of ``names`` that exists."""
+    if not names:
+        return {}
+    meta = await admin.describe_topics(names)
+    parts = {t["topic"]: len(t["partitions"]) for t in meta if t["error_code"] == 0}
+    configs: dict[str, dict[str, str]] = {}
+    if parts and keys:
+        resources = [ConfigResource(ConfigResourceType.TOPIC, n, dict.fromkeys(keys))
+                     for n in parts]
+        for resp in await admin.describe_configs(resources):
+            for r in resp.to_object()["resources"]:
+                if r["error_code"] == 0:
+                    configs[r["resource_name"]] = {
+                        e["config_names"]: e["config_value"] for e in r["config_entries"]
+                        if e["config_value"] is not None}
+    return {n: (count, configs.get(n, {})) for n, count in parts.items()}
+
+
+async def _inspect(admin: AIOKafkaAdminClient, settings: KafkaSettings, expected: TopicLayout,
+                   existing: set[str]) -> TopicReport:
+    """The report on those of the ``expected`` topics that are in ``existing``; the others
+    are listed as missing."""
+    keys = {k for _, config in expected.values() for k in config}
+    actual = await _describe(admin, [n for n in expected if n in existing], keys)
+    return layout_report(settings, expected, actual)
+
+
+async def check_topics(settings: KafkaSettings, expected: TopicLayout | None = None
+                       ) -> TopicReport:
+    """Compare the cluster's topics with ``expected`` (default: the catalogue)."""
+    expected = catalogue_layout(settings) if expected is None else expected
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    try:
+        await admin.start()
+        return await _inspect(admin, settings, expected, set(await admin.list_topics()))
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"cannot read the topics: {exc}") from exc
     finally:
         await admin.close()
 
@@ -274,7 +318,9 @@ async def ensure_topics(
     *, timeout_s: float = 60.0,
 ) -> None:
     """Create the given topics if missing (name -> (partitions, config)) and wait until every one
-    is visible in a client's metadata.
+    is visible in a client's metadata. Those that exist are checked first
+    (``cbtstream.topic_check``): a mismatch that would break the worker raises
+    ``TopicsMismatch`` before anything is created or consumed.
 
     A Faust worker that starts before its topics are in the cluster metadata has its assignor
     ignore them ("Ignoring missing topic") and never consumes them until the next rebalance; the
@@ -284,6 +330,7 @@ async def ensure_topics(
     try:
         await admin.start()
         existing = set(await admin.list_topics())
+        (await _inspect(admin, settings, topics, existing)).enforce()
         new = [
             NewTopic(name=name, num_partitions=parts,
                      replication_factor=settings.replication_factor, topic_configs=config)

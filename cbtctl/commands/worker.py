@@ -51,7 +51,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     planner_app = build(settings, remover, orphans)
     # Every topic must be in the cluster metadata before Faust's first assignment, or its
     # assignor skips it until the next rebalance (a worker started right after topic creation
-    # would consume nothing).
+    # would consume nothing). Those that exist are checked first: a partition count that breaks
+    # co-partitioning, another cleanup policy or a shorter retention stops the worker here
+    # (cbtstream.topic_check), before it reads or writes anything.
     asyncio.run(ensure_topics(settings.kafka, planner_app.kafka_topics()))
     worker = DeadlineWorker(
         planner_app.app,
