@@ -80,7 +80,9 @@ of the underlying error); a partial copy is never returned as a result.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterable, Container, Iterable
@@ -311,6 +313,7 @@ class _Run:
         self._pool = ThreadPoolExecutor(max(1, options.hash_threads), "cbt-hash")
         self.capacity = capacity
         self._cache: list[tuple[int, int, bool]] = []
+        self._cache_ends: list[int] = []
         self._cache_start = self._cache_end = 0
         self.throttle = Throttle(options.max_bytes_per_s)
 
@@ -329,7 +332,15 @@ class _Run:
             if nxt <= pos:
                 raise CopyFailed(f"source block status made no progress at offset {pos}")
             self._cache, self._cache_start, self._cache_end = status, pos, nxt
-        return [d for d in self._cache if d[0] + d[1] > pos and d[0] < end]
+            self._cache_ends = list(itertools.accumulate((s + n for s, n, _ in status), max))
+        # the descriptors overlapping [pos, end): found by bisection, not a scan, since an
+        # incremental asks once per range and a window can hold thousands of descriptors
+        out = []
+        for d in itertools.islice(self._cache, bisect.bisect_right(self._cache_ends, pos), None):
+            if d[0] >= end:
+                break
+            out.append(d)
+        return out
 
     async def _status(self, pos: int, end: int) -> tuple[list[tuple[int, int, bool]], int]:
         """Zero map of ``[pos, x)``, where x is ``end`` or a leaf-aligned offset > pos."""
@@ -424,8 +435,10 @@ class _Run:
                 records = dg.zero_run(seg.start, seg.length, cap)
                 zeroed = seg.length
             else:
-                if buf is None:
-                    buf = memoryview(bytearray(self.request))
+                if buf is None or len(buf) < seg.length:
+                    # as large as the items need: an incremental's are a leaf or two, and
+                    # zeroing 8 request-sized buffers cost more CPU than its whole copy
+                    buf = memoryview(bytearray(max(seg.length, len(buf) if buf else 0)))
                 view = buf[: seg.length]
                 await self._read(seg.start, view)
                 if seg.length <= _INLINE_HASH:

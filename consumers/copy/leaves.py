@@ -46,6 +46,11 @@ class FileLeaves:
         self.fd = fd
         self.count = leaf_count(capacity)
         self.journal = journal
+        #: Entries written and not yet in the file: a sync writes one run per item, a few
+        #: hundred bytes here and there, and a write per item cost more than hashing it; they
+        #: go to the file sorted and joined, before any read and at :meth:`sync`.
+        self._pending: list[tuple[int, bytes]] = []
+        self._pending_bytes = 0
 
     @classmethod
     def create(cls, name: str, capacity: int, dir_fd: int) -> FileLeaves:
@@ -87,20 +92,42 @@ class FileLeaves:
         return leaves
 
     def read(self, first: int, count: int) -> bytes:
+        if not 0 <= first <= first + count <= self.count:
+            raise ValueError(f"leaves {first}+{count} outside the leaf file")
+        self.flush()
         want = count * HASH
         data = os.pread(self.fd, want, HEAD.size + first * HASH)
-        if len(data) != want or not 0 <= first <= first + count <= self.count:
-            raise ValueError(f"leaves {first}+{count} outside the leaf file")
+        if len(data) != want:
+            raise ValueError(f"the leaf file ends before leaf {first + count}")
         return data
 
     def write(self, first: int, entries: bytes | memoryview) -> None:
         if first < 0 or first + len(entries) // HASH > self.count:
             raise ValueError(f"leaves {first}+{len(entries) // HASH} outside the leaf file")
-        view = memoryview(entries)
-        pos = HEAD.size + first * HASH
-        while view:
-            n = os.pwrite(self.fd, view, pos)
-            view, pos = view[n:], pos + n
+        self._pending.append((first, bytes(entries)))
+        self._pending_bytes += len(entries)
+        if self._pending_bytes >= _BATCH * HASH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending entries to the file (in leaf order, adjacent runs joined)."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = sorted(self._pending), [], 0
+        i = 0
+        while i < len(pending):
+            first, run = pending[i][0], [pending[i][1]]
+            end = first + len(run[0]) // HASH
+            i += 1
+            while i < len(pending) and pending[i][0] == end:
+                run.append(pending[i][1])
+                end += len(pending[i][1]) // HASH
+                i += 1
+            view = memoryview(b"".join(run))
+            pos = HEAD.size + first * HASH
+            while view:
+                n = os.pwrite(self.fd, view, pos)
+                view, pos = view[n:], pos + n
 
     def runs(self, runs: list[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
         """The current entries of ``runs``, in batches of at most 64 Ki entries."""
@@ -114,12 +141,15 @@ class FileLeaves:
             self.journal.write(self.runs(runs))
 
     def sync(self) -> None:
+        self.flush()
         os.fsync(self.fd)
 
     def close(self) -> None:
+        """Close the file; pending entries are dropped (call :meth:`sync` to keep them)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        self._pending, self._pending_bytes = [], 0
 
 
 class Journal:

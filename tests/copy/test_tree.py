@@ -110,9 +110,12 @@ def test_leaf_file_round_trip_and_refusals(tmp_path: Path) -> None:
         leaves = FileLeaves.create("x.leaves.1", cap, fd)
         assert leaves.read(0, dg.leaf_count(cap)) == bytes(32 * dg.leaf_count(cap))  # sparse
         leaves.write(3, b"a" * 64)
-        leaves.close()
+        leaves.write(5, b"b" * 32)  # joined with the run before it on its way to the file
+        leaves.sync()
+        leaves.write(6, b"c" * 32)
+        leaves.close()  # not synced: dropped, as a killed copier would lose it
         again = FileLeaves.open("x.leaves.1", cap, fd)
-        assert again.read(2, 3) == bytes(32) + b"a" * 64
+        assert again.read(2, 5) == bytes(32) + b"a" * 64 + b"b" * 32 + bytes(32)
         with pytest.raises(ValueError):
             again.write(dg.leaf_count(cap), bytes(32))
         again.close()
