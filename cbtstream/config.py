@@ -46,12 +46,19 @@ class KafkaSettings(BaseModel):
 
     model_config = _Frozen
 
+    #: Comma-separated ``host:port`` list of the brokers clients bootstrap from.
     bootstrap_servers: str = "127.0.0.1:19092"
+    #: How clients talk to the brokers: plain or TLS (``SSL``), with or without a SASL login.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    #: The SASL login mechanism (with ``SASL_PLAINTEXT`` or ``SASL_SSL``); unset: no login.
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    #: The SASL user name.
     sasl_username: str | None = None
+    #: The SASL password.
     sasl_password: SecretStr | None = None
+    #: A file holding the SASL password; read when ``sasl_password`` is unset.
     sasl_password_file: Path | None = None
+    #: CA bundle (PEM) that signed the brokers' certificates; unset: the system trust store.
     ssl_cafile: Path | None = None
     #: Verify the broker's certificate and host name. Only an explicit opt-out turns it off.
     ssl_verify: bool = True
@@ -60,6 +67,8 @@ class KafkaSettings(BaseModel):
     topic_prefix: str = ""
     #: Every topic has the same partition count so the Faust table co-partitions with its sources.
     partitions: int = Field(default=4, ge=1, le=1024)
+    #: Replication factor of the topics cbtstream creates (``topics create``, the worker's
+    #: internal topics): 3 on a production cluster.
     replication_factor: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
@@ -74,12 +83,19 @@ class PostgresSettings(BaseModel):
 
     model_config = _Frozen
 
+    #: Host of the PostgreSQL server.
     host: str = "127.0.0.1"
+    #: Port of the PostgreSQL server.
     port: int = 15432
+    #: The database user.
     user: str = "cbtstream"
+    #: The database password (the default suits the local stack only).
     password: SecretStr = SecretStr("cbtstream")
+    #: A file holding the password; when set, it wins over ``password``.
     password_file: Path | None = None
+    #: The database.
     database: str = "cbtstream"
+    #: The schema the audit tables live in (``cbtstream db migrate`` creates them there).
     db_schema: str = "public"
 
     @model_validator(mode="after")
@@ -105,12 +121,17 @@ class VSphereSettings(BaseModel):
 
     model_config = _Frozen
 
+    #: The vSphere SDK endpoint of the vCenter (``https://<vcenter>/sdk``).
     url: str = "https://127.0.0.1:18989/sdk"
+    #: The vCenter login.
     username: str = "user"
+    #: The vCenter password (the default suits the local simulator only).
     password: SecretStr = SecretStr("pass")
+    #: A file holding the password; when set, it wins over ``password``.
     password_file: Path | None = None
     #: Skip TLS certificate verification. Off by default; the local simulator needs it on.
     insecure: bool = False
+    #: CA bundle (PEM) that signed the vCenter's certificate; unset: the system trust store.
     cafile: Path | None = None
 
     @model_validator(mode="after")
@@ -129,10 +150,15 @@ class TargetMapping(BaseModel):
 
     model_config = _Frozen
 
+    #: The disk key (``<vm instance uuid>/disk-<device key>``) this mapping is for.
     disk: str | None = None
+    #: A VM instance uuid: the mapping is for every disk of the VM no ``disk`` mapping names.
     vm: str | None = None
+    #: A file path relative to ``copier.target_root`` (no ``..``, no absolute path).
     file: str | None = None
+    #: A block device path matching ``copier.device_allow`` (opened exclusively).
     device: str | None = None
+    #: An NBD URI allowed by ``copier.nbd_allow``.
     nbd: str | None = None
 
     @model_validator(mode="after")
@@ -254,6 +280,7 @@ class CopierSettings(BaseModel):
     #: Talk TLS to NBD servers even for ``nbd://`` URIs (``nbds://`` always does). The server's
     #: certificate is verified against ``nbd_cafile`` (or the system trust store).
     nbd_tls: bool = False
+    #: CA bundle (PEM) for the NBD servers' certificates; unset: the system trust store.
     nbd_cafile: Path | None = None
     #: Verify the NBD server's certificate and host name. Only an explicit opt-out turns it off.
     nbd_tls_verify: bool = True
@@ -261,6 +288,7 @@ class CopierSettings(BaseModel):
     #: (loopback), so a copier is always scrapeable by a local agent; 0 turns it off. Two
     #: copiers on one host need a port each (a copier refuses to start on a port in use).
     metrics_port: int = Field(default=9466, ge=0, le=65535)
+    #: Address the copier's ``/metrics`` endpoint binds.
     metrics_host: str = "127.0.0.1"
 
 
@@ -269,9 +297,15 @@ class StreamsSettings(BaseModel):
 
     model_config = _Frozen
 
+    #: The Faust application id: the planner's consumer group and the prefix of its table
+    #: changelogs and internal topics (after ``kafka.topic_prefix``).
     app_id: str = "cbtstream"
+    #: Address the worker's web server (the HTTP API, ``/metrics``) binds. Anything but a
+    #: loopback address (127.0.0.0/8, ``::1``, ``localhost``) needs ``api.token``.
     web_host: str = "127.0.0.1"
+    #: Port of the worker's web server.
     web_port: int = 6066
+    #: Faust's data folder (one folder per app id inside).
     data_dir: Path = Path(".stack/faust")
     #: Remove a VM snapshot in vSphere once every disk in it is synced (needs ``[vsphere]``).
     remove_snapshots: bool = True
@@ -301,6 +335,7 @@ class StreamsSettings(BaseModel):
     #: Heartbeats run in Faust's consumer thread (not blocked by a busy event loop), so a short
     #: timeout does not evict a healthy worker; brokers accept 6 s and more by default.
     session_timeout_s: float = Field(default=10.0, ge=6)
+    #: Seconds between two Kafka group heartbeats (well below ``session_timeout_s``).
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     #: Static group membership (aiokafka ``group_instance_id``): a worker restarted with the same
     #: id within ``session_timeout_s`` takes its partitions back without a rebalance. Must be
@@ -333,10 +368,10 @@ class ApiSettings(BaseModel):
 
     model_config = _Frozen
 
-    #: Every /api request that carries it as ``Authorization: Bearer <token>`` is let in (the
-    #: readiness probe needs none). Unset: read endpoints are open to anyone who can connect
-    #: (only allowed with a loopback ``streams.web_host``) and write endpoints refuse every
-    #: call (403). At least 16 characters; e.g. ``openssl rand -hex 32``.
+    #: Required as ``Authorization: Bearer <token>`` by every change-ID endpoint of the HTTP
+    #: API, reads and writes (401 without it). Unset: the read endpoints are open to anyone who
+    #: can connect (only allowed with a loopback ``streams.web_host``) and the write endpoints
+    #: refuse every call (403). At least 16 characters; e.g. ``openssl rand -hex 32``.
     token: SecretStr | None = None
     #: A file holding the token (Docker/Kubernetes secrets); used when ``token`` is unset.
     token_file: Path | None = None
@@ -359,14 +394,20 @@ class StackSettings(BaseModel):
 
     #: Every file the stack writes (data, logs, pids, downloaded jars) lives under this folder.
     dir: Path = Path(".stack")
+    #: Address every service of the stack listens on.
     host: str = "127.0.0.1"
+    #: Kafka's ``PLAINTEXT`` listener.
     kafka_port: int = 19092
+    #: Kafka's KRaft controller listener.
     kafka_controller_port: int = 19093
     #: A second Kafka listener, ``SASL_SSL`` with SCRAM-SHA-512 and a certificate from the
     #: stack's own CA (``<dir>/kafka/tls``), to test secured clients (0: no such listener).
     kafka_sasl_port: int = 19094
+    #: The SCRAM user of that listener (its password: ``<dir>/kafka/sasl/password``).
     kafka_sasl_username: str = "cbtstream"
+    #: PostgreSQL's port.
     postgres_port: int = 15432
+    #: The vSphere simulator's port (SDK at ``/sdk``, its side channel at ``/cbt``).
     vcsim_port: int = 18989
 
 
@@ -382,7 +423,9 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,  # the input holds every secret of the environment
     )
 
+    #: Level of cbtstream's own logs (``-v`` on the command line: DEBUG).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Log lines as JSON objects, or for a person at a console (also ``--log-format``).
     log_format: Literal["json", "console"] = "json"
     #: Level of third-party libraries' logs (Kafka clients, Faust): INFO shows rebalances and
     #: table recovery, which helps when a worker seems idle.
