@@ -39,6 +39,7 @@ COMMANDS: tuple[str, ...] = (
     "cbtctl.commands.verify",
     "cbtctl.commands.targets",
     "cbtctl.commands.bench",
+    "cbtctl.commands.config",
     "cbtctl.commands.stack",
 )
 
