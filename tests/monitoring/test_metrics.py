@@ -5,14 +5,22 @@ each disk's last commit and VM, the oldest snapshot still needed) and its orphan
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from cbtstream.config import Settings
+from cbtstream.errors import CbtStreamError
 from cbtstream.metrics import Metrics
 from schemas.events import FailureReason, ReplicationType, SyncFailed
 from streams.metrics import PlannerMetrics, disk_state, row_partition
+from streams.orphans import register_orphans
 from streams.state import DiskState, RunningSync
 from tests.unit.factories import EPOCH_A, T0, disk, snap
 
@@ -111,3 +119,71 @@ def test_the_planners_own_failures_count_as_failed_syncs() -> None:
     pm.observe_step("sync-checks", "redelivered", [timed_out])  # republished: not again
     assert series(samples(pm.metrics), "cbtstream_syncs_total") == {
         (("outcome", "failed"), ("reason", "sync_timed_out"), ("replication_type", "")): 1.0}
+
+
+class _App:
+    """What ``register_orphans`` uses of a Faust app: a page and a task."""
+
+    def __init__(self) -> None:
+        self.tasks: list[Callable[[], Awaitable[None]]] = []
+
+    def page(self, path: str, name: str) -> Callable[[Any], Any]:
+        return lambda view: view
+
+    def task(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self.tasks.append(fn)
+
+
+@dataclass
+class _Found:
+    orphans: list[str]
+
+
+class _Reaper:
+    """Finds two orphans, then fails."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def reconcile(self, needed: Collection[tuple[str, str]], publisher: Any) -> _Found:
+        self.calls += 1
+        if self.calls > 1:
+            raise CbtStreamError("vSphere unreachable")
+        return _Found(["snapshot-1", "snapshot-2"])
+
+    async def stop(self) -> None:
+        return None
+
+
+async def test_the_worker_counts_its_orphan_reconciles() -> None:
+    pm = PlannerMetrics()
+    app, reaper = _App(), _Reaper()
+    whole = iter([False, True, True])
+
+    async def complete() -> bool:
+        return next(whole, True)
+
+    async def send(event: Any) -> None:
+        return None
+
+    failed = asyncio.Event()
+
+    def observe(result: str, orphans: int | None) -> None:
+        pm.observe_reconcile(result, orphans)
+        if result == "failed":
+            failed.set()
+
+    settings = Settings(streams={"orphan_interval_s": 0.01})
+    register_orphans(app, settings, list, complete, send, reaper, observe)
+    task = asyncio.create_task(app.tasks[0]())
+    try:
+        await asyncio.wait_for(failed.wait(), 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    s = samples(pm.metrics)
+    runs = series(s, "cbtstream_orphan_reconciles_total")
+    assert runs[(("result", "skipped"),)] == 1 and runs[(("result", "done"),)] == 1
+    assert runs[(("result", "failed"),)] == 1
+    assert series(s, "cbtstream_orphan_snapshots") == {(): 2.0}  # a failure keeps the last count
