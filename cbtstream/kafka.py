@@ -34,6 +34,9 @@ from cbtstream.topic_check import TopicLayout, TopicReport, catalogue_layout, la
 from schemas.codec import MAX_REQUEST_BYTES, Headers, encode
 from schemas.topics import TopicSpec, topic_for
 
+#: Kafka's TOPIC_ALREADY_EXISTS error code (in a CreateTopics response).
+_ALREADY_EXISTS = 36
+
 
 class KafkaUnavailable(TransientError):
     """The broker did not acknowledge in time; the caller may retry."""
@@ -182,30 +185,45 @@ async def create_topics(settings: KafkaSettings) -> list[str]:
     """Create every topic of the catalogue that is missing, after checking those that exist
     (``cbtstream.topic_check``: raises ``TopicsMismatch`` naming every error, logs the
     warnings); returns the names created now. Topics it creates match by construction."""
-    layout = catalogue_layout(settings)
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
     try:
         await admin.start()
-        existing = set(await admin.list_topics())
-        (await _inspect(admin, settings, layout, existing)).enforce()
-        new = [
-            NewTopic(name=name, num_partitions=parts,
-                     replication_factor=settings.replication_factor, topic_configs=config)
-            for name, (parts, config) in layout.items() if name not in existing
-        ]
-        if not new:
-            return []
-        resp = await admin.create_topics(new)
-    except TopicAlreadyExistsError:
-        return []
+        return await _create_checked(admin, settings, catalogue_layout(settings))
     except KafkaError as exc:
         raise KafkaUnavailable(f"cannot create topics: {exc}") from exc
     finally:
         await admin.close()
-    codes = {name: code for name, code, *_ in getattr(resp, "topic_errors", [])}
-    for name, code, *rest in getattr(resp, "topic_errors", []):
-        if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a concurrent creator)
-            raise CbtStreamError(f"creating topic {name} failed: error {code} {rest}")
+
+
+async def _create_checked(admin: AIOKafkaAdminClient, settings: KafkaSettings,
+                          layout: TopicLayout) -> list[str]:
+    """Check the topics of ``layout`` that exist, create the others, then check those the
+    broker says exist already (a concurrent creator, or a topic the metadata did not list yet);
+    returns the names created now."""
+    existing = set(await admin.list_topics())
+    (await _inspect(admin, settings, layout, existing)).enforce()
+    new = [NewTopic(name=name, num_partitions=parts,
+                    replication_factor=settings.replication_factor, topic_configs=config)
+           for name, (parts, config) in layout.items() if name not in existing]
+    if not new:
+        return []
+    try:
+        resp = await admin.create_topics(new)
+        codes = {name: code for name, code, *_ in getattr(resp, "topic_errors", [])}
+    except TopicAlreadyExistsError:
+        codes = {t.name: _ALREADY_EXISTS for t in new}
+    for name, code in codes.items():
+        if code not in (0, _ALREADY_EXISTS):
+            raise CbtStreamError(f"creating topic {name} failed: error {code}")
+    raced = {t.name: layout[t.name] for t in new if codes.get(t.name) == _ALREADY_EXISTS}
+    deadline = time.monotonic() + 10
+    while raced:
+        report = await _inspect(admin, settings, raced, set(raced))
+        report.enforce()
+        if not report.missing or time.monotonic() > deadline:
+            break
+        raced = {n: raced[n] for n in report.missing}  # not described yet
+        await asyncio.sleep(0.2)
     return [t.name for t in new if codes.get(t.name, 0) == 0]
 
 
@@ -329,16 +347,7 @@ async def ensure_topics(
     admin = AIOKafkaAdminClient(**client_kwargs(settings))
     try:
         await admin.start()
-        existing = set(await admin.list_topics())
-        (await _inspect(admin, settings, topics, existing)).enforce()
-        new = [
-            NewTopic(name=name, num_partitions=parts,
-                     replication_factor=settings.replication_factor, topic_configs=config)
-            for name, (parts, config) in topics.items() if name not in existing
-        ]
-        if new:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(new)
+        await _create_checked(admin, settings, topics)
     except KafkaError as exc:
         raise KafkaUnavailable(f"cannot create topics: {exc}") from exc
     finally:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from cbtctl.demo.processes import child_env
 from cbtstream.config import Settings
 from cbtstream.kafka import check_topics, client_kwargs, create_topics
+from cbtstream.topic_check import TopicsMismatch
 from schemas.topics import ALL_TOPICS, CONTROL_TOPICS
 from tests.support import isolated_settings
 
@@ -30,13 +32,20 @@ async def _admin(settings: Settings) -> AIOKafkaAdminClient:
     return admin
 
 
-async def make_topics(settings: Settings, topics: dict[str, tuple[int, dict[str, str]]]) -> None:
-    """Create topics (base name -> partitions, config) under the settings' prefix."""
+async def make_topics(settings: Settings, topics: dict[str, tuple[int, dict[str, str]]],
+                      *, wait: bool = True) -> None:
+    """Create topics (base name -> partitions, config) under the settings' prefix; with
+    ``wait``, until the broker's metadata lists them (else a check may not see them yet)."""
+    names = {settings.kafka.topic_prefix + name for name in topics}
     admin = await _admin(settings)
     try:
         await admin.create_topics([
             NewTopic(settings.kafka.topic_prefix + name, parts, 1, topic_configs=config)
             for name, (parts, config) in topics.items()])
+        deadline = time.monotonic() + 30
+        while wait and not names <= set(await admin.list_topics()):
+            assert time.monotonic() < deadline, "topics not listed after 30 s"
+            await asyncio.sleep(0.1)
     finally:
         await admin.close()
 
@@ -133,3 +142,22 @@ def test_worker_refuses_a_mis_sized_changelog(settings: Settings) -> None:
     assert done.returncode == 1, done.stderr[-3000:]
     assert f"topic {changelog}: the partition count is 3, expected 2" in done.stderr
     assert "Never add partitions" in done.stderr
+
+
+def test_a_topic_created_meanwhile_is_checked_too(settings: Settings) -> None:
+    """A topic the listing did not show (a concurrent creator, metadata lag) comes back from
+    the creation as "already exists": it is checked like the others."""
+    made = {"cbt.sync.planned": (3, {"cleanup.policy": "delete", "retention.ms": "-1"})}
+    listed = AIOKafkaAdminClient.list_topics
+
+    async def then_another_creator(self: AIOKafkaAdminClient) -> list[str]:
+        names = await listed(self)
+        mp.setattr(AIOKafkaAdminClient, "list_topics", listed)
+        await make_topics(settings, made, wait=False)  # created after the listing
+        return names
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AIOKafkaAdminClient, "list_topics", then_another_creator)
+        with pytest.raises(TopicsMismatch,
+                           match=r"cbt\.sync\.planned: the partition count is 3, expected 2"):
+            asyncio.run(create_topics(settings.kafka))
