@@ -25,9 +25,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     if settings.api.token is None:  # the settings allow it on a loopback bind only
         logging.getLogger("cbtstream.worker").warning(
-            "api.token is not set: the HTTP API's read endpoints are open to local users of "
-            "%s:%s and every store call (POST) is refused with 403; set CBTSTREAM_API__TOKEN "
-            "to accept them", settings.streams.web_host, settings.streams.web_port)
+            "api.token is not set: the HTTP API's read endpoints are open to local users and "
+            "every store call (POST) is refused with 403; set CBTSTREAM_API__TOKEN to accept "
+            "them", extra={"web_host": settings.streams.web_host,
+                           "web_port": settings.streams.web_port})
 
     from cbtstream.kafka import ensure_topics
     from streams.app import build

@@ -53,6 +53,9 @@ PROCESS_LEVEL = {
     "silent syncs found",
     "source records skipped",
     "source partition stalled with records pending; re-reading it from its committed offset",
+    # the worker's start-up warning that no API token is set (cbtctl/commands/worker.py)
+    "api.token is not set: the HTTP API's read endpoints are open to local users and every "
+    "store call (POST) is refused with 403; set CBTSTREAM_API__TOKEN to accept them",
 }
 
 
