@@ -353,7 +353,8 @@ class ReplicaMismatch(_ReplicaCheck):
     event_type: Literal["ReplicaMismatch"] = "ReplicaMismatch"
     detail: str = Field(default="", max_length=4096)
     first_bad_offset: int | None = Field(default=None, ge=0)
-    bad_leaves: int = Field(default=0, ge=0, description="1 MiB leaves that differ.")
+    bad_leaves: int = Field(default=0, ge=0, description="MiBs of the replica that differ (its "
+                            "hash tree's 1 MiB pieces; 1 MiB leaves in a version 1 tree).")
 
 
 class FenceScope(StrEnum):
