@@ -66,12 +66,22 @@ NBDKIT_PYTHON = Tool("nbdkit-python-plugin", "nbdkit-plugin-python",
 #: itself); the project does not use it (``systemctl disable --now prometheus``).
 PROMTOOL = Tool("promtool", "prometheus")
 PROMETHEUS = Tool("prometheus", "prometheus")
+#: The deployment tests (tests/deploy): systemd-analyze verifies the units of deploy/systemd;
+#: podman builds and runs the image, with runc (crun refuses hosts with hybrid cgroups), on a
+#: base image made from Debian packages by mmdebstrap (no image registry needed).
+SYSTEMD_ANALYZE = Tool("systemd-analyze", "systemd")
+PODMAN = Tool("podman", "podman")
+RUNC = Tool("runc", "runc")
+MMDEBSTRAP = Tool("mmdebstrap", "mmdebstrap")
+CONTAINER_TOOLS: tuple[Tool, ...] = (PODMAN, RUNC, MMDEBSTRAP)
 
 #: Everything the project needs on a developer machine or CI, services or not (nbdkit and
 #: libnbd-bin are used by the copier and its tests, qemu-utils by the NBD target tests,
-#: prometheus by the monitoring tests).
+#: prometheus by the monitoring tests, systemd and the container tools by the deployment
+#: tests).
 ALL_TOOLS: tuple[Tool, ...] = (JAVA, MAVEN, KCAT, POSTGRES, PSQL, NBDKIT, NBDCOPY, QEMU_NBD,
-                               NBDKIT_PYTHON, PROMTOOL, PROMETHEUS)
+                               NBDKIT_PYTHON, PROMTOOL, PROMETHEUS, SYSTEMD_ANALYZE,
+                               *CONTAINER_TOOLS)
 
 _apt_updated = False
 

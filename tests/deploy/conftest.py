@@ -1,0 +1,40 @@
+"""The images of the deployment tests, built once per session (see tests/deploy/podman.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.deploy import podman
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Images:
+    """The production image and the stand-in image, with how long their builds took."""
+
+    image: str
+    standin: str
+    image_build_s: float
+    standin_build_s: float
+
+
+@pytest.fixture(scope="session")
+def images() -> Images:
+    """Build the image as an operator without a registry would (``deploy/image/build.sh
+    --debian-base --host-trust``), then the stand-in image on top of it; skipped only where
+    podman cannot be installed."""
+    reason = podman.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    image_s = podman.build(podman.IMAGE, "--debian-base", "--host-trust",
+                           log=podman.CACHE / "build-image.log")
+    standin_s = podman.build(podman.STANDIN_IMAGE, "--file", str(HERE / "Dockerfile.standin"),
+                             "--build-arg", f"IMAGE={podman.IMAGE}", "--host-trust",
+                             log=podman.CACHE / "build-standin.log")
+    print(f"\nimages built: {podman.IMAGE} in {image_s:.0f}s, {podman.STANDIN_IMAGE} in "
+          f"{standin_s:.0f}s (logs in {podman.CACHE})")
+    return Images(podman.IMAGE, podman.STANDIN_IMAGE, image_s, standin_s)

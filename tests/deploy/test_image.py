@@ -1,0 +1,124 @@
+"""The image itself (Dockerfile): its user, its volumes and their owner, the copier's VDDK set-up,
+and nbdkit's real vddk plugin built for the image's nbdkit (deploy/image/Dockerfile.vddk).
+
+The image is built by ``deploy/image/build.sh`` on a base made from Debian packages (no image
+registry is reachable where these run); see tests/deploy/podman.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cbtstream.config import Settings
+from tests.deploy import podman
+from tests.deploy.conftest import Images
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+STATE = ("faust", "copier", "replicas")
+
+
+def test_image_runs_as_its_user_with_state_volumes_it_owns(images: Images) -> None:
+    (info,) = json.loads(podman.podman("image", "inspect", images.image).stdout)
+    config = info["Config"]
+    assert config["User"] == "cbtstream:cbtstream"
+    assert config["Entrypoint"] == ["/usr/bin/tini", "--", "/opt/cbtstream/bin/cbtstream"]
+    assert set(config["Volumes"]) == {f"/var/lib/cbtstream/{d}" for d in STATE}
+    env = dict(e.split("=", 1) for e in config["Env"])
+    assert env["CBTSTREAM_COPIER__EXPORTS"] == "vddk"
+    assert env["CBTSTREAM_COPIER__STATE_DIR"] == "/var/lib/cbtstream/copier"
+    assert env["CBTSTREAM_COPIER__TARGET_ROOT"] == "/var/lib/cbtstream/replicas"
+    assert env["CBTSTREAM_STREAMS__DATA_DIR"] == "/var/lib/cbtstream/faust"
+    assert env["CBTSTREAM_COPIER__VDDK__LIBDIR"] == "/opt/vmware-vix-disklib-distrib"
+    assert env["CBTSTREAM_COPIER__VDDK__PLUGIN"] == "/opt/nbdkit-vddk/nbdkit-vddk-plugin.so"
+    assert "unix:/var/lib/cbtstream/copier/vddk/" in json.loads(env["CBTSTREAM_COPIER__NBD_ALLOW"])
+    assert not any("PASSWORD" in k or "TOKEN" in k for k in env)
+
+    # Fresh named volumes (as compose makes them) start as copies of the image's folders: owned
+    # by the service user, who writes there and cannot write the program.
+    name = f"cbtimg{uuid.uuid4().hex[:8]}"
+    mounts = []
+    for d in STATE:
+        podman.volume(f"{name}-{d}")
+        mounts += ["-v", f"{name}-{d}:/var/lib/cbtstream/{d}"]
+    script = ("id -u; for d in faust copier replicas; do stat -c '%u %a' /var/lib/cbtstream/$d;"
+              " touch /var/lib/cbtstream/$d/probe; done;"
+              " touch /opt/cbtstream/probe 2>/dev/null || echo program read-only")
+    try:
+        out = podman.podman("run", "--rm", *podman.RUN_OPTS, *mounts, "--entrypoint", "sh",
+                            images.image, "-c", script)
+    finally:
+        for d in STATE:
+            podman.podman("volume", "rm", "-f", f"{name}-{d}", check=False)
+    assert out.stdout.split("\n") == ["10001", *["10001 750"] * 3, "program read-only", ""]
+
+    version = podman.podman("run", "--rm", *podman.RUN_OPTS, images.image, "--version")
+    assert version.stdout.startswith("cbtstream ")
+
+
+def _vsphere_env(settings: Settings) -> tuple[dict[str, str], list[str]]:
+    """The environment and mounts that point a container at the stack's simulator."""
+    from cbtctl.demo.run import stack_settings
+
+    s = stack_settings(settings)
+    assert s.vsphere.cafile is not None
+    return ({"CBTSTREAM_VSPHERE__URL": s.vsphere.url,
+             "CBTSTREAM_VSPHERE__CAFILE": "/run/cbtstream/vcenter-ca.pem",
+             "CBTSTREAM_COPIER__METRICS_PORT": "0"},
+            [f"{s.vsphere.cafile}:/run/cbtstream/vcenter-ca.pem:ro"])
+
+
+def test_copier_refuses_to_start_without_the_vddk_plugin(images: Images,
+                                                         stack_settings: Settings) -> None:
+    """The image runs the copier for VDDK; until the plugin is mounted it says what is missing
+    and where it belongs."""
+    env, mounts = _vsphere_env(stack_settings)
+    argv = ["run", "--rm", *podman.RUN_OPTS]
+    for k, v in env.items():
+        argv += ["-e", f"{k}={v}"]
+    for m in mounts:
+        argv += ["-v", m]
+    proc = podman.podman(*argv, images.image, "copier", check=False, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "nbdkit cannot load the plugin '/opt/nbdkit-vddk/nbdkit-vddk-plugin.so'" in proc.stderr
+    assert "build nbdkit's plugins/vddk" in proc.stderr
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CBTSTREAM_NBDKIT_GIT"),
+    reason="set CBTSTREAM_NBDKIT_GIT to nbdkit's repository (https://gitlab.com/nbdkit/nbdkit.git, "
+           "its GitHub mirror libguestfs/nbdkit, or a local clone) to build the real vddk plugin")
+def test_real_vddk_plugin_built_for_the_image_nbdkit(images: Images,
+                                                     stack_settings: Settings) -> None:
+    """deploy/image/Dockerfile.vddk compiles nbdkit's vddk plugin at the tag of the image's
+    nbdkit; the image's nbdkit loads it (the build checks ``--dump-plugin``) and the copier's
+    start-up check then stops at the one thing missing: VMware's VDDK library."""
+    source = os.environ["CBTSTREAM_NBDKIT_GIT"]
+    podman_args: list[str] = []
+    if Path(source).is_dir():  # a local clone: mounted into the build
+        podman_args = ["-v", f"{Path(source).resolve()}:/nbdkit.git:ro"]
+        source = "/nbdkit.git"
+    seconds = podman.build(
+        podman.VDDK_IMAGE, "--file", str(podman.REPO / "deploy/image/Dockerfile.vddk"),
+        "--build-arg", f"IMAGE={images.image}", "--build-arg", f"NBDKIT_GIT={source}",
+        "--host-trust", log=podman.CACHE / "build-vddk.log", podman_args=podman_args)
+    print(f"\n{podman.VDDK_IMAGE} built in {seconds:.0f}s")
+    dump = podman.podman("run", "--rm", *podman.RUN_OPTS, "--entrypoint", "nbdkit",
+                         podman.VDDK_IMAGE, "/opt/nbdkit-vddk/nbdkit-vddk-plugin.so",
+                         "--dump-plugin")
+    assert "vddk_default_libdir=" in dump.stdout
+    env, mounts = _vsphere_env(stack_settings)
+    argv = ["run", "--rm", *podman.RUN_OPTS]
+    for k, v in env.items():
+        argv += ["-e", f"{k}={v}"]
+    for m in mounts:
+        argv += ["-v", m]
+    proc = podman.podman(*argv, podman.VDDK_IMAGE, "copier", check=False, timeout=120)
+    assert proc.returncode == 1
+    assert ("the vddk plugin cannot load VMware's VDDK library (libvixDiskLib.so) from "
+            "/opt/vmware-vix-disklib-distrib") in proc.stderr
