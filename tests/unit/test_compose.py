@@ -68,6 +68,7 @@ def test_docker_compose_config_accepts_file() -> None:
     proc = subprocess.run(
         ["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
         capture_output=True, text=True,
-        env={"CBTSTREAM_POSTGRES_PASSWORD": "x", "PATH": "/usr/bin"},
+        env={"CBTSTREAM_POSTGRES_PASSWORD": "x", "CBTSTREAM_API_TOKEN": "x" * 32,
+             "PATH": "/usr/bin"},
     )
     assert proc.returncode == 0, proc.stderr
