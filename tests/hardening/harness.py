@@ -214,12 +214,13 @@ class Lane:
                 out += chunky(self.rng, d.key, d.capacity, chunks=max(2, d.capacity // MiB // 2))
         return out
 
-    @staticmethod
-    def expected_copy_s(writes: list[Write]) -> float:
+    def expected_copy_s(self, writes: list[Write]) -> float:
+        """How long the largest disk's copy of these writes lasts at the lane's rate limit (the
+        copier copies a VM's disks at once)."""
         per_disk: dict[int, int] = {}
         for w in writes:
             per_disk[w.device_key] = per_disk.get(w.device_key, 0) + max(len(w.data), MiB)
-        return max(per_disk.values()) / RATE
+        return max(per_disk.values()) / (self.settings.copier.max_bytes_per_s or RATE)
 
     def checkpoints(self, plans: dict[int, SyncPlanned]) -> dict[str, int]:
         """durable_until of every checkpoint file of these plans (after a kill: stable)."""
