@@ -138,9 +138,10 @@ class LeafStore(Protocol):
 
     def write(self, first: int, entries: bytes | memoryview) -> None: ...
 
-    def protect(self, runs: list[tuple[int, int]]) -> None:
-        """The leaves of ``runs`` are about to be rewritten: keep their entries recoverable
-        until the new tree is recorded (a file store journals them; see ``leaves.py``)."""
+    def protect(self, old: Iterable[tuple[int, bytes]]) -> None:
+        """The leaves ``(first, their entries now)`` in ``old`` are about to be rewritten: keep
+        those entries recoverable until the new tree is recorded (a file store journals them;
+        see ``leaves.py``). ``old`` must be consumed whole (its reader checks the base)."""
         ...
 
     def close(self) -> None: ...
@@ -160,8 +161,9 @@ class MemoryLeaves:
             raise ValueError(f"leaves {first}+{len(entries) // HASH} outside the tree")
         self.entries[first * HASH : first * HASH + len(entries)] = entries
 
-    def protect(self, runs: list[tuple[int, int]]) -> None:
-        return None
+    def protect(self, old: Iterable[tuple[int, bytes]]) -> None:
+        for _ in old:  # nothing to keep: a buffer does not survive a crash
+            pass
 
     def close(self) -> None:
         return None

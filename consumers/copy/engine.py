@@ -85,7 +85,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterable, Container, Iterable
+from collections.abc import AsyncIterable, Container, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -608,13 +608,37 @@ def _failure(exc: BaseException, disk_key: str) -> CopyFailed:
 def prepare_tree(tree: dg.HashTree, ranges: list[Extent]) -> frozenset[int]:
     """Before the first write: the pieces the ranges cover in part whose stored leaf entries do
     not fold to the base's piece (proven whole by the engine: "coarse"), and the old entries of
-    every touched piece handed to the store's journal (``LeafStore.protect``). Blocking I/O."""
-    coarse = frozenset(j for j in dg.partial_pieces(ranges, tree.capacity)
-                       if not tree.consistent(j))
+    every leaf the sync rewrites handed to the store to keep (``LeafStore.protect``: a file
+    store journals them). One read of the entries of the touched pieces serves both, in
+    batches, so memory stays bounded whatever the sync's size. Blocking I/O."""
+    store = tree.store()
+    partial = set(dg.partial_pieces(ranges, tree.capacity))
+    coarse: set[int] = set()
+    leaf_runs = list(dg.touched_units(ranges))
     total = tree.leaf_count
-    tree.store().protect([(j * dg.FANOUT, min(n * dg.FANOUT, total - j * dg.FANOUT))
-                          for j, n in dg.touched_units(ranges, dg.PIECE)])
-    return coarse
+
+    def old_entries() -> Iterator[tuple[int, bytes]]:
+        k = 0  # the first leaf run not yet wholly handed on
+        for j0, n in dg.touched_units(ranges, dg.PIECE):
+            for b0 in range(j0, j0 + n, _PREPARE_PIECES):
+                b1 = min(j0 + n, b0 + _PREPARE_PIECES)
+                lo, hi = b0 * dg.FANOUT, min(total, b1 * dg.FANOUT)
+                raw = store.read(lo, hi - lo)
+                for j in range(b0, b1):
+                    if j in partial:
+                        a = (j * dg.FANOUT - lo) * dg.HASH
+                        if dg.fold(raw[a : a + dg.FANOUT * dg.HASH]) != tree.piece(j):
+                            coarse.add(j)
+                while k < len(leaf_runs) and leaf_runs[k][0] < hi:
+                    first, count = leaf_runs[k]
+                    a, b = max(first, lo), min(first + count, hi)
+                    yield a, raw[(a - lo) * dg.HASH : (b - lo) * dg.HASH]
+                    if first + count > hi:
+                        break
+                    k += 1
+
+    store.protect(old_entries())
+    return frozenset(coarse)
 
 
 async def copy_disk(
@@ -698,6 +722,8 @@ async def copy_disk(
     )
 
 
+#: Pieces whose leaf entries :func:`prepare_tree` reads at a time (64 KiB of entries).
+_PREPARE_PIECES = 128
 #: Leaves re-read per request by :func:`verify_leaves` (8 MiB).
 _VERIFY_LEAVES = 128
 

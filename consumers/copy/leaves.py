@@ -10,11 +10,11 @@ bytes per touched piece) instead of being held in memory or copied per sync.
 Why a journal: an incremental rewrites the entries of the leaves it touches in place, but until
 its clean record names the new tree the record still names the base's, and an interrupted sync
 is resumed from that base. So before the first entry is rewritten, :meth:`FileLeaves.protect`
-copies the old entries of every piece the sync touches into ``<replica>.leaves.undo`` (durable:
+copies the old entries of every leaf the sync rewrites into ``<replica>.leaves.undo`` (durable:
 fsync, rename, fsync of the directory), tagged with the base's root. Opening the leaves for the
 next sync (``ReplicaStore.open_leaves``) puts them back if the tag is the root the record still
 holds, and drops the journal otherwise (the sync that wrote it was recorded clean). Its size is
-512 bytes per touched piece: proportional to what changed, like the rest of a sync. Should the
+32 bytes per rewritten leaf (and 16 per run of them): proportional to what changed. Should the
 leaf file still disagree with its pieces (lost, damaged), the engine finds it per piece
 (``HashTree.consistent``) and proves such a piece whole from the replica before it trusts it.
 """
@@ -26,7 +26,7 @@ import os
 import struct
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable
 
 from consumers.copy.digest import HASH, LEAF, leaf_count
 
@@ -129,16 +129,12 @@ class FileLeaves:
                 n = os.pwrite(self.fd, view, pos)
                 view, pos = view[n:], pos + n
 
-    def runs(self, runs: list[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
-        """The current entries of ``runs``, in batches of at most 64 Ki entries."""
-        for first, count in runs:
-            for i in range(first, first + count, _BATCH):
-                n = min(_BATCH, first + count - i)
-                yield i, self.read(i, n)
-
-    def protect(self, runs: list[tuple[int, int]]) -> None:
+    def protect(self, old: Iterable[tuple[int, bytes]]) -> None:
         if self.journal is not None:
-            self.journal.write(self.runs(runs))
+            self.journal.write(old)
+        else:
+            for _ in old:  # a full copy's new file: nothing to keep (its base is all zero)
+                pass
 
     def sync(self) -> None:
         self.flush()
@@ -161,7 +157,7 @@ class Journal:
         self.name = name
         self.tag = tag.encode()
 
-    def write(self, runs: Iterator[tuple[int, bytes]]) -> None:
+    def write(self, runs: Iterable[tuple[int, bytes]]) -> None:
         """Write the journal durably (temp file, fsync, rename, fsync of the directory)."""
         tmp = f".{self.name}.tmp{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,

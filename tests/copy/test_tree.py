@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 
 import blake3
@@ -13,6 +14,7 @@ import pytest
 from cbtstream.extents import Extent
 from consumers.copy import digest as dg
 from consumers.copy import digest_v1 as v1
+from consumers.copy.engine import prepare_tree
 from consumers.copy.leaves import FileLeaves, Journal, undo
 from tests.copy.treeref import leaves_of, leaves_of_v1, pieces_of, root_of, root_of_v1
 
@@ -137,7 +139,7 @@ def test_the_journal_restores_the_base_entries_of_an_interrupted_sync(tmp_path: 
         tree = dg.HashTree.of_leaves(cap, leaves)
         root = tree.root()
         leaves.journal = Journal(fd, "r.leaves.undo", root)
-        leaves.protect([(16, 32)])  # pieces 1 and 2
+        leaves.protect([(16, leaves.read(16, 32))])  # pieces 1 and 2
         leaves.write(20, os.urandom(64))  # the interrupted sync's rewrites
         leaves.write(40, os.urandom(32))
         assert not tree.consistent(1) and not tree.consistent(2) and tree.consistent(0)
@@ -153,7 +155,7 @@ def test_the_journal_restores_the_base_entries_of_an_interrupted_sync(tmp_path: 
 
         # a sync that was recorded clean leaves a journal of the old root: dropped, not applied
         reopened.journal = Journal(fd, "r.leaves.undo", root)
-        reopened.protect([(0, 16)])
+        reopened.protect([(0, reopened.read(0, 16))])
         reopened.write(0, b"n" * 32)
         assert undo("r.leaves.undo", fd, reopened, "blake3tree2:65536:1048576:new") is False
         assert not (tmp_path / "r.leaves.undo").exists()
@@ -164,3 +166,33 @@ def test_the_journal_restores_the_base_entries_of_an_interrupted_sync(tmp_path: 
         os.close(fd)
 
 
+
+
+class RecordingLeaves(dg.MemoryLeaves):
+    """A buffer store that keeps what the engine hands to ``protect``."""
+
+    kept: list[tuple[int, bytes]]
+
+    def protect(self, old: Iterable[tuple[int, bytes]]) -> None:
+        self.kept = list(old)
+
+
+def test_prepare_tree_keeps_the_old_entries_of_every_leaf_rewritten_and_finds_unknown_pieces(
+) -> None:
+    """Runs across batches of pieces, a run of whole pieces, small areas: every leaf the sync
+    rewrites is kept with its entry as it was (nothing else), and a piece covered in part whose
+    entries do not fold is reported."""
+    cap = 300 * M + 5
+    data = os.urandom(cap)
+    store = RecordingLeaves(bytearray(b"".join(leaves_of(data))))
+    tree = dg.HashTree.of_leaves(cap, store)
+    store.write(2 * 16 + 5, bytes(32))  # piece 2's entries no longer fold (a lost update)
+    ranges = [Extent(2 * M + 10, 100), Extent(5 * M, 200 * M + 64 * K), Extent(250 * M, 1000),
+              Extent(cap - 3, 3)]
+    assert prepare_tree(tree, ranges) == frozenset({2})  # 205, 250, 300 fold: not "coarse"
+    leaves = store.read(0, tree.leaf_count)
+    want = [i for first, n in dg.touched_units(ranges) for i in range(first, first + n)]
+    got = [first + k for first, entries in store.kept for k in range(len(entries) // 32)]
+    assert got == want
+    assert all(entries == leaves[first * 32 : first * 32 + len(entries)]
+               for first, entries in store.kept)

@@ -92,7 +92,7 @@ def test_an_interrupted_syncs_leaf_entries_are_put_back(tmp_path: Path) -> None:
     assert state.held is not None
     leaves, _ = store.open_leaves(state.held, 3 * M)
     base.leaves = leaves
-    leaves.protect([(16, 16)])
+    leaves.protect([(16, leaves.read(16, 16))])
     leaves.write(17, os.urandom(64))
     assert not base.consistent(1)
     leaves.close()  # killed
