@@ -135,7 +135,7 @@ class CopyOptions:
 
     disk_key: str = ""
     request_bytes: int = 4 * 1024 * 1024
-    merge_gap_bytes: int = 1024 * 1024
+    merge_gap_bytes: int = 32 * 1024  # copier.merge_gap_bytes: why 32 KiB
     max_in_flight: int = 8
     use_block_status: bool = True
     verify: bool = False

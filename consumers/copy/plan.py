@@ -4,7 +4,8 @@ The pipeline of a disk copy is::
 
     changed areas --normalize--> sorted, clipped, non-overlapping ranges
                   --merge(gap)--> fewer, larger ranges (reading a small gap is cheaper than a
-                                  second request; DOMAIN.md suggests about 1 MiB)
+                                  second request; ``copier.merge_gap_bytes``, 32 KiB: measured,
+                                  see "the merge gap" in docs/architecture.md)
     each range + source block status --segments--> data and zero runs (zero runs trimmed to
                                   1 MiB boundaries: short ones are folded into data, so a
                                   fragmented map does not become thousands of tiny requests)
