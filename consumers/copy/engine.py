@@ -678,7 +678,10 @@ async def copy_disk(
     elif tree.capacity != capacity:
         raise CopyFailed(f"replica tree is for {tree.capacity} bytes, the disk {capacity}")
     try:
-        coarse = await asyncio.to_thread(prepare_tree, tree, ranges)
+        pieces = list(dg.touched_units(ranges, dg.PIECE))
+        small = sum(n for _, n in pieces) <= _INLINE_PIECES
+        coarse = (prepare_tree(tree, ranges) if small
+                  else await asyncio.to_thread(prepare_tree, tree, ranges))
         run = _Run(source, target, ranges, options, checkpoint, plan_id, resume, on_progress,
                    capacity, tree, coarse)
         try:
@@ -686,8 +689,12 @@ async def copy_disk(
         finally:
             run.close()
         await target.flush()
-        await asyncio.to_thread(tree.refold, list(dg.touched_units(ranges, dg.PIECE)))
-        digest = await asyncio.to_thread(tree.touched_digest, ranges)
+        if small:
+            tree.refold(pieces)
+            digest = tree.touched_digest(ranges)
+        else:
+            await asyncio.to_thread(tree.refold, pieces)
+            digest = await asyncio.to_thread(tree.touched_digest, ranges)
         verified = False
         if options.verify:
             await verify_leaves(target, tree, ranges, options.disk_key)
@@ -722,6 +729,9 @@ async def copy_disk(
     )
 
 
+#: A sync touching at most this many pieces prepares and folds its tree on the event loop
+#: thread (a few hundred small reads of the leaf file: less than a thread hop costs).
+_INLINE_PIECES = 512
 #: Pieces whose leaf entries :func:`prepare_tree` reads at a time (64 KiB of entries).
 _PREPARE_PIECES = 128
 #: Leaves re-read per request by :func:`verify_leaves` (8 MiB).
