@@ -105,6 +105,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         "target": target.path,
         "bytes_copied": result.bytes_copied,
         "bytes_zeroed": result.bytes_zeroed,
+        "bytes_read": result.bytes_read,
+        "bytes_changed": result.bytes_changed,
         "extents": result.extents,
         "digest": result.digest,
         "replica_digest": result.replica_digest,
