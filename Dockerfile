@@ -48,10 +48,13 @@ RUN groupadd --gid 10001 cbtstream \
  && install -d -o cbtstream -g cbtstream -m 0750 /var/lib/cbtstream \
       /var/lib/cbtstream/faust /var/lib/cbtstream/copier /var/lib/cbtstream/replicas \
  && install -d -m 0755 /opt/nbdkit-vddk /opt/vmware-vix-disklib-distrib
-# The dependencies (a layer that changes only with pyproject.toml), then cbtstream itself.
+# The dependencies (a layer that changes only with pyproject.toml), then cbtstream itself. The
+# wheel is COPYed, not bind-mounted into the RUN: buildah keys a RUN's cache on its text, not on
+# what it mounts, and would keep installing a stale wheel.
 COPY --from=build /opt/cbtstream /opt/cbtstream
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    /opt/cbtstream/bin/pip install --no-cache-dir --no-deps --no-index /wheels/*.whl \
+COPY --from=build /wheels/ /tmp/wheels/
+RUN /opt/cbtstream/bin/pip install --no-cache-dir --no-deps --no-index /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels \
  && /opt/cbtstream/bin/cbtstream --version
 
 # Every setting the image chooses is an environment variable: environment variables win over

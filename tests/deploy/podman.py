@@ -23,6 +23,8 @@ BUILD = REPO / "deploy" / "image" / "build.sh"
 #: The production image, and the same with nbdkit's Python plugin for the project's stand-in
 #: for the vddk plugin (tests/deploy/Dockerfile.standin).
 IMAGE = "localhost/cbtstream:test"
+#: The Dockerfile's build stage, tagged so that its layers (the dependencies) stay cached.
+BUILD_IMAGE = "localhost/cbtstream-build:test"
 STANDIN_IMAGE = "localhost/cbtstream-standin:test"
 VDDK_IMAGE = "localhost/cbtstream-vddk:test"
 #: Build logs and the base image's tarball.
@@ -72,6 +74,20 @@ def build(tag: str, *args: str, log: Path, podman_args: Sequence[str] = (),
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
         raise RuntimeError(f"building {tag} failed (exit {proc.returncode}; {log}):\n{tail}")
     return time.monotonic() - t0
+
+
+def image_id(tag: str) -> str | None:
+    proc = podman("image", "inspect", "-f", "{{.Id}}", tag, check=False)
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
+
+
+def replaced(tag: str, old: str | None) -> None:
+    """Remove the image ``tag`` named before a rebuild (and the untagged layers only it used),
+    so that reruns do not pile up images; the tagged ones keep the layer cache."""
+    if old is not None and image_id(tag) != old:
+        podman("rmi", old, check=False, timeout=300)
 
 
 class Container:

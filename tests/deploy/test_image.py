@@ -61,6 +61,25 @@ def test_image_runs_as_its_user_with_state_volumes_it_owns(images: Images) -> No
     assert version.stdout.startswith("cbtstream ")
 
 
+_HASHES = ("import hashlib, pathlib, sys\n"
+           "root = pathlib.Path(sys.argv[1])\n"
+           "for pkg in ('cbtstream', 'cbtctl', 'schemas', 'streams', 'producers', 'consumers'):\n"
+           "    for f in sorted((root / pkg).rglob('*.py')):\n"
+           "        print(f.relative_to(root), hashlib.sha256(f.read_bytes()).hexdigest())\n")
+
+
+def test_image_holds_the_sources_it_was_built_from(images: Images) -> None:
+    """The installed package is this build's source, file for file: a layer cache that kept an
+    older wheel (buildah does not key a RUN's cache on what it bind-mounts) would fail here."""
+    installed = podman.podman("run", "--rm", *podman.RUN_OPTS, "--entrypoint", "python3",
+                              images.image, "-c", _HASHES,
+                              "/opt/cbtstream/lib/python3.11/site-packages").stdout
+    sources = podman.podman("run", "--rm", *podman.RUN_OPTS, "--entrypoint", "python3",
+                            podman.BUILD_IMAGE, "-c", _HASHES, "/src").stdout
+    assert installed.count("\n") > 100
+    assert installed == sources
+
+
 def _vsphere_env(settings: Settings) -> tuple[dict[str, str], list[str]]:
     """The environment and mounts that point a container at the stack's simulator."""
     from cbtctl.demo.run import stack_settings
@@ -103,10 +122,12 @@ def test_real_vddk_plugin_built_for_the_image_nbdkit(images: Images,
     if Path(source).is_dir():  # a local clone: mounted into the build
         podman_args = ["-v", f"{Path(source).resolve()}:/nbdkit.git:ro"]
         source = "/nbdkit.git"
+    before = podman.image_id(podman.VDDK_IMAGE)
     seconds = podman.build(
         podman.VDDK_IMAGE, "--file", str(podman.REPO / "deploy/image/Dockerfile.vddk"),
         "--build-arg", f"IMAGE={images.image}", "--build-arg", f"NBDKIT_GIT={source}",
         "--host-trust", log=podman.CACHE / "build-vddk.log", podman_args=podman_args)
+    podman.replaced(podman.VDDK_IMAGE, before)
     print(f"\n{podman.VDDK_IMAGE} built in {seconds:.0f}s")
     dump = podman.podman("run", "--rm", *podman.RUN_OPTS, "--entrypoint", "nbdkit",
                          podman.VDDK_IMAGE, "/opt/nbdkit-vddk/nbdkit-vddk-plugin.so",
