@@ -122,9 +122,11 @@ async def _allow_big_records(settings: Settings) -> None:
     admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
     await admin.start()
     try:
+        # alter_configs replaces a topic's whole configuration: keep the catalogue's (the
+        # worker refuses a topic whose retention or cleanup policy differs from it)
         await admin.alter_configs([
             ConfigResource(ConfigResourceType.TOPIC, topic_name(spec, settings.kafka),
-                           configs={"max.message.bytes": str(BIG_TOPIC_BYTES)})
+                           configs={**spec.config, "max.message.bytes": str(BIG_TOPIC_BYTES)})
             for spec in INPUTS])
         # The broker applies topic configs asynchronously: wait until every topic reports it,
         # or the first large record can still be refused (MessageSizeTooLargeError).
