@@ -142,6 +142,8 @@ def commit_event(plan: SyncPlanned, result: SyncResult) -> ChangeIdCommitted:
         duration_s=round(result.duration_s, 6),
         replica_digest=result.replica_digest,
         generation=plan.generation,
+        bytes_read=result.bytes_read,
+        bytes_changed=result.bytes_changed,
     )
 
 

@@ -10,7 +10,10 @@ import pytest
 from cbtctl.demo.scenario import Scenario, random_name
 from cbtctl.demo.workload import MiB, initial_fill, scattered
 from schemas.changeid import ChangeId
+from schemas.events import ChangeIdCommitted
+from schemas.topics import CHANGEID_COMMITTED
 from tests.e2e.conftest import Pipeline
+from tests.support import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +41,15 @@ async def test_three_cycles_per_disk_lineage(scenario: Scenario, pipeline: Pipel
     new1 = {e.disk.disk_id: e.change_id for e in c1.events}
     for r in c2.rows:
         assert r.base_change_id == new1[r.disk_id]  # its own, never another disk's
+    # each incremental commit says what it read from the snapshot against its changed bytes
+    # (issue 24: the read amplification), as the executor measured it
+    committed: list[ChangeIdCommitted] = await read_topic(
+        pipeline.settings, CHANGEID_COMMITTED, until=lambda evs: len(evs) >= 2 * len(keys))
+    c2_commits = [e for e in committed if e.vm_snapshot == c2.vm_snapshot]
+    assert len(c2_commits) == len(keys)
+    for e in c2_commits:
+        assert e.bytes_changed is not None and e.bytes_changed > 0, e
+        assert e.bytes_read is not None and e.bytes_read > 0, e
     new2 = {e.disk.disk_id: e.change_id for e in c2.events}
     for r in c3.rows:
         if r.disk_id == f"disk-{reset_key}":
