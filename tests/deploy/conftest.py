@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from cbtstream.config import Settings
+from consumers.audit.repository import AuditRepository
 from tests.deploy import podman
 
 HERE = Path(__file__).resolve().parent
@@ -44,3 +48,16 @@ def images() -> Images:
     print(f"\nimages built: {podman.IMAGE} in {image_s:.0f}s, {podman.STANDIN_IMAGE} in "
           f"{standin_s:.0f}s (logs in {podman.CACHE})")
     return Images(podman.IMAGE, podman.STANDIN_IMAGE, image_s, standin_s)
+
+
+@pytest.fixture
+async def audit_schema(stack_settings: Settings) -> AsyncIterator[str]:
+    """A PostgreSQL schema of the test's own for the audit consumer, dropped afterwards."""
+    schema = f"audit_t{uuid.uuid4().hex[:10]}"
+    repo = AuditRepository(stack_settings.postgres, schema=schema, timeout_s=3)
+    await repo.start()
+    try:
+        yield schema
+    finally:
+        await repo.reset_schema(replace=True)
+        await repo.stop()

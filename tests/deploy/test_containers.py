@@ -17,7 +17,7 @@ import os
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,6 @@ from cbtctl.demo.seed import SEED_QUERY_1, seed_queries
 from cbtctl.demo.workload import MiB, initial_fill, scattered
 from cbtstream.config import Settings
 from cbtstream.vsphere.simctl import SimulatorControl
-from consumers.audit.repository import AuditRepository
 from schemas.events import ChangeIdCommitted, SnapshotTaken
 from tests.deploy import podman
 from tests.deploy.conftest import Images
@@ -118,18 +117,6 @@ class Deployment:
             c.remove()
         for name in self.volumes.values():
             podman.podman("volume", "rm", "-f", name, check=False)
-
-
-@pytest.fixture
-async def audit_schema(stack_settings: Settings) -> AsyncIterator[str]:
-    schema = f"audit_t{uuid.uuid4().hex[:10]}"
-    repo = AuditRepository(stack_settings.postgres, schema=schema, timeout_s=3)
-    await repo.start()
-    try:
-        yield schema
-    finally:
-        await repo.reset_schema(replace=True)
-        await repo.stop()
 
 
 @pytest.fixture
