@@ -172,12 +172,6 @@ class VSphereExecutor:
                                   "being prepared; retrying")
             session = again
             stack.callback(session.close)
-            source = await stack.enter_async_context(open_nbd_source(
-                export.uri,
-                self.settings.copier.nbd_allow,
-                connections=export.connections(self.settings.copier.nbd_connections),
-                tls_context=nbd_tls_context(self.settings.copier),
-            ))
             if nbd_target is not None:
                 target: BlockTarget = nbd_target
                 identity = nbd_identity
@@ -187,10 +181,18 @@ class VSphereExecutor:
                 target = await stack.enter_async_context(opened)
                 identity = await asyncio.to_thread(loc.identity)
             assert identity is not None
+            # A version 1 tree is converted before the source is connected: reading the whole
+            # replica can take long, and a VDDK session is only opened by a connection.
             if session.legacy is not None and not await session.convert(target.read_into):
                 # the replica differs from its record: full, like after a verify mismatch
                 rtype, reason, extents, zero_rest = await self.changed_extents(
                     vm, plan, session.admission)
+            source = await stack.enter_async_context(open_nbd_source(
+                export.uri,
+                self.settings.copier.nbd_allow,
+                connections=export.connections(self.settings.copier.nbd_connections),
+                tls_context=nbd_tls_context(self.settings.copier),
+            ))
             await session.mark_dirty(rtype, identity)
             tree = await session.base_tree(rtype, capacity)
             result = await self._copy(plan, source, target, rtype, extents, zero_rest, tree,
