@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,14 +17,26 @@ from tests.deploy import podman
 HERE = Path(__file__).resolve().parent
 
 
+#: The packages the image installs (pyproject.toml's wheel packages).
+PACKAGES = ("cbtstream", "cbtctl", "schemas", "streams", "producers", "consumers")
+
+
+def source_hashes(root: Path) -> dict[str, str]:
+    """``package/.../module.py`` -> sha256 of every module of the packages under ``root``."""
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for pkg in PACKAGES for f in sorted((root / pkg).rglob("*.py"))}
+
+
 @dataclass(frozen=True)
 class Images:
-    """The production image and the stand-in image, with how long their builds took."""
+    """The production image and the stand-in image, with how long their builds took, and the
+    working tree's modules as they were when the build started."""
 
     image: str
     standin: str
     image_build_s: float
     standin_build_s: float
+    sources: dict[str, str]
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +49,7 @@ def images() -> Images:
         pytest.skip(reason)
     tags = (podman.IMAGE, podman.BUILD_IMAGE, podman.STANDIN_IMAGE)
     before = {tag: podman.image_id(tag) for tag in tags}
+    sources = source_hashes(podman.REPO)
     image_s = podman.build(podman.IMAGE, "--debian-base", "--host-trust",
                            log=podman.CACHE / "build-image.log")
     podman.build(podman.BUILD_IMAGE, "--debian-base", "--host-trust",  # cached: only a tag
@@ -47,7 +61,7 @@ def images() -> Images:
         podman.replaced(tag, before[tag])
     print(f"\nimages built: {podman.IMAGE} in {image_s:.0f}s, {podman.STANDIN_IMAGE} in "
           f"{standin_s:.0f}s (logs in {podman.CACHE})")
-    return Images(podman.IMAGE, podman.STANDIN_IMAGE, image_s, standin_s)
+    return Images(podman.IMAGE, podman.STANDIN_IMAGE, image_s, standin_s, sources)
 
 
 @pytest.fixture
