@@ -40,7 +40,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends nbdkit libnbd-bin tini \
  && rm -rf /var/lib/apt/lists/*
 
-# A dedicated system user; uid/gid 10001 so host folders bind-mounted as volumes can be given
+# A dedicated user, uid/gid 10001, so host folders bind-mounted as volumes can be given
 # to it (`chown -R 10001:10001 DIR`).
 RUN groupadd --gid 10001 cbtstream \
  && useradd --uid 10001 --gid cbtstream --home-dir /var/lib/cbtstream --no-create-home \
