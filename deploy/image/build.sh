@@ -5,8 +5,7 @@
 #                         [--host-trust] [--build-arg K=V]... [-- PODMAN-BUILD-ARGS...]
 #
 #   --tag TAG        the image's name (default cbtstream:latest)
-#   --file FILE      the Dockerfile (default: Dockerfile; deploy/image/Dockerfile.vddk adds the
-#                    vddk plugin to an image built before, named by --build-arg IMAGE=...)
+#   --file FILE      the Dockerfile (default: Dockerfile)
 #   --base IMAGE     the Dockerfile's BASE (default python:3.11-slim-bookworm)
 #   --debian-base    make the base from Debian packages instead, for sites without a registry:
 #                    mmdebstrap --variant=minbase bookworm with python3, python3-venv and

@@ -26,7 +26,6 @@ IMAGE = "localhost/cbtstream:test"
 #: The Dockerfile's build stage, tagged so that its layers (the dependencies) stay cached.
 BUILD_IMAGE = "localhost/cbtstream-build:test"
 STANDIN_IMAGE = "localhost/cbtstream-standin:test"
-VDDK_IMAGE = "localhost/cbtstream-vddk:test"
 #: Build logs and the base image's tarball.
 CACHE = REPO / ".stack" / "deploy"
 #: What podman needs on the project's machines, for builds and containers alike: runc (crun
