@@ -22,21 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from consumers.copy import digest as dg
 from consumers.copy import digest_v1 as v1
 from consumers.copy.leaves import FileLeaves
+from consumers.replica.scan import ReadInto, scan
 from consumers.replica.state import ReplicaState
 from consumers.replica.store import ReplicaStore
 from schemas.events import utcnow
 
 log = logging.getLogger("cbtstream.copier.replica")
-#: Bytes read per request (a multiple of the piece).
-CHUNK = 8 * dg.PIECE
-
-ReadInto = Callable[[int, memoryview], Awaitable[None]]
 
 
 def _hash_both(view: memoryview) -> tuple[bytes, bytes, bytes]:
@@ -48,11 +43,10 @@ def _hash_both(view: memoryview) -> tuple[bytes, bytes, bytes]:
 async def both_trees(read_into: ReadInto, capacity: int, leaves: FileLeaves
                      ) -> tuple[dg.HashTree, v1.V1Tree]:
     """Read ``capacity`` bytes once; the version 2 tree (its leaf entries written to
-    ``leaves``) and the version 1 tree. Hashing overlaps the reads."""
+    ``leaves``) and the version 1 tree. Hashing overlaps the reads
+    (:func:`consumers.replica.scan.scan`)."""
     tree = dg.HashTree(capacity, bytearray(dg.piece_count(capacity) * dg.HASH), leaves)
     old = v1.V1Tree(capacity, bytearray(dg.piece_count(capacity) * dg.HASH))
-    loop = asyncio.get_running_loop()
-    bufs = [memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK))]
 
     def put(offset: int, hashed: tuple[bytes, bytes, bytes]) -> None:
         entries, pieces, legacy = hashed
@@ -61,16 +55,7 @@ async def both_trees(read_into: ReadInto, capacity: int, leaves: FileLeaves
         tree.pieces[j : j + len(pieces)] = pieces
         old.pieces[j : j + len(legacy)] = legacy
 
-    with ThreadPoolExecutor(2, "cbt-convert") as pool:
-        pending: tuple[int, asyncio.Future[tuple[bytes, bytes, bytes]]] | None = None
-        for n, offset in enumerate(range(0, capacity, CHUNK)):
-            view = bufs[n % 2][: min(CHUNK, capacity - offset)]
-            await read_into(offset, view)
-            if pending is not None:
-                put(pending[0], await pending[1])
-            pending = offset, loop.run_in_executor(pool, _hash_both, view)
-        if pending is not None:
-            put(pending[0], await pending[1])
+    await scan(read_into, capacity, _hash_both, put, name="cbt-convert")
     return tree, old
 
 

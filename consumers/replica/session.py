@@ -25,9 +25,10 @@ from consumers.copy.digest import HashTree
 from consumers.copy.digest_v1 import V1Tree
 from consumers.copy.leaves import FileLeaves
 from consumers.executor import SyncResult
-from consumers.replica.convert import ReadInto, convert
+from consumers.replica.convert import convert
 from consumers.replica.guard import Action, Admission, ReplicaView, admit
 from consumers.replica.location import ReplicaLocation
+from consumers.replica.scan import ReadInto
 from consumers.replica.state import (
     HeldSync,
     ReplicaState,

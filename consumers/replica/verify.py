@@ -19,7 +19,6 @@ import asyncio
 import os
 import ssl
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +29,11 @@ from consumers.copy.sources import NbdSource
 from consumers.copy.throttle import Throttle
 from consumers.nbd.uri import parse_nbd_uri
 from consumers.replica.location import ReplicaLocation, TargetResolver
+from consumers.replica.scan import ReadInto, scan
 from consumers.replica.state import ReplicaState, ReplicaStatus, TargetKind, Unknown
 from consumers.replica.store import ReplicaBusy, ReplicaStore
 from schemas.disk import DiskRef
 from schemas.events import ReplicaMismatch, ReplicaVerified
-
-#: Bytes read per request while re-hashing (a multiple of the piece).
-CHUNK = 8 * PIECE
-
-ReadInto = Callable[[int, memoryview], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -91,8 +86,6 @@ async def tree_of(read_into: ReadInto, capacity: int,
     one the record's root is in), known by its pieces: leaf entries are folded as they are
     hashed and not kept, so memory is 32 bytes per MiB of disk. Hashing overlaps reads."""
     pieces = bytearray(piece_count(capacity) * HASH)
-    loop = asyncio.get_running_loop()
-    bufs = [memoryview(bytearray(CHUNK)), memoryview(bytearray(CHUNK))]
 
     def hash_chunk(view: memoryview) -> bytes:
         return v1.hash_pieces(view) if version == 1 else hash_pieces(view)[1]
@@ -101,18 +94,7 @@ async def tree_of(read_into: ReadInto, capacity: int,
         j = offset // PIECE * HASH
         pieces[j : j + len(entries)] = entries
 
-    with ThreadPoolExecutor(2, "cbt-verify") as pool:
-        pending: tuple[int, asyncio.Future[bytes]] | None = None
-        for n, offset in enumerate(range(0, capacity, CHUNK)):
-            view = bufs[n % 2][: min(CHUNK, capacity - offset)]
-            await read_into(offset, view)
-            if pending is not None:
-                put(pending[0], await pending[1])
-            pending = offset, loop.run_in_executor(pool, hash_chunk, view)
-            if progress is not None:
-                progress(len(view))
-        if pending is not None:
-            put(pending[0], await pending[1])
+    await scan(read_into, capacity, hash_chunk, put, progress=progress, name="cbt-verify")
     return V1Tree(capacity, pieces) if version == 1 else HashTree(capacity, pieces)
 
 
