@@ -89,9 +89,12 @@ async def _allow_big_records(settings: Settings) -> None:
     admin = AIOKafkaAdminClient(**client_kwargs(settings.kafka))
     await admin.start()
     try:
+        # alter_configs replaces a topic's whole configuration: keep the catalogue's (the
+        # worker refuses a topic whose retention or cleanup policy differs from it)
         await admin.alter_configs([
             ConfigResource(ConfigResourceType.TOPIC, topic_name(spec, settings.kafka),
-                           configs={"max.message.bytes": str(BIG if spec is not DEADLETTER
+                           configs={**spec.config,
+                                    "max.message.bytes": str(BIG if spec is not DEADLETTER
                                                              else 8 * 1024 * 1024)})
             for spec in ALL_TOPICS])
     finally:

@@ -106,12 +106,17 @@ class SystemdHost:
         dropins = tmp / "dropins"
         # distinct names: a drop-in of the same name in the more specific folder would hide
         # the prefix folder's
+        frozen = settings.stack.dir.resolve() / "vcsim" / "frozen"
+        # The stand-in reads the frozen images where the simulator keeps them, in this
+        # checkout's .stack: under /tmp or /home for some checkouts, which the copier's
+        # PrivateTmp=/ProtectHome= hide; bind that one folder back in (a real VDDK reads over
+        # the network and needs no such path).
+        standin = STANDIN_DROPIN + f"BindReadOnlyPaths={frozen}\n"
         for folder, name, text in (("cbtstream-.service.d", "zz-test-secrets.conf", TEST_DROPIN),
                                    ("cbtstream-copier@.service.d", "zz-test-standin.conf",
-                                    STANDIN_DROPIN)):
+                                    standin)):
             (dropins / folder).mkdir(parents=True)
             (dropins / folder / name).write_text(text)
-        frozen = settings.stack.dir.resolve() / "vcsim" / "frozen"
         mounts = [f"{self.etc}:/etc/cbtstream:ro", f"{frozen}:{frozen}:ro",
                   f"{podman.REPO / 'devstack/nbdkit-vddk'}:/opt/nbdkit-vddk:ro"]
         for unit in [*sorted(UNITS.glob("*.service")), UNITS / "cbtstream.target"]:
