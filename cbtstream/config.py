@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from pydantic_settings import (
 )
 
 from cbtstream.errors import ConfigError
+from schemas.events import DEFAULT_POOL, POOL_NAME
 
 #: ``hide_input_in_errors``: a validation error names the setting, never the value it was given
 #: (the value may be a secret: a misspelt ``sasl_pasword`` or a whole section's input).
@@ -219,6 +221,56 @@ class VddkSettings(BaseModel):
     start_timeout_s: float = Field(default=60.0, gt=0)
 
 
+# The pool every disk is in unless ``[pools]`` says otherwise (DEFAULT_POOL); its copiers keep
+# the consumer group of the copiers that predate pools (``<prefix>cbtstream-copier``).
+
+
+class PoolAssignment(BaseModel):
+    """One line of ``[[pools.assign]]``: the pool that holds a disk's replica (by disk key) or
+    the replicas of every disk of a VM (by instance uuid)."""
+
+    model_config = _Frozen
+
+    #: The disk key (``<vm instance uuid>/disk-<device key>``).
+    disk: str | None = None
+    #: A VM instance uuid: every disk of the VM no ``disk`` line names.
+    vm: str | None = None
+    #: The pool (``copier.pool`` of the copiers that serve it).
+    pool: str = Field(pattern=POOL_NAME)
+
+    @model_validator(mode="after")
+    def _one(self) -> PoolAssignment:
+        if (self.disk is None) == (self.vm is None):
+            raise ValueError("a pool assignment names exactly one of 'disk' or 'vm'")
+        return self
+
+
+class PoolsSettings(BaseModel):
+    """Which copier pool holds each disk's replica (read by the planner, which routes each plan
+    to its disk's pool). A disk keeps the pool of its first plan: a later change here is
+    reported (``cbtstream pools``, ``cbtstream_disks_pool_mismatch``), never followed silently;
+    ``cbtstream pools move`` moves a disk, at the cost of a full copy."""
+
+    model_config = _Frozen
+
+    #: The pool of disks no assignment names.
+    default: str = Field(default=DEFAULT_POOL, pattern=POOL_NAME)
+    #: ``[[pools.assign]]`` lines (JSON in ``CBTSTREAM_POOLS__ASSIGN``); a per-disk line wins
+    #: over a per-VM one.
+    assign: tuple[PoolAssignment, ...] = ()
+
+    def pool_for(self, disk_key: str) -> str:
+        """The configured pool of ``disk_key`` (pure)."""
+        vm = disk_key.split("/", 1)[0].lower()
+        by_vm = None
+        for a in self.assign:
+            if a.disk == disk_key:
+                return a.pool
+            if by_vm is None and a.vm is not None and a.vm.lower() == vm:
+                by_vm = a.pool
+        return by_vm if by_vm is not None else self.default
+
+
 class CopierSettings(BaseModel):
     """Where replicas may be written and which NBD sources may be read."""
 
@@ -295,6 +347,42 @@ class CopierSettings(BaseModel):
     metrics_port: int = Field(default=9466, ge=0, le=65535)
     #: Address the copier's ``/metrics`` endpoint binds.
     metrics_host: str = "127.0.0.1"
+    #: The pool this copier serves: it runs only the plans of disks in this pool
+    #: (``[pools]``), in the consumer group of the pool (every member of a pool shares it).
+    pool: str = Field(default=DEFAULT_POOL, pattern=POOL_NAME)
+    #: This copier's host name as written in the replica records it writes (default: the
+    #: machine's host name). Two copiers on one machine that stand for two hosts need their own.
+    host: str = Field(default="", max_length=253)
+    #: What the pool's replica storage is. ``host-local``: only this host sees it (a local file
+    #: system, local disks); a replica record written by another host is refused (``replica_
+    #: on_other_host``, naming both hosts), never silently recopied, so such a pool has one
+    #: member per storage. ``shared``: every member sees the same replicas and records (an NFS
+    #: export as ``target_root`` and ``records_dir``, NBD targets, SAN volumes), so any member
+    #: may run any disk and a host change costs no copy.
+    storage: Literal["host-local", "shared"] = "host-local"
+    #: Where the records (and resume checkpoints) of block-device and NBD replicas are kept
+    #: (file replicas keep theirs beside the file). Default ``<state_dir>/targets``: host-local;
+    #: a ``shared`` pool with such targets needs it on storage every member sees.
+    records_dir: Path | None = None
+    #: Copies this copier runs at once from the VMs of one ESXi host (0: no limit). Each copy
+    #: holds ``nbd_connections`` NFC connections on that host; VMware's VDDK guide gives an
+    #: ESXi host 48 MB of NFC buffers (48 concurrent 1 MB streams, vSphere 6.x-8) and vCenter
+    #: 52 connections, so 8 copies x 2 connections leaves most of it to other tools.
+    #: Fleet-wide the figure is this times the copiers of the pool.
+    max_copies_per_esxi_host: int = Field(default=8, ge=0)
+    #: Copies this copier runs at once from the disks of one datastore (0: no limit), so one
+    #: datastore's VMs do not all pay for a seeding at once.
+    max_copies_per_datastore: int = Field(default=8, ge=0)
+
+    @property
+    def host_name(self) -> str:
+        """``host``, or the machine's host name."""
+        return self.host or socket.gethostname()
+
+    @property
+    def record_dir(self) -> Path:
+        """Where block-device and NBD replica records live (``records_dir`` or the default)."""
+        return self.records_dir if self.records_dir is not None else self.state_dir / "targets"
 
 
 class StreamsSettings(BaseModel):
@@ -439,6 +527,7 @@ class Settings(BaseSettings):
     postgres: PostgresSettings = PostgresSettings()
     vsphere: VSphereSettings = VSphereSettings()
     copier: CopierSettings = CopierSettings()
+    pools: PoolsSettings = PoolsSettings()
     streams: StreamsSettings = StreamsSettings()
     api: ApiSettings = ApiSettings()
     stack: StackSettings = StackSettings()

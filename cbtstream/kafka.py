@@ -32,6 +32,7 @@ from cbtstream.config import KafkaSettings
 from cbtstream.errors import CbtStreamError, TransientError
 from cbtstream.topic_check import TopicLayout, TopicReport, catalogue_layout, layout_report
 from schemas.codec import MAX_REQUEST_BYTES, Headers, encode
+from schemas.events import DEFAULT_POOL
 from schemas.topics import TopicSpec, topic_for
 
 #: Kafka's TOPIC_ALREADY_EXISTS error code (in a CreateTopics response).
@@ -107,6 +108,12 @@ def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:
             settings.sasl_password.get_secret_value() if settings.sasl_password else None
         )
     return kwargs
+
+
+def copier_group_id(prefix: str, pool: str) -> str:
+    """The consumer group of a copier pool's members. The default pool keeps the group of the
+    copiers that predate pools, so an upgrade resumes from its committed offsets."""
+    return f"{prefix}cbtstream-copier" + ("" if pool == DEFAULT_POOL else f".{pool}")
 
 
 def topic_name(spec: TopicSpec, settings: KafkaSettings) -> str:

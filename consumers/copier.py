@@ -72,7 +72,7 @@ from pydantic import BaseModel
 
 from cbtstream.config import Settings
 from cbtstream.errors import CbtStreamError, PermissionDenied
-from cbtstream.kafka import client_kwargs, topic_name
+from cbtstream.kafka import client_kwargs, copier_group_id, topic_name
 from cbtstream.log import bind_disk
 from consumers.executor import ProgressUpdate, SyncExecutor, SyncResult
 from consumers.ledger import SyncLedger
@@ -205,7 +205,14 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class Copier:
-    """Consumer group ``<prefix>cbtstream-copier`` on ``cbt.sync.planned``."""
+    """Consumer group of its pool (:func:`cbtstream.kafka.copier_group_id`) on ``cbt.sync.planned``.
+
+    **Pools.** Every pool's copiers read the one plans topic in a consumer group of their own
+    and run only the plans of their pool (``SyncPlanned.pool``, decided by the planner); the
+    others pass at once. Each group has its own assignment and committed offsets, so a
+    rebalance in one pool never hands a plan to another pool's copier, and plans stay in one
+    topic for auditors and console tools (reading every plan costs each pool a few hundred
+    bytes per disk and cycle: 15,000 disks every 15 minutes is about 17 records a second)."""
 
     def __init__(
         self,
@@ -223,7 +230,8 @@ class Copier:
         self.publisher = publisher
         self._sleep = sleep
         k = settings.kafka
-        self.group_id = f"{k.topic_prefix}cbtstream-copier"
+        self.pool = settings.copier.pool
+        self.group_id = copier_group_id(k.topic_prefix, self.pool)
         self.consumer: PlanConsumer = consumer if consumer is not None else AIOKafkaConsumer(
             **client_kwargs(k),
             group_id=self.group_id,
@@ -284,8 +292,10 @@ class Copier:
             self.schedule.add(tp, rec.offset, f"dead-letter:{tp.topic}/{tp.partition}@{rec.offset}",
                               _BadRecord(rec, str(exc)))
             return
-        if isinstance(event, SyncPlanned):
+        if isinstance(event, SyncPlanned) and event.pool == self.pool:
             self.schedule.add(tp, rec.offset, event.disk.key, event)
+        elif isinstance(event, SyncPlanned):
+            self.schedule.passed(tp, rec.offset)  # another pool's: its own group runs it
         else:
             self.schedule.passed(tp, rec.offset)  # superseded snapshots: the lifecycle's business
 

@@ -40,6 +40,14 @@ def parse_disk_key(key: str) -> tuple[str, int]:
     return m["vm"], int(m["key"])
 
 
+def datastore_of(backing_file: str) -> str | None:
+    """The datastore of a backing file named ``[datastore1] vm/vm.vmdk``; None otherwise."""
+    if backing_file.startswith("[") and "]" in backing_file:
+        name = backing_file[1 : backing_file.index("]")].strip()
+        return name or None
+    return None
+
+
 class DiskRef(BaseModel):
     """Everything that identifies one virtual disk at one point in time."""
 

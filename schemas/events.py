@@ -50,6 +50,12 @@ class ReplicationType(StrEnum):
     INCREMENTAL = "incremental"
 
 
+#: A copier pool's name: it appears in consumer group names and metric labels.
+POOL_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+#: The pool of plans made before pools existed, and of disks no configuration assigns.
+DEFAULT_POOL = "default"
+
+
 class FullReason(StrEnum):
     """Why a sync is what it is. Incremental syncs carry ``previous_commit``."""
 
@@ -75,6 +81,9 @@ class FullReason(StrEnum):
     # An operator fence (``cbtstream fence``, ``ChangeIdFence``) says the committed change ID
     # cannot be trusted (e.g. a CBT bug such as VMware KB 317933 before a patch).
     FENCED = "fenced"
+    # An operator moved the disk to another copier pool (``cbtstream pools move``): the new
+    # pool holds no replica of it yet.
+    POOL_MOVED = "pool_moved"
 
 
 def _check_change_id(value: str | None) -> str | None:
@@ -152,6 +161,16 @@ class SyncPlanned(_Event):
     snapshot_taken_at: AwareDatetime | None = Field(
         default=None, description="taken_at of the snapshot this plan copies."
     )
+    pool: str = Field(
+        default=DEFAULT_POOL, pattern=POOL_NAME,
+        description="The copier pool that holds the disk's replica: only its copiers run the "
+        "plan ('default' in plans made before pools existed).",
+    )
+    esxi_host: str | None = Field(
+        default=None, max_length=MAX_TEXT,
+        description="The ESXi host the VM ran on at the snapshot (SnapshotTaken.esxi_host): "
+        "copiers limit their concurrent copies per host; null when unknown.",
+    )
 
     _v_prev = field_validator("previous_change_id")(_check_change_id)
     _v_base = field_validator("base_change_id")(_check_change_id)
@@ -186,6 +205,11 @@ class SyncProgress(_Event):
     queue_position: int | None = Field(
         default=None, ge=1, le=1 << 31,
         description="With state 'queued': the plan's place in its copier's queue (1: next).",
+    )
+    wait_reason: str | None = Field(
+        default=None, max_length=MAX_TEXT,
+        description="With state 'queued': what the plan waits for (a copy slot, the disk's "
+        "previous plan, its ESXi host's or datastore's limit).",
     )
 
     @model_validator(mode="after")
@@ -263,6 +287,9 @@ class FailureReason(StrEnum):
     STALE_PLAN = "stale_plan"
     #: The planner ended a running sync that showed no outcome and no progress.
     SYNC_TIMED_OUT = "sync_timed_out"
+    #: A copier of a host-local pool found the replica's record written by another host
+    #: (``consumers/replica/guard.py``): the disk's replica is not on this host.
+    REPLICA_ON_OTHER_HOST = "replica_on_other_host"
 
 
 def lineage_refusal_id(commit_event_id: uuid.UUID) -> uuid.UUID:

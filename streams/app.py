@@ -496,8 +496,8 @@ class PlannerApp:
                              "snapshot", at)
             return
         await self._step(key, before, planner.snapshot_step(
-            before, ev, datetime.now(UTC), self.fences.active(), row.processed(at)),
-            "snapshot", at)
+            before, ev, datetime.now(UTC), self.fences.active(), row.processed(at),
+            self.settings.pools.pool_for(ev.disk.key)), "snapshot", at)
 
     async def on_commit(self, key: bytes, ev: ChangeIdCommitted, at: Position) -> None:
         before = self.row(key)

@@ -42,6 +42,7 @@ from datetime import datetime, timedelta
 from schemas.changeid import ChangeId
 from schemas.disk import DiskRef
 from schemas.events import (
+    DEFAULT_POOL,
     ChangeIdCommitted,
     ChangeIdFence,
     FailureReason,
@@ -178,6 +179,8 @@ def plan_of(state: DiskState) -> SyncPlanned:
         change_id=r.change_id,
         generation=r.generation,
         snapshot_taken_at=r.taken_at,
+        pool=r.pool,
+        esxi_host=r.esxi_host,
     )
 
 
@@ -199,6 +202,11 @@ def start_sync(state: DiskState, snap: SnapshotTaken, now: datetime,
     if d.replication_type == ReplicationType.INCREMENTAL and not trusted(
             fences, state.commit_taken_at or state.committed_at, snap)[0]:
         d = Decision(ReplicationType.FULL, FullReason.FENCED, None)
+    pool = state.pool or DEFAULT_POOL
+    if (d.replication_type == ReplicationType.INCREMENTAL and state.commit_pool is not None
+            and state.commit_pool != pool):
+        # The operator moved the disk (``move_step``): the new pool holds no replica of it.
+        d = Decision(ReplicationType.FULL, FullReason.POOL_MOVED, None)
     generation = next_generation(state.plan_generation, snap)
     running = RunningSync(
         sync_id=stable_event_id("sync", snap.event_id),
@@ -214,9 +222,11 @@ def start_sync(state: DiskState, snap: SnapshotTaken, now: datetime,
         snapshot_device_keys=snap.snapshot_device_keys,
         generation=generation,
         reason=d.reason,
+        pool=pool,
+        esxi_host=snap.esxi_host,
     )
     update = {"running": running, "waiting": None, "plan_generation": generation,
-              "reissued": 0, "reissued_at": None}
+              "reissued": 0, "reissued_at": None, "pool": pool}
     state = state.model_copy(update=update)
     plan = plan_of(state)
     assert plan.base_change_id == d.base_change_id
@@ -230,17 +240,22 @@ def _running_plan(state: DiskState | None) -> list[Output]:
 
 
 def snapshot_step(state: DiskState | None, snap: SnapshotTaken, now: datetime,
-                  fences: Sequence[ChangeIdFence] = (), redelivered: bool = False) -> Step:
+                  fences: Sequence[ChangeIdFence] = (), redelivered: bool = False,
+                  pool: str = DEFAULT_POOL) -> Step:
     """A disk was snapshotted: plan it now, or let it wait for the running sync.
 
     ``redelivered``: the record's offset is one the row has processed (``DiskState.processed``),
     so a snapshot the bounded history forgot is still a redelivery, unless it is newer than
-    every snapshot the row has seen (then the topic's offsets started again: it is new)."""
+    every snapshot the row has seen (then the topic's offsets started again: it is new).
+    ``pool``: the disk's configured pool (``PoolsSettings.pool_for``), taken by a row that has
+    none yet; a row keeps its pool afterwards (only :func:`move_step` changes it)."""
     if state is not None and (snap.event_id in state.seen_snapshots
                               or _synced(state, stable_event_id("sync", snap.event_id))
                               or (redelivered and not _newest(state, snap))):
         return _snapshot_again(state, snap)
     state = (state or new_state(snap.disk)).with_snapshot(snap)
+    if state.pool is None:
+        state = state.model_copy(update={"pool": pool})
     if state.commit_taken_at is not None and snap.taken_at <= state.commit_taken_at:
         # Older than what the replica already holds: copying it would roll the replica back.
         return _supersede(state, _ended_superseded(snap, snap.event_id, now))
@@ -362,6 +377,7 @@ def commit_step(state: DiskState | None, ev: ChangeIdCommitted, now: datetime,
             "commits": state.commits + 1,
             "running": None,
             "last_failure": None,
+            "commit_pool": running.pool,
         }
     )
     return _finish(applied, now, [], _ended_sync(running, "committed", now), fences=fences)
@@ -429,6 +445,15 @@ def timeout_step(state: DiskState | None, sync_id: uuid.UUID, now: datetime,
                                         "last_failure": FailureReason.SYNC_TIMED_OUT})
     ended = _ended_sync(running, "failed", now, failed)
     return _finish(released, now, [failed], ended, "timed_out", fences)
+
+
+def move_step(state: DiskState | None, pool: str) -> Step:
+    """The operator moves the disk to copier pool ``pool`` (``cbtstream pools move``): its next
+    plan goes to that pool, in full (``pool_moved``) since that pool holds no replica of it. A
+    sync running now finishes in the old pool. Moving to the pool it is in changes nothing."""
+    if state is None or state.pool == pool:
+        return Step(state, [], (), "idle")
+    return Step(state.model_copy(update={"pool": pool}), [], (), "pool_moved")
 
 
 def on_snapshot(

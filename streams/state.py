@@ -13,7 +13,13 @@ from typing import Literal, NamedTuple
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.disk import DiskRef
-from schemas.events import FullReason, ReplicationType, SnapshotTaken, SyncFailed
+from schemas.events import (
+    DEFAULT_POOL,
+    FullReason,
+    ReplicationType,
+    SnapshotTaken,
+    SyncFailed,
+)
 
 #: How many recent snapshot event ids are remembered per disk, to republish what a redelivered
 #: snapshot published (recognising a redelivery does not depend on it: ``DiskState.read``); 64
@@ -66,6 +72,10 @@ class RunningSync(BaseModel):
     #: The plan's ``reason`` (None in rows written before it was kept: then re-derived by
     #: ``streams.planner.decide``), so the plan can be rebuilt identically from the row.
     reason: FullReason | None = None
+    #: The copier pool the plan went to (``SyncPlanned.pool``).
+    pool: str = DEFAULT_POOL
+    #: The ESXi host of the snapshot (``SyncPlanned.esxi_host``).
+    esxi_host: str | None = None
 
 
 class Ended(BaseModel):
@@ -140,6 +150,12 @@ class DiskState(BaseModel):
     #: When it was last re-issued (a time-out counts silence from the later of this and
     #: ``RunningSync.planned_at``).
     reissued_at: AwareDatetime | None = None
+    #: The copier pool that holds (or will hold) the disk's replica: the configured pool
+    #: (``[pools]``) when the row was first planned, then only ``cbtstream pools move``
+    #: changes it. None in rows written before pools existed (they take the configured pool).
+    pool: str | None = None
+    #: The pool of the latest commit: a plan for another pool is a full copy (``pool_moved``).
+    commit_pool: str | None = None
 
     def with_seen(self, event_id: uuid.UUID) -> DiskState:
         seen = (*self.seen_snapshots, event_id)[-SEEN_SNAPSHOTS:]

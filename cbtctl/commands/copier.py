@@ -14,9 +14,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "copier",
         help="run the copier: execute planned syncs and commit change IDs",
-        description="Consumes cbt.sync.planned in the consumer group '<prefix>cbtstream-copier', "
-        "copies each disk's changed blocks to its replica under copier.target_root, flushes it, "
-        "then publishes cbt.changeid.committed (or cbt.sync.failed) and commits the offset.",
+        description="Consumes cbt.sync.planned in the consumer group of its pool "
+        "('<prefix>cbtstream-copier' for the pool 'default', '<prefix>cbtstream-copier.<pool>' "
+        "for copier.pool), runs the plans of disks in that pool: copies each disk's changed "
+        "blocks to its replica under copier.target_root, flushes it, then publishes "
+        "cbt.changeid.committed (or cbt.sync.failed) and commits the offset.",
     )
     p.add_argument(
         "--local-images",

@@ -22,11 +22,13 @@ from cbtstream.kafka import (
     KafkaUnavailable,
     client_kwargs,
     committed_offsets,
+    copier_group_id,
     offset_clients,
     topic_name,
     topic_partitions,
 )
 from schemas.codec import EventDecodeError, decode
+from schemas.events import DEFAULT_POOL
 from schemas.topics import (
     ALL_TOPICS,
     CHANGEID_COMMITTED,
@@ -243,12 +245,17 @@ class StageLag:
 
 
 def pipeline_stages(settings: Settings) -> tuple[Stage, ...]:
-    """The consumer groups of the pipeline. The planner's group is the Faust app id."""
+    """The consumer groups of the pipeline. The planner's group is the Faust app id; each
+    copier pool the configuration names has its own group (``copier`` for the default pool,
+    ``copier:<pool>`` for the others)."""
     prefix = settings.kafka.topic_prefix
+    pools = sorted({DEFAULT_POOL, settings.pools.default, settings.copier.pool,
+                    *(a.pool for a in settings.pools.assign)}, key=lambda p: (p != DEFAULT_POOL, p))
     return (
         Stage("planner", f"{prefix}{settings.streams.app_id}",
               (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)),
-        Stage("copier", f"{prefix}cbtstream-copier", (SYNC_PLANNED,)),
+        *(Stage("copier" if pool == DEFAULT_POOL else f"copier:{pool}",
+                copier_group_id(prefix, pool), (SYNC_PLANNED,)) for pool in pools),
         Stage("audit", f"{prefix}cbtstream-audit", ALL_TOPICS),
     )
 
