@@ -26,6 +26,7 @@ COMMANDS: tuple[str, ...] = (
     "cbtctl.commands.replay",
     "cbtctl.commands.status",
     "cbtctl.commands.fence",
+    "cbtctl.commands.pools",
     "cbtctl.commands.table",
     "cbtctl.commands.audit",
     "cbtctl.commands.db",

@@ -320,6 +320,28 @@ async def committed_offsets(admin: AIOKafkaAdminClient, group: str,
     return {tp: m.offset for tp, m in committed.items() if m is not None and m.offset >= 0}
 
 
+async def group_members(settings: KafkaSettings, groups: list[str]) -> dict[str, list[str]]:
+    """The members of each of ``groups``, as ``client_id@host`` (an empty list: no live member,
+    or the group does not exist). Raises ``KafkaUnavailable`` when the broker does not answer."""
+    found: dict[str, list[str]] = {g: [] for g in groups}
+    if not groups:
+        return found
+    admin = AIOKafkaAdminClient(**client_kwargs(settings))
+    try:
+        await admin.start()
+        for response in await admin.describe_consumer_groups(groups):
+            for g in response.to_object()["groups"]:
+                if g.get("error_code") == 0 and g.get("group") in found:
+                    found[g["group"]] = sorted(
+                        f"{m.get('client_id', '')}@{str(m.get('client_host', '')).lstrip('/')}"
+                        for m in g.get("members", ()))
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"describing consumer groups failed: {exc}") from exc
+    finally:
+        await admin.close()
+    return found
+
+
 async def group_progress(
     settings: KafkaSettings, group: str, topic: str
 ) -> tuple[dict[int, int], dict[int, int]]:

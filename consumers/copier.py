@@ -20,6 +20,12 @@ starts only once the previous one's outcome is acknowledged (a disk never has tw
 once). A copy slot frees as soon as step 1 ends, so steps 2-3 of one plan overlap the copy of
 the next. When a slot frees, the oldest waiting plan whose disk is free starts.
 
+Source limits: a copy is a VDDK/NFC session on the ESXi host that runs the VM, reading one
+datastore, so at most ``copier.max_copies_per_esxi_host`` copies of one host's VMs and
+``copier.max_copies_per_datastore`` of one datastore's disks run at once
+(``consumers.queued.sources``). A plan held back by its host leaves the free slot to the plans
+of other hosts, and its queued reports say which limit holds it.
+
 Commits are gap-aware: a partition's offset is committed only below its lowest record not
 finished (a long seeding copy holds the commits of its partition back, not the copies of the
 disks behind it), every ``COMMIT_EVERY`` records or when nothing of the partition waits. So an
@@ -43,8 +49,9 @@ partition's commits back, and runs again after a delay from the record the copie
 crash meanwhile re-reads it from Kafka).
 
 Waiting is not silence (``consumers/queued.py``): every plan held but not started is reported
-as ``SyncProgress(state="queued", queue_position=n)`` every ``queued.report_interval`` seconds,
-so the planner's silent-sync time-out measures the silence of the copier holding it.
+as ``SyncProgress(state="queued", queue_position=n, wait_reason=...)`` every
+``queued.report_interval`` seconds, so the planner's silent-sync time-out measures the silence
+of the copier holding it.
 
 Bounded memory: a partition with ``copier.max_waiting_per_partition`` plans waiting is paused
 (its records stay in Kafka) and resumed at half of it; the consumer keeps polling while copies
@@ -76,7 +83,7 @@ from cbtstream.kafka import client_kwargs, copier_group_id, topic_name
 from cbtstream.log import bind_disk
 from consumers.executor import ProgressUpdate, SyncExecutor, SyncResult
 from consumers.ledger import SyncLedger
-from consumers.queued import queued_reports, report_interval
+from consumers.queued import queued_reports, report_interval, source_limits, sources
 from consumers.replica.session import OutcomeAlreadyPublished
 from consumers.schedule import Schedule, Stage, Work
 from schemas.codec import EventDecodeError, Headers, dead_letter_record, decode
@@ -241,7 +248,8 @@ class Copier:
         )
         c = settings.copier
         self.schedule: Schedule[TopicPartition, _Item] = Schedule(
-            c.max_parallel_disks, c.max_waiting_per_partition, COMMIT_EVERY)
+            c.max_parallel_disks, c.max_waiting_per_partition, COMMIT_EVERY,
+            limits=source_limits(c))
         self._tasks: dict[_Work, asyncio.Task[None]] = {}
         self._commit_wanted = asyncio.Event()
         self._commit_lock = asyncio.Lock()
@@ -293,7 +301,7 @@ class Copier:
                               _BadRecord(rec, str(exc)))
             return
         if isinstance(event, SyncPlanned) and event.pool == self.pool:
-            self.schedule.add(tp, rec.offset, event.disk.key, event)
+            self.schedule.add(tp, rec.offset, event.disk.key, event, sources(event))
         elif isinstance(event, SyncPlanned):
             self.schedule.passed(tp, rec.offset)  # another pool's: its own group runs it
         else:
@@ -395,7 +403,8 @@ class Copier:
     async def _publish_queued(self) -> None:
         """One ``SyncProgress(state="queued")`` per plan held and not started."""
         reports = queued_reports(
-            (w.item for w in self.schedule.waiting() if isinstance(w.item, SyncPlanned)),
+            ((w.item, self.schedule.waits_for(w)) for w in self.schedule.waiting()
+             if isinstance(w.item, SyncPlanned)),
             (w.item for w in self.schedule.active() if isinstance(w.item, SyncPlanned)))
         self._reported_queued = {r.sync_id for r in reports}
         results = await asyncio.gather(*(self.publisher.publish(r) for r in reports),

@@ -89,6 +89,7 @@ from streams.fences import FenceBook
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import PlannerMetrics, register_metrics
 from streams.orphans import OrphanReconciler, register_orphans
+from streams.pools import PoolMove, PoolView, as_move, register_pool_survey
 from streams.recovery import (
     TableManager,
     install_commit_guard,
@@ -163,9 +164,11 @@ def build(settings: Settings, remover: SnapshotRemover | None = None,
     register_orphans(app, settings, pa.rows, pa.snapshots_processed, pa.send, orphans,
                      metrics.observe_reconcile)
     register_watchdog(app, set(pa.sources), metrics.observe_watchdog)
+    register_pool_survey(app, settings, table, pa.pools, metrics.observe_pools)
     if s.sync_timeout_s > 0:
         register_sync_checks(app, table, pa.checks_topic, pa.progress,
-                             timeout_s=s.sync_timeout_s, interval_s=s.sync_check_interval_s)
+                             timeout_s=s.sync_timeout_s, interval_s=s.sync_check_interval_s,
+                             unserved=pa.pools.unserved)
     return pa
 
 
@@ -298,6 +301,9 @@ class PlannerApp:
         #: Time of the latest SyncProgress seen per running sync (memory only: a new owner of
         #: the partition starts counting silence from its own first check).
         self.progress: dict[uuid.UUID, datetime] = {}
+        #: Live copiers per pool and the syncs waiting for a pool without one
+        #: (``streams.pools``; refreshed by its timer).
+        self.pools = PoolView()
 
     def kafka_topics(self) -> dict[str, tuple[int, dict[str, str]]]:
         """Every topic the worker consumes or writes, with its partitions and config: our
@@ -495,9 +501,14 @@ class PlannerApp:
             await self._step(key, before, external.skip_snapshot(row, ev, datetime.now(UTC)),
                              "snapshot", at)
             return
+        configured = self.settings.pools.pool_for(ev.disk.key)
+        if row.pool is not None and row.pool != configured:
+            log.warning("disk stays in its pool; [pools] names another (cbtstream pools move "
+                        "moves it, at the cost of a full copy)", extra={
+                            "disk_key": ev.disk.key, "pool": row.pool, "configured": configured})
         await self._step(key, before, planner.snapshot_step(
             before, ev, datetime.now(UTC), self.fences.active(), row.processed(at),
-            self.settings.pools.pool_for(ev.disk.key)), "snapshot", at)
+            configured), "snapshot", at)
 
     async def on_commit(self, key: bytes, ev: ChangeIdCommitted, at: Position) -> None:
         before = self.row(key)
@@ -573,6 +584,11 @@ class PlannerApp:
         timeout = timedelta(seconds=self.settings.streams.sync_timeout_s)
         async for event in stream.events():
             msg = event.message
+            move = as_move(msg.value)
+            if move is not None:
+                await self._move(move)
+                self._mark(msg.topic, msg.partition, msg.offset)
+                continue
             check = SyncCheck.model_validate_json(msg.value)
             key = check.disk_key.encode()
             seen = self.progress.get(check.sync_id)
@@ -587,6 +603,18 @@ class PlannerApp:
                         "checked_at": check.at.isoformat()})
                 await self._step(key, before, step, "check")
             self._mark(msg.topic, msg.partition, msg.offset)
+
+    async def _move(self, move: PoolMove) -> None:
+        """An operator's pool move (``cbtstream pools move``), in the disk's partition."""
+        key = move.disk_key.encode()
+        before = self.row(key)
+        with bind_disk(move.disk_key):
+            step = planner.move_step(before, move.pool)
+            log.warning("disk moved to another pool: its next sync is a full copy there"
+                        if step.kind == "pool_moved" else "pool move changes nothing", extra={
+                            "from": before.pool if before else None, "to": move.pool,
+                            "requested_by": move.requested_by, "known": before is not None})
+            await self._step(key, before, step, "pool_move")
 
     # -- snapshot lifecycle ---------------------------------------------------------------------
     async def lifecycle_agent(self, stream: faust.StreamT[bytes]) -> None:

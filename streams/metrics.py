@@ -48,6 +48,7 @@ from prometheus_client import Counter, Gauge
 
 from cbtstream.metrics import CONTENT_TYPE, Metrics
 from schemas.events import SyncFailed, SyncPlanned
+from streams.pools import PoolView
 from streams.state import DiskState
 
 log = logging.getLogger("cbtstream.streams.metrics")
@@ -115,6 +116,15 @@ class PlannerMetrics:
         self.reconciles = Counter("cbtstream_orphan_reconciles", "Orphan reconciles by result: "
                                   "done, failed, skipped (the worker does not hold the whole "
                                   "table).", ["result"], registry=r)
+        self.pool_copiers = Gauge("cbtstream_pool_copiers", "Live copiers (consumer group "
+                                  "members) of each pool the worker's running syncs or [pools] "
+                                  "name.", ["pool"], registry=r)
+        self.waiting_for_pool = Gauge("cbtstream_syncs_waiting_for_pool", "Running syncs of "
+                                      "this worker's disks whose pool has no live copier (they "
+                                      "wait; no time-out applies).", ["pool"], registry=r)
+        self.pool_mismatch = Gauge("cbtstream_disks_pool_mismatch", "Disks whose pool differs "
+                                   "from the one [pools] gives them (they stay where their "
+                                   "replica is: cbtstream pools move).", registry=r)
         for state in DISK_STATES:
             self.disks.labels(state)
         for result in RECONCILE_RESULTS:
@@ -150,6 +160,16 @@ class PlannerMetrics:
         self.reconciles.labels(result).inc()
         if orphans is not None:
             self.orphans.set(orphans)
+
+    def observe_pools(self, view: PoolView) -> None:
+        """The latest pool survey (``streams.pools``)."""
+        self.pool_copiers.clear()
+        for pool, n in view.live.items():
+            self.pool_copiers.labels(pool).set(n)
+        self.waiting_for_pool.clear()
+        for pool in view.live:
+            self.waiting_for_pool.labels(pool).set(view.waiting.get(pool, 0))
+        self.pool_mismatch.set(view.mismatched)
 
     def observe_rows(self, rows: Iterable[DiskState], now: datetime) -> None:
         """Replace the table's series with those of ``rows`` (see the module docstring)."""

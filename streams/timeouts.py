@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import faust
 from pydantic import AwareDatetime, BaseModel, ConfigDict
+
+from streams.pools import running_pool
 
 log = logging.getLogger("cbtstream.streams.timeouts")
 
@@ -65,10 +68,11 @@ def silent(raw: object, now: datetime, timeout: timedelta,
 
 def register_sync_checks(app: faust.App, table: Any, topic: faust.TopicT,
                          progress: dict[uuid.UUID, datetime], *, timeout_s: float,
-                         interval_s: float) -> None:
+                         interval_s: float, unserved: Callable[[], set[str]]) -> None:
     """Start the timer in ``app`` that sends a :class:`SyncCheck` to ``topic`` for every silent
     running sync of ``table`` (the ``disks`` table; ``progress`` is the worker's memory of
-    the latest ``SyncProgress`` per sync)."""
+    the latest ``SyncProgress`` per sync), except those of the pools ``unserved`` names (no
+    live copier: they wait for their pool, ``streams.pools``)."""
     timeout = timedelta(seconds=timeout_s)
 
     @app.timer(interval=interval_s, name="cbtstream-sync-checks")  # type: ignore[untyped-decorator]
@@ -77,7 +81,10 @@ def register_sync_checks(app: faust.App, table: Any, topic: faust.TopicT,
             return
         now = datetime.now(UTC)
         sent = 0
+        waiting_pools = unserved()
         for raw in list(table.values()):
+            if waiting_pools and running_pool(raw) in waiting_pools:
+                continue
             check = silent(raw, now, timeout, progress)
             if check is None:
                 continue

@@ -139,6 +139,8 @@ def _running_from_plan(plan: SyncPlanned, snap: SnapshotTaken | None, t: datetim
         vm_snapshot=plan.vm_snapshot, previous_change_id=plan.previous_change_id,
         change_id=plan.change_id, replication_type=plan.replication_type, disk=plan.disk,
         taken_at=snap.taken_at if snap is not None else plan.occurred_at, planned_at=t,
+        generation=plan.generation, reason=plan.reason, pool=plan.pool,
+        esxi_host=plan.esxi_host,
     )
 
 
@@ -271,6 +273,7 @@ class _DiskReplay:
             # The replayed planner made this plan itself: it must be the same decision.
             self.compare(rec, plan, mine.previous_change_id, mine.replication_type,
                          mine.reason, mine.base_change_id)
+            self.follow_pool(plan)
             return
         state = self.state
         current = state.change_id if state is not None else None
@@ -286,7 +289,22 @@ class _DiskReplay:
         if waiting is not None and waiting.event_id == plan.snapshot_event_id:
             waiting = None
         self.out.state = row.with_seen(plan.snapshot_event_id).model_copy(update={
-            "running": _running_from_plan(plan, snap, rec.time), "waiting": waiting})
+            "running": _running_from_plan(plan, snap, rec.time), "waiting": waiting,
+            "pool": plan.pool})
+
+    def follow_pool(self, plan: SyncPlanned) -> None:
+        """The disk lives in the pool of its latest logged plan: the replayed rules do not know
+        ``[pools]`` or the operator's moves, the log does (``cbtstream table rebuild`` must give
+        each disk back its pool, or its next plan would go to a pool holding no replica)."""
+        state = self.state
+        if state is None:
+            return
+        running = state.running
+        update: dict[str, object] = {"pool": plan.pool}
+        if running is not None and running.sync_id == plan.sync_id:
+            update["running"] = running.model_copy(update={"pool": plan.pool,
+                                                           "esxi_host": plan.esxi_host})
+        self.out.state = state.model_copy(update=update)
 
     def compare(self, rec: LogRecord, plan: SyncPlanned, previous: str | None,
                 rtype: ReplicationType, reason: FullReason, base: str | None) -> None:
@@ -295,7 +313,13 @@ class _DiskReplay:
             self.note(Severity.BREAK, "plan_lineage",
                       f"plan {plan.sync_id} starts from {plan.previous_change_id!r} but the "
                       f"disk's latest applied change ID is {previous!r}", rec.coord, time=rec.time)
-        if plan.reason == FullReason.FENCED and plan.replication_type == ReplicationType.FULL \
+        if plan.reason == FullReason.POOL_MOVED and plan.replication_type == ReplicationType.FULL \
+                and plan.base_change_id is None:
+            # An operator moved the disk to another copier pool (cbtstream pools move).
+            self.note(Severity.INFO, "pool_moved",
+                      f"plan {plan.sync_id} is full because the disk moved to pool "
+                      f"{plan.pool!r}", rec.coord, time=rec.time)
+        elif plan.reason == FullReason.FENCED and plan.replication_type == ReplicationType.FULL \
                 and plan.base_change_id is None:
             # An operator fence (cbt.changeid.fences) made it full; a full copy is always safe.
             self.note(Severity.INFO, "fenced",
