@@ -38,7 +38,6 @@ from cbtstream.vsphere.errors import (
     VSphereInvalidArgument,
     VSphereNotFound,
 )
-from consumers.copy.checkpoint import Checkpoint
 from consumers.copy.digest import HashTree
 from consumers.copy.engine import CopyOptions, CopyResult, copy_disk
 from consumers.copy.progress import CopyProgress
@@ -48,7 +47,12 @@ from consumers.executor import ProgressCallback, ProgressUpdate, SyncResult
 from consumers.exports import ExportResolver
 from consumers.replica.guard import Admission
 from consumers.replica.location import ReplicaLocation, TargetResolver
-from consumers.replica.session import OutcomeAlreadyPublished, ReplicaSession, pipeline_name
+from consumers.replica.session import (
+    OutcomeAlreadyPublished,
+    ReplicaSession,
+    copier_host,
+    pipeline_name,
+)
 from consumers.replica.state import TargetKind
 from consumers.replica.store import ReplicaBusy
 from schemas.events import FullReason, ReplicationType, SyncPlanned
@@ -83,6 +87,7 @@ class VSphereExecutor:
         self.exports = exports
         self.targets = TargetResolver(settings.copier)
         self.pipeline = pipeline_name(settings.kafka.topic_prefix, settings.streams.app_id)
+        self.here = copier_host(settings.copier)
         self._vms: dict[str, VmRef] = {}
 
     async def _vm(self, instance_uuid: str) -> VmRef:
@@ -145,7 +150,8 @@ class VSphereExecutor:
             if loc.kind == TargetKind.NBD:
                 nbd_target = await stack.enter_async_context(self._nbd_target(loc, capacity))
                 nbd_identity = loc.nbd_identity(nbd_target)
-            session = await ReplicaSession.begin(loc, plan, self.pipeline, nbd_identity)
+            session = await ReplicaSession.begin(loc, plan, self.pipeline, self.here,
+                                                 nbd_identity)
             held = session.already_applied
             if held is not None:
                 log.info("plan redelivered; the replica already holds it: same outcome again",
@@ -166,7 +172,7 @@ class VSphereExecutor:
             # no file behind), take the replica's lock and admit the plan again under it: a
             # verify or another copier may have changed the record meanwhile.
             await stack.enter_async_context(loc.store.lock())
-            again = await ReplicaSession.begin(loc, plan, self.pipeline, nbd_identity)
+            again = await ReplicaSession.begin(loc, plan, self.pipeline, self.here, nbd_identity)
             if again.admission != session.admission or again.already_applied is not None:
                 raise ReplicaBusy(f"the record of {plan.disk.key} changed while the sync was "
                                   "being prepared; retrying")
@@ -195,8 +201,8 @@ class VSphereExecutor:
             ))
             await session.mark_dirty(rtype, identity)
             tree = await session.base_tree(rtype, capacity)
-            result = await self._copy(plan, source, target, rtype, extents, zero_rest, tree,
-                                      progress)
+            result = await self._copy(plan, loc, source, target, rtype, extents, zero_rest,
+                                      tree, progress)
             if result.leaves_repaired and rtype == ReplicationType.INCREMENTAL:
                 # leaves it rewrote in part were corrupt: repaired from the snapshot, reported
                 # under verify's word (consumers/copy/engine.py, "Edge leaves")
@@ -222,9 +228,9 @@ class VSphereExecutor:
         assert isinstance(target, NbdTarget)
         return target
 
-    async def _copy(self, plan: SyncPlanned, source: BlockSource, target: BlockTarget,
-                    rtype: ReplicationType, extents: list[Extent], zero_rest: bool,
-                    tree: HashTree, progress: ProgressCallback) -> CopyResult:
+    async def _copy(self, plan: SyncPlanned, loc: ReplicaLocation, source: BlockSource,
+                    target: BlockTarget, rtype: ReplicationType, extents: list[Extent],
+                    zero_rest: bool, tree: HashTree, progress: ProgressCallback) -> CopyResult:
         capacity = plan.disk.capacity_bytes
         if target.size < capacity:
             raise TargetError(f"target of {plan.disk.key} has {target.size} bytes, the disk "
@@ -248,7 +254,7 @@ class VSphereExecutor:
             extents,
             capacity=capacity,
             options=options,
-            checkpoint=self._checkpoint(plan),
+            checkpoint=loc.store.checkpoint(plan.disk.key, str(plan.sync_id)),
             on_progress=on_progress,
             tree=tree,
         )
@@ -265,12 +271,11 @@ class VSphereExecutor:
         )
         return result
 
-    def _checkpoint(self, plan: SyncPlanned) -> Checkpoint:
-        return Checkpoint(self.settings.copier.state_dir, plan.disk.key, str(plan.sync_id))
-
     async def release(self, plan: SyncPlanned) -> None:
-        """The outcome is published: the resume checkpoint is no longer needed."""
-        self._checkpoint(plan).done()
+        """The outcome is published: the resume checkpoint (beside the replica's record) is no
+        longer needed."""
+        store = self.targets.locate(plan.disk.key).store
+        await asyncio.to_thread(store.checkpoint(plan.disk.key, str(plan.sync_id)).done)
 
 
 async def build_vsphere_executor(settings: Settings) -> VSphereExecutor:

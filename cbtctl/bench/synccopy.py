@@ -29,7 +29,7 @@ from consumers.copy.sources import open_nbd_source
 from consumers.copy.targets import FileTarget
 from consumers.executor import SyncResult
 from consumers.replica.location import TargetResolver
-from consumers.replica.session import ReplicaSession
+from consumers.replica.session import ReplicaSession, copier_host
 from schemas import DiskRef, FullReason, ReplicationType, SyncPlanned
 
 _EPOCH = "52 00 00 00 00 00 00 00-00 00 00 00 00 00 be 0c"
@@ -71,7 +71,7 @@ async def _main(args: argparse.Namespace) -> dict[str, float | int | str]:
                    else [Extent(s, n) for s, n in json.loads(args.extents.read_text())])
         t0, cpu0 = time.perf_counter(), time.process_time()
         await stack.enter_async_context(loc.store.lock())
-        session = await ReplicaSession.begin(loc, plan, "bench")
+        session = await ReplicaSession.begin(loc, plan, "bench", copier_host(settings.copier))
         stack.callback(session.close)
         if session.admission.replication_type != plan.replication_type:
             raise SystemExit(f"the replica was not admitted as planned: {session.admission}")

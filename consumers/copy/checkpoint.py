@@ -1,15 +1,19 @@
 """Resume state of one disk's sync: how far the copy is known to be durable on the target.
 
-One JSON file per (disk key, sync id) under a state directory::
+One JSON file per (disk key, sync id). The copier keeps it beside the replica's record
+(``consumers/replica/store.py``: ``disk-204.img.checkpoint.<sync id>`` next to
+``disk-204.img.state``), so whoever can read the record can resume the copy: in a ``shared``
+pool a copier on another host picks up an interrupted sync where it stopped. ``cbtstream copy
+--state-dir`` keeps it in a directory of its own (``<dir>/<vm uuid>/disk-<n>/<sync id>.json``)::
 
-    <dir>/<vm uuid>/disk-<n>/<sync id>.json
     {"version": 1, "disk_key": ..., "sync_id": ..., "plan": <plan fingerprint>,
      "durable_until": <offset>, "bytes_copied": n, "bytes_zeroed": n}
 
 ``durable_until`` means: every planned byte below this disk offset was written *and* the target
 was flushed afterwards. The engine only saves it after a successful target flush, so the order is
 always "write -> flush -> save checkpoint". Saving is atomic (temp file, fsync, rename, fsync of
-the directory), so a process killed at any moment leaves either the old or the new checkpoint.
+the directory, relative to a directory descriptor opened with ``O_NOFOLLOW`` like the
+record's), so a process killed at any moment leaves either the old or the new checkpoint.
 A checkpoint whose plan fingerprint differs from the current plan is ignored (different work).
 """
 
@@ -40,10 +44,22 @@ class CheckpointState:
     bytes_zeroed: int
 
 
+#: A checkpoint larger than this is not ours (they are a few hundred bytes).
+_MAX_CHECKPOINT = 64 * 1024
+
+
+def checkpoint_name(replica_name: str, sync_id: str) -> str:
+    """The file name of a sync's checkpoint beside the record of ``replica_name``."""
+    return f"{replica_name}.checkpoint.{uuid.UUID(str(sync_id))}"
+
+
 class Checkpoint:
     """Durable resume point of one sync of one disk."""
 
-    def __init__(self, directory: str | os.PathLike[str], disk_key: str, sync_id: str) -> None:
+    def __init__(self, directory: str | os.PathLike[str], disk_key: str, sync_id: str, *,
+                 beside: str | None = None) -> None:
+        """With ``beside`` (a replica record's name) the checkpoint is ``<directory>/<beside>
+        .checkpoint.<sync id>``; without, ``<directory>/<vm uuid>/disk-<n>/<sync id>.json``."""
         try:
             vm_uuid, device_key = parse_disk_key(disk_key)
             sync = str(uuid.UUID(str(sync_id)))
@@ -51,13 +67,37 @@ class Checkpoint:
             raise PermissionDenied(f"bad checkpoint identity {disk_key!r}/{sync_id!r}") from exc
         self.disk_key = disk_key
         self.sync_id = sync
-        self.dir = Path(directory) / vm_uuid / f"disk-{device_key}"
-        self.path = self.dir / f"{sync}.json"
+        if beside is not None:
+            if "/" in beside or beside in ("", ".", ".."):
+                raise PermissionDenied(f"bad checkpoint name {beside!r}")
+            self.dir, self.name = Path(directory), checkpoint_name(beside, sync)
+        else:
+            self.dir, self.name = Path(directory) / vm_uuid / f"disk-{device_key}", f"{sync}.json"
+        self.path = self.dir / self.name
+
+    def _dir_fd(self, create: bool) -> int:
+        if create:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        return os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def _read(self) -> bytes:
+        dir_fd = self._dir_fd(create=False)
+        try:
+            fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+        try:
+            raw = os.read(fd, _MAX_CHECKPOINT + 1)
+        finally:
+            os.close(fd)
+        if len(raw) > _MAX_CHECKPOINT:
+            raise ValueError("the checkpoint is too large")
+        return raw
 
     def load(self, plan: str) -> CheckpointState | None:
         """The saved state if it exists and belongs to this plan, else None."""
         try:
-            doc = json.loads(self.path.read_text())
+            doc = json.loads(self._read())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
@@ -87,32 +127,36 @@ class Checkpoint:
             "bytes_copied": state.bytes_copied,
             "bytes_zeroed": state.bytes_zeroed,
         }
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp = f".{self.name}.tmp{os.getpid()}"
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            dir_fd = self._dir_fd(create=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot save checkpoint {self.path}: {exc.strerror}") from exc
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o640, dir_fd=dir_fd)
             try:
-                os.write(fd, json.dumps(doc).encode())
+                view = memoryview(json.dumps(doc).encode())
+                while view:
+                    view = view[os.write(fd, view):]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, self.path)
-            _fsync_dir(self.dir)
+            os.rename(tmp, self.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.fsync(dir_fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp, dir_fd=dir_fd)
             raise CheckpointError(f"cannot save checkpoint {self.path}: {exc.strerror}") from exc
+        finally:
+            os.close(dir_fd)
 
     def done(self) -> None:
         """Remove the checkpoint: the sync completed (or was abandoned on purpose)."""
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-            _fsync_dir(self.dir)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            dir_fd = self._dir_fd(create=False)
+            try:
+                os.unlink(self.name, dir_fd=dir_fd)
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)

@@ -4,6 +4,12 @@ Like ZFS ``receive``, which refuses an incremental stream whose base is not the 
 latest snapshot, an incremental is applied only to a replica *known* to hold exactly its base.
 The rules, in order (the copier runs them before any write):
 
+0. **Host** (only with a trustworthy record of this disk and pipeline): in a ``host-local`` pool
+   (``copier.storage``), a record written by another host (``ReplicaState.host``) is ``REFUSE``
+   with ``replica_on_other_host``, naming both hosts: that host's replica is not on this host's
+   storage (or the storage is shared and the pool says otherwise), and copying it again here
+   would silently fork the disk's replica. In a ``shared`` pool another host's record is this
+   replica's record. A record without a host (an older copier's) counts as this host's.
 1. **Fence** (only with a trustworthy record of this disk and pipeline):
    * the plan is the sync the replica already holds, and the replica is clean on the same
      target: nothing to write; the recorded outcome is published again (``ALREADY_APPLIED``);
@@ -16,9 +22,11 @@ The rules, in order (the copier runs them before any write):
    identity, or dirty from an interrupted *incremental* from the same base while still holding
    that base's tree (CBT areas are cumulative, so the new incremental repairs it). Otherwise it is
    copied in full with the reason: ``replica_missing`` (no target), ``replica_replaced``
-   (another file/volume than recorded), ``replica_state_unknown`` (no record for an existing
-   target, or a torn/foreign one), ``replica_mismatch`` (verify found a difference),
-   ``replica_not_at_base`` (anything else).
+   (another file/volume than recorded: compared by :meth:`TargetIdentity.same_object`, which
+   leaves out the device number when the record was written by another host, so a host change
+   in a shared pool costs no copy while a new inode still counts as replaced),
+   ``replica_state_unknown`` (no record for an existing target, or a torn/foreign one),
+   ``replica_mismatch`` (verify found a difference), ``replica_not_at_base`` (anything else).
 3. Full plans are written as planned (a full copy rewrites every byte: allocated areas, zeroes
    elsewhere).
 """
@@ -27,9 +35,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
 from consumers.replica.state import ReplicaState, ReplicaStatus, TargetIdentity, Unknown
-from schemas.events import FullReason, ReplicationType, SyncPlanned
+from schemas.events import FailureReason, FullReason, ReplicationType, SyncPlanned
 
 
 class Action(StrEnum):
@@ -46,6 +55,18 @@ class Admission:
     detail: str = ""
     #: Start from the recorded tree (an incremental onto the held base), else from zeroes.
     use_held_tree: bool = False
+    #: Why a ``REFUSE`` is refused (the ``SyncFailed`` reason); None otherwise.
+    failure: FailureReason | None = None
+
+
+@dataclass(frozen=True)
+class CopierHost:
+    """The copier asking: its host name (``copier.host_name``), its pool and what the pool's
+    replica storage is (``copier.storage``)."""
+
+    host: str
+    pool: str
+    storage: Literal["host-local", "shared"] = "host-local"
 
 
 @dataclass(frozen=True)
@@ -61,16 +82,37 @@ def _full(reason: FullReason, detail: str) -> Admission:
     return Admission(Action.WRITE, ReplicationType.FULL, reason, detail)
 
 
-def _same_target(a: TargetIdentity, b: TargetIdentity | None) -> bool:
-    return b is not None and a == b
+def _same_target(state: ReplicaState, target: TargetIdentity | None, here: CopierHost | None
+                 ) -> bool:
+    return state.target.same_object(target, same_host=here is None
+                                    or state.written_by(here.host))
 
 
-def fence(plan: SyncPlanned, state: ReplicaState, target: TargetIdentity | None
-          ) -> Admission | None:
+def _refuse(plan: SyncPlanned, failure: FailureReason, detail: str) -> Admission:
+    return Admission(Action.REFUSE, plan.replication_type, plan.reason, detail, failure=failure)
+
+
+def on_other_host(plan: SyncPlanned, state: ReplicaState, here: CopierHost) -> Admission | None:
+    """Rule 0. None: the record is this host's, or the pool's storage is shared."""
+    if here.storage == "shared" or state.written_by(here.host):
+        return None
+    return _refuse(
+        plan, FailureReason.REPLICA_ON_OTHER_HOST,
+        f"the replica's record was written by host {state.host!r} and this copier is host "
+        f"{here.host!r} in the host-local pool {here.pool!r}: that host's replica is not "
+        f"this host's to write. Run this pool's plans on {state.host!r} (one member per "
+        "storage), or set copier.storage = \"shared\" if every member of the pool sees the "
+        "same replicas, or, to start this replica over here, drop the record with "
+        f"'cbtstream targets --forget {state.disk_key}' on this host (the next sync is then a "
+        "full copy)")
+
+
+def fence(plan: SyncPlanned, state: ReplicaState, target: TargetIdentity | None,
+          here: CopierHost | None = None) -> Admission | None:
     """Rule 1. None: the plan is newer than anything the replica has seen (or resumes it)."""
     held, writing = state.held, state.writing
     if (held is not None and held.sync_id == plan.sync_id and state.status == ReplicaStatus.CLEAN
-            and _same_target(state.target, target)):
+            and _same_target(state, target, here)):
         return Admission(Action.ALREADY_APPLIED, plan.replication_type, plan.reason,
                          "the replica already holds this sync")
     high = state.high_generation
@@ -78,26 +120,31 @@ def fence(plan: SyncPlanned, state: ReplicaState, target: TargetIdentity | None
                 and writing.sync_id == plan.sync_id)
     if plan.generation < high or (plan.generation == high and high > 0 and not resuming
                                   and not (held is not None and held.sync_id == plan.sync_id)):
-        return Admission(Action.REFUSE, plan.replication_type, plan.reason,
-                         f"plan generation {plan.generation} is not newer than the replica's "
-                         f"{high}: an old plan, delivered again")
+        return _refuse(plan, FailureReason.STALE_PLAN,
+                       f"plan generation {plan.generation} is not newer than the replica's "
+                       f"{high}: an old plan, delivered again")
     if (held is not None and held.snapshot_taken_at is not None
             and plan.snapshot_taken_at is not None
             and plan.snapshot_taken_at < held.snapshot_taken_at):
-        return Admission(Action.REFUSE, plan.replication_type, plan.reason,
-                         f"plan's snapshot ({plan.snapshot_taken_at.isoformat()}) is older than "
-                         f"the one the replica holds ({held.snapshot_taken_at.isoformat()})")
+        return _refuse(plan, FailureReason.STALE_PLAN,
+                       f"plan's snapshot ({plan.snapshot_taken_at.isoformat()}) is older than "
+                       f"the one the replica holds ({held.snapshot_taken_at.isoformat()})")
     return None
 
 
-def admit(plan: SyncPlanned, view: ReplicaView, pipeline: str) -> Admission:
-    """Decide what to do with ``plan`` given the replica as found (the rules above)."""
+def admit(plan: SyncPlanned, view: ReplicaView, pipeline: str,
+          here: CopierHost | None = None) -> Admission:
+    """Decide what to do with ``plan`` given the replica as found (the rules above), for the
+    copier ``here`` (None: a tool that does not belong to a pool; every record is its own)."""
     record = view.record
     state = (record if isinstance(record, ReplicaState) and record.disk_key == plan.disk.key
              and record.pipeline == pipeline else None)
     foreign = isinstance(record, ReplicaState) and state is None
     if state is not None:
-        fenced = fence(plan, state, view.target)
+        elsewhere = on_other_host(plan, state, here) if here is not None else None
+        if elsewhere is not None:
+            return elsewhere
+        fenced = fence(plan, state, view.target, here)
         if fenced is not None:
             return fenced
     if plan.replication_type != ReplicationType.INCREMENTAL or plan.base_change_id is None:
@@ -111,7 +158,7 @@ def admit(plan: SyncPlanned, view: ReplicaView, pipeline: str) -> Admission:
                      "the replica's record belongs to another disk or pipeline")
     if state is None:
         return _full(FullReason.REPLICA_STATE_UNKNOWN, "the replica has no state record")
-    if not _same_target(state.target, view.target):
+    if not _same_target(state, view.target, here):
         return _full(FullReason.REPLICA_REPLACED,
                      f"target is {view.target.model_dump()}, recorded {state.target.model_dump()}")
     if state.status == ReplicaStatus.MISMATCH:

@@ -1,5 +1,6 @@
 """Where each disk's replica lives: a file below ``target_root``, a mapped block device, or a
-mapped NBD export, and where its record is kept.
+mapped NBD export, and where its record (and its resume checkpoints) are kept: beside a file
+replica, in ``copier.record_dir`` for the others.
 
 Placement is decided here, by :class:`TargetResolver`, from the configuration alone
 (``copier.target_root``, ``copier.targets``, ``copier.device_allow``, ``copier.nbd_allow``) and
@@ -112,7 +113,8 @@ class TargetResolver:
     def __init__(self, settings: CopierSettings) -> None:
         self.settings = settings
         self.root = Path(os.path.abspath(settings.target_root))
-        self.state_root = Path(os.path.abspath(settings.state_dir)) / "targets"
+        #: Where the records of block-device and NBD replicas are (``copier.record_dir``).
+        self.state_root = Path(os.path.abspath(settings.record_dir))
 
     @staticmethod
     def _parse(disk_key: str) -> tuple[str, int]:

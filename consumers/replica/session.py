@@ -1,6 +1,7 @@
 """One sync's effects on one replica, in order::
 
-    load record -> admit (guard.py: fence, base check) -> [refuse: StalePlan, nothing written]
+    load record -> admit (guard.py: host, fence, base check) -> [refuse: StalePlan or
+    ReplicaOnOtherHost, nothing written]
     -> [a version 1 tree: convert it, proving the replica (convert.py)] -> mark dirty (durable)
     -> open the base tree's leaves (an interrupted sync's journal put back) -> journal the
     entries this sync rewrites -> write -> flush -> save leaves and pieces -> mark clean at the
@@ -20,13 +21,14 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
+from cbtstream.config import CopierSettings
 from cbtstream.errors import CbtStreamError
 from consumers.copy.digest import HashTree
 from consumers.copy.digest_v1 import V1Tree
 from consumers.copy.leaves import FileLeaves
 from consumers.executor import SyncResult
 from consumers.replica.convert import convert
-from consumers.replica.guard import Action, Admission, ReplicaView, admit
+from consumers.replica.guard import Action, Admission, CopierHost, ReplicaView, admit
 from consumers.replica.location import ReplicaLocation
 from consumers.replica.scan import ReadInto
 from consumers.replica.state import (
@@ -50,6 +52,25 @@ class StalePlan(CbtStreamError):
     reason = FailureReason.STALE_PLAN
 
 
+class ReplicaOnOtherHost(CbtStreamError):
+    """A copier of a host-local pool found the replica's record written by another host: the
+    plan is never written here (final: retrying on this host changes nothing)."""
+
+    reason = FailureReason.REPLICA_ON_OTHER_HOST
+
+
+#: The error each refusal raises (``Admission.failure``).
+_REFUSALS: dict[FailureReason, type[CbtStreamError]] = {
+    FailureReason.STALE_PLAN: StalePlan,
+    FailureReason.REPLICA_ON_OTHER_HOST: ReplicaOnOtherHost,
+}
+
+
+def copier_host(settings: CopierSettings) -> CopierHost:
+    """This copier as the replica guard sees it (host name, pool, storage)."""
+    return CopierHost(settings.host_name, settings.pool, settings.storage)
+
+
 class OutcomeAlreadyPublished(CbtStreamError):
     """The copier's ledger says this plan's outcome is published, and the replica record cannot
     confirm what it holds: the plan is skipped rather than written again."""
@@ -70,6 +91,7 @@ class ReplicaSession:
     record: ReplicaState | Unknown | None
     admission: Admission
     pipeline: str
+    here: CopierHost
     state: ReplicaState | None = None
     tree: HashTree | None = None
     #: A clean replica's version 1 tree: :meth:`convert` proves the replica and replaces it.
@@ -80,21 +102,22 @@ class ReplicaSession:
 
     @classmethod
     async def begin(cls, loc: ReplicaLocation, plan: SyncPlanned, pipeline: str,
-                    target: TargetIdentity | None = None) -> ReplicaSession:
-        """Load the record and admit the plan. ``loc`` is the plan's placement, resolved once by
-        the caller (``TargetResolver.locate``) and not worked out again here; ``target`` is the
-        identity of an NBD target, already connected (files and block devices are looked up
-        here)."""
+                    here: CopierHost, target: TargetIdentity | None = None) -> ReplicaSession:
+        """Load the record and admit the plan for the copier ``here``. ``loc`` is the plan's
+        placement, resolved once by the caller (``TargetResolver.locate``) and not worked out
+        again here; ``target`` is the identity of an NBD target, already connected (files and
+        block devices are looked up here). A refusal raises the error of its reason
+        (:class:`StalePlan`, :class:`ReplicaOnOtherHost`)."""
         if loc.disk_key != plan.disk.key:
             raise ValueError(f"the location of {loc.disk_key} is not that of {plan.disk.key}")
         record = await asyncio.to_thread(loc.store.load)
         if loc.kind != TargetKind.NBD:
             target = await asyncio.to_thread(loc.identity)
-        admission = admit(plan, ReplicaView(record, target), pipeline)
+        admission = admit(plan, ReplicaView(record, target), pipeline, here)
         state = record if isinstance(record, ReplicaState) else None
-        session = cls(plan, loc, record, admission, pipeline, state)
+        session = cls(plan, loc, record, admission, pipeline, here, state)
         if admission.action == Action.REFUSE:
-            raise StalePlan(admission.detail)
+            raise _REFUSALS[admission.failure or FailureReason.STALE_PLAN](admission.detail)
         if admission.use_held_tree and state is not None and state.held is not None:
             tree = await asyncio.to_thread(loc.store.load_tree, state.held,
                                            plan.disk.capacity_bytes)
@@ -174,12 +197,12 @@ class ReplicaSession:
             if replication_type == ReplicationType.INCREMENTAL else None,
             snapshot_taken_at=self.plan.snapshot_taken_at,
         )
-        disk = self.plan.disk
+        disk, host = self.plan.disk, self.here.host
         if self.state is None or self.state.disk_key != disk.key:
             state = first_state(self.pipeline, disk.key, disk.backing_uuid, disk.capacity_bytes,
-                                target, writing).model_copy(update={"disk": disk})
+                                target, writing, host).model_copy(update={"disk": disk})
         else:
-            state = self.state.dirty(writing, target).model_copy(update={
+            state = self.state.dirty(writing, target, host).model_copy(update={
                 "backing_uuid": disk.backing_uuid, "capacity_bytes": disk.capacity_bytes,
                 "pipeline": self.pipeline, "disk": disk, "verified_at": None})
             if replication_type == ReplicationType.FULL:
@@ -187,6 +210,8 @@ class ReplicaSession:
                 state = state.model_copy(update={"held": None})
         await asyncio.to_thread(self.location.store.save, state)
         self.state = state
+        # another sync's checkpoint can never be resumed now (the fence refuses that sync)
+        await asyncio.to_thread(self.location.store.prune_checkpoints, str(self.plan.sync_id))
         if replication_type == ReplicationType.FULL:
             await asyncio.to_thread(self.location.store.prune_trees)
 
@@ -211,7 +236,7 @@ class ReplicaSession:
             tree_file=tree_file,
             result=dataclasses.asdict(result),
         )
-        state = self.state.clean(held, target)
+        state = self.state.clean(held, target, self.here.host)
         await asyncio.to_thread(store.save, state)
         self.state = state
         await asyncio.to_thread(store.prune_trees, tree_file,

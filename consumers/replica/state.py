@@ -1,10 +1,16 @@
 """What a replica is known to hold: the durable record the copier keeps with every replica.
 
-The record names the disk (key, backing uuid, capacity), the target (file: device and inode;
-block device: device number; NBD: URI; and the size), the sync that last made the replica clean
-(its change ID, sync id, plan generation, snapshot time, the published outcome and the hash tree
-root), and whether a sync is writing it now (``dirty``, with that sync's id, generation, type and
-base). ``mismatch`` means ``cbtstream verify`` found the replica differs from its tree.
+The record names the replica (``replica_id``, minted when its first record is written and kept
+by every later one) and the host of the copier that last wrote it in a sync (``host``), the disk
+(key, backing uuid, capacity), the target (file: device and inode; block device: device number;
+NBD: URI; and the size), the sync that last made the replica clean (its change ID, sync id, plan
+generation, snapshot time, the published outcome and the hash tree root), and whether a sync is
+writing it now (``dirty``, with that sync's id, generation, type and base). ``mismatch`` means
+``cbtstream verify`` found the replica differs from its tree.
+
+Records written before replica ids and hosts existed load with both unset (None); such a record
+is treated as written by the host reading it, as it always was, and gets an id and a host from
+the next sync that writes it.
 
 Records are written by :mod:`consumers.replica.store` atomically; a record that cannot be read,
 does not parse, or names another disk or pipeline is *unknown* and never trusted as clean.
@@ -38,11 +44,26 @@ class TargetIdentity(BaseModel):
     kind: TargetKind
     #: The file or device path, or the NBD URI, as configured (the operator's name for it).
     location: str
-    #: ``st_dev`` of a file, ``st_rdev`` of a block device; None for NBD.
+    #: ``st_dev`` of a file, ``st_rdev`` of a block device; None for NBD. Host-specific: the
+    #: same NFS export or SAN LUN has another number on another host.
     device: int | None = None
-    #: ``st_ino`` of a file; None otherwise.
+    #: ``st_ino`` of a file; None otherwise (an NFS file keeps its inode number on every host).
     inode: int | None = None
     size: int = Field(ge=0)
+
+    def same_object(self, other: TargetIdentity | None, *, same_host: bool) -> bool:
+        """Is ``other`` (the target as found now) this very file or volume?
+
+        On the host that recorded it, every field must match. Seen from another host (a
+        ``shared`` pool), the device number is not compared, since it names the mount or the
+        device node on that host only: a file is the same by location, inode and size, a
+        block device by location and size; an NBD export by URI and size, as on any host."""
+        if other is None:
+            return False
+        if same_host:
+            return self == other
+        return self.model_copy(update={"device": None}) == other.model_copy(
+            update={"device": None})
 
 
 class ReplicaStatus(StrEnum):
@@ -94,6 +115,12 @@ class ReplicaState(BaseModel):
     version: Literal[1] = STATE_VERSION
     #: ``<topic prefix><streams app id>``: generations are only comparable within one pipeline.
     pipeline: str
+    #: The replica's own id (uuid4), minted with its first record and kept by every later one,
+    #: whichever host writes it; None in records written before ids existed.
+    replica_id: uuid.UUID | None = None
+    #: ``copier.host_name`` of the copier that last wrote the record in a sync (``verify``
+    #: keeps it); None in records written before hosts were recorded.
+    host: str | None = Field(default=None, max_length=253)
     disk_key: str
     backing_uuid: str
     capacity_bytes: int = Field(ge=0)
@@ -114,13 +141,21 @@ class ReplicaState(BaseModel):
         return max(self.held.generation if self.held else 0,
                    self.writing.generation if self.writing else 0)
 
-    def dirty(self, writing: WritingSync, target: TargetIdentity) -> ReplicaState:
-        return self.model_copy(update={"status": ReplicaStatus.DIRTY, "writing": writing,
-                                       "target": target, "updated_at": utcnow()})
+    def written_by(self, host: str) -> bool:
+        """Did ``host`` write this record? A record without a host (written before hosts were
+        recorded) counts as written by whoever reads it, as it always did."""
+        return self.host is None or self.host == host
 
-    def clean(self, held: HeldSync, target: TargetIdentity) -> ReplicaState:
+    def dirty(self, writing: WritingSync, target: TargetIdentity, host: str) -> ReplicaState:
+        return self.model_copy(update={"status": ReplicaStatus.DIRTY, "writing": writing,
+                                       "target": target, "host": host,
+                                       "replica_id": self.replica_id or uuid.uuid4(),
+                                       "updated_at": utcnow()})
+
+    def clean(self, held: HeldSync, target: TargetIdentity, host: str) -> ReplicaState:
         return self.model_copy(update={"status": ReplicaStatus.CLEAN, "held": held,
-                                       "writing": None, "target": target,
+                                       "writing": None, "target": target, "host": host,
+                                       "replica_id": self.replica_id or uuid.uuid4(),
                                        "mismatch_detail": "", "updated_at": utcnow()})
 
     def verified(self) -> ReplicaState:
@@ -140,8 +175,8 @@ class Unknown(BaseModel):
 
 
 def first_state(pipeline: str, disk_key: str, backing_uuid: str, capacity: int,
-                target: TargetIdentity, writing: WritingSync) -> ReplicaState:
-    """The record of a replica that has none yet, as its first sync starts."""
-    return ReplicaState(pipeline=pipeline, disk_key=disk_key, backing_uuid=backing_uuid,
-                        capacity_bytes=capacity, target=target, status=ReplicaStatus.DIRTY,
-                        writing=writing)
+                target: TargetIdentity, writing: WritingSync, host: str) -> ReplicaState:
+    """The record of a replica that has none yet, as its first sync starts: a new replica id."""
+    return ReplicaState(pipeline=pipeline, replica_id=uuid.uuid4(), host=host,
+                        disk_key=disk_key, backing_uuid=backing_uuid, capacity_bytes=capacity,
+                        target=target, status=ReplicaStatus.DIRTY, writing=writing)

@@ -1,9 +1,11 @@
 """Durable replica records: the state record and the hash tree's files, written atomically.
 
 A replica's record lives beside a file replica (``disk-204.img.state``), and for a block device
-or NBD target in the copier's state area (``<state_dir>/targets/<slug>.state``, the slug a hash
-of the target's configured location), so a copier that lost its state dir still knows what a
-file replica holds. Beside the record, the tree it names (``consumers/copy/digest.py``):
+or NBD target in ``copier.record_dir`` (``<records_dir>/<slug>.state``, by default under
+``<state_dir>/targets``; the slug a hash of the target's configured location), so a copier that
+lost its state dir still knows what a file replica holds, and the members of a ``shared`` pool
+all see one record per replica. Beside the record, the tree it names
+(``consumers/copy/digest.py``):
 
 * ``disk-204.img.pieces.<generation>``: the piece entries of the sync of that generation (32
   bytes per MiB), written whole per sync, and the generation of its leaf file;
@@ -11,7 +13,10 @@ file replica holds. Beside the record, the tree it names (``consumers/copy/diges
   full copy (or a conversion) and rewritten in place by the incrementals after it, with
   ``disk-204.img.leaves.undo`` while one runs (``consumers/copy/leaves.py``);
 * ``disk-204.img.tree.<generation>``: a version 1 tree, as older copiers wrote it (read, never
-  written; converted by the next incremental, ``convert.py``).
+  written; converted by the next incremental, ``convert.py``);
+* ``disk-204.img.checkpoint.<sync id>``: the resume checkpoint of a sync writing the replica
+  (``consumers/copy/checkpoint.py``), removed once its outcome is published; marking another
+  sync dirty drops it (that sync can never resume: the fence refuses it).
 
 Every write is temp file -> fsync -> rename -> fsync of the directory, so a crash leaves the old
 or the new record, never a mix. The record carries a blake3 checksum of its body, and the pieces
@@ -39,6 +44,7 @@ from pydantic import ValidationError
 
 from cbtstream.errors import CbtStreamError
 from consumers.copy import digest_v1 as v1
+from consumers.copy.checkpoint import Checkpoint, checkpoint_name
 from consumers.copy.digest import HASH, LEAF, PIECE, HashTree, piece_count
 from consumers.copy.digest_v1 import V1Tree
 from consumers.copy.leaves import FileLeaves, Journal, undo
@@ -243,6 +249,26 @@ class ReplicaStore:
             finally:
                 os.close(dir_fd)
 
+    def checkpoint(self, disk_key: str, sync_id: str) -> Checkpoint:
+        """The resume checkpoint of sync ``sync_id`` of this replica, beside the record."""
+        return Checkpoint(self.directory, disk_key, sync_id, beside=self.name)
+
+    def prune_checkpoints(self, *keep_sync: str) -> None:
+        """Remove the checkpoints of every sync but ``keep_sync`` (and leftover temp files of
+        interrupted saves)."""
+        keep = {checkpoint_name(self.name, s) for s in keep_sync}
+        prefix = f"{self.name}.checkpoint."
+        with contextlib.suppress(OSError):
+            dir_fd = self._dir_fd(create=False)
+            try:
+                for entry in os.listdir(dir_fd):
+                    name = entry[1:].rsplit(".tmp", 1)[0] if entry.startswith(".") else entry
+                    if name.startswith(prefix) and entry not in keep:
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry, dir_fd=dir_fd)
+            finally:
+                os.close(dir_fd)
+
     @contextlib.asynccontextmanager
     async def lock(self, wait_s: float = 3600.0) -> AsyncIterator[None]:
         """Hold ``<name>.lock`` exclusively: a copier for a whole sync, ``verify`` while it
@@ -273,8 +299,10 @@ class ReplicaStore:
             os.close(dir_fd)
 
     def forget(self) -> None:
-        """Remove the record and its trees (the replica is then of unknown state)."""
+        """Remove the record, its trees and checkpoints (the replica is then of unknown
+        state)."""
         self.prune_trees()
+        self.prune_checkpoints()
         with contextlib.suppress(OSError):
             dir_fd = self._dir_fd(create=False)
             try:

@@ -275,9 +275,11 @@ async def run_corpus(settings: Settings, tmp_path: Path, first_n: int, later_n: 
     # -- nothing written outside the targets ----------------------------------------------------
     after = files.tree(tmp_path)
     # each real disk's replica and its record (state, lock, its hash tree: version 2's pieces,
-    # leaves and the leaves' undo journal, or version 1's tree), nothing else
+    # leaves and the leaves' undo journal, or version 1's tree; resume checkpoints by sync id),
+    # nothing else
     ours = re.compile(
-        r"^disk-(\d+)\.img(\.state|\.lock|\.tree\.\d+|\.pieces\.\d+|\.leaves\.(\d+|undo))?$")
+        r"^disk-(\d+)\.img(\.state|\.lock|\.tree\.\d+|\.pieces\.\d+|\.leaves\.(\d+|undo)"
+        r"|\.checkpoint\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})?$")
 
     def own_replica_file(name: str) -> bool:
         m = ours.match(name)

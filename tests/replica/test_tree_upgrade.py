@@ -23,7 +23,7 @@ from consumers.copy.sources import NbdSource
 from consumers.copy.targets import FileTarget
 from consumers.executor import SyncResult
 from consumers.nbd.uri import parse_nbd_uri
-from consumers.replica.guard import Action
+from consumers.replica.guard import Action, CopierHost
 from consumers.replica.location import ReplicaLocation, TargetResolver
 from consumers.replica.session import ReplicaSession
 from consumers.replica.state import HeldSync, ReplicaState, ReplicaStatus, WritingSync
@@ -40,6 +40,7 @@ pytestmark = needs_nbdkit
 K = 1024
 SIZE = 6 * M + 12288
 PIPE = "cbtstream"
+HERE = CopierHost("host-a", "default")
 #: CBT-like changed areas: 64 KiB blocks (whole leaves) and two small writes (edge leaves).
 CHANGES = [(64 * K, 64 * K), (M + 256 * K, 128 * K), (2 * M + 1000, 4096), (3 * M, 64 * K),
            (4 * M + 640 * K, 64 * K), (5 * M + 7000, 100), (SIZE - 4096, 4096)]
@@ -91,9 +92,9 @@ class FailingSource:
 async def _session(loc: ReplicaLocation, resolver: TargetResolver, plan: SyncPlanned
                    ) -> AsyncIterator[tuple[ReplicaSession, FileTarget]]:
     """The copier's order: admit, lock, admit again, open the target."""
-    await ReplicaSession.begin(loc, plan, PIPE)
+    await ReplicaSession.begin(loc, plan, PIPE, HERE)
     async with loc.store.lock():
-        session = await ReplicaSession.begin(loc, plan, PIPE)
+        session = await ReplicaSession.begin(loc, plan, PIPE, HERE)
         try:
             opened = await asyncio.to_thread(resolver.open, loc, SIZE)
             assert isinstance(opened, FileTarget)
@@ -260,8 +261,8 @@ async def test_a_dirty_replica_with_a_version_1_tree_is_copied_in_full(
                           replication_type=ReplicationType.INCREMENTAL,
                           base_change_id=incr.base_change_id,
                           snapshot_taken_at=incr.snapshot_taken_at)
-    loc.store.save(record.dirty(writing, record.target))
-    session = await ReplicaSession.begin(loc, incr, PIPE)
+    loc.store.save(record.dirty(writing, record.target, HERE.host))
+    session = await ReplicaSession.begin(loc, incr, PIPE, HERE)
     assert session.admission.action == Action.WRITE and session.legacy is None
     assert (session.admission.replication_type, session.admission.reason) == (
         ReplicationType.FULL, FullReason.REPLICA_STATE_UNKNOWN)
