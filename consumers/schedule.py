@@ -20,6 +20,17 @@ while another disk copies, and a disk's next plan never starts before the previo
 out. When a slot frees, the waiting key head that arrived first starts (oldest first across
 partitions, so no partition starves).
 
+**Limited resources.** A work may name resources it holds while it runs, ``(kind, name)`` pairs
+(the copier's are the ESXi host and the datastore a copy reads from), and each kind may have a
+limit: at most that many running works hold one resource of the kind. The work that starts is
+the oldest key head whose resources are all under their limits; a head held back by a limit
+does not hold back the heads behind it that need other resources (one busy host never stalls
+the others). A head found blocked is *parked* on the first full resource it needs and is looked
+at again only when that resource frees (then the oldest parked there competes with the ready
+heads by arrival order), so starting a work costs a few heap operations, not a scan of every
+waiting work however many wait for a busy host. Resources are held, like the slot, until the
+copy ends. :meth:`Schedule.waits_for` says what a waiting work waits for.
+
 **Commits below the lowest unfinished offset (gap-aware).** Per partition the schedule keeps
 the offsets of the records it was given that are not done. The commit point is the lowest of
 them, or one past the highest offset seen when none is left: an offset is never committed past
@@ -42,13 +53,16 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, TypeVar
 
 P = TypeVar("P", bound=Hashable)
 T = TypeVar("T")
+
+#: A resource a running work holds: ``(kind, name)``, e.g. ``("esxi host", "esx-07")``.
+Resource = tuple[str, str]
 
 
 class Stage(StrEnum):
@@ -72,6 +86,21 @@ class Work(Generic[P, T]):
     stage: Stage = Stage.WAITING
     #: Its partition was forgotten: it no longer counts for commits or flow control.
     dropped: bool = False
+    #: The limited resources it holds while running (kinds without a limit are left out).
+    resources: tuple[Resource, ...] = ()
+
+
+@dataclass(frozen=True)
+class WaitsFor:
+    """What a waiting work waits for (:meth:`Schedule.waits_for`)."""
+
+    #: ``"key"``: an earlier work of its key; ``"slot"``: a running slot (capacity); otherwise
+    #: the kind of the resource at its limit.
+    what: str
+    #: The resource's name (with a resource kind).
+    name: str = ""
+    #: The limit that holds it back: the capacity, or the resource kind's limit.
+    limit: int = 0
 
 
 @dataclass
@@ -105,9 +134,14 @@ class _Partition:
 class Schedule(Generic[P, T]):
     """Per-key queues, a capacity of running works, and per-partition commit points."""
 
-    def __init__(self, capacity: int, max_waiting: int, commit_every: int) -> None:
+    def __init__(self, capacity: int, max_waiting: int, commit_every: int,
+                 limits: Mapping[str, int] | None = None) -> None:
+        """``limits``: running works per resource, by resource kind (0 or absent: no limit)."""
         if capacity < 1 or max_waiting < 1 or commit_every < 1:
             raise ValueError("capacity, max_waiting and commit_every must be positive")
+        if any(limit < 0 for limit in (limits or {}).values()):
+            raise ValueError("resource limits must be positive (or 0: no limit)")
+        self.limits = {kind: n for kind, n in (limits or {}).items() if n > 0}
         self.capacity = capacity
         self.max_waiting = max_waiting
         self.commit_every = commit_every
@@ -117,11 +151,18 @@ class Schedule(Generic[P, T]):
         self._keys: dict[str, deque[Work[P, T]]] = {}
         #: (seq, key) of key heads that may be ready to start; checked when popped.
         self._ready: list[tuple[int, str]] = []
+        #: Running works per limited resource (absent: none).
+        self._in_use: dict[Resource, int] = {}
+        #: (seq, key) of key heads found blocked by a full resource, per resource.
+        self._parked: dict[Resource, list[tuple[int, str]]] = {}
+        #: Resources under their limit with parked heads: those heads may start again.
+        self._open: set[Resource] = set()
 
     # -- input ----------------------------------------------------------------------------------
-    def add(self, partition: P, offset: int, key: str, item: T) -> Work[P, T] | None:
-        """A fetched record with work to do. None: an offset this partition already had (a
-        record delivered twice is not processed twice)."""
+    def add(self, partition: P, offset: int, key: str, item: T,
+            resources: Iterable[Resource] = ()) -> Work[P, T] | None:
+        """A fetched record with work to do, holding ``resources`` while it runs. None: an
+        offset this partition already had (a record delivered twice is not processed twice)."""
         part = self._part(partition, offset)
         if part.revoked or offset <= part.highest:
             return None
@@ -130,7 +171,8 @@ class Schedule(Generic[P, T]):
         heapq.heappush(part.heap, offset)
         part.waiting += 1
         self._seq += 1
-        work = Work(partition, offset, key, item, self._seq)
+        held = tuple(dict.fromkeys(r for r in resources if r[0] in self.limits))
+        work = Work(partition, offset, key, item, self._seq, resources=held)
         queue = self._keys.setdefault(key, deque())
         queue.append(work)
         if len(queue) == 1:
@@ -151,25 +193,75 @@ class Schedule(Generic[P, T]):
 
     # -- running --------------------------------------------------------------------------------
     def next(self) -> Work[P, T] | None:
-        """The work to start now (and mark running), or None: no slot or nothing ready."""
-        while self.running < self.capacity and self._ready:
-            seq, key = heapq.heappop(self._ready)
+        """The work to start now (and mark running), or None: no slot, or no key head whose
+        resources are all under their limits."""
+        while self.running < self.capacity:
+            entry = self._pop_candidate()
+            if entry is None:
+                return None
+            seq, key = entry
             queue = self._keys.get(key)
             if not queue or queue[0].seq != seq or queue[0].stage != Stage.WAITING:
                 continue  # stale entry: the head started, ended or was dropped since
             work = queue[0]
+            full = self._full(work)
+            if full is not None:  # looked at again when that resource frees
+                heapq.heappush(self._parked.setdefault(full, []), entry)
+                continue
             work.stage = Stage.RUNNING
             self.running += 1
+            for res in work.resources:
+                self._in_use[res] = self._in_use.get(res, 0) + 1
+                if self._in_use[res] >= self.limits[res[0]]:
+                    self._open.discard(res)
             if not work.dropped:
                 self._parts[work.partition].waiting -= 1
             return work
         return None
 
+    def _pop_candidate(self) -> tuple[int, str] | None:
+        """The oldest entry among the ready heads and the heads parked on resources that
+        freed since (removed from its heap), or None."""
+        best: tuple[int, str] | None = self._ready[0] if self._ready else None
+        source: Resource | None = None
+        for res in self._open:
+            top = self._parked[res][0]
+            if best is None or top < best:
+                best, source = top, res
+        if source is None:
+            return heapq.heappop(self._ready) if best is not None else None
+        heap = self._parked[source]
+        heapq.heappop(heap)
+        if not heap:
+            del self._parked[source]
+            self._open.discard(source)
+        return best
+
+    def _full(self, work: Work[P, T]) -> Resource | None:
+        """The first resource ``work`` needs that is at its limit, or None."""
+        for res in work.resources:
+            if self._in_use.get(res, 0) >= self.limits[res[0]]:
+                return res
+        return None
+
+    def _stop_running(self, work: Work[P, T]) -> None:
+        """``work`` leaves the running stage: its slot and resources are free."""
+        self.running -= 1
+        for res in work.resources:
+            left = self._in_use[res] - 1
+            if left:
+                self._in_use[res] = left
+            else:
+                del self._in_use[res]
+            if res in self._parked:
+                self._open.add(res)
+
     def copied(self, work: Work[P, T]) -> None:
-        """Its copy ended: the slot is free, the key stays held until :meth:`done`."""
+        """Its copy ended: the slot and its resources are free, the key stays held until
+        :meth:`done`."""
         if work.stage == Stage.RUNNING:
             work.stage = Stage.FINISHING
-            self.running -= 1
+            self._stop_running(work)
 
     def done(self, work: Work[P, T]) -> None:
         """Its outcome is acknowledged (or it had none): its offset may be committed and the
@@ -186,7 +278,7 @@ class Schedule(Generic[P, T]):
             self._end(work)
             return
         if work.stage == Stage.RUNNING:
-            self.running -= 1
+            self._stop_running(work)
         work.stage = Stage.WAITING
         self._parts[work.partition].waiting += 1
         heapq.heappush(self._ready, (work.seq, work.key))
@@ -198,7 +290,8 @@ class Schedule(Generic[P, T]):
 
     def _end(self, work: Work[P, T]) -> None:
         if work.stage == Stage.RUNNING:
-            self.running -= 1
+            self._stop_running(work)
+            work.stage = Stage.FINISHING  # its slot and resources are counted free once
         queue = self._keys.get(work.key)
         if not queue or queue[0] is not work:
             return
@@ -296,6 +389,21 @@ class Schedule(Generic[P, T]):
         found = [w for queue in self._keys.values() for w in queue
                  if w.stage == Stage.WAITING and not w.dropped]
         return sorted(found, key=lambda w: w.seq)
+
+    def waits_for(self, work: Work[P, T]) -> WaitsFor:
+        """What a waiting ``work`` waits for: an earlier work of its key, then a resource at
+        its limit (it would not start with a free slot either), else a slot."""
+        queue = self._keys.get(work.key)
+        if not queue or queue[0] is not work:
+            return WaitsFor("key")
+        full = self._full(work)
+        if full is not None:
+            return WaitsFor(full[0], full[1], self.limits[full[0]])
+        return WaitsFor("slot", limit=self.capacity)
+
+    def in_use(self) -> dict[Resource, int]:
+        """Running works per limited resource (resources none holds are left out)."""
+        return dict(self._in_use)
 
     def active(self) -> Iterator[Work[P, T]]:
         """The works running or finishing."""

@@ -1,13 +1,15 @@
 """The copier's schedule (``consumers/schedule.py``): order per key, capacity, commits below the
-lowest unfinished offset, pause/resume bounds, revocation. Pure: no Kafka, no event loop."""
+lowest unfinished offset, pause/resume bounds, revocation, per-resource limits and what a
+waiting work waits for. Pure: no Kafka, no event loop."""
 
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
-from consumers.schedule import Schedule, Stage, Work
+from consumers.schedule import Schedule, Stage, WaitsFor, Work
 
 Sched = Schedule[str, str]
 
@@ -243,3 +245,208 @@ def test_waiting_lists_works_in_start_order() -> None:
 def test_invalid_limits_are_refused() -> None:
     with pytest.raises(ValueError):
         Schedule(capacity=0, max_waiting=1, commit_every=1)
+
+
+# -- limited resources (per ESXi host, per datastore) ----------------------------------------------
+HOST, DS = "esxi host", "datastore"
+
+
+def _limited(capacity: int, **limits: int) -> Sched:
+    return Schedule(capacity=capacity, max_waiting=100_000, commit_every=100,
+                    limits={HOST: limits.get("host", 0), DS: limits.get("ds", 0)})
+
+
+def test_a_resource_runs_at_most_its_limit_and_frees_its_place_when_a_copy_ends() -> None:
+    s = _limited(10, host=2)
+    works = [s.add("p0", off, f"d{off}", "x", [(HOST, "h1")]) for off in range(5)]
+    started = _drain(s)
+    assert started == works[:2] and s.running == 2
+    assert s.in_use() == {(HOST, "h1"): 2}
+    s.copied(started[0])  # the copy ended: the host's place frees before the outcome is out
+    assert _drain(s) == [works[2]], "the next copy of the host did not start, in order"
+    assert s.next() is None
+
+
+def test_a_head_held_by_its_host_does_not_hold_the_heads_of_other_hosts() -> None:
+    s = _limited(10, host=1)
+    a = s.add("p0", 0, "a", "x", [(HOST, "h1")])
+    b = s.add("p0", 1, "b", "x", [(HOST, "h1")])
+    c = s.add("p0", 2, "c", "x", [(HOST, "h2")])
+    d = s.add("p1", 0, "d", "x")  # no host known: not limited by one
+    e = s.add("p0", 3, "e", "x", [(HOST, "h1")])
+    assert _drain(s) == [a, c, d]
+    assert a is not None and b is not None and e is not None
+    f = s.add("p0", 4, "f", "x", [(HOST, "h2")])
+    s.copied(a)
+    assert s.next() is b  # the oldest of the host's waiting heads, not a newer one
+    assert s.next() is None  # f waits for h2, e for h1
+    assert f is not None and c is not None
+    s.copied(c)
+    assert s.next() is f
+
+
+def test_every_resource_of_a_work_must_be_under_its_limit() -> None:
+    s = _limited(10, host=2, ds=1)
+    a = s.add("p0", 0, "a", "x", [(HOST, "h1"), (DS, "ds1")])
+    b = s.add("p0", 1, "b", "x", [(HOST, "h2"), (DS, "ds1")])  # same datastore, other host
+    c = s.add("p0", 2, "c", "x", [(HOST, "h1"), (DS, "ds2")])
+    assert _drain(s) == [a, c]
+    assert b is not None and a is not None
+    assert s.waits_for(b) == WaitsFor(DS, "ds1", 1)
+    s.copied(a)
+    assert s.next() is b
+
+
+def test_a_work_parked_on_one_resource_is_checked_again_for_the_others() -> None:
+    s = _limited(10, host=1, ds=1)
+    a = s.add("p0", 0, "a", "x", [(HOST, "h1"), (DS, "ds9")])
+    b = s.add("p0", 1, "b", "x", [(HOST, "h2"), (DS, "ds1")])
+    c = s.add("p0", 2, "c", "x", [(HOST, "h1"), (DS, "ds1")])  # parked on h1 (a has it)
+    d = s.add("p0", 3, "d", "x", [(HOST, "h1"), (DS, "ds2")])
+    assert _drain(s) == [a, b]
+    assert a is not None and b is not None and c is not None and d is not None
+    s.copied(a)  # h1 frees: c is older, but ds1 is held by b; d may go
+    assert s.next() is d
+    assert s.waits_for(c) == WaitsFor(HOST, "h1", 1)
+    s.copied(d)
+    s.copied(b)
+    assert s.next() is c
+
+
+def test_limits_keep_the_capacity_and_the_order_of_a_key() -> None:
+    s = _limited(2, host=5)
+    a1 = s.add("p0", 0, "a", "a1", [(HOST, "h1")])
+    b = s.add("p0", 1, "b", "b", [(HOST, "h1")])
+    a2 = s.add("p0", 2, "a", "a2", [(HOST, "h1")])
+    c = s.add("p0", 3, "c", "c", [(HOST, "h1")])
+    assert _drain(s) == [a1, b]  # capacity 2, although the host allows 5
+    assert a1 is not None and a2 is not None and c is not None
+    assert s.waits_for(a2) == WaitsFor("key")
+    assert s.waits_for(c) == WaitsFor("slot", limit=2)
+    s.copied(a1)
+    assert s.next() is c  # a2 waits for a1's outcome
+    s.done(a1)
+    assert s.next() is None  # no slot
+    assert s.waits_for(a2) == WaitsFor("slot", limit=2)
+
+
+def test_kinds_without_a_limit_are_not_counted() -> None:
+    s = _limited(10, host=0, ds=1)  # 0: no limit
+    works = [s.add("p0", off, f"d{off}", "x", [(HOST, "h1"), (DS, f"ds{off}")])
+             for off in range(4)]
+    assert _drain(s) == works
+    assert s.in_use() == {(DS, f"ds{off}"): 1 for off in range(4)}
+    with pytest.raises(ValueError):
+        Schedule(capacity=1, max_waiting=1, commit_every=1, limits={HOST: -1})
+
+
+def test_retried_and_abandoned_copies_free_their_resources() -> None:
+    s = _limited(10, host=1)
+    a = s.add("p0", 0, "a", "x", [(HOST, "h1")])
+    b = s.add("p1", 0, "b", "x", [(HOST, "h1")])
+    assert _drain(s) == [a]
+    assert a is not None and b is not None
+    s.retry(a)  # failed: back at the head of its key, the host free again
+    assert s.in_use() == {}
+    assert s.next() is a  # older than b
+    s.revoke("p0")
+    s.abandon(a)  # cancelled by the revocation
+    assert s.in_use() == {}
+    assert s.next() is b
+    s.copied(b)
+    s.done(b)
+    assert s.in_use() == {} and s.next() is None
+
+
+def test_parked_works_of_a_revoked_partition_never_start() -> None:
+    s = _limited(10, host=1)
+    a = s.add("p0", 0, "a", "x", [(HOST, "h1")])
+    s.add("p1", 0, "b", "x", [(HOST, "h1")])
+    c = s.add("p0", 1, "c", "x", [(HOST, "h1")])
+    assert _drain(s) == [a]
+    assert a is not None and c is not None
+    s.revoke("p1")  # b is parked on h1 behind a
+    s.copied(a)
+    assert s.next() is c
+
+
+def test_the_oldest_startable_head_starts_whatever_the_order_of_events() -> None:
+    """Against a brute-force model: at every step the work started is the oldest waiting head
+    of a free key whose resources are all under their limits, and no limit is ever passed."""
+    rng = random.Random(11)
+    limits = {HOST: 2, DS: 3}
+    s: Sched = Schedule(capacity=5, max_waiting=100_000, commit_every=10, limits=limits)
+    offsets = {"p0": 0, "p1": 0}
+    resources: dict[int, list[tuple[str, str]]] = {}
+    active: list[Work[str, str]] = []
+
+    def expected() -> Work[str, str] | None:
+        if s.running >= s.capacity:
+            return None
+        running = [w for w in s.active() if w.stage == Stage.RUNNING]
+        held = {w.key for w in s.active()}
+        use: dict[tuple[str, str], int] = {}
+        for w in running:
+            for r in resources[w.seq]:
+                use[r] = use.get(r, 0) + 1
+        seen: set[str] = set()
+        for w in s.waiting():  # start order
+            if w.key in seen or w.key in held:
+                seen.add(w.key)
+                continue
+            seen.add(w.key)
+            if all(use.get(r, 0) < limits[r[0]] for r in resources[w.seq]):
+                return w
+        return None
+
+    for _ in range(4000):
+        roll = rng.random()
+        if roll < 0.45:
+            part = rng.choice(["p0", "p1"])
+            res = [(HOST, rng.choice(["h1", "h2", "h3"]))] if rng.random() < 0.8 else []
+            if rng.random() < 0.7:
+                res.append((DS, rng.choice(["ds1", "ds2"])))
+            w = s.add(part, offsets[part], rng.choice("abcdefghij"), "x", res)
+            assert w is not None
+            resources[w.seq] = res
+            offsets[part] += 1
+        elif active:
+            w = active.pop(rng.randrange(len(active)))
+            if w.stage == Stage.RUNNING and rng.random() < 0.9:
+                s.copied(w)
+                active.append(w)
+            elif rng.random() < 0.1:
+                s.retry(w)
+            else:
+                s.done(w)
+        while True:
+            want = expected()
+            got = s.next()
+            assert got is want
+            if got is None:
+                break
+            active.append(got)
+        use: dict[tuple[str, str], int] = {}
+        for w in s.active():
+            if w.stage == Stage.RUNNING:
+                for r in resources[w.seq]:
+                    use[r] = use.get(r, 0) + 1
+        assert all(n <= limits[r[0]] for r, n in use.items())
+        assert use == s.in_use()
+
+
+def test_thousands_of_plans_waiting_for_one_busy_host_cost_no_scan_per_start() -> None:
+    s = _limited(8, host=2)
+    for off in range(20_000):
+        s.add("p0", off, f"d{off}", "x", [(HOST, "busy")])
+    for off in range(2000):
+        s.add("p1", off, f"e{off}", "x", [(HOST, f"h{off % 40}")])
+    running = _drain(s)
+    t0 = time.perf_counter()
+    for _ in range(2000):  # every copy that ends makes room for the next
+        w = running.pop(0)
+        _finish(s, w)
+        running += _drain(s)
+    elapsed = time.perf_counter() - t0
+    assert sum(1 for w in running if w.key.startswith("d")) == 2
+    assert elapsed < 1.0, f"{elapsed:.2f}s for 2000 starts"  # about 0.02 s measured
