@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from cbtstream.kafka import KafkaUnavailable
 from consumers.executor import ProgressCallback, ProgressUpdate, SyncResult
+from consumers.queued import sources
 from schemas.codec import Headers, encode
 from schemas.events import (
     FullReason,
@@ -30,11 +31,14 @@ from tests.unit.factories import EPOCH_A, disk
 TOPIC = "cbt.sync.planned"
 
 
-def plan(device_key: int, n: int = 1) -> SyncPlanned:
-    """Plan number ``n`` of disk ``device_key`` (same arguments, same plan)."""
+def plan(device_key: int, n: int = 1, *, host: str | None = None,
+         datastore: str = "ds1") -> SyncPlanned:
+    """Plan number ``n`` of disk ``device_key`` (same arguments, same plan), of a VM on ESXi
+    host ``host`` with the disk on ``datastore``."""
     return SyncPlanned(
         event_id=stable_event_id("test-plan", device_key, n),
-        disk=disk(device_key, capacity=1 << 20),
+        disk=disk(device_key, capacity=1 << 20,
+                  backing_file=f"[{datastore}] pgtest1/pgtest1_{device_key}.vmdk"),
         sync_id=stable_event_id("test-sync", device_key, n),
         snapshot_event_id=stable_event_id("test-snap", device_key, n),
         vm_snapshot=f"snapshot-{n}",
@@ -44,6 +48,7 @@ def plan(device_key: int, n: int = 1) -> SyncPlanned:
         base_change_id=None,
         change_id=f"{EPOCH_A}/{n}",
         generation=n,
+        esxi_host=host,
     )
 
 
@@ -160,6 +165,10 @@ class GatedExecutor:
     running: set[str] = field(default_factory=set)
     most_running: int = 0
     overlaps: list[str] = field(default_factory=list)
+    #: Copies running per source (ESXi host, datastore: ``consumers.queued.sources``), and the
+    #: most there ever were.
+    per_source: dict[tuple[str, str], int] = field(default_factory=dict)
+    most_per_source: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def gate(self, p: SyncPlanned) -> asyncio.Event:
         return self.gates.setdefault(p.sync_id, asyncio.Event())
@@ -180,6 +189,10 @@ class GatedExecutor:
             self.overlaps.append(key)  # two copies of one disk at once: never allowed
         self.running.add(key)
         self.most_running = max(self.most_running, len(self.running))
+        for src in sources(p):
+            self.per_source[src] = self.per_source.get(src, 0) + 1
+            self.most_per_source[src] = max(self.most_per_source.get(src, 0),
+                                            self.per_source[src])
         self.started.append((key, p.sync_id))
         try:
             progress(ProgressUpdate(0, 1 << 20))
@@ -190,6 +203,8 @@ class GatedExecutor:
             raise
         finally:
             self.running.discard(key)
+            for src in sources(p):
+                self.per_source[src] -= 1
         return SyncResult(p.replication_type, p.reason, 1 << 20, 0, 1, "blake3:" + "0" * 64, 0.01)
 
     async def release(self, p: SyncPlanned) -> None:

@@ -1,12 +1,14 @@
 """The copier's Kafka loop in process (``consumers/copier.py``), with a fake consumer, a gated
 executor and a fake publisher (``tests/copier/fakes.py``): plans of one disk in offset order,
 disks of one partition concurrently, commits below the lowest unfinished plan, pause and resume,
-revocation, a failed record run again, dead letters, and the queued reports."""
+revocation, a failed record run again, dead letters, the queued reports, and the per-ESXi-host
+and per-datastore limits."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -235,3 +237,53 @@ async def test_plans_held_but_not_started_are_reported_queued(tmp_path: Path) ->
         ex.finish(b)
         await until(_committed(pub, a, b, c))
     assert ex.starts(a) == 1  # the re-issue was skipped: its outcome was published
+
+
+async def test_copies_of_one_esxi_host_stay_within_its_limit_and_others_pass(
+        tmp_path: Path) -> None:
+    consumer, ex, pub = FakeConsumer(), GatedExecutor(), FakePublisher()
+    busy = [plan(k, host="esx-1") for k in range(1, 6)]
+    other = [plan(k, host="esx-2") for k in range(6, 8)]
+    for p in (*busy, *other):  # the other host's plans are behind the busy host's in Kafka
+        consumer.append(p)
+
+    def queued(p: Any) -> list[SyncProgress]:
+        return [e for e in pub.of_type("SyncProgress")
+                if e.sync_id == p.sync_id and e.state == "queued"]
+
+    async with running(tmp_path, consumer, ex, pub, max_parallel_disks=6,
+                       max_copies_per_esxi_host=2, max_copies_per_datastore=0,
+                       queue_report_interval_s=0.02):
+        await until(lambda: len(ex.running) == 4)
+        await until(lambda: all(queued(p) for p in busy[2:]))
+        await asyncio.sleep(0.05)
+        assert {k for k, _ in ex.started} == {p.disk.key for p in (*busy[:2], *other)}
+        assert {e.wait_reason for p in busy[2:] for e in queued(p)} == {
+            "esxi host esx-1 at its limit of 2"}
+        ex.open_all = True
+        for p in (*busy, *other):
+            ex.finish(p)
+        await until(_committed(pub, *busy, *other))
+    assert ex.most_per_source[("esxi host", "esx-1")] == 2
+    assert [s for _, s in ex.started if s in {p.sync_id for p in busy}] == [
+        p.sync_id for p in busy]  # one host's plans in arrival order
+
+
+async def test_copies_of_one_datastore_stay_within_its_limit(tmp_path: Path) -> None:
+    consumer, ex, pub = FakeConsumer(), GatedExecutor(), FakePublisher()
+    on_ds1 = [plan(k, host=f"esx-{k}") for k in range(1, 5)]
+    on_ds2 = plan(9, host="esx-1", datastore="ds2")
+    for p in (*on_ds1, on_ds2):
+        consumer.append(p)
+    async with running(tmp_path, consumer, ex, pub, max_parallel_disks=8,
+                       max_copies_per_datastore=1, queue_report_interval_s=0.02):
+        await until(lambda: ex.is_running(on_ds1[0]) and ex.is_running(on_ds2))
+        await until(lambda: any(e.wait_reason == "datastore ds1 at its limit of 1"
+                                for e in pub.of_type("SyncProgress")))
+        for p in on_ds1:
+            await until(functools.partial(ex.is_running, p))
+            assert len(ex.running) == 2
+            ex.finish(p)
+        ex.finish(on_ds2)
+        await until(_committed(pub, *on_ds1, on_ds2))
+    assert ex.most_per_source[("datastore", "ds1")] == 1
