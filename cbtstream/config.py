@@ -313,7 +313,9 @@ class CopierSettings(BaseModel):
     #: Seconds between two ``SyncProgress(state="queued")`` of a plan the copier holds but has
     #: not started (at most a fifth of ``streams.sync_timeout_s``, so waiting is not silence).
     queue_report_interval_s: float = Field(default=60.0, gt=0)
-    #: Resume checkpoints of running syncs (must survive restarts; small files).
+    #: The copier's own state (must survive restarts; small files): the ledger of published
+    #: outcomes and, unless ``records_dir`` is set, the records of block-device and NBD
+    #: replicas. Resume checkpoints are kept with each replica's record.
     state_dir: Path = Path(".stack/copier")
     #: Parallel NBD connections per source disk.
     nbd_connections: int = Field(default=2, ge=1, le=16)
