@@ -384,8 +384,8 @@ class Schedule(Generic[P, T]):
 
     # -- views ----------------------------------------------------------------------------------
     def waiting(self) -> list[Work[P, T]]:
-        """Every waiting work of the held partitions, in start order (first: next to start
-        once its key is free)."""
+        """Every waiting work of the held partitions, in arrival order: the start order but
+        for works a resource limit holds back (:meth:`waits_for`), which others pass."""
         found = [w for queue in self._keys.values() for w in queue
                  if w.stage == Stage.WAITING and not w.dropped]
         return sorted(found, key=lambda w: w.seq)
