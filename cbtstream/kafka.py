@@ -321,24 +321,31 @@ async def committed_offsets(admin: AIOKafkaAdminClient, group: str,
 
 
 async def group_members(settings: KafkaSettings, groups: list[str]) -> dict[str, list[str]]:
-    """The members of each of ``groups``, as ``client_id@host`` (an empty list: no live member,
-    or the group does not exist). Raises ``KafkaUnavailable`` when the broker does not answer."""
-    found: dict[str, list[str]] = {g: [] for g in groups}
-    if not groups:
-        return found
-    admin = AIOKafkaAdminClient(**client_kwargs(settings))
-    try:
-        await admin.start()
-        for response in await admin.describe_consumer_groups(groups):
-            for g in response.to_object()["groups"]:
-                if g.get("error_code") == 0 and g.get("group") in found:
-                    found[g["group"]] = sorted(
-                        f"{m.get('client_id', '')}@{str(m.get('client_host', '')).lstrip('/')}"
-                        for m in g.get("members", ()))
-    except KafkaError as exc:
-        raise KafkaUnavailable(f"describing consumer groups failed: {exc}") from exc
-    finally:
-        await admin.close()
+    """The members of each of ``groups`` that could be described, as ``client_id@host`` (an
+    empty list: no live member, or no such group; a group missing from the result: not known).
+
+    One request per group: aiokafka 0.14 misreads a response that describes several groups
+    when one of them does not exist (the fields shift, then the connection is dropped), so a
+    failed group costs only its own answer. Raises ``KafkaUnavailable`` when no group could be
+    described at all."""
+    found: dict[str, list[str]] = {}
+    error: Exception | None = None
+    for group in groups:
+        admin = AIOKafkaAdminClient(**client_kwargs(settings))
+        try:
+            await admin.start()
+            for response in await admin.describe_consumer_groups([group]):
+                for g in response.to_object()["groups"]:
+                    if g.get("error_code") == 0 and g.get("group") == group:
+                        found[group] = sorted(
+                            f"{m.get('client_id', '')}@{str(m.get('client_host', '')).lstrip('/')}"
+                            for m in g.get("members", ()))
+        except (KafkaError, ValueError) as exc:
+            error = exc
+        finally:
+            await admin.close()
+    if groups and not found and error is not None:
+        raise KafkaUnavailable(f"describing consumer groups failed: {error}") from error
     return found
 
 

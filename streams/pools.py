@@ -114,9 +114,14 @@ def survey(rows: Iterable[object], live: dict[str, int], pools: PoolsSettings) -
 
 
 def pools_in_use(rows: Iterable[object], pools: PoolsSettings) -> set[str]:
-    """The pools of running syncs, with every configured pool (their copiers are reported even
-    when idle)."""
-    found = {pool for raw in rows if (pool := running_pool(raw)) is not None}
+    """The pools of the rows and their running syncs, with every configured pool (their copiers
+    are reported even when idle)."""
+    found: set[str] = set()
+    for raw in rows:
+        if (pool := running_pool(raw)) is not None:
+            found.add(pool)
+        if isinstance(raw, dict) and isinstance(raw.get("pool"), str):
+            found.add(raw["pool"])
     return found | {pools.default, *(a.pool for a in pools.assign)}
 
 
@@ -140,7 +145,8 @@ def register_pool_survey(app: faust.App, settings: Settings, table: Any, view: P
             log.warning("cannot tell which pools have live copiers", extra={"error": str(exc)})
             live: dict[str, int] = {}
         else:
-            live = {p: len(members[copier_group_id(prefix, p)]) for p in names}
+            live = {p: len(members[group]) for p in names
+                    if (group := copier_group_id(prefix, p)) in members}
         fresh = survey(rows, live, settings.pools)
         for pool, n in fresh.waiting.items():
             if view.waiting.get(pool, 0) == 0:

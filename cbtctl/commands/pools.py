@@ -64,9 +64,10 @@ async def _list(settings: Settings) -> int:
     members = await group_members(settings.kafka, [copier_group_id(prefix, p) for p in names])
     for pool in names:
         group = copier_group_id(prefix, pool)
-        print(json.dumps({"pool": pool, "group": group, "copiers": members[group],
+        copiers = members.get(group)  # None: the broker did not describe the group
+        print(json.dumps({"pool": pool, "group": group, "copiers": copiers,
                           "disks": disks.get(pool, 0),
-                          "waiting_for_copier": bool(disks.get(pool)) and not members[group]}))
+                          "waiting_for_copier": bool(disks.get(pool)) and copiers == []}))
     return 0
 
 
@@ -97,9 +98,10 @@ async def _move(args: argparse.Namespace, settings: Settings) -> int:
     if plan.pool == args.to:
         print(f"disk {args.disk} is in pool {args.to!r} already; nothing to do")
         return 0
-    gib = plan.disk.capacity_bytes / 2**30
+    size = plan.disk.capacity_bytes
+    shown = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
     print(f"disk {args.disk} ({plan.disk.vm_name}) moves from pool {plan.pool!r} to "
-          f"{args.to!r}: its next sync copies the whole disk ({gib:.1f} GiB) into pool "
+          f"{args.to!r}: its next sync copies the whole disk ({shown}) into pool "
           f"{args.to!r}; the replica in {plan.pool!r} stays as it is until you remove it.")
     if not args.yes:
         print("nothing done: run again with --yes to move it")
