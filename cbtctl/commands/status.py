@@ -14,8 +14,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Replays the log (no consumer group, works while the worker is down): per "
         "disk the latest committed change ID, the time and type of the last sync, a running "
         "sync as its copier last reported it (queued with its place in the queue, running with "
-        "its progress, or silent: nothing heard for three report intervals), or the last "
-        "failure; then the consumer lag of each pipeline stage (planner, copier, audit).",
+        "its progress, silent: nothing heard for three report intervals, or waiting for its "
+        "copier pool, which has no live copier), or the last failure; then the consumer lag "
+        "of each pipeline stage (planner, copier pools, audit).",
     )
     who = p.add_mutually_exclusive_group()
     who.add_argument("--disk", metavar="KEY", help="only this disk")
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from cbtctl.replay.reader import StageLag, StartAt, consumer_lag, pipeline_stages
     from cbtctl.replay.run import load
     from cbtctl.replay.status import DiskStatus, disk_status
+    from cbtstream.kafka import copier_group_id, group_members
     from consumers.queued import report_interval
     from streams.fences import read_fences
 
@@ -49,8 +51,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         lags = await consumer_lag(settings.kafka, pipeline_stages(settings))
         fences = await read_fences(settings.kafka)
         now = datetime.now(UTC)
-        return ([disk_status(d, now, silent_after) for d in result.disks.values()], list(lags),
-                fences)
+        pools = sorted({d.state.running.pool for d in result.disks.values()
+                        if d.state is not None and d.state.running is not None})
+        prefix = settings.kafka.topic_prefix
+        members = await group_members(settings.kafka, [copier_group_id(prefix, p) for p in pools])
+        unserved = frozenset(p for p in pools if members.get(copier_group_id(prefix, p)) == [])
+        return ([disk_status(d, now, silent_after, unserved) for d in result.disks.values()],
+                list(lags), fences)
 
     rows, lags, fences = asyncio.run(gather())
     console = Console()

@@ -108,12 +108,14 @@ def status_json(rows: list[DiskStatus], lags: list[StageLag]) -> Iterator[dict[s
         yield {
             "type": "status", "disk": s.key, "vm_instance_uuid": s.vm_instance_uuid,
             "vm_name": s.vm_name, "disk_id": s.disk_id, "state": s.state, "owner": s.owner,
+            "pool": s.pool,
             "change_id": s.change_id, "last_sync_at": _t(s.last_sync_at),
             "last_type": s.last_type, "last_reason": s.last_reason, "commits": s.commits,
             "running": None if r is None else {
                 "sync_id": str(r.sync_id), "vm_snapshot": r.vm_snapshot,
                 "replication_type": r.replication_type, "planned_at": _t(r.planned_at),
                 "state": r.state, "queue_position": r.queue_position,
+                "wait_reason": r.wait_reason, "pool": r.pool,
                 "bytes_done": r.bytes_done, "bytes_total": r.bytes_total,
                 "rate_bytes_per_s": r.rate_bytes_per_s, "progress_at": _t(r.progress_at)},
             "failure": None if s.failure is None else {
@@ -130,7 +132,7 @@ def status_json(rows: list[DiskStatus], lags: list[StageLag]) -> Iterator[dict[s
 
 
 #: The states of a running sync in ``status`` (``cbtctl.replay.status.Running.state``).
-SYNC_STATES = ("queued", "running", "silent", "planned")
+SYNC_STATES = ("queued", "running", "silent", "planned", "waiting_for_pool")
 
 
 def sync_counts(rows: list[DiskStatus]) -> dict[str, int]:
@@ -203,8 +205,8 @@ def print_as_of(console: Console, result: ReplayResult, t: datetime) -> None:
 
 def print_status(console: Console, rows: list[DiskStatus], lags: list[StageLag]) -> None:
     table = Table(title="Disks", title_justify="left")
-    for col in ("vm", "disk", "state", "owner", "change ID", "last sync", "type / reason",
-                "commits", "detail"):
+    for col in ("vm", "disk", "state", "pool", "owner", "change ID", "last sync",
+                "type / reason", "commits", "detail"):
         table.add_column(col)
     for s in rows:
         detail = ""
@@ -212,6 +214,11 @@ def print_status(console: Console, rows: list[DiskStatus], lags: list[StageLag])
             r = s.running
             if r.reported == "queued":
                 detail = f"{r.replication_type} {r.vm_snapshot} #{r.queue_position} in queue"
+                if r.wait_reason:
+                    detail += f", waiting for {r.wait_reason}"
+            elif r.state == "waiting_for_pool":
+                detail = (f"{r.replication_type} {r.vm_snapshot}: pool {r.pool!r} has no live "
+                          "copier")
             else:
                 pct = f"{r.percent:.0f}% " if r.percent is not None else ""
                 detail = (f"{r.replication_type} {r.vm_snapshot} {pct}"
@@ -225,9 +232,10 @@ def print_status(console: Console, rows: list[DiskStatus], lags: list[StageLag])
         if s.waiting:
             detail += f" (waiting: {s.waiting})"
         style = {"running": "cyan", "queued": "blue", "silent": "bold red", "failed": "red",
+                 "waiting_for_pool": "bold yellow",
                  "synced": "green", "skipped": "yellow"}.get(s.state, "")
         table.add_row(s.vm_name, s.key, f"[{style}]{s.state}[/]" if style else s.state,
-                      s.owner, _short(s.change_id), _ts(s.last_sync_at),
+                      s.pool, s.owner, _short(s.change_id), _ts(s.last_sync_at),
                       f"{s.last_type}/{s.last_reason}" if s.last_type else "-", str(s.commits),
                       detail)
     console.print(table)

@@ -4,7 +4,8 @@ A disk's running sync (the planner's) is shown by what its copier last said of i
 ``queued`` (held by a copier, not started; with its place in the copier's queue), ``running``
 (copying), ``silent`` (nothing heard, neither report nor plan nor re-issue, for longer than a
 healthy copier stays quiet: the planner will re-issue it and then time it out) or ``planned``
-(no report yet, not silent yet).
+(no report yet, not silent yet), or ``waiting_for_pool`` (no report and its pool has no live
+copier: it waits for one, and the worker does not time it out; ``streams/pools.py``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,17 @@ class Running:
     queue_position: int | None = None
     #: Nothing heard of it (report, plan, re-issue) for longer than a healthy copier is quiet.
     silent: bool = False
+    #: The copier pool of its plan.
+    pool: str = "default"
+    #: With a queued report: what it waits for (a copy slot, its ESXi host's limit...).
+    wait_reason: str | None = None
+    #: Its pool has no live copier (the consumer group has no member).
+    pool_unserved: bool = False
 
     @property
     def state(self) -> str:
+        if self.pool_unserved and self.reported is None:
+            return "waiting_for_pool"
         if self.silent:
             return "silent"
         return self.reported or "planned"
@@ -73,6 +82,8 @@ class DiskStatus:
     owner: str = "cbtstream"
     #: Why the VM's latest snapshot did not capture the disk (``DiskSkipped.reason``), if so.
     skipped: str | None = None
+    #: The copier pool holding its replica (that of its latest plan).
+    pool: str = "default"
 
     @property
     def state(self) -> str:
@@ -86,10 +97,12 @@ class DiskStatus:
 
 
 def disk_status(lin: DiskLineage, now: datetime | None = None,
-                silent_after: timedelta | None = None) -> DiskStatus:
+                silent_after: timedelta | None = None,
+                unserved: frozenset[str] = frozenset()) -> DiskStatus:
     """The disk's latest applied commit, its running sync (with the latest report of that sync)
     and its last failure if nothing was committed since. With ``now`` and ``silent_after``, a
-    running sync heard of longer ago than that is silent."""
+    running sync heard of longer ago than that is silent; one of a pool in ``unserved`` (no
+    live copier) that no copier reported waits for its pool."""
     last = lin.links[-1] if lin.links else None
     row = lin.state
     running = None
@@ -99,9 +112,10 @@ def disk_status(lin: DiskLineage, now: datetime | None = None,
         heard = max(t for t in (r.planned_at, row.reissued_at, prog[1] if prog else None)
                     if t is not None)
         silent = now is not None and silent_after is not None and now - heard > silent_after
+        waits = r.pool in unserved
         if prog is None:
             running = Running(r.sync_id, r.vm_snapshot, str(r.replication_type), r.planned_at,
-                              silent=silent)
+                              silent=silent and not waits, pool=r.pool, pool_unserved=waits)
         else:
             p, at = prog
             queued = p.state == "queued"
@@ -109,7 +123,8 @@ def disk_status(lin: DiskLineage, now: datetime | None = None,
                 r.sync_id, r.vm_snapshot, str(r.replication_type), r.planned_at,
                 None if queued else p.bytes_done, None if queued else p.bytes_total,
                 None if queued else p.rate_bytes_per_s, at, reported=p.state,
-                queue_position=p.queue_position, silent=silent)
+                queue_position=p.queue_position, silent=silent, pool=r.pool,
+                wait_reason=p.wait_reason, pool_unserved=waits)
     failure = None
     if lin.last_failed is not None and running is None:
         ev, _, at = lin.last_failed
@@ -126,4 +141,5 @@ def disk_status(lin: DiskLineage, now: datetime | None = None,
         waiting=row.waiting.vm_snapshot if row is not None and row.waiting is not None else None,
         owner=row.owner if row is not None else "cbtstream",
         skipped=str(lin.skipped.reason) if lin.skipped is not None else None,
+        pool=row.pool if row is not None and row.pool is not None else "default",
     )

@@ -56,7 +56,31 @@ def test_status_counts_the_syncs_of_each_state() -> None:
     result = replay(h.records, complete=True)
     rows = [disk_status(d, h.clock, QUIET) for d in result.disks.values()]
     [counts] = [j for j in status_json(rows, []) if j["type"] == "syncs"]
-    assert counts == {"type": "syncs", "queued": 1, "running": 1, "silent": 0, "planned": 1}
+    assert counts == {"type": "syncs", "queued": 1, "running": 1, "silent": 0, "planned": 1,
+                      "waiting_for_pool": 0}
+
+
+def test_a_sync_of_a_pool_without_copiers_waits_for_it_and_is_never_silent() -> None:
+    h = History()
+    plan = h.snapshot(disk(), f"{EPOCH_A}/1")
+    assert plan is not None and plan.pool == "default"
+    [lin] = replay(h.records, complete=True).disks.values()
+    s = disk_status(lin, h.clock + QUIET * 5, QUIET, frozenset({"default"}))
+    assert s.running is not None and s.state == "waiting_for_pool" and s.pool == "default"
+    [doc] = [j for j in status_json([s], []) if j["type"] == "status"]
+    assert doc["running"]["state"] == "waiting_for_pool" and doc["pool"] == "default"
+    out = io.StringIO()
+    print_status(Console(file=out, width=250), [s], [])
+    assert "pool 'default' has no live copier" in out.getvalue()
+    # once a copier of the pool reports it, its report tells the state
+    h.append(_report(plan, state="queued", queue_position=2, wait_reason="a copy slot"))
+    [lin] = replay(h.records, complete=True).disks.values()
+    s = disk_status(lin, h.clock, QUIET, frozenset({"default"}))
+    assert s.running is not None and s.state == "queued"
+    assert s.running.wait_reason == "a copy slot"
+    # without the pool survey it is silent as before
+    [lin] = replay(h.records[:-1], complete=True).disks.values()
+    assert disk_status(lin, h.clock + QUIET * 5, QUIET).state == "silent"
 
 
 def test_the_table_shows_the_queue_position_and_the_silence() -> None:
@@ -71,4 +95,4 @@ def test_the_table_shows_the_queue_position_and_the_silence() -> None:
     print_status(Console(file=out, width=250), rows, [])
     text = out.getvalue()
     assert "#3 in queue" in text and "silent" in text and "last heard" in text
-    assert "Syncs: 1 queued, 0 running, 1 silent, 1 planned" in text
+    assert "Syncs: 1 queued, 0 running, 1 silent, 1 planned, 0 waiting_for_pool" in text
