@@ -61,18 +61,19 @@ async def test_copier_killed_mid_sync_resumes(scenario: Scenario, pipeline: Pipe
     copier = pipeline.start_copier()
     events = await scenario.snapshot()
     snap = events[0].vm_snapshot
-    checkpoints = scenario.settings.copier.state_dir
+    # the resume checkpoint sits beside the replica's record (disk-N.img.checkpoint.<sync id>)
+    checkpoints = scenario.settings.copier.target_root
     watcher = scenario.watcher
     assert watcher is not None
 
     def checkpointed() -> bool:
-        return any(checkpoints.rglob("*.json"))
+        return any(checkpoints.rglob("disk-*.img.checkpoint.*"))
 
     await watcher.wait_for(lambda: checkpointed() or bool(watcher.outcomes(snap)), 60,
                            alive=pipeline.check)
     assert not watcher.outcomes(snap), "sync finished before it could be interrupted"
     copier.kill()  # SIGKILL mid-sync
-    saved = json.loads(next(checkpoints.rglob("*.json")).read_text())
+    saved = json.loads(next(checkpoints.rglob("disk-*.img.checkpoint.*")).read_text())
     assert saved["durable_until"] > 0
     await asyncio.sleep(0.5)
     assert not watcher.outcomes(snap), "a commit was published by a killed copier"

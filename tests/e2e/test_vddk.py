@@ -59,10 +59,10 @@ async def test_nbdkit_killed_mid_copy_is_retried_then_committed(
     snap = events[0].vm_snapshot
     watcher = scenario.watcher
     assert watcher is not None
-    checkpoints = pipeline.settings.copier.state_dir
+    checkpoints = pipeline.settings.copier.target_root  # beside the replica's record
 
     # Wait until the copy is under way (a checkpoint saved), then kill its nbdkit.
-    await watcher.wait_for(lambda: any(checkpoints.rglob("*.json")) or bool(
+    await watcher.wait_for(lambda: any(checkpoints.rglob("disk-*.img.checkpoint.*")) or bool(
         watcher.outcomes(snap)), 60, alive=pipeline.check)
     assert not watcher.outcomes(snap), "sync finished before nbdkit could be killed"
     [victim] = nbdkits(run_dir)

@@ -27,6 +27,7 @@ from cbtctl.demo.workload import KiB, MiB, Write, initial_fill, scattered
 from cbtstream.config import Settings
 from cbtstream.kafka import create_topics
 from cbtstream.vsphere.simctl import SimulatorControl
+from consumers.replica.location import TargetResolver
 from schemas.events import ChangeIdCommitted, SyncFailed, SyncPlanned
 from tests.e2e.conftest import Pipeline
 from tests.support import isolated_settings
@@ -223,11 +224,13 @@ class Lane:
         return max(per_disk.values()) / (self.settings.copier.max_bytes_per_s or RATE)
 
     def checkpoints(self, plans: dict[int, SyncPlanned]) -> dict[str, int]:
-        """durable_until of every checkpoint file of these plans (after a kill: stable)."""
+        """durable_until of every checkpoint file of these plans (after a kill: stable), beside
+        each replica's record."""
         out = {}
+        targets = TargetResolver(self.settings.copier)
         for plan in plans.values():
-            vm_uuid, disk = plan.disk.key.split("/")
-            path = self.settings.copier.state_dir / vm_uuid / disk / f"{plan.sync_id}.json"
+            path = targets.locate(plan.disk.key).store.checkpoint(
+                plan.disk.key, str(plan.sync_id)).path
             with contextlib.suppress(FileNotFoundError):
                 out[plan.disk.key] = int(json.loads(path.read_text())["durable_until"])
         return out
