@@ -168,7 +168,7 @@ def build(settings: Settings, remover: SnapshotRemover | None = None,
     if s.sync_timeout_s > 0:
         register_sync_checks(app, table, pa.checks_topic, pa.progress,
                              timeout_s=s.sync_timeout_s, interval_s=s.sync_check_interval_s,
-                             unserved=pa.pools.unserved)
+                             unserved=pa.pools.unserved, pool_waited=pa.pools.waited)
     return pa
 
 

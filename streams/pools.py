@@ -27,6 +27,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import faust
@@ -95,6 +96,9 @@ class PoolView:
     live: dict[str, int] = field(default_factory=dict)
     waiting: Counter[str] = field(default_factory=Counter)
     mismatched: int = 0
+    #: Per pool, the last survey that found it without a live copier (kept across surveys:
+    #: the time-out checks count silence from it, ``streams.timeouts.silent``).
+    waited: dict[str, datetime] = field(default_factory=dict)
 
     def unserved(self) -> set[str]:
         """Pools known to have no live copier."""
@@ -153,6 +157,9 @@ def register_pool_survey(app: faust.App, settings: Settings, table: Any, view: P
                 log.warning("syncs wait for a pool with no live copier", extra={
                     "pool": pool, "syncs": n, "group": copier_group_id(prefix, pool)})
         view.live, view.waiting, view.mismatched = fresh.live, fresh.waiting, fresh.mismatched
+        now = datetime.now(UTC)
+        for pool in fresh.unserved():
+            view.waited[pool] = now
         result = publish(view)
         if result is not None:
             await result

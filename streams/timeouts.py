@@ -47,9 +47,15 @@ def _time(value: object) -> datetime | None:
 
 
 def silent(raw: object, now: datetime, timeout: timedelta,
-           progress: dict[uuid.UUID, datetime]) -> SyncCheck | None:
+           progress: dict[uuid.UUID, datetime],
+           pool_waited: dict[str, datetime] | None = None) -> SyncCheck | None:
     """The check to send for one table row (its JSON, as the table holds it), or None. Reads
-    the few fields it needs without validating the row (every row, every interval)."""
+    the few fields it needs without validating the row (every row, every interval).
+
+    ``pool_waited``: per pool, the last time it was seen without a live copier
+    (``streams.pools``). Time spent waiting for a copier is not silence, so it counts like a
+    progress report: a pool's copier that comes back gets a whole time-out to report its
+    plans, instead of having them all re-issued at once."""
     if not isinstance(raw, dict):
         return None
     running = raw.get("running")
@@ -57,6 +63,9 @@ def silent(raw: object, now: datetime, timeout: timedelta,
         return None
     sync_id = uuid.UUID(str(running["sync_id"]))
     last = progress.get(sync_id)
+    waited = (pool_waited or {}).get(running_pool(raw) or "")
+    if waited is not None and (last is None or waited > last):
+        last = waited
     since = max(t for t in (_time(running.get("planned_at")), _time(raw.get("reissued_at")),
                             last) if t is not None)
     if now - since < timeout:
@@ -68,11 +77,13 @@ def silent(raw: object, now: datetime, timeout: timedelta,
 
 def register_sync_checks(app: faust.App, table: Any, topic: faust.TopicT,
                          progress: dict[uuid.UUID, datetime], *, timeout_s: float,
-                         interval_s: float, unserved: Callable[[], set[str]]) -> None:
+                         interval_s: float, unserved: Callable[[], set[str]],
+                         pool_waited: dict[str, datetime]) -> None:
     """Start the timer in ``app`` that sends a :class:`SyncCheck` to ``topic`` for every silent
     running sync of ``table`` (the ``disks`` table; ``progress`` is the worker's memory of
     the latest ``SyncProgress`` per sync), except those of the pools ``unserved`` names (no
-    live copier: they wait for their pool, ``streams.pools``)."""
+    live copier: they wait for their pool, ``streams.pools``); ``pool_waited`` is the survey's
+    memory of when each pool last had no copier (see :func:`silent`)."""
     timeout = timedelta(seconds=timeout_s)
 
     @app.timer(interval=interval_s, name="cbtstream-sync-checks")  # type: ignore[untyped-decorator]
@@ -85,7 +96,7 @@ def register_sync_checks(app: faust.App, table: Any, topic: faust.TopicT,
         for raw in list(table.values()):
             if waiting_pools and running_pool(raw) in waiting_pools:
                 continue
-            check = silent(raw, now, timeout, progress)
+            check = silent(raw, now, timeout, progress, pool_waited)
             if check is None:
                 continue
             await topic.send(key=check.disk_key.encode(), value=check.model_dump_json().encode())

@@ -101,3 +101,21 @@ def test_pool_moves_and_time_out_checks_share_the_checks_topic() -> None:
     assert as_move(move.model_dump_json().encode()) == move
     assert as_move(b'{"disk_key": "x", "sync_id": "00000000-0000-0000-0000-000000000000"}') \
         is None
+
+
+def test_time_waiting_for_a_pool_is_not_silence() -> None:
+    from streams.timeouts import silent
+
+    row = snapshot_step(None, snap(disk(), f"{EPOCH_A}/1"), NOW, pool="b").state
+    assert row is not None and row.running is not None
+    raw = to_json(row)
+    timeout = timedelta(seconds=30)
+    later = NOW + timedelta(minutes=10)
+    check = silent(raw, later, timeout, {})
+    assert check is not None and check.last_progress is None  # silent for 10 minutes
+    # the pool had no copier until a minute ago: the returning copier gets a whole time-out
+    assert silent(raw, later, timeout, {}, {"b": later - timedelta(seconds=20)}) is None
+    # another pool's wait does not count, nor an old one
+    assert silent(raw, later, timeout, {}, {"a": later}) is not None
+    old = silent(raw, later, timeout, {}, {"b": later - timedelta(minutes=5)})
+    assert old is not None and old.last_progress == later - timedelta(minutes=5)
