@@ -77,8 +77,9 @@ class _Unchecked:
 _UNCHECKED = _Unchecked()
 
 
-#: Event types that are not about one disk (decoded elsewhere: dead letters, fences).
-_NOT_DISK_EVENTS = ("DeadLetter", "ChangeIdFence")
+#: Event types that are not about one disk (decoded elsewhere: dead letters, fences, the
+#: scheduler's events).
+_NOT_DISK_EVENTS = ("DeadLetter", "ChangeIdFence", "ScheduleEvent")
 
 
 def decode(

@@ -430,6 +430,58 @@ class ChangeIdFence(BaseModel):
         return f"fence/{self.fence_id}"
 
 
+class ScheduleKind(StrEnum):
+    """What a scheduler reports about one VM in one cycle (``ScheduleEvent.kind``)."""
+
+    #: The VM was snapshotted (its ``SnapshotTaken`` events are published).
+    SNAPSHOT_TAKEN = "snapshot_taken"
+    #: The snapshot (or publishing its events) failed; ``reason`` says why.
+    SNAPSHOT_FAILED = "snapshot_failed"
+    #: The VM was due but its previous snapshot is still being copied: not snapshotted again.
+    RPO_AT_RISK = "rpo_at_risk"
+    #: The VM's replica is provably older than its RPO (see ``point_at``).
+    RPO_MISSED = "rpo_missed"
+
+
+class ScheduleEvent(BaseModel):
+    """What the site scheduler (``cbtstream schedule``) did or found for one VM in one cycle.
+    Keyed by the VM's instance uuid on ``cbt.schedule.events``: the partition of a VM is the
+    one its scheduler owns (``producers/site.py``), and that scheduler's own events are its
+    memory after a restart or a rebalance. Not a disk event."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_type: Literal["ScheduleEvent"] = "ScheduleEvent"
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+    kind: ScheduleKind
+    vm_instance_uuid: uuid.UUID
+    vm_name: str = Field(default="", max_length=MAX_TEXT)
+    vm_path: str = Field(default="", max_length=MAX_TEXT)
+    vcenter: str = Field(max_length=MAX_TEXT)
+    policy: str = Field(min_length=1, max_length=128)
+    rpo_s: float = Field(gt=0, description="The policy's recovery point objective.")
+    cycle_at: AwareDatetime = Field(
+        description="Start of the schedule slot (the policy's interval on a grid from the Unix "
+        "epoch) the event belongs to.")
+    vm_snapshot: str | None = Field(
+        default=None, max_length=128,
+        description="snapshot_taken: the new VM snapshot; rpo_at_risk: the one still being "
+        "copied; rpo_missed: the one whose age proves the miss, if any.")
+    point_at: AwareDatetime | None = Field(
+        default=None,
+        description="rpo_at_risk / rpo_missed: the creation time of the VM's oldest snapshot "
+        "still being copied, else of its last snapshot taken: the replica holds nothing newer.")
+    reason: str | None = Field(default=None, max_length=64,
+                               description="snapshot_failed: the error's reason code.")
+    detail: str = Field(default="", max_length=4096)
+
+    @property
+    def key(self) -> str:
+        return str(self.vm_instance_uuid)
+
+
 class DeadLetter(BaseModel):
     """A record that could not be decoded or validated, kept whole with where it came from."""
 
@@ -480,6 +532,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
         DiskSkipped,
         DeadLetter,
         ChangeIdFence,
+        ScheduleEvent,
     )
 }
 

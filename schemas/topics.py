@@ -1,7 +1,8 @@
 """The topic catalogue: every topic of cbtstream is defined here, once.
 
 All topics are keyed by the disk key ``<vm instance uuid>/disk-<device key>`` (except the
-dead-letter topic, keyed by the original record's key) and have the same partition count, so the
+dead-letter topic, keyed by the original record's key, the fences, keyed ``fence/<id>``, and the
+scheduler's events, keyed by VM instance uuid) and have the same partition count, so the
 Faust table (keyed by disk key) co-partitions with every source topic. Values are single-line JSON.
 """
 
@@ -18,6 +19,7 @@ from schemas.events import (
     DiskSkipped,
     ReplicaMismatch,
     ReplicaVerified,
+    ScheduleEvent,
     SnapshotRemoved,
     SnapshotTaken,
     SyncFailed,
@@ -110,9 +112,18 @@ FENCES = TopicSpec(
     "Operator fences: change IDs issued before a time within a scope are untrusted.",
 )
 
-#: Topics of the pipeline's control plane, read whole by the planner (not disk events: the
-#: audit consumer and the replay's disk history do not read them).
-CONTROL_TOPICS: tuple[TopicSpec, ...] = (FENCES,)
+SCHEDULE_EVENTS = TopicSpec(
+    "cbt.schedule.events",
+    (ScheduleEvent,),
+    # Keyed by VM instance uuid; the site schedulers' consumer group splits VMs by its
+    # partitions, and a scheduler reads its partitions back (a few RPOs) as its memory.
+    {"cleanup.policy": "delete", "retention.ms": str(30 * _DAY_MS)},
+    "The site scheduler's per-VM reports: snapshot taken or failed, rpo_at_risk, rpo_missed.",
+)
+
+#: Topics that carry no disk events (the replay's disk history does not read them): fences,
+#: read whole by the planner; the scheduler's per-VM events.
+CONTROL_TOPICS: tuple[TopicSpec, ...] = (FENCES, SCHEDULE_EVENTS)
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     SNAPSHOT_TAKEN,

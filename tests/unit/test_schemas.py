@@ -29,7 +29,7 @@ def test_committed_json_schemas_match_the_models() -> None:
 
 def test_every_event_type_has_a_schema_and_a_topic() -> None:
     names = render_all()
-    assert len(names) == 14  # 12 event types and the 2 request bodies of the change-ID API
+    assert len(names) == 15  # 13 event types and the 2 request bodies of the change-ID API
     assert {"store_change_id_request.schema.json", "disk_commit_request.schema.json"} <= set(names)
     for spec in (*ALL_TOPICS, *CONTROL_TOPICS):
         for model in spec.value_types:
