@@ -506,6 +506,89 @@ class StackSettings(BaseModel):
     vcsim_port: int = 18989
 
 
+_WINDOW = r"^([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d$"
+
+
+class SchedulePolicy(BaseModel):
+    """One ``[[schedule.policies]]`` table: which VMs (the union of its selectors, evaluated
+    against the inventory every cycle), how often they are snapshotted and their RPO."""
+
+    model_config = _Frozen
+
+    #: The policy's name, in events, metrics and messages.
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    #: Recovery point objective in seconds: a VM whose replica is provably older than this has
+    #: missed it (``RpoMissed``).
+    rpo_s: float = Field(gt=0)
+    #: Seconds between two snapshots of a VM (slots on a grid from the Unix epoch). Default
+    #: half the RPO: a snapshot then has the other half to be copied before the RPO is missed.
+    every_s: float | None = Field(default=None, gt=0)
+    #: ``HH:MM-HH:MM`` (UTC; may wrap midnight): snapshots start only inside it, and the RPO
+    #: is judged only inside it. Unset: always.
+    window: str | None = Field(default=None, pattern=_WINDOW)
+    #: Inventory paths of VM folders (``/DC/vm/prod``); VMs in subfolders are included.
+    folders: tuple[str, ...] = ()
+    #: Names of clusters (``ClusterComputeResource``) whose VMs are included.
+    clusters: tuple[str, ...] = ()
+    #: vSphere tags, ``category/tag`` or ``tag`` (read through the vAPI REST endpoint).
+    tags: tuple[str, ...] = ()
+    #: Shell patterns on VM names (``web-*``); a pattern may match no VM yet.
+    names: tuple[str, ...] = ()
+    #: VMs by instance uuid or inventory path; each must exist.
+    vms: tuple[str, ...] = ()
+    #: Turn CBT on where it is off (reconfigure + stun snapshot) instead of failing the VM.
+    enable_cbt: bool = False
+    #: Quiesce the guest file systems.
+    quiesce: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> SchedulePolicy:
+        if not (self.folders or self.clusters or self.tags or self.names or self.vms):
+            raise ValueError(f"schedule policy {self.name!r} selects no VM: give folders, "
+                             "clusters, tags, names or vms")
+        if self.every_s is not None and self.every_s > self.rpo_s:
+            raise ValueError(f"schedule policy {self.name!r}: every_s ({self.every_s:g}) is "
+                             f"longer than rpo_s ({self.rpo_s:g}): the RPO would be missed "
+                             "every cycle")
+        return self
+
+    @property
+    def interval_s(self) -> float:
+        """Seconds between two snapshots of a VM (``every_s`` or half the RPO)."""
+        return self.every_s if self.every_s is not None else self.rpo_s / 2
+
+
+class ScheduleSettings(BaseModel):
+    """The site scheduler (``cbtstream schedule``): protection policies evaluated against the
+    vCenter inventory every cycle, snapshots taken concurrently within bounds."""
+
+    model_config = _Frozen
+
+    #: ``[[schedule.policies]]`` tables (JSON in ``CBTSTREAM_SCHEDULE__POLICIES``).
+    policies: tuple[SchedulePolicy, ...] = ()
+    #: Seconds between two evaluations of the inventory (a cycle: new VMs are picked up, due
+    #: VMs snapshotted, RPOs judged). Shorter than every policy's interval.
+    tick_s: float = Field(default=30.0, gt=0)
+    #: Snapshots in progress at once on the vCenter. Each is a task in vCenter's queue and a
+    #: stun of its VM; a few dozen keep a vCenter responsive for operators and other tools.
+    max_snapshots_per_vcenter: int = Field(default=16, ge=1)
+    #: Snapshots in progress at once on one ESXi host: each stuns a VM and writes a delta file
+    #: on its datastore; a few per host spare hostd and the storage a burst of stuns.
+    max_snapshots_per_esxi_host: int = Field(default=4, ge=1)
+    #: Port of the scheduler's Prometheus ``/metrics`` endpoint on ``metrics_host`` (0: off).
+    metrics_port: int = Field(default=9467, ge=0, le=65535)
+    #: Address the scheduler's ``/metrics`` endpoint binds.
+    metrics_host: str = "127.0.0.1"
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ScheduleSettings:
+        names = [p.name for p in self.policies]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"schedule policies named twice: {', '.join(twice)}")
+        return self
+
+
 class Settings(BaseSettings):
     """All of cbtstream's configuration."""
 
@@ -533,6 +616,7 @@ class Settings(BaseSettings):
     streams: StreamsSettings = StreamsSettings()
     api: ApiSettings = ApiSettings()
     stack: StackSettings = StackSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> Settings:
