@@ -33,6 +33,7 @@ COMMANDS: tuple[str, ...] = (
     "cbtctl.commands.publish",
     "cbtctl.commands.demo",
     "cbtctl.commands.snapshot",
+    "cbtctl.commands.schedule",
     "cbtctl.commands.cbt",
     "cbtctl.commands.snapshots",
     "cbtctl.commands.schemas",

@@ -173,3 +173,60 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format (``CONTENT_TYPE``)."""
         return generate_latest(self.registry)
+
+
+#: Scheduler cycles take seconds (a few snapshots) to the whole interval (an overrun).
+CYCLE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 900, 3600, float("inf"))
+
+
+class ScheduleMetrics(Metrics):
+    """The site scheduler's metrics (``cbtstream schedule``), in the process's registry:
+
+    ``cbtstream_schedule_snapshots_total{policy,outcome}``   snapshots taken / failed
+    ``cbtstream_schedule_rpo_at_risk_total{policy}``         VMs due but still being copied
+    ``cbtstream_schedule_rpo_missed_total{policy}``          RPO misses reported (once a point)
+    ``cbtstream_schedule_vms{policy,state}``                 VMs this scheduler owns now, by
+        state: ``protected`` (all it owns), ``at_risk``, ``missed`` (as of the last cycle)
+    ``cbtstream_schedule_policy_problems{policy,kind}``     problems of the last cycle
+    ``cbtstream_schedule_cycle_seconds``                     histogram of cycle durations
+    ``cbtstream_schedule_last_cycle_timestamp_seconds``      end of the last cycle (Unix time)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self.schedule_snapshots = Counter(
+            "cbtstream_schedule_snapshots", "Snapshots the scheduler took (outcome taken) or "
+            "failed to take (outcome failed), by policy.", ["policy", "outcome"], registry=r)
+        self.schedule_at_risk = Counter(
+            "cbtstream_schedule_rpo_at_risk", "VMs due for a snapshot whose previous one was "
+            "still being copied (not snapshotted again).", ["policy"], registry=r)
+        self.schedule_missed = Counter(
+            "cbtstream_schedule_rpo_missed", "RPO misses reported (RpoMissed events).",
+            ["policy"], registry=r)
+        self.schedule_vms = Gauge(
+            "cbtstream_schedule_vms", "VMs this scheduler owns, by policy and state "
+            "(protected: all, at_risk, missed) as of its last cycle.", ["policy", "state"],
+            registry=r)
+        self.schedule_problems = Gauge(
+            "cbtstream_schedule_policy_problems", "Problems with the policies found by the last "
+            "cycle (no_match, missing_folder, missing_cluster, missing_tag, missing_vm, "
+            "conflict).", ["policy", "kind"], registry=r)
+        self.schedule_cycle = Histogram(
+            "cbtstream_schedule_cycle_seconds", "Duration of scheduler cycles.",
+            buckets=CYCLE_BUCKETS, registry=r)
+        self.schedule_last_cycle = Gauge(
+            "cbtstream_schedule_last_cycle_timestamp_seconds", "When the last cycle ended.",
+            registry=r)
+
+    def set_cycle(self, vms: Mapping[tuple[str, str], int],
+                  problems: Mapping[tuple[str, str], int], duration_s: float) -> None:
+        """Replace the per-cycle gauges (series of policies gone drop out)."""
+        self.schedule_vms.clear()
+        for (policy, state), n in vms.items():
+            self.schedule_vms.labels(policy, state).set(n)
+        self.schedule_problems.clear()
+        for (policy, kind), n in problems.items():
+            self.schedule_problems.labels(policy, kind).set(n)
+        self.schedule_cycle.observe(duration_s)
+        self.schedule_last_cycle.set(time.time())

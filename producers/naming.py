@@ -33,3 +33,11 @@ def created_by_cbtstream(name: str, description: str) -> bool:
     """Both marks present: the name prefix and a description cbtstream writes."""
     return name.startswith(NAME_PREFIX) and (
         description.startswith(DESCRIPTION_MARK) or description in _LEGACY_DESCRIPTIONS)
+
+
+def is_replication_snapshot(name: str, description: str) -> bool:
+    """A snapshot ``cbtstream snapshot`` or the scheduler took for a sync (not a CBT stun):
+    while one is on a VM, its copy is still running (the worker removes it once every disk is
+    done with it)."""
+    return created_by_cbtstream(name, description) and not name.startswith(
+        f"{NAME_PREFIX}cbt-stun-")

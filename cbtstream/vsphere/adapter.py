@@ -145,6 +145,31 @@ class VmSnapshots:
     consolidation_needed: bool
 
 
+@dataclass(frozen=True)
+class InventoryVm:
+    """A VM as the site scheduler sees it: where it sits (folder, host, cluster) and the
+    snapshots it has now."""
+
+    vm: VmRef
+    #: Inventory path of the folder holding the VM (``/DC/vm/prod``).
+    folder: str
+    #: The ESXi host it runs on (``runtime.host``), "" if none.
+    host: str
+    #: Its cluster's name, None on a standalone host.
+    cluster: str | None
+    snapshots: tuple[VmSnapshot, ...]
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The VMs of a vCenter, and every folder path and cluster name (so a selector naming a
+    folder or cluster that holds no VM is told from one that does not exist)."""
+
+    vms: tuple[InventoryVm, ...]
+    folders: frozenset[str]
+    clusters: frozenset[str]
+
+
 def _fault_keys(fault: Any) -> set[str]:
     return {m.key for m in (getattr(fault, "faultMessage", None) or []) if getattr(m, "key", None)}
 
@@ -474,6 +499,74 @@ class VSphereClient:
             out.append(VmSnapshots(vm=ref, snapshots=nodes, consolidation_needed=bool(
                 props.get("runtime.consolidationNeeded"))))
         return out
+
+    async def inventory(self) -> Inventory:
+        """Every VM (templates left out) with its folder, host, cluster and snapshots, in three
+        PropertyCollector calls whatever the size of the inventory (names and parents of
+        folders, datacenters, hosts and compute resources; then the VMs), so a scheduler can
+        read it every cycle."""
+        return await self._call(self._inventory, what="read the inventory")
+
+    def _view_props(self, types: list[Any], paths: list[str]) -> list[Any]:
+        content = self._si.content
+        view = content.viewManager.CreateContainerView(content.rootFolder, types, True)
+        try:
+            pc = vmodl.query.PropertyCollector
+            spec = pc.FilterSpec(
+                objectSet=[pc.ObjectSpec(obj=view, skip=True, selectSet=[pc.TraversalSpec(
+                    name="view", path="view", skip=False, type=vim.view.ContainerView)])],
+                propSet=[pc.PropertySpec(type=t, all=False, pathSet=paths) for t in types],
+            )
+            return list(content.propertyCollector.RetrieveContents([spec]) or [])
+        finally:
+            view.Destroy()
+
+    def _inventory(self) -> Inventory:
+        nodes: dict[str, tuple[str, Any, Any]] = {}  # moref -> (name, parent, object)
+        for obj in self._view_props([vim.Folder, vim.Datacenter, vim.ComputeResource,
+                                     vim.HostSystem], ["name", "parent"]):
+            props = {p.name: p.val for p in obj.propSet or []}
+            nodes[obj.obj._moId] = (str(props.get("name") or ""), props.get("parent"), obj.obj)
+
+        def path(moref: str) -> str:
+            names: list[str] = []
+            while moref in nodes:
+                name, parent, _ = nodes[moref]
+                if parent is None:  # the root folder is not part of inventory paths
+                    break
+                names.append(name)
+                moref = parent._moId
+            return "/" + "/".join(reversed(names))
+
+        out: list[InventoryVm] = []
+        for obj in self._view_props([vim.VirtualMachine], [
+                "name", "config.instanceUuid", "config.template", "parent", "runtime.host",
+                "snapshot.rootSnapshotList"]):
+            props = {p.name: p.val for p in obj.propSet or []}
+            uuid, parent = props.get("config.instanceUuid"), props.get("parent")
+            if not uuid or props.get("config.template") or parent is None:
+                continue  # being created, a template, or in a vApp (no folder)
+            folder = path(parent._moId)
+            name = str(props.get("name") or "")
+            ref = VmRef(moref=obj.obj._moId, name=name, instance_uuid=str(uuid).lower(),
+                        path=f"{folder}/{name}")
+            host, cluster = props.get("runtime.host"), None
+            host_name = ""
+            if host is not None and host._moId in nodes:
+                host_name, compute, _ = nodes[host._moId]
+                if compute is not None and compute._moId in nodes and isinstance(
+                        nodes[compute._moId][2], vim.ClusterComputeResource):
+                    cluster = nodes[compute._moId][0]
+            snaps: list[VmSnapshot] = []
+            _walk_tree(ref, props.get("snapshot.rootSnapshotList") or [], snaps)
+            out.append(InventoryVm(vm=ref, folder=folder, host=host_name, cluster=cluster,
+                                   snapshots=tuple(snaps)))
+        return Inventory(
+            vms=tuple(out),
+            folders=frozenset(path(m) for m, (_, _, o) in nodes.items()
+                              if isinstance(o, vim.Folder)),
+            clusters=frozenset(n for n, _, o in nodes.values()
+                               if isinstance(o, vim.ClusterComputeResource)))
 
     async def consolidate_disks(self, vm: VmRef) -> None:
         """ConsolidateVMDisks_Task: merge delta disks a failed snapshot removal left behind."""

@@ -30,6 +30,9 @@ import (
 	"time"
 
 	"github.com/vmware/govmomi/simulator"
+	// The vAPI endpoints (/rest, /api): tag categories, tags and their attachments, which
+	// the scheduler's tag selectors read (cbtstream/vsphere/tags.py).
+	_ "github.com/vmware/govmomi/vapi/simulator"
 	"github.com/vmware/govmomi/vim25"
 )
 
