@@ -439,6 +439,12 @@ class StreamsSettings(BaseModel):
     #: SIGTERM: a worker that has not stopped cleanly after this long (offsets committed,
     #: producer flushed) exits anyway, before an orchestrator's SIGKILL would.
     shutdown_timeout_s: float = Field(default=8.0, gt=0)
+    #: Recovery point objective, for ``cbtstream status`` and ``GET /api/v1/status``: a disk
+    #: whose replica holds data older than this (the snapshot time of its latest commit) has
+    #: *missed* it; one older than ``rpo_at_risk`` of it is *at risk*.
+    rpo_s: float = Field(default=86400.0, gt=0)
+    #: Share of ``rpo_s`` after which a disk's recovery point is reported at risk.
+    rpo_at_risk: float = Field(default=0.75, gt=0, le=1)
 
 
 #: Shortest API token accepted.

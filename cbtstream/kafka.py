@@ -26,6 +26,7 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
     UnsupportedSaslMechanismError,
 )
+from aiokafka.partitioner import murmur2
 from pydantic import BaseModel
 
 from cbtstream.config import KafkaSettings
@@ -114,6 +115,13 @@ def copier_group_id(prefix: str, pool: str) -> str:
     """The consumer group of a copier pool's members. The default pool keeps the group of the
     copiers that predate pools, so an upgrade resumes from its committed offsets."""
     return f"{prefix}cbtstream-copier" + ("" if pool == DEFAULT_POOL else f".{pool}")
+
+
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2, as aiokafka and Faust use it) gives a
+    record key: where a disk's events, and so its row of the planner's table, live. Pure, about
+    30 us a key: cache it when called per row."""
+    return int(murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def topic_name(spec: TopicSpec, settings: KafkaSettings) -> str:

@@ -14,15 +14,15 @@ Endpoints (all JSON):
     Missing ``vm_path``: 400.
 ``GET /api/v1/disks/<vm uuid>/disk-<n>``
     The disk's latest row: committed change ID, ``committed_at``, replication type, running sync,
-    waiting snapshot, last failure. 404 for an unknown disk. Routed to the worker that owns the
-    key's partition (Faust's router), so it is correct with several workers.
+    waiting snapshot, last failure. 404 for an unknown disk. Asked of the worker that holds the
+    key's partition.
 ``GET /api/v1/vms/<vm uuid>/disks``
     Every disk of the VM (404 if none).
 
-Finding a VM's disks (by path or uuid) scans the table: fine for tens of thousands of disks
-(a few ms). The scan only sees this worker's partitions, so the VM endpoints refuse (503) when the
-table is spread over several workers instead of answering from part of it; a fan-out to every
-worker is the way to lift that. Single worker is the supported deployment today.
+With several planner workers the table is spread over them (by disk key), so a VM's disks may
+live on several: the VM-wide endpoints ask every worker for its matching rows and merge them
+(``streams.gather``), and answer 503 only while that cannot give the whole table (a rebalance
+under way, a worker that does not answer), never from part of it.
 
 ``vm_path`` matches the path of the disk's committed identity, its running sync or its waiting
 snapshot (a renamed VM is found by either name while the rename propagates). Change IDs are the
@@ -43,15 +43,15 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import faust
-from faust.exceptions import SameNode
 
 from schemas.disk import parse_disk_key
-from streams.state import DiskState, from_json
+from streams.gather import Unavailable
+from streams.state import DiskState
 
 log = logging.getLogger("cbtstream.api")
 
@@ -167,9 +167,19 @@ def authorized(header: str | None, token: str | None) -> bool:
 Handler = Callable[..., Awaitable[Any]]
 
 
-def register_api(app: faust.App, table: Any, token: str | None) -> None:
-    """Add the API's views to the Faust web server of ``app``, answering from ``table`` (the
-    ``disks`` table); ``token``, if set, is required as a bearer token on every ``/api`` call."""
+#: The rows matching a query, from every worker (``streams.shards``); raises
+#: ``streams.gather.Unavailable`` when the whole table cannot be asked.
+FindRows = Callable[[Mapping[str, str]], Awaitable[list[DiskState]]]
+#: A disk's row from the worker holding it (None: no such disk).
+FindRow = Callable[[str], Awaitable[DiskState | None]]
+
+
+def register_api(app: faust.App, token: str | None, find_rows: FindRows, find_row: FindRow,
+                 ready: Callable[[], bool]) -> None:
+    """Add the API's views to the Faust web server of ``app``, answering from the ``disks``
+    table through ``find_rows`` and ``find_row``; ``token``, if set, is required as a bearer
+    token on every ``/api`` call; ``ready`` says whether this worker's table is recovered and
+    no rebalance is under way."""
 
     def guarded(fun: Callable[..., Awaitable[Answer | Any]]) -> Handler:
         async def get(view: Any, request: Any, **kwargs: Any) -> Any:
@@ -177,69 +187,51 @@ def register_api(app: faust.App, table: Any, token: str | None) -> None:
                 return view.json({"error": "Unauthorized",
                                   "details": "Authorization: Bearer <token> required"},
                                  status=401, headers={"WWW-Authenticate": "Bearer"})
-            result = await fun(view, request, **kwargs)
-            if isinstance(result, Answer):
-                return view.json(result.body, status=result.status)
-            return result  # a response routed from another worker
+            try:
+                result = await fun(view, request, **kwargs)
+            except Unavailable as exc:
+                result = error(503, "Table not available", str(exc))
+            return view.json(result.body, status=result.status)
 
         get.__name__ = fun.__name__
         return get
 
-    def rows() -> list[DiskState]:
-        return [s for s in (from_json(v) for v in table.values()) if s is not None]
-
-    def spread() -> bool:
-        """Whether the table is spread over several workers (a local scan would be partial)."""
-        hosts = app.router.table_metadata(table.name)
-        return len([h for h, topics in hosts.items() if any(topics.values())]) > 1
-
-    def partial() -> Answer:
-        return error(503, "Table spread over several workers",
-                     "VM lookups scan one worker's partitions; run a single worker")
-
     async def changeid(view: Any, request: Any) -> Answer:
-        if spread():
-            return partial()
-        answer = changeid_answer(rows(), request.query.get("vm_path"),
-                                 request.query.get("disk_id"))
+        vm_path = request.query.get("vm_path")
+        rows = await find_rows({"vm_path": vm_path}) if vm_path else []
+        answer = changeid_answer(rows, vm_path, request.query.get("disk_id"))
         log.info("changeid query", extra={"vm_path": request.query.get("vm_path", "")[:300],
                                           "disk_id": request.query.get("disk_id", "")[:64],
                                           "status": answer.status})
         return answer
 
-    async def disk(view: Any, request: Any, vm: str, disk_id: str) -> Any:
+    async def disk(view: Any, request: Any, vm: str, disk_id: str) -> Answer:
         key = f"{vm}/{disk_id}"
         try:
             parse_disk_key(key)
         except ValueError as exc:
             return error(404, "Unknown disk", str(exc))
-        try:
-            return await app.router.route_req(table.name, key.encode(), view.web, request)
-        except SameNode:
-            pass
-        state = from_json(table.get(key.encode()))
+        state = await find_row(key)
         if state is None:
             return error(404, "Unknown disk", f"no row for disk key {key}")
         return Answer(200, disk_view(state))
 
     async def vm_disks(view: Any, request: Any, vm: str) -> Answer:
-        if spread():
-            return partial()
-        found = sorted((r for r in rows() if r.disk.vm_instance_uuid == vm.lower()),
+        found = sorted((r for r in await find_rows({"vm": vm.lower()})
+                        if r.disk.vm_instance_uuid == vm.lower()),
                        key=lambda r: r.disk.device_key)
         if not found:
             return error(404, "Unknown VM", f"no disk of VM {vm[:64]} in the table")
         return Answer(200, {"vm_instance_uuid": vm.lower(),
                             "disks": [disk_view(r) for r in found]})
 
-    async def ready(view: Any, request: Any) -> Any:
+    async def is_ready(view: Any, request: Any) -> Any:
         """Readiness (for probes and tests): tables recovered and no rebalance in progress.
         Unauthenticated: it reveals nothing but this one bit."""
-        recovery = app.tables.recovery  # type: ignore[attr-defined]
-        ok = recovery.completed.is_set() and not app.rebalancing
+        ok = ready()
         return view.json({"ready": ok}, status=200 if ok else 503)
 
-    app.page("/api/v1/ready", name="api_ready")(ready)
+    app.page("/api/v1/ready", name="api_ready")(is_ready)
     app.page("/api/v1/replications/changeid", name="api_changeid")(guarded(changeid))
     app.page("/api/v1/disks/{vm}/{disk_id}", name="api_disk")(guarded(disk))
     app.page("/api/v1/vms/{vm}/disks", name="api_vm_disks")(guarded(vm_disks))

@@ -86,6 +86,7 @@ from streams import external, lifecycle, planner
 from streams.api import authorized, register_api
 from streams.durable import DurableTable, Outbox
 from streams.fences import FenceBook
+from streams.gather import Gatherer, register_shards
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import PlannerMetrics, register_metrics
 from streams.orphans import OrphanReconciler, register_orphans
@@ -98,6 +99,7 @@ from streams.recovery import (
     on_flush,
     on_seeked,
 )
+from streams.shards import TableQueries, register_status
 from streams.state import DiskState, Position, from_json, new_state, to_json
 from streams.store_api import StoreService, register_store_api
 from streams.timeouts import SyncCheck, register_sync_checks
@@ -137,8 +139,11 @@ def build(settings: Settings, remover: SnapshotRemover | None = None,
     on_flush(app, outbox.drain)  # no offset commit before the outbox is empty
     snapshots = _snapshots_table(app, k.partitions)
     metrics = register_metrics(app)
+    token = settings.api.token
+    secret = token.get_secret_value() if token else None
+    gatherer = Gatherer(app, table, k.partitions, secret)  # the whole table, from every worker
     pa = PlannerApp(  # pa: what the registrations below run
-        settings, app, table=table, outbox=outbox, snapshots=snapshots,
+        settings, app, table=table, gatherer=gatherer, outbox=outbox, snapshots=snapshots,
         lifecycle_topic=_internal_topic(app, f"{app_id}-snapshot-lifecycle", k.partitions),
         checks_topic=_internal_topic(app, f"{app_id}-sync-checks", k.partitions),
         fences=FenceBook(k), ownership=external.Ownership(s.external, s.handover),
@@ -155,14 +160,17 @@ def build(settings: Settings, remover: SnapshotRemover | None = None,
     app.on_partitions_assigned.connect(pa.forget_processed)
     app.agent(pa.topic(SYNC_PROGRESS), name="on_sync_progress")(pa.progress_agent)
     app.task(pa.fences.run)
-    token = settings.api.token
-    secret = token.get_secret_value() if token else None
-    register_api(app, table, secret)
-    store = StoreService(pa.rows, lambda key: pa.row(key.encode()), pa.send, pa.ownership)
-    register_store_api(app, store, spread=pa.table_spread,
-                       authorized=lambda header: authorized(header, secret))
-    register_orphans(app, settings, pa.rows, pa.snapshots_processed, pa.send, orphans,
-                     metrics.observe_reconcile)
+    def auth(header: str | None) -> bool:
+        return authorized(header, secret)
+
+    queries = TableQueries(gatherer, pa)
+    register_shards(app, gatherer, auth)
+    register_api(app, secret, queries.rows, queries.row, gatherer.ready)
+    store = StoreService(queries.store_rows, queries.row, pa.send, pa.ownership)
+    register_store_api(app, store, authorized=auth)
+    register_status(app, queries, auth)
+    register_orphans(app, settings, queries.needs, pa.send, orphans, metrics.observe_reconcile,
+                     leads=queries.leads, authorized=auth)
     register_watchdog(app, set(pa.sources), metrics.observe_watchdog)
     register_pool_survey(app, settings, table, pa.pools, metrics.observe_pools)
     if s.sync_timeout_s > 0:
@@ -264,13 +272,16 @@ class PlannerApp:
     rules this class feeds, and one name for both read as if they were the same thing."""
 
     def __init__(self, settings: Settings, app: faust.App, *, table: DurableTable,
-                 outbox: Outbox, snapshots: TableT[bytes, Any], lifecycle_topic: faust.TopicT,
+                 gatherer: Gatherer, outbox: Outbox, snapshots: TableT[bytes, Any],
+                 lifecycle_topic: faust.TopicT,
                  checks_topic: faust.TopicT, fences: FenceBook,
                  ownership: external.Ownership, metrics: PlannerMetrics,
                  remover: SnapshotRemover | None = None) -> None:
         self.settings = settings
         self.app = app
         self.table = table
+        #: Which table partitions this worker holds, and the key of each row's partition.
+        self.gatherer = gatherer
         self.outbox = outbox
         self.snapshots = snapshots
         self.lifecycle_topic = lifecycle_topic
@@ -301,6 +312,9 @@ class PlannerApp:
         #: Time of the latest SyncProgress seen per running sync (memory only: a new owner of
         #: the partition starts counting silence from its own first check).
         self.progress: dict[uuid.UUID, datetime] = {}
+        #: The latest SyncProgress of each running sync and when it was heard (memory only, for
+        #: the status: queued or running, bytes, queue place; ``streams.status``).
+        self.reports: dict[uuid.UUID, tuple[SyncProgress, datetime]] = {}
         #: Live copiers per pool and the syncs waiting for a pool without one
         #: (``streams.pools``; refreshed by its timer).
         self.pools = PoolView()
@@ -360,29 +374,31 @@ class PlannerApp:
         return state
 
     def rows(self) -> list[DiskState]:
-        """Every row of this worker's partitions of the table."""
-        return [s for s in (self.row(k) for k in list(self.table.keys())) if s is not None]
-
-    def table_spread(self) -> bool:
-        """Whether the table is spread over several workers (a local scan would be partial)."""
-        hosts = self.app.router.table_metadata(self.table.name)
-        return len([h for h, topics in hosts.items() if any(topics.values())]) > 1
+        """Every row of the table partitions this worker holds now. Not simply the table's
+        keys: Faust's memory store keeps the rows this worker wrote in a partition that has
+        moved to another worker since (``streams.gather``)."""
+        return [s for s in (self.row(k) for k in self.gatherer.owned(list(self.table.keys())))
+                if s is not None]
 
     async def snapshots_processed(self) -> bool:
-        """Whether this worker's rows name every sync that needs a VM snapshot: it holds every
-        partition (recovered, not rebalancing) and every ``SnapshotTaken`` published so far
-        was processed, by it or, below the group's committed offset, by an earlier owner whose
-        rows it recovered. Until then a snapshot may look unneeded only because its event waits
-        in the backlog (a worker catching up after downtime), so no orphan may be judged."""
+        """Whether this worker's rows name every sync that needs a VM snapshot in its
+        partitions: it holds some (recovered, not rebalancing) and every ``SnapshotTaken``
+        published so far to them was processed, by it or, below the group's committed offset,
+        by an earlier owner whose rows it recovered. Until then a snapshot may look unneeded
+        only because its event waits in the backlog (a worker catching up after downtime), so
+        no orphan may be judged. That the workers' partitions are all of them is checked where
+        their parts are gathered (``streams.gather``)."""
         k = self.settings.kafka
         topic = self.topic(SNAPSHOT_TAKEN).get_topic_name()
-        held = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
-        if (held != set(range(k.partitions)) or self.app.rebalancing
+        held = self.gatherer.held()
+        assigned = {tp.partition for tp in self.app.consumer.assignment() if tp.topic == topic}
+        if (not held or not held <= assigned or self.app.rebalancing
                 or not cast(Any, self.app.tables).recovery.completed.is_set()):
             return False
         end, committed = await group_progress(k, self.app.conf.id, topic)
-        return all(max(committed.get(p, 0), self._processed.get((topic, p), -1) + 1) >= e
-                   for p, e in end.items())
+        return all(p in end and max(committed.get(p, 0),
+                                    self._processed.get((topic, p), -1) + 1) >= end[p]
+                   for p in held)
 
     def put(self, key: bytes, state: DiskState | None) -> None:
         if state is not None:
@@ -523,12 +539,14 @@ class PlannerApp:
             log.info("commit applied", extra={"change_id": ev.change_id,
                                               "sync_id": str(ev.sync_id)})
         self.progress.pop(ev.sync_id, None)
+        self.reports.pop(ev.sync_id, None)
         await self._step(key, before, step, "commit", at)
 
     async def on_failed(self, key: bytes, ev: SyncFailed, at: Position) -> None:
         before = self.row(key)
         if ev.sync_id is not None:
             self.progress.pop(ev.sync_id, None)
+            self.reports.pop(ev.sync_id, None)
         await self.fences.wait_ready()
         await self._step(key, before, planner.failed_step(
             before, ev, datetime.now(UTC), self.fences.active()), "failure", at)
@@ -575,7 +593,10 @@ class PlannerApp:
             assert isinstance(ev, SyncProgress)
             if len(self.progress) > 100_000:
                 self.progress.clear()  # bounded: forgetting progress only delays nothing
-            self.progress[ev.sync_id] = datetime.now(UTC)
+                self.reports.clear()  # ... and shows the syncs planned until their next report
+            heard = datetime.now(UTC)
+            self.progress[ev.sync_id] = heard
+            self.reports[ev.sync_id] = (ev, heard)
 
     async def checks_agent(self, stream: faust.StreamT[bytes]) -> None:
         """Decide the time-out checks the timer sent (keyed by disk, so in the disk's

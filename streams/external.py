@@ -85,7 +85,7 @@ class Ownership:
 
 
 # -- which disk -------------------------------------------------------------------------------
-def _known_job(row: DiskState, job_id: str) -> bool:
+def known_job(row: DiskState, job_id: str) -> bool:
     ids = {str(row.commit_sync_id)} if row.commit_sync_id else set()
     if row.running is not None:
         ids.add(str(row.running.sync_id))
@@ -107,7 +107,7 @@ def locate(rows: Iterable[DiskState], req: StoreRequest) -> DiskState | Answer:
             if r.disk.vm_path == req.vm_path:
                 by_vm.setdefault(r.disk.vm_instance_uuid, []).append(r)
     else:
-        vms = {r.disk.vm_instance_uuid for r in rows if _known_job(r, req.job_id)}
+        vms = {r.disk.vm_instance_uuid for r in rows if known_job(r, req.job_id)}
         for r in rows:
             if r.disk.vm_instance_uuid in vms:
                 by_vm.setdefault(r.disk.vm_instance_uuid, []).append(r)

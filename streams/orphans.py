@@ -4,19 +4,24 @@
 ``needed_snapshots`` (pure) is the set of VM snapshots a running or waiting sync of some disk
 needs, from the ``disks`` table. The worker serves it at ``GET /api/v1/snapshots/needed`` (for
 ``cbtstream snapshots list|prune``) and, with ``streams.orphan_interval_s`` > 0, reconciles
-itself every interval: list the snapshots in vSphere, select the orphans older than
-``streams.orphan_older_than_s`` and remove them. Both refuse to decide unless this worker's rows
-are the whole of the needs: it holds every partition (the table is not spread over several
-workers, none is being recovered) and has processed every ``SnapshotTaken`` published so far (a
-worker catching up on a backlog would otherwise find the snapshots of events it has not read yet
-unneeded, and remove what a sync is about to copy).
+every interval: list the snapshots in vSphere, select the orphans older than
+``streams.orphan_older_than_s`` and remove them.
+
+With several planner workers each holds the rows of its partitions, so the needs are gathered
+from every worker (``streams.gather``): each says which snapshots its rows need and whether they
+are the whole of its needs (:func:`needs_part`: it has processed every ``SnapshotTaken``
+published so far to its partitions; a worker catching up on a backlog would otherwise find the
+snapshots of events it has not read yet unneeded, and remove what a sync is about to copy). The
+needs are known only when every part is whole and the parts cover every partition once
+(:func:`merge_needs`); otherwise nothing is judged. One worker reconciles, the one holding
+partition 0 of the table (``leads``), so two workers never list and remove at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sized
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sized
 from typing import Any, Protocol
 
 from faust.web import View
@@ -70,35 +75,63 @@ class _Sender:
         return (-1, -1)
 
 
-def register_orphans(app: Any, settings: Settings, rows: Callable[[], list[DiskState]],
-                     complete: Callable[[], Awaitable[bool]],
+def needs_part(rows: Iterable[DiskState], whole: bool) -> dict[str, Any]:
+    """One worker's part of the needs (its rows, and whether they are the whole of its
+    partitions' needs), as it answers it to the others."""
+    return {"complete": whole,
+            "needed": [[vm, snap] for vm, snap in sorted(needed_snapshots(rows))]}
+
+
+def merge_needs(parts: Iterable[Mapping[str, Any]]) -> set[tuple[str, str]] | None:
+    """The needs of the whole table from every worker's part (which the caller checked cover
+    the table once), or None if a part is not whole."""
+    out: set[tuple[str, str]] = set()
+    for part in parts:
+        if not part.get("complete"):
+            return None
+        out.update((str(vm), str(snap)) for vm, snap in part.get("needed") or ())
+    return out
+
+
+#: The needs of the whole table, or None when they are not known (``merge_needs``).
+Needs = Callable[[], Awaitable["set[tuple[str, str]] | None"]]
+
+
+def register_orphans(app: Any, settings: Settings, needs: Needs,
                      send: Callable[[BaseModel], Awaitable[None]],
                      reconciler: OrphanReconciler | None,
-                     observe: Callable[[str, int | None], None] | None = None) -> None:
+                     observe: Callable[[str, int | None], None] | None = None, *,
+                     leads: Callable[[], bool] = lambda: True,
+                     authorized: Callable[[str | None], bool] = lambda header: True) -> None:
     """Add the API page and, with a ``reconciler`` and ``streams.orphan_interval_s`` > 0, the
-    periodic reconcile to the Faust app. ``complete`` says whether ``rows`` are the whole of the
-    needs (see the module docstring). ``observe(result, orphans)`` hears how each reconcile
-    ended: ``done`` (with the number of orphans found), ``failed`` or ``skipped``."""
+    periodic reconcile to the Faust app. ``needs()`` gathers what every running or waiting
+    sync needs (None: not known, see the module docstring); ``leads()`` says whether this
+    worker is the one that reconciles; ``authorized(header)`` is the API's token check.
+    ``observe(result, orphans)`` hears how each reconcile ended: ``done`` (with the number of
+    orphans found), ``failed`` or ``skipped``."""
 
     def ended(result: str, orphans: int | None = None) -> None:
         if observe is not None:
             observe(result, orphans)
 
-    async def whole() -> bool:
+    async def known() -> set[tuple[str, str]] | None:
         from cbtstream.errors import CbtStreamError
 
         try:
-            return await complete()
+            return await needs()
         except CbtStreamError as exc:
             log.warning("orphan needs unknown", extra={"error": str(exc)})
-            return False
+            return None
 
     async def get(self: Any, request: Any) -> Any:
-        if not await whole():
+        if not authorized(request.headers.get("Authorization")):
+            return self.json({"error": "Unauthorized"}, status=401,
+                             headers={"WWW-Authenticate": "Bearer"})
+        needed = await known()
+        if needed is None:
             return self.json({"complete": False, "needed": []})
         return self.json({"complete": True, "needed": [
-            {"vm_instance_uuid": vm, "vm_snapshot": snap}
-            for vm, snap in sorted(needed_snapshots(rows()))]})
+            {"vm_instance_uuid": vm, "vm_snapshot": snap} for vm, snap in sorted(needed)]})
 
     app.page("/api/v1/snapshots/needed", name="api_snapshots_needed")(
         type("SnapshotsNeeded", (View,), {"get": get}))
@@ -113,13 +146,16 @@ def register_orphans(app: Any, settings: Settings, rows: Callable[[], list[DiskS
         try:
             while True:
                 await asyncio.sleep(interval_s)
-                if not await whole():
-                    log.info("orphan reconcile skipped: this worker does not hold every "
-                             "partition, or has not processed every snapshot event yet")
+                if not leads():
+                    continue  # another worker (the holder of partition 0) reconciles
+                needed = await known()
+                if needed is None:
+                    log.info("orphan reconcile skipped: the workers' rows are not the whole "
+                             "table yet, or not every snapshot event is processed")
                     ended("skipped")
                     continue
                 try:
-                    done = await reconciler.reconcile(needed_snapshots(rows()), _Sender(send))
+                    done = await reconciler.reconcile(needed, _Sender(send))
                 except CbtStreamError as exc:
                     log.warning("orphan reconcile failed", extra={"error": str(exc)})
                     ended("failed")

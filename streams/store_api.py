@@ -16,9 +16,12 @@ The rules are :mod:`streams.external` (pure). An accepted call is published as a
 ``ChangeIdCommitted`` (``origin: external``) to ``cbt.changeid.committed``; the answer waits until
 the table applied it (the commit agent re-checks it: the table, not this handler, is the
 authority), 202 if that takes longer than :data:`APPLY_WAIT_S`. The same call again finds it
-applied and answers the same without publishing. Like the VM-wide read endpoints, these need
-the whole table on this worker (503 when it is spread over several), since Faust's request
-router does not forward request bodies.
+applied and answers the same without publishing.
+
+With several planner workers any of them takes the call: it finds the disk through the rows of
+every worker (``streams.gather``: the VM's disks may live on several), publishes the commit keyed
+by the disk (so the agent of the disk's partition decides it, wherever it runs), and waits for
+that row on the worker holding it. 503 while the whole table cannot be asked (a rebalance).
 
 Authentication: a write always needs the API token. An accepted store call makes the disk the
 external copier's, and cbtstream stops planning it, so an unauthenticated write must never run:
@@ -42,6 +45,7 @@ from schemas.disk import parse_disk_key
 from schemas.events import ChangeIdCommitted, utcnow
 from streams.api import Answer, error
 from streams.external import Ownership, StoreRequest, check_external, store
+from streams.gather import Unavailable
 from streams.guard import Verdict
 from streams.state import DiskState
 
@@ -109,16 +113,19 @@ def _firsterror(exc: ValidationError) -> str:
 class StoreService:
     """Runs store calls against the table and waits for the table to apply them."""
 
-    def __init__(self, rows: Callable[[], list[DiskState]],
-                 row: Callable[[str], DiskState | None],
+    def __init__(self, rows: Callable[[StoreRequest], Awaitable[list[DiskState]]],
+                 row: Callable[[str], Awaitable[DiskState | None]],
                  send: Callable[[ChangeIdCommitted], Awaitable[None]],
                  ownership: Ownership, *, wait_s: float = APPLY_WAIT_S) -> None:
+        """``rows(req)``: the rows a call may be about (at least those :func:`store` needs to
+        find its disk: the disk, the VMs at its path or of its job, whole); ``row(key)``: the
+        disk's row from the worker holding it."""
         self._rows, self._row, self._send = rows, row, send
         self.ownership = ownership
         self.wait_s = wait_s
 
     async def store(self, req: StoreRequest) -> Answer:
-        answer, ev = store(self._rows(), req, utcnow(), self.ownership)
+        answer, ev = store(await self._rows(req), req, utcnow(), self.ownership)
         log.info("changeid store", extra={"job_id": req.job_id[:64], "status": answer.status,
                                           "disk_id": (req.disk_id or req.disk_key or "")[:80]})
         if ev is None:
@@ -126,7 +133,7 @@ class StoreService:
         await self._send(ev)
         deadline = time.monotonic() + self.wait_s
         while time.monotonic() < deadline:
-            row = self._row(ev.disk.key)
+            row = await self._row(ev.disk.key)
             if row is not None and row.commit_event_id == ev.event_id:
                 return answer
             verdict = check_external(row, ev, self.ownership)
@@ -138,7 +145,7 @@ class StoreService:
         return Answer(202, body)
 
 
-def register_store_api(app: Any, service: StoreService, *, spread: Callable[[], bool],
+def register_store_api(app: Any, service: StoreService, *,
                        authorized: Callable[[str | None], bool]) -> None:
     """Add the POST endpoints to the worker's Faust web server."""
 
@@ -148,17 +155,16 @@ def register_store_api(app: Any, service: StoreService, *, spread: Callable[[], 
         if refused is not None:
             challenge = {"WWW-Authenticate": "Bearer"} if refused.status == 401 else {}
             return view.json(refused.body, status=refused.status, headers=challenge)
-        if spread():
-            answer = error(503, "Table spread over several workers",
-                            "store calls need the whole table on one worker; run one worker")
-            return view.json(answer.body, status=answer.status)
         body = await request.content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
             return view.json(error(413, "Request body too large", f"at most {MAX_BODY} bytes"
                                     ).body, status=413)
         peer = request.remote if isinstance(getattr(request, "remote", None), str) else None
         made = make(body, peer)
-        answer = made if isinstance(made, Answer) else await service.store(made)
+        try:
+            answer = made if isinstance(made, Answer) else await service.store(made)
+        except Unavailable as exc:
+            answer = error(503, "Table not available", str(exc))
         return view.json(answer.body, status=answer.status)
 
     async def store_changeid(self: Any, request: Any, job_id: str) -> Any:

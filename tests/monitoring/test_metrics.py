@@ -160,8 +160,8 @@ async def test_the_worker_counts_its_orphan_reconciles() -> None:
     app, reaper = _App(), _Reaper()
     whole = iter([False, True, True])
 
-    async def complete() -> bool:
-        return next(whole, True)
+    async def needs() -> set[tuple[str, str]] | None:
+        return set() if next(whole, True) else None
 
     async def send(event: Any) -> None:
         return None
@@ -174,7 +174,7 @@ async def test_the_worker_counts_its_orphan_reconciles() -> None:
             failed.set()
 
     settings = Settings(streams={"orphan_interval_s": 0.01})
-    register_orphans(app, settings, list, complete, send, reaper, observe)
+    register_orphans(app, settings, needs, send, reaper, observe)
     task = asyncio.create_task(app.tasks[0]())
     try:
         await asyncio.wait_for(failed.wait(), 10)

@@ -1,0 +1,220 @@
+"""Status from the ``disks`` table: per disk and a site summary, without reading the topics'
+history (``cbtstream status`` used to replay every topic from its start, two of them kept
+forever: its cost grew with the history, not with the number of disks). Pure.
+
+Each worker computes the status of the rows of its own partitions (:func:`shard_status`); the
+worker that answers ``GET /api/v1/status`` gathers every worker's part and merges the summaries
+(:func:`merge_summaries`: counts add, the oldest commit is the oldest of the parts), so the
+answer is the same whichever worker is asked and however the table is spread.
+
+A disk's state (the names of the log replay, ``cbtctl.replay.status``):
+
+* with a running sync, what its copier last said of it (``SyncProgress``, kept in the worker's
+  memory): ``queued`` or ``running``; ``waiting_for_pool`` when no copier reported it and its
+  pool has no live copier; ``silent`` when nothing was heard of it (plan, re-issue, report)
+  for longer than :attr:`Policy.silent_after_s`; else ``planned``. A worker that just took the
+  partition over has heard no report yet: the sync shows ``planned`` until its copier's next
+  report (at most ``copier.queue_report_interval_s``);
+* else ``failed`` (its last sync failed and nothing was committed since), ``synced`` (a commit)
+  or ``new``. ``skipped`` (a disk the VM's snapshots do not capture) is known to the log only:
+  ``cbtstream status --from-log`` shows it.
+
+The recovery point of a disk is the snapshot time of its latest commit (``commit_taken_at``;
+``committed_at`` for rows written before it was kept). Its age against ``streams.rpo_s`` is
+``met``, ``at_risk`` (older than ``streams.rpo_at_risk`` of it), ``missed`` or ``none`` (never
+committed).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from schemas.events import DEFAULT_POOL, SyncProgress
+from streams.state import DiskState
+
+#: The states of a running sync (as ``cbtctl.replay.render.SYNC_STATES``).
+COPY_STATES = ("queued", "running", "silent", "planned", "waiting_for_pool")
+#: Every state of a disk in this view.
+DISK_STATES = (*COPY_STATES, "failed", "synced", "new")
+RPO_STATES = ("met", "at_risk", "missed", "none")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the states are measured against."""
+
+    rpo_s: float
+    at_risk: float = 0.75
+    #: A running sync heard of longer ago than this is silent (three report intervals).
+    silent_after_s: float = 180.0
+    #: Pools known to have no live copier.
+    unserved: frozenset[str] = field(default_factory=frozenset)
+    #: Live copiers per pool, where known.
+    live: Mapping[str, int] = field(default_factory=dict)
+
+
+def _t(t: datetime | None) -> str | None:
+    return t.isoformat().replace("+00:00", "Z") if t is not None else None
+
+
+def recovery_point(row: DiskState) -> datetime | None:
+    """When the data of the disk's replica was captured: its latest commit's snapshot time."""
+    if row.change_id is None:
+        return None
+    return row.commit_taken_at or row.committed_at
+
+
+def rpo_state(row: DiskState, now: datetime, policy: Policy) -> tuple[str, float | None]:
+    """The disk's recovery point against the RPO, and its age in seconds."""
+    point = recovery_point(row)
+    if point is None:
+        return "none", None
+    age = max(0.0, (now - point).total_seconds())
+    if age > policy.rpo_s:
+        return "missed", age
+    return ("at_risk" if age > policy.at_risk * policy.rpo_s else "met"), age
+
+
+def copy_state(row: DiskState, report: tuple[SyncProgress, datetime] | None, now: datetime,
+               policy: Policy) -> str:
+    """The state of the disk's running sync (the row must have one)."""
+    running = row.running
+    assert running is not None
+    heard = max(t for t in (running.planned_at, row.reissued_at,
+                            report[1] if report is not None else None) if t is not None)
+    if report is None and running.pool in policy.unserved:
+        return "waiting_for_pool"
+    if (now - heard).total_seconds() > policy.silent_after_s:
+        return "silent"
+    return report[0].state if report is not None else "planned"
+
+
+def disk_state(row: DiskState, report: tuple[SyncProgress, datetime] | None, now: datetime,
+               policy: Policy) -> str:
+    if row.running is not None:
+        return copy_state(row, report, now, policy)
+    if row.last_failure is not None:
+        return "failed"
+    return "synced" if row.change_id is not None else "new"
+
+
+def disk_status(row: DiskState, report: tuple[SyncProgress, datetime] | None, now: datetime,
+                policy: Policy) -> dict[str, Any]:
+    """One disk, as a JSON object (the field names of ``cbtstream status --json --from-log``
+    where they mean the same, so scripts read either)."""
+    state = disk_state(row, report, now, policy)
+    rpo, age = rpo_state(row, now, policy)
+    r = row.running
+    running = None
+    if r is not None:
+        p = report[0] if report is not None else None
+        queued = p is not None and p.state == "queued"
+        running = {
+            "sync_id": str(r.sync_id), "vm_snapshot": r.vm_snapshot,
+            "replication_type": str(r.replication_type), "planned_at": _t(r.planned_at),
+            "state": state, "pool": r.pool, "reissued": row.reissued,
+            "queue_position": p.queue_position if p is not None else None,
+            "wait_reason": p.wait_reason if p is not None else None,
+            "bytes_done": p.bytes_done if p is not None and not queued else None,
+            "bytes_total": p.bytes_total if p is not None and not queued else None,
+            "rate_bytes_per_s": p.rate_bytes_per_s if p is not None and not queued else None,
+            "progress_at": _t(report[1]) if report is not None else None}
+    return {
+        "type": "status", "disk": row.disk.key, "vm_instance_uuid": row.disk.vm_instance_uuid,
+        "vm_name": row.disk.vm_name, "vm_path": row.disk.vm_path, "disk_id": row.disk.disk_id,
+        "state": state, "owner": row.owner, "pool": row.pool or DEFAULT_POOL,
+        "change_id": row.change_id, "last_sync_at": _t(row.committed_at),
+        "recovery_point": _t(recovery_point(row)), "age_s": age, "rpo": rpo,
+        "last_type": str(row.replication_type) if row.replication_type else None,
+        "commits": row.commits, "running": running,
+        "failure": None if row.last_failure is None or r is not None
+        else {"reason": str(row.last_failure)},
+        "waiting": row.waiting.vm_snapshot if row.waiting is not None else None,
+    }
+
+
+def matches(row: DiskState, vm: str | None, disk: str | None) -> bool:
+    """Whether a row is selected by ``vm`` (instance uuid, name or inventory path) and
+    ``disk`` (disk key)."""
+    if disk is not None and row.disk.key != disk:
+        return False
+    d = row.disk
+    return vm is None or vm.lower() == d.vm_instance_uuid or vm in (d.vm_name, d.vm_path)
+
+
+def summarize(disks: Iterable[Mapping[str, Any]], policy: Policy) -> dict[str, Any]:
+    """The summary of some disks' status objects (one worker's part, or a whole site)."""
+    states: Counter[str] = Counter()
+    rpo: Counter[str] = Counter()
+    owners: Counter[str] = Counter()
+    pools: dict[str, dict[str, Any]] = {}
+    oldest: Mapping[str, Any] | None = None
+    waiting = n = 0
+    for d in disks:
+        n += 1
+        states[d["state"]] += 1
+        rpo[d["rpo"]] += 1
+        owners[d["owner"]] += 1
+        waiting += d["waiting"] is not None
+        pool = pools.setdefault(d["pool"], _pool(policy, d["pool"]))
+        pool["disks"] += 1
+        if d["running"] is not None:
+            pool["copies"][d["state"]] += 1
+        if d["age_s"] is not None and (oldest is None or d["age_s"] > oldest["age_s"]):
+            oldest = d
+    return {
+        "type": "site", "disks": n, "rpo_s": policy.rpo_s, "rpo_at_risk": policy.at_risk,
+        "states": {s: states[s] for s in DISK_STATES},
+        "copies": {s: states[s] for s in COPY_STATES},
+        "rpo": {s: rpo[s] for s in RPO_STATES},
+        "owners": dict(sorted(owners.items())),
+        "waiting_snapshots": waiting,
+        "oldest_commit": None if oldest is None else {
+            "disk": oldest["disk"], "vm_name": oldest["vm_name"],
+            "recovery_point": oldest["recovery_point"], "age_s": oldest["age_s"]},
+        "pools": dict(sorted(pools.items())),
+    }
+
+
+def _pool(policy: Policy, name: str) -> dict[str, Any]:
+    return {"disks": 0, "copies": dict.fromkeys(COPY_STATES, 0),
+            "live_copiers": policy.live.get(name)}
+
+
+def merge_summaries(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """One summary from the summaries of disjoint sets of disks (each worker's)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("no summary to merge")
+    out: dict[str, Any] = {"type": "site", "disks": 0, "rpo_s": parts[0]["rpo_s"],
+                           "rpo_at_risk": parts[0]["rpo_at_risk"],
+                           "states": dict.fromkeys(DISK_STATES, 0),
+                           "copies": dict.fromkeys(COPY_STATES, 0),
+                           "rpo": dict.fromkeys(RPO_STATES, 0), "owners": {},
+                           "waiting_snapshots": 0, "oldest_commit": None, "pools": {}}
+    for p in parts:
+        out["disks"] += p["disks"]
+        out["waiting_snapshots"] += p["waiting_snapshots"]
+        for name in ("states", "copies", "rpo", "owners"):
+            for k, v in p[name].items():
+                out[name][k] = out[name].get(k, 0) + v
+        old = p["oldest_commit"]
+        if old is not None and (out["oldest_commit"] is None
+                                or old["age_s"] > out["oldest_commit"]["age_s"]):
+            out["oldest_commit"] = old
+        for name, pool in p["pools"].items():
+            into = out["pools"].setdefault(name, {"disks": 0,
+                                                  "copies": dict.fromkeys(COPY_STATES, 0),
+                                                  "live_copiers": None})
+            into["disks"] += pool["disks"]
+            for k, v in pool["copies"].items():
+                into["copies"][k] += v
+            if pool["live_copiers"] is not None:
+                into["live_copiers"] = max(into["live_copiers"] or 0, pool["live_copiers"])
+    out["owners"] = dict(sorted(out["owners"].items()))
+    out["pools"] = dict(sorted(out["pools"].items()))
+    return out
