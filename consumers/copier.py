@@ -4,7 +4,8 @@ Order of effects for one plan (at-least-once, idempotent):
 
 1. execute the plan. For the vSphere executor (``consumers/replica/session.py``): admit it
    against the replica's record (a stale plan is refused with ``SyncFailed(stale_plan)`` before
-   any write; an incremental onto a replica that does not provably hold its base is copied in
+   any write, and in a host-local pool a replica whose record another host wrote with
+   ``SyncFailed(replica_on_other_host)``; an incremental onto a replica that does not provably hold its base is copied in
    full with a ``replica_*`` reason) -> mark the replica **dirty** (durable) -> copy the changed
    blocks -> **flush the target** -> mark it **clean** at the new change ID with its hash tree
    (durable);
