@@ -104,7 +104,7 @@ def test_two_policies_with_different_rpos_are_a_conflict_and_the_stricter_wins()
 def test_config_refuses_a_policy_without_selector_or_with_every_above_rpo() -> None:
     with pytest.raises(ConfigError, match="'gold' selects no VM"):
         load_settings(schedule={"policies": [{"name": "gold", "rpo_s": 900}]})
-    with pytest.raises(ConfigError, match="every_s .* longer than rpo_s"):
+    with pytest.raises(ConfigError, match=r"every_s .* longer than rpo_s"):
         load_settings(schedule={"policies": [{"name": "gold", "rpo_s": 900, "every_s": 1000,
                                               "names": ["*"]}]})
     with pytest.raises(ConfigError, match="named twice: gold"):
