@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from cbtstream.config import ConfigError, SchedulePolicy, ScheduleSettings, Settings, load_settings
+from cbtstream.config import SchedulePolicy, ScheduleSettings, load_settings
+from cbtstream.errors import ConfigError
 from cbtstream.vsphere.adapter import (
     Inventory,
     InventoryVm,
@@ -109,7 +110,7 @@ def test_config_refuses_a_policy_without_selector_or_with_every_above_rpo() -> N
                                               "names": ["*"]}]})
     with pytest.raises(ConfigError, match="named twice: gold"):
         load_settings(schedule={"policies": [{"name": "gold", "rpo_s": 9, "names": ["*"]}] * 2})
-    s = Settings(schedule={"policies": [{"name": "gold", "rpo_s": 900, "names": ["*"]}]})
+    s = load_settings(schedule={"policies": [{"name": "gold", "rpo_s": 900, "names": ["*"]}]})
     assert s.schedule.policies[0].interval_s == 450
 
 
@@ -227,7 +228,7 @@ def _settings(**kw: Any) -> ScheduleSettings:
 async def test_snapshots_run_concurrently_within_the_vcenter_and_host_bounds() -> None:
     vms = [vm(f"v{i}", host=f"h{i % 4}") for i in range(40)]
     fake, pub = FakeVCenter(vms, delay=0.02), ListPublisher()
-    sched = SiteScheduler(fake, pub, _settings(max_snapshots_per_vcenter=6,  # type: ignore[arg-type]
+    sched = SiteScheduler(fake, pub, _settings(max_snapshots_per_vcenter=6,
                                                max_snapshots_per_esxi_host=2))
     report = await sched.cycle()
     assert len(report.taken) == 40 and len(fake.taken) == 40
@@ -243,7 +244,7 @@ async def test_cycle_time_concurrent_against_one_at_a_time() -> None:
     times = {}
     for per_vc, per_host in ((1, 1), (16, 4)):
         fake = FakeVCenter(vms, delay=0.02)
-        sched = SiteScheduler(fake, ListPublisher(), _settings(  # type: ignore[arg-type]
+        sched = SiteScheduler(fake, ListPublisher(), _settings(
             max_snapshots_per_vcenter=per_vc, max_snapshots_per_esxi_host=per_host))
         t0 = time.monotonic()
         await sched.cycle()
@@ -257,7 +258,7 @@ async def test_a_vm_still_being_copied_is_skipped_and_reported_at_risk_once() ->
     # taken in an earlier slot (every 450 s), younger than the RPO (900 s)
     busy = vm("busy", snaps=(("snapshot-9", datetime.now(UTC) - timedelta(seconds=460)),))
     fake, pub = FakeVCenter([busy, vm("idle")]), ListPublisher()
-    sched = SiteScheduler(fake, pub, _settings())  # type: ignore[arg-type]
+    sched = SiteScheduler(fake, pub, _settings())
     report = await sched.cycle()
     assert report.at_risk == [busy.vm.instance_uuid]
     assert fake.taken == [vm("idle").vm.instance_uuid]
@@ -269,9 +270,9 @@ async def test_a_vm_still_being_copied_is_skipped_and_reported_at_risk_once() ->
 
 async def test_memory_from_events_keeps_a_new_owner_from_snapshotting_twice_in_a_slot() -> None:
     fake, pub = FakeVCenter([vm("web-1")]), ListPublisher()
-    first = SiteScheduler(fake, pub, _settings())  # type: ignore[arg-type]
+    first = SiteScheduler(fake, pub, _settings())
     await first.cycle()
-    second = SiteScheduler(fake, ListPublisher(), _settings())  # type: ignore[arg-type]
+    second = SiteScheduler(fake, ListPublisher(), _settings())
     for e in pub.events:
         second.remember_record(None, e.model_dump_json().encode())
     assert (await second.cycle()).taken == []
@@ -281,7 +282,7 @@ async def test_memory_from_events_keeps_a_new_owner_from_snapshotting_twice_in_a
 async def test_policy_problems_stop_the_start_and_are_warnings_later(
         caplog: pytest.LogCaptureFixture) -> None:
     settings = ScheduleSettings(policies=(policy(folders=("/DC0/vm/nope", "/DC0/vm")),))
-    sched = SiteScheduler(FakeVCenter([vm("web-1")]), ListPublisher(),  # type: ignore[arg-type]
+    sched = SiteScheduler(FakeVCenter([vm("web-1")]), ListPublisher(),
                           settings)
     with pytest.raises(ConfigError, match="policy 'gold': folder '/DC0/vm/nope' does not exist"):
         await sched.check()
