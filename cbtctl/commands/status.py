@@ -1,8 +1,13 @@
-"""``cbtstream status``: each disk's latest change ID and sync state, and the pipeline's lag."""
+"""``cbtstream status``: each disk's latest change ID and sync state, a site summary, and the
+pipeline's lag. From the planner's table when a worker answers (``cbtctl.sitestatus``: its cost
+follows the number of disks), else, or with ``--from-log``, from a replay of the log (no
+worker needed, but it reads every topic from its start)."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from cbtstream.config import Settings
 
@@ -11,25 +16,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "status",
         help="latest change ID, last sync and running syncs per disk; consumer lag per stage",
-        description="Replays the log (no consumer group, works while the worker is down): per "
-        "disk the latest committed change ID, the time and type of the last sync, a running "
-        "sync as its copier last reported it (queued with its place in the queue, running with "
-        "its progress, silent: nothing heard for three report intervals, or waiting for its "
-        "copier pool, which has no live copier), or the last failure; then the consumer lag "
-        "of each pipeline stage (planner, copier pools, audit).",
+        description="Asks a planner worker (GET /api/v1/status, gathered from every worker's "
+        "partitions): per disk the latest committed change ID, its recovery point and its age "
+        "against the RPO (streams.rpo_s), a running sync as its copier last reported it "
+        "(queued with its place in the queue, running with its progress, silent: nothing heard "
+        "for three report intervals, or waiting for its copier pool, which has no live copier), "
+        "or the last failure; a site summary (disks by state, RPO met/at risk/missed, oldest "
+        "recovery point, copies, pools); then the consumer lag of each pipeline stage "
+        "(planner, copier pools, audit). Without an answer from a worker, or with --from-log, "
+        "it replays the log instead (no consumer group, works while the workers are down, "
+        "costs a read of every topic from its start).",
     )
     who = p.add_mutually_exclusive_group()
     who.add_argument("--disk", metavar="KEY", help="only this disk")
     who.add_argument("--vm", metavar="UUID|NAME", help="only the disks of this VM")
     p.add_argument("--json", action="store_true", help="JSON lines instead of tables")
+    p.add_argument("--summary", action="store_true",
+                   help="the site summary only, no line per disk (from the table)")
+    p.add_argument("--rpo", type=float, metavar="SECONDS",
+                   help="measure recovery points against this RPO (default streams.rpo_s)")
+    p.add_argument("--from-log", action="store_true",
+                   help="replay the log instead of asking a worker (slower; no site summary)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
-    import itertools
     from datetime import UTC, datetime, timedelta
-    from typing import Any
 
     from rich.console import Console
 
@@ -59,16 +72,49 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return ([disk_status(d, now, silent_after, unserved) for d in result.disks.values()],
                 list(lags), fences)
 
-    rows, lags, fences = asyncio.run(gather())
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)  # logs and pipes: one line per row
+    if not args.from_log:
+        import sys
+
+        from cbtctl import sitestatus
+
+        try:
+            doc = sitestatus.fetch(settings, vm=args.vm, disk=args.disk,
+                                   disks=not args.summary, rpo_s=args.rpo)
+        except sitestatus.NoWorker as exc:
+            print(f"no status from a planner worker ({exc}); replaying the log instead",
+                  file=sys.stderr)
+        else:
+            async def extras() -> tuple[list[StageLag], list[Any]]:
+                lags = await consumer_lag(settings.kafka, pipeline_stages(settings))
+                return list(lags), await read_fences(settings.kafka)
+
+            lags, fences = asyncio.run(extras())
+            return _show(args, console, sitestatus.site_json(doc), lags, fences,
+                         lambda: sitestatus.print_site(console, doc,
+                                                       show_disks=not args.summary))
+
+    rows, lags, fences = asyncio.run(gather())
+    return _show(args, console, render.status_json(rows, []), lags, fences,
+                 lambda: render.print_status(console, rows, []))
+
+
+def _show(args: argparse.Namespace, console: Any, lines: Iterable[dict[str, Any]],
+          lags: list[Any], fences: list[Any], tables: Callable[[], None]) -> int:
+    """Print the disks (``lines`` as JSON, or ``tables()``), the lag and the fences."""
+    import itertools
+
+    from cbtctl.replay import render
+
     # Change-ID fences (cbtstream fence): each line is one fence, as published.
     fence_lines = ({"fence": f.model_dump(mode="json")} for f in fences)
     if args.json:
-        render.print_json(console, itertools.chain(render.status_json(rows, lags), fence_lines))
+        render.print_json(console, itertools.chain(lines, render.lag_json(lags), fence_lines))
     else:
-        render.print_status(console, rows, lags)
+        tables()
+        render.print_lags(console, lags)
         for f in fences:
             state = "revoked" if f.revoked else "active"
             console.print(f"fence {f.fence_id} [{state}] {f.scope} {f.target or '*'}: change IDs "

@@ -123,6 +123,10 @@ def status_json(rows: list[DiskStatus], lags: list[StageLag]) -> Iterator[dict[s
             "waiting": s.waiting, "skipped": s.skipped,
         }
     yield {"type": "syncs", **sync_counts(rows)}
+    yield from lag_json(lags)
+
+
+def lag_json(lags: list[StageLag]) -> Iterator[dict[str, Any]]:
     for lag in lags:
         yield {"type": "lag", "stage": lag.stage.name, "group": lag.stage.group,
                "lag": lag.lag, "started": lag.started,
@@ -242,6 +246,11 @@ def print_status(console: Console, rows: list[DiskStatus], lags: list[StageLag])
     counts = sync_counts(rows)
     if any(counts.values()):
         console.print("Syncs: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
+    if lags:
+        print_lags(console, lags)
+
+
+def print_lags(console: Console, lags: list[StageLag]) -> None:
     lag_table = Table(title="Consumer lag", title_justify="left")
     for col in ("stage", "group", "lag", "partitions (committed/end)"):
         lag_table.add_column(col)
