@@ -26,7 +26,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
 from cbtstream.config import KafkaSettings
-from cbtstream.kafka import client_kwargs
+from cbtstream.errors import ConfigError
+from cbtstream.kafka import client_kwargs, topic_partitions
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,13 @@ class KeyOwnership:
         if self._task is not None:
             return
         await self._consumer.start()
-        self._partitions = len(self._consumer.partitions_for_topic(self._topic) or ())
-        if not self._partitions:
+        try:
+            self._partitions = len(await topic_partitions(self._consumer, self._topic,
+                                                          timeout_s=10))
+        except LookupError as exc:
             await self._consumer.stop()
-            raise KafkaError(f"topic {self._topic} does not exist (cbtstream topics create)")
+            raise ConfigError(f"topic {self._topic} does not exist: run `cbtstream topics "
+                              "create`") from exc
         self._consumer.subscribe([self._topic], listener=_Listener(self))
         self._task = asyncio.create_task(self._poll(), name=f"membership {self._group}")
 
