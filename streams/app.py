@@ -377,8 +377,16 @@ class PlannerApp:
         """Every row of the table partitions this worker holds now. Not simply the table's
         keys: Faust's memory store keeps the rows this worker wrote in a partition that has
         moved to another worker since (``streams.gather``)."""
-        return [s for s in (self.row(k) for k in self.gatherer.owned(list(self.table.keys())))
-                if s is not None]
+        return [s for _, s in self.keyed_rows()]
+
+    def keyed_rows(self) -> list[tuple[str, DiskState]]:
+        """The same rows with their disk keys."""
+        out = []
+        for k in self.gatherer.owned(list(self.table.keys())):
+            s = self.row(k)
+            if s is not None:
+                out.append((k.decode(), s))
+        return out
 
     async def snapshots_processed(self) -> bool:
         """Whether this worker's rows name every sync that needs a VM snapshot in its

@@ -70,6 +70,8 @@ class Local(Protocol):
 
     def rows(self) -> list[DiskState]: ...
 
+    def keyed_rows(self) -> list[tuple[str, DiskState]]: ...
+
     async def snapshots_processed(self) -> bool: ...
 
 
@@ -105,8 +107,8 @@ class TableQueries:
         reports = self.local.reports
         vm, disk = params.get("vm") or None, params.get("disk") or None
         disks = [disk_status(r, reports.get(r.running.sync_id) if r.running else None, now,
-                             policy)
-                 for r in self.local.rows() if matches(r, vm, disk)]
+                             policy, key)
+                 for key, r in self.local.keyed_rows() if matches(r, vm, disk, key)]
         return {"summary": summarize(disks, policy),
                 "disks": disks if params.get("disks", "1") != "0" else []}
 

@@ -103,9 +103,10 @@ def disk_state(row: DiskState, report: tuple[SyncProgress, datetime] | None, now
 
 
 def disk_status(row: DiskState, report: tuple[SyncProgress, datetime] | None, now: datetime,
-                policy: Policy) -> dict[str, Any]:
+                policy: Policy, key: str | None = None) -> dict[str, Any]:
     """One disk, as a JSON object (the field names of ``cbtstream status --json --from-log``
-    where they mean the same, so scripts read either)."""
+    where they mean the same, so scripts read either). ``key``: the row's table key, if known
+    (``row.disk.key`` derives it again, a third of the cost of this function)."""
     state = disk_state(row, report, now, policy)
     rpo, age = rpo_state(row, now, policy)
     r = row.running
@@ -124,7 +125,8 @@ def disk_status(row: DiskState, report: tuple[SyncProgress, datetime] | None, no
             "rate_bytes_per_s": p.rate_bytes_per_s if p is not None and not queued else None,
             "progress_at": _t(report[1]) if report is not None else None}
     return {
-        "type": "status", "disk": row.disk.key, "vm_instance_uuid": row.disk.vm_instance_uuid,
+        "type": "status", "disk": key or row.disk.key,
+        "vm_instance_uuid": row.disk.vm_instance_uuid,
         "vm_name": row.disk.vm_name, "vm_path": row.disk.vm_path, "disk_id": row.disk.disk_id,
         "state": state, "owner": row.owner, "pool": row.pool or DEFAULT_POOL,
         "change_id": row.change_id, "last_sync_at": _t(row.committed_at),
@@ -137,10 +139,10 @@ def disk_status(row: DiskState, report: tuple[SyncProgress, datetime] | None, no
     }
 
 
-def matches(row: DiskState, vm: str | None, disk: str | None) -> bool:
-    """Whether a row is selected by ``vm`` (instance uuid, name or inventory path) and
-    ``disk`` (disk key)."""
-    if disk is not None and row.disk.key != disk:
+def matches(row: DiskState, vm: str | None, disk: str | None, key: str | None = None) -> bool:
+    """Whether a row (of table key ``key``) is selected by ``vm`` (instance uuid, name or
+    inventory path) and ``disk`` (disk key)."""
+    if disk is not None and (key or row.disk.key) != disk:
         return False
     d = row.disk
     return vm is None or vm.lower() == d.vm_instance_uuid or vm in (d.vm_name, d.vm_path)
