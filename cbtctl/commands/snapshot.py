@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--enable-cbt", action="store_true",
                    help="turn CBT on first where it is off (reconfigure + stun snapshot); "
                    "without it a VM whose CBT is not in effect is refused")
-    p.add_argument("--every", metavar="INTERVAL", help="repeat every INTERVAL (30s, 15m, 1h)")
+    p.add_argument("--every", metavar="INTERVAL", help="repeat every INTERVAL (30s, 15m, 1h), "
+                   "the VMs one after another; for a site use `cbtstream schedule`")
     p.set_defaults(handler=run)
 
 
