@@ -5,10 +5,10 @@ Order of effects for one plan (at-least-once, idempotent):
 1. execute the plan. For the vSphere executor (``consumers/replica/session.py``): admit it
    against the replica's record (a stale plan is refused with ``SyncFailed(stale_plan)`` before
    any write, and in a host-local pool a replica whose record another host wrote with
-   ``SyncFailed(replica_on_other_host)``; an incremental onto a replica that does not provably hold its base is copied in
-   full with a ``replica_*`` reason) -> mark the replica **dirty** (durable) -> copy the changed
-   blocks -> **flush the target** -> mark it **clean** at the new change ID with its hash tree
-   (durable);
+   ``SyncFailed(replica_on_other_host)``; an incremental onto a replica that does not provably
+   hold its base is copied in full with a ``replica_*`` reason) -> mark the replica **dirty**
+   (durable) -> copy the changed blocks -> **flush the target** -> mark it **clean** at the new
+   change ID with its hash tree (durable);
 2. publish ``ChangeIdCommitted`` (or ``SyncFailed``) and wait for ``acks=all``;
 3. let the executor release what it holds for the sync (e.g. the vSphere snapshot);
 4. commit the offset in the copier's consumer group, only once the outcome of **every** record
