@@ -17,7 +17,8 @@ Order of a disk copy (each step only after the previous one succeeded)::
     compare] -> return CopyResult
 
 Every touched leaf of the replica hash tree (``digest.py``) is rehashed as its bytes are written
-(hashing overlaps the writes, in a thread pool) and its entry written to the tree's leaf store;
+(on the event loop thread, while earlier writes run: ``_Run._worker`` says why) and its entry
+written to the tree's leaf store;
 untouched leaves keep the entry they had in the ``tree`` passed in, i.e. the replica's tree at
 the sync's base, and each touched piece is folded again from its leaves at the end.
 
@@ -111,8 +112,6 @@ from consumers.copy.throttle import Throttle
 
 #: Block status is asked for this much of a range at a time (bounds the status list in memory).
 _STATUS_WINDOW = 1 << 30
-#: Items up to this size are hashed on the event loop thread (about 0.1 ms of work).
-_INLINE_HASH = 256 * 1024
 
 log = logging.getLogger("cbtstream.copier.copy")
 
@@ -414,7 +413,6 @@ class _Run:
 
     async def _worker(self, queue: asyncio.Queue[tuple[int, Segment | EdgeUnit] | None]
                       ) -> None:
-        loop = asyncio.get_running_loop()
         buf: memoryview | None = None
         unit: memoryview | None = None
         while (job := await queue.get()) is not None:
@@ -441,16 +439,14 @@ class _Run:
                     buf = memoryview(bytearray(max(seg.length, len(buf) if buf else 0)))
                 view = buf[: seg.length]
                 await self._read(seg.start, view)
-                if seg.length <= _INLINE_HASH:
-                    # Small: hashing here is cheaper than a thread hop (and its GIL hand-off).
-                    records = dg.hash_run(seg.start, view, cap)
-                    await self.target.write(seg.start, view)
-                else:
-                    hashed = loop.run_in_executor(self._pool, dg.hash_run, seg.start, view, cap)
-                    try:
-                        await self.target.write(seg.start, view)
-                    finally:
-                        records = await hashed
+                # Hashed here, on the event loop thread, not in a pool overlapping the write:
+                # blake3 releases the GIL per call, i.e. per 64 KiB leaf, so a hashing thread
+                # takes the GIL back 16 times per MiB, each time against this thread receiving
+                # the next replies, and that hand-off cost more CPU than the hash itself (issue
+                # 24, in the closing note). The hash is about 0.4 CPU s per GiB: this blocks
+                # the loop about 1 ms per 2 MiB while earlier writes run in the writer thread.
+                records = dg.hash_run(seg.start, view, cap)
+                await self.target.write(seg.start, view)
                 copied = seg.length
             self._complete(seq, seg, records, copied, zeroed)
 

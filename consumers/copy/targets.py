@@ -22,9 +22,11 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from cbtstream.errors import CbtStreamError, PermissionDenied
 from consumers.nbd.client import NbdClient
@@ -39,6 +41,7 @@ _ZEROS = bytes(1024 * 1024)
 _MAX_ZERO = 1 << 30
 #: Writes up to this size are issued on the event loop thread (microseconds to the page cache).
 _INLINE_WRITE = 256 * 1024
+_T = TypeVar("_T")
 
 
 class TargetError(CbtStreamError):
@@ -87,6 +90,10 @@ class FileTarget:
         self._fd = fd
         self._size = os.lseek(fd, 0, os.SEEK_END)
         self._punch = True
+        #: One thread writes and zeroes, one request at a time, in the order asked: writes
+        #: into one file serialize on its inode lock anyway (writers in asyncio's default pool
+        #: spun on it), and every thread more takes the GIL back against the event loop's.
+        self._writer: ThreadPoolExecutor | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> FileTarget:
@@ -109,6 +116,9 @@ class FileTarget:
         return None
 
     async def stop(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -135,8 +145,13 @@ class FileTarget:
     async def write(self, offset: int, buf: memoryview) -> None:
         if len(buf) <= _INLINE_WRITE:
             self.write_sync(offset, buf)  # a page-cache copy: cheaper than a thread hop
-        else:
-            await asyncio.to_thread(self.write_sync, offset, buf)
+            return
+        await self._in_writer(self.write_sync, offset, buf)
+
+    async def _in_writer(self, fn: Callable[[int, _T], None], offset: int, arg: _T) -> None:
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, "cbt-write")
+        await asyncio.get_running_loop().run_in_executor(self._writer, fn, offset, arg)
 
     def zero_sync(self, offset: int, length: int) -> None:
         if offset + length > self._size:
@@ -159,7 +174,7 @@ class FileTarget:
             raise TargetError(f"zeroing {self.path} at {offset} failed: {exc.strerror}") from exc
 
     async def zero(self, offset: int, length: int) -> None:
-        await asyncio.to_thread(self.zero_sync, offset, length)
+        await self._in_writer(self.zero_sync, offset, length)
 
     async def flush(self) -> None:
         try:
