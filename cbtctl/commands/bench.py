@@ -3,7 +3,8 @@
 ``bench copy`` (cbtstream's copy engine against ``nbdcopy``: full copies, a latency-bound and
 rate-limited source, four disks at once, incrementals onto a replica with its record and tree)
 is described in :mod:`cbtctl.bench.copy`; ``bench pipeline`` (disks/s through the whole
-orchestration) in :mod:`cbtctl.bench.pipeline`.
+orchestration) in :mod:`cbtctl.bench.pipeline`; ``bench site`` (a site in miniature: the
+scheduler, several workers, a copier pool, restarts) in :mod:`cbtctl.bench.site`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="worker processes sharing the partitions (default 1)")
     pl.set_defaults(handler=run_pipeline)
 
+    st = bench_sub.add_parser(
+        "site", help="a site in miniature: VMs in a private simulator, workers, a copier pool, "
+        "the scheduler; seeding and cycles with restarts, then every replica compared",
+        description="See cbtctl/bench/site.py. Needs the stack's Kafka (cbtstream stack up); "
+        "starts its own simulator. The last line is JSON.")
+    st.add_argument("--vms", type=int, default=1000, help="VMs (default 1000)")
+    st.add_argument("--disks-per-vm", type=int, default=3)
+    st.add_argument("--disk-mib", type=int, default=1,
+                    help="small disk size; every 20th disk is 8x, every 100th 32x (default 1)")
+    st.add_argument("--cycles", type=int, default=5, help="incremental cycles (default 5)")
+    st.add_argument("--workers", type=int, default=2)
+    st.add_argument("--copiers", type=int, default=3)
+    st.add_argument("--rate", type=int, default=8 * _M,
+                    help="per-copy read rate in bytes/s (default 8 MiB/s)")
+    st.add_argument("--rpo", type=float, default=120.0, help="the policy's RPO in seconds")
+    st.add_argument("--every", type=float, default=20.0, help="seconds between snapshot slots")
+    st.add_argument("--partitions", type=int, default=8)
+    st.add_argument("--no-restart", action="store_true",
+                    help="do not restart a worker and a copier during the cycles")
+    st.add_argument("--timeout", type=float, default=1800.0, help="seconds per phase")
+    st.add_argument("--keep", action="store_true", help="keep the work directory")
+    st.set_defaults(handler=run_site)
+
     def usage(args: argparse.Namespace, settings: Settings) -> int:
         p.print_help()
         return 2
@@ -79,3 +103,20 @@ def run_copy(args: argparse.Namespace, settings: Settings) -> int:
     from cbtctl.bench.copy import run_copy as run
 
     return run(args)
+
+
+def run_site(args: argparse.Namespace, settings: Settings) -> int:
+    """``bench site``: see :mod:`cbtctl.bench.site`."""
+    import asyncio
+
+    from cbtctl.bench.site import SiteOptions
+    from cbtctl.bench.site import run_site as run
+
+    opts = SiteOptions(
+        vms=args.vms, disks_per_vm=args.disks_per_vm, disk_bytes=args.disk_mib * _M,
+        cycles=args.cycles, workers=args.workers, copiers=args.copiers, rate=args.rate,
+        rpo_s=args.rpo, every_s=args.every, partitions=args.partitions,
+        restart=not args.no_restart, timeout_s=args.timeout, keep=args.keep)
+    result = asyncio.run(run(settings, opts, report=lambda line: print(line, flush=True)))
+    print(result.line())
+    return 0 if result.replicas_differing == 0 and result.snapshots_left == 0 else 1
