@@ -30,13 +30,16 @@ def _check(result: SiteResult, opts: SiteOptions) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.timeout(900)
 async def test_a_site_of_100_vms(stack_settings: Settings, tmp_path: Path) -> None:
     opts = SiteOptions(vms=100, disks_per_vm=2, cycles=3, every_s=15.0, rpo_s=120.0,
                        timeout_s=600.0)
     _check(await run_site(stack_settings, opts, tmp_path), opts)
 
 
+@pytest.mark.integration
 @pytest.mark.soak
+@pytest.mark.timeout(3 * 3600)
 async def test_a_site_of_1000_vms(stack_settings: Settings, tmp_path: Path) -> None:
     opts = SiteOptions(vms=1000, disks_per_vm=3, cycles=5, every_s=60.0, rpo_s=300.0,
                        timeout_s=3600.0)
