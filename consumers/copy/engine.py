@@ -141,6 +141,8 @@ class CopyOptions:
     progress_interval_s: float = 2.0
     checkpoint_interval_bytes: int = 256 * 1024 * 1024
     checkpoint_interval_s: float = 10.0
+    #: Threads hashing edge units and items a checkpoint covers (data items are hashed on the
+    #: event loop thread: ``_Run._worker`` says why).
     hash_threads: int = 2
     #: Average read rate limit of this disk copy in bytes/s (0: unlimited).
     max_bytes_per_s: int = 0
