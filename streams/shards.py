@@ -15,6 +15,7 @@ worker and checks the parts are the whole table once):
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -28,7 +29,15 @@ from streams.gather import Gatherer, Unavailable
 from streams.orphans import merge_needs, needs_part
 from streams.pools import PoolView
 from streams.state import DiskState, from_json, to_json
-from streams.status import Policy, disk_status, matches, merge_summaries, summarize
+from streams.status import (
+    Policy,
+    StatusCache,
+    matches,
+    merge_summaries,
+    micros,
+    status_of,
+    summarize,
+)
 
 #: ``copier.queue_report_interval_s`` is capped at this share of ``streams.sync_timeout_s`` (as
 #: ``consumers.queued.report_interval`` does, which this role may not import).
@@ -67,6 +76,8 @@ class Local(Protocol):
     pools: PoolView
     #: The latest ``SyncProgress`` of each running sync and when it was heard.
     reports: dict[uuid.UUID, tuple[SyncProgress, datetime]]
+    #: The row-only part of each row's status.
+    status_cache: StatusCache
 
     def rows(self) -> list[DiskState]: ...
 
@@ -106,11 +117,23 @@ class TableQueries:
         policy = self.policy(params)
         reports = self.local.reports
         vm, disk = params.get("vm") or None, params.get("disk") or None
-        disks = [disk_status(r, reports.get(r.running.sync_id) if r.running else None, now,
-                             policy, key)
-                 for key, r in self.local.keyed_rows() if matches(r, vm, disk, key)]
-        return {"summary": summarize(disks, policy),
-                "disks": disks if params.get("disks", "1") != "0" else []}
+        cache, now_us = self.local.status_cache, micros(now)
+        objects, lines = [], []
+        for key, r in self.local.keyed_rows():
+            if matches(r, vm, disk, key):
+                obj, text = status_of(cache.get(key, r),
+                                      reports.get(r.running.sync_id) if r.running else None,
+                                      now, policy, now_us)
+                objects.append(obj)
+                lines.append((obj["vm_name"], obj["vm_instance_uuid"], key, text))
+        summary = summarize(objects, policy)
+        if params.get("disks", "1") == "0":
+            return {"summary": summary, "disks": []}
+        if params.get("form") == "text":
+            # each disk as its sort key and JSON text: the gathering worker splices them into
+            # its answer instead of decoding and encoding them again
+            return {"summary": summary, "disk_lines": lines}
+        return {"summary": summary, "disks": objects}
 
     # -- the whole table ------------------------------------------------------------------------
     async def rows(self, params: Mapping[str, str]) -> list[DiskState]:
@@ -153,15 +176,30 @@ class TableQueries:
     async def status(self, params: Mapping[str, str]) -> dict[str, Any]:
         """Per-disk status and the summary of the whole table (or of the disks ``vm`` or
         ``disk`` select), measured at one instant."""
+        result: dict[str, Any] = json.loads(await self.status_json(params))
+        return result
+
+    async def status_json(self, params: Mapping[str, str]) -> bytes:
+        """:meth:`status` as the JSON text ``GET /api/v1/status`` answers: the disks' texts
+        as the workers made them (``form=text``), sorted by VM name, VM and disk, spliced
+        into the answer. Decoding 15,000 objects and encoding them again cost more than
+        computing them."""
         now = datetime.now(UTC)
         query = {k: v for k, v in params.items() if k in ("vm", "disk", "disks", "rpo_s")}
-        shards = await self.gatherer.gather("status", {**query, "now": now.isoformat()})
-        disks = sorted((d for s in shards for d in s.body.get("disks") or ()),
-                       key=lambda d: (d["vm_name"], d["vm_instance_uuid"], d["disk"]))
-        return {"as_of": now.isoformat().replace("+00:00", "Z"),
-                "workers": [{"url": s.url, "partitions": sorted(s.partitions)} for s in shards],
-                "summary": merge_summaries(s.body["summary"] for s in shards),
-                "disks": disks}
+        shards = await self.gatherer.gather("status", {**query, "now": now.isoformat(),
+                                                       "form": "text"})
+        lines: list[tuple[str, str, str, str]] = []
+        for s in shards:
+            # a worker of an earlier version answers objects
+            lines.extend((d["vm_name"], d["vm_instance_uuid"], d["disk"], json.dumps(d))
+                         for d in s.body.get("disks") or ())
+            lines.extend((a, b, c, d) for a, b, c, d in s.body.get("disk_lines") or ())
+        lines.sort(key=lambda line: line[:3])
+        head = json.dumps({
+            "as_of": now.isoformat().replace("+00:00", "Z"),
+            "workers": [{"url": s.url, "partitions": sorted(s.partitions)} for s in shards],
+            "summary": merge_summaries(s.body["summary"] for s in shards)})
+        return f'{head[:-1]},"disks":[{",".join(line[3] for line in lines)}]}}'.encode()
 
 
 def register_status(app: Any, queries: TableQueries,
@@ -182,7 +220,8 @@ def register_status(app: Any, queries: TableQueries,
             answer = error(400, "Invalid rpo_s", "rpo_s must be a positive number of seconds")
             return view.json(answer.body, status=answer.status)
         try:
-            return view.json(await queries.status(dict(request.query)))
+            return view.bytes(await queries.status_json(dict(request.query)),
+                              content_type="application/json")
         except Unavailable as exc:
             answer = error(503, "Table not available", str(exc))
             return view.json(answer.body, status=answer.status)

@@ -27,10 +27,11 @@ committed).
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from schemas.events import DEFAULT_POOL, SyncProgress
@@ -102,41 +103,154 @@ def disk_state(row: DiskState, report: tuple[SyncProgress, datetime] | None, now
     return "synced" if row.change_id is not None else "new"
 
 
-def disk_status(row: DiskState, report: tuple[SyncProgress, datetime] | None, now: datetime,
-                policy: Policy, key: str | None = None) -> dict[str, Any]:
-    """One disk, as a JSON object (the field names of ``cbtstream status --json --from-log``
-    where they mean the same, so scripts read either). ``key``: the row's table key, if known
-    (``row.disk.key`` derives it again, a third of the cost of this function)."""
-    state = disk_state(row, report, now, policy)
-    rpo, age = rpo_state(row, now, policy)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+def micros(t: datetime) -> int:
+    """``t`` in whole microseconds since the epoch: ages computed from these are exactly
+    ``(now - t).total_seconds()`` (both are a count of microseconds over a million)."""
+    return (t - _EPOCH) // _US
+
+
+def _pair(name: str, value: object) -> str:
+    return f"{json.dumps(name)}:{json.dumps(value)}"
+
+
+@dataclass(frozen=True, slots=True)
+class RowStatus:
+    """What of a disk's status follows from its row alone, computed once per row object
+    (:class:`StatusCache`): the status object without the fields that depend on the instant,
+    the policy or the copier's reports (``state`` of a running sync, ``age_s``, ``rpo``,
+    ``running``), and the same as JSON text around those fields. Formatting the times and
+    encoding the object were nine tenths of a status's cost, paid again at every request."""
+
+    row: DiskState
+    key: str
+    #: The disk's state when it has no running sync (None: it depends on the reports).
+    state: str | None
+    #: The recovery point in microseconds since the epoch (:func:`micros`), or None.
+    point_us: int | None
+    #: The status object with None in place of the four fields above.
+    fixed: dict[str, Any]
+    #: The row-only fields of ``running`` (None: no running sync).
+    running: dict[str, Any] | None
+    #: The JSON text of ``fixed`` cut before ``state``, ``age_s``, ``rpo`` and ``running``.
+    text: tuple[str, str, str, str, str]
+
+
+def row_status(row: DiskState, key: str | None = None) -> RowStatus:
+    """The row-only part of the disk's status (``key``: its table key, if known)."""
     r = row.running
-    running = None
-    if r is not None:
-        p = report[0] if report is not None else None
-        queued = p is not None and p.state == "queued"
-        running = {
-            "sync_id": str(r.sync_id), "vm_snapshot": r.vm_snapshot,
-            "replication_type": str(r.replication_type), "planned_at": _t(r.planned_at),
-            "state": state, "pool": r.pool, "reissued": row.reissued,
+    running = None if r is None else {
+        "sync_id": str(r.sync_id), "vm_snapshot": r.vm_snapshot,
+        "replication_type": str(r.replication_type), "planned_at": _t(r.planned_at),
+        "state": None, "pool": r.pool, "reissued": row.reissued}
+    point = recovery_point(row)
+    key = key or row.disk.key
+    fixed: dict[str, Any] = {
+        "type": "status", "disk": key,
+        "vm_instance_uuid": row.disk.vm_instance_uuid,
+        "vm_name": row.disk.vm_name, "vm_path": row.disk.vm_path, "disk_id": row.disk.disk_id,
+        "state": None, "owner": row.owner, "pool": row.pool or DEFAULT_POOL,
+        "change_id": row.change_id, "last_sync_at": _t(row.committed_at),
+        "recovery_point": _t(point), "age_s": None, "rpo": None,
+        "last_type": str(row.replication_type) if row.replication_type else None,
+        "commits": row.commits, "running": None,
+        "failure": None if row.last_failure is None or r is not None
+        else {"reason": str(row.last_failure)},
+        "waiting": row.waiting.vm_snapshot if row.waiting is not None else None,
+    }
+    pieces, text = [], ""
+    for name, value in fixed.items():
+        sep = "," if name != "type" else ""
+        if name in ("state", "age_s", "rpo", "running"):
+            pieces.append(f'{text}{sep}"{name}":')
+            text = ""
+        else:
+            text += sep + _pair(name, value)
+    pieces.append(text)
+    state = None
+    if r is None:
+        state = "failed" if row.last_failure is not None else (
+            "synced" if row.change_id is not None else "new")
+    a, b, c, d, e = pieces
+    return RowStatus(row=row, key=key, state=state,
+                     point_us=None if point is None else micros(point), fixed=fixed,
+                     running=running, text=("{" + a, b, c, d, e + "}"))
+
+
+def _age(rs: RowStatus, now_us: int, policy: Policy) -> tuple[str, float | None]:
+    """:func:`rpo_state` from the cached recovery point."""
+    if rs.point_us is None:
+        return "none", None
+    age = max(0.0, (now_us - rs.point_us) / 1_000_000)
+    if age > policy.rpo_s:
+        return "missed", age
+    return ("at_risk" if age > policy.at_risk * policy.rpo_s else "met"), age
+
+
+def _running(rs: RowStatus, state: str, report: tuple[SyncProgress, datetime] | None
+             ) -> dict[str, Any]:
+    assert rs.running is not None
+    p = report[0] if report is not None else None
+    queued = p is not None and p.state == "queued"
+    return {**rs.running, "state": state,
             "queue_position": p.queue_position if p is not None else None,
             "wait_reason": p.wait_reason if p is not None else None,
             "bytes_done": p.bytes_done if p is not None and not queued else None,
             "bytes_total": p.bytes_total if p is not None and not queued else None,
             "rate_bytes_per_s": p.rate_bytes_per_s if p is not None and not queued else None,
             "progress_at": _t(report[1]) if report is not None else None}
-    return {
-        "type": "status", "disk": key or row.disk.key,
-        "vm_instance_uuid": row.disk.vm_instance_uuid,
-        "vm_name": row.disk.vm_name, "vm_path": row.disk.vm_path, "disk_id": row.disk.disk_id,
-        "state": state, "owner": row.owner, "pool": row.pool or DEFAULT_POOL,
-        "change_id": row.change_id, "last_sync_at": _t(row.committed_at),
-        "recovery_point": _t(recovery_point(row)), "age_s": age, "rpo": rpo,
-        "last_type": str(row.replication_type) if row.replication_type else None,
-        "commits": row.commits, "running": running,
-        "failure": None if row.last_failure is None or r is not None
-        else {"reason": str(row.last_failure)},
-        "waiting": row.waiting.vm_snapshot if row.waiting is not None else None,
-    }
+
+
+def status_of(rs: RowStatus, report: tuple[SyncProgress, datetime] | None, now: datetime,
+              policy: Policy, now_us: int | None = None) -> tuple[dict[str, Any], str]:
+    """The disk's status at ``now`` as a JSON object and as its JSON text (the same object),
+    from its cached row-only part. ``now_us``: ``now`` in microseconds (:func:`micros`), when
+    many disks are measured at one instant."""
+    rpo, age = _age(rs, micros(now) if now_us is None else now_us, policy)
+    out = rs.fixed.copy()
+    out["age_s"], out["rpo"] = age, rpo
+    a, b, c, d, e = rs.text
+    if rs.state is not None:
+        out["state"] = rs.state
+        return out, f'{a}"{rs.state}"{b}{_num(age)}{c}"{rpo}"{d}null{e}'
+    state = out["state"] = copy_state(rs.row, report, now, policy)
+    running = out["running"] = _running(rs, state, report)
+    return out, f'{a}"{state}"{b}{_num(age)}{c}"{rpo}"{d}{json.dumps(running)}{e}'
+
+
+def _num(age: float | None) -> str:
+    return "null" if age is None else float.__repr__(age)
+
+
+def disk_status(row: DiskState, report: tuple[SyncProgress, datetime] | None, now: datetime,
+                policy: Policy, key: str | None = None) -> dict[str, Any]:
+    """One disk, as a JSON object (the field names of ``cbtstream status --json --from-log``
+    where they mean the same, so scripts read either). ``key``: the row's table key, if known
+    (``row.disk.key`` derives it again). A worker answering many keeps the row-only part of
+    each row (:class:`StatusCache`, :func:`status_of`); this computes it afresh."""
+    return status_of(row_status(row, key), report, now, policy)[0]
+
+
+class StatusCache:
+    """The row-only part of each row's status (:class:`RowStatus`), by table key, valid while
+    the row is the same object: a row written (a new ``DiskState``) or recovered from the
+    changelog (decoded anew, ``streams.app.PlannerApp.row``) is computed again. Rows are
+    frozen, so the same object is the same row."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, RowStatus] = {}
+
+    def get(self, key: str, row: DiskState) -> RowStatus:
+        rs = self._by_key.get(key)
+        if rs is None or rs.row is not row:
+            rs = self._by_key[key] = row_status(row, key)
+        return rs
+
+    def __len__(self) -> int:
+        return len(self._by_key)
 
 
 def matches(row: DiskState, vm: str | None, disk: str | None, key: str | None = None) -> bool:

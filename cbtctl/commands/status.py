@@ -48,18 +48,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from cbtctl.replay import render
     from cbtctl.replay.reader import StageLag, StartAt, consumer_lag, pipeline_stages
-    from cbtctl.replay.run import load
-    from cbtctl.replay.status import DiskStatus, disk_status
-    from cbtstream.kafka import copier_group_id, group_members
-    from consumers.queued import report_interval
     from streams.fences import read_fences
 
-    # A copier reports a plan it holds every report interval (queued) or progress interval
-    # (running): three of them without a word is silence.
-    silent_after = timedelta(seconds=3 * max(report_interval(settings),
-                                             settings.copier.progress_interval_s))
+    async def gather() -> tuple[list[Any], list[StageLag], list[Any]]:
+        # the replay's modules, imported only when it runs
+        from cbtctl.replay.run import load
+        from cbtctl.replay.status import disk_status
+        from cbtstream.kafka import copier_group_id, group_members
+        from consumers.queued import report_interval
 
-    async def gather() -> tuple[list[DiskStatus], list[StageLag], list[Any]]:
+        # A copier reports a plan it holds every report interval (queued) or progress
+        # interval (running): three of them without a word is silence.
+        silent_after = timedelta(seconds=3 * max(report_interval(settings),
+                                                 settings.copier.progress_interval_s))
         result = await load(settings, StartAt(), disk=args.disk, vm=args.vm)
         lags = await consumer_lag(settings.kafka, pipeline_stages(settings))
         fences = await read_fences(settings.kafka)
@@ -80,18 +81,26 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         from cbtctl import sitestatus
 
+        async def table() -> tuple[dict[str, Any], list[StageLag], list[Any]]:
+            # the worker's answer (a blocking HTTP call, in a thread), the lag and the fences
+            # at once: in turn they took twice as long
+            doc = asyncio.ensure_future(asyncio.to_thread(
+                sitestatus.fetch, settings, vm=args.vm, disk=args.disk,
+                disks=not args.summary, rpo_s=args.rpo))
+            try:
+                lags, fences = await asyncio.gather(
+                    consumer_lag(settings.kafka, pipeline_stages(settings)),
+                    read_fences(settings.kafka))
+            finally:
+                answer = await doc
+            return answer, list(lags), fences
+
         try:
-            doc = sitestatus.fetch(settings, vm=args.vm, disk=args.disk,
-                                   disks=not args.summary, rpo_s=args.rpo)
+            doc, lags, fences = asyncio.run(table())
         except sitestatus.NoWorker as exc:
             print(f"no status from a planner worker ({exc}); replaying the log instead",
                   file=sys.stderr)
         else:
-            async def extras() -> tuple[list[StageLag], list[Any]]:
-                lags = await consumer_lag(settings.kafka, pipeline_stages(settings))
-                return list(lags), await read_fences(settings.kafka)
-
-            lags, fences = asyncio.run(extras())
             return _show(args, console, sitestatus.site_json(doc), lags, fences,
                          lambda: sitestatus.print_site(console, doc,
                                                        show_disks=not args.summary))
