@@ -329,9 +329,11 @@ class Site:
 
 
 def _guest(site: Site, sim: SimulatorControl, disks: list[_Disk], rng: random.Random) -> None:
-    """One cycle's guest writes (a few scattered writes per disk, one of them zeroes)."""
-    for d in disks:
-        site.write(sim, d, scattered(rng, d.key, d.capacity, count=4))
+    """One cycle's guest writes (a few scattered writes per disk, one of them zeroes), eight
+    disks at a time (each write is a request to the simulator)."""
+    work = [(d, scattered(rng, d.key, d.capacity, count=4)) for d in disks]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda dw: site.write(sim, *dw), work))
 
 
 async def _wait(done: Any, site: Site, timeout_s: float, what: str) -> None:
