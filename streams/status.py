@@ -69,17 +69,6 @@ def recovery_point(row: DiskState) -> datetime | None:
     return row.commit_taken_at or row.committed_at
 
 
-def rpo_state(row: DiskState, now: datetime, policy: Policy) -> tuple[str, float | None]:
-    """The disk's recovery point against the RPO, and its age in seconds."""
-    point = recovery_point(row)
-    if point is None:
-        return "none", None
-    age = max(0.0, (now - point).total_seconds())
-    if age > policy.rpo_s:
-        return "missed", age
-    return ("at_risk" if age > policy.at_risk * policy.rpo_s else "met"), age
-
-
 def copy_state(row: DiskState, report: tuple[SyncProgress, datetime] | None, now: datetime,
                policy: Policy) -> str:
     """The state of the disk's running sync (the row must have one)."""
@@ -181,7 +170,8 @@ def row_status(row: DiskState, key: str | None = None) -> RowStatus:
 
 
 def _age(rs: RowStatus, now_us: int, policy: Policy) -> tuple[str, float | None]:
-    """:func:`rpo_state` from the cached recovery point."""
+    """The disk's recovery point (cached, in microseconds) against the RPO: ``none``, ``met``,
+    ``at_risk`` or ``missed``, and its age in seconds."""
     if rs.point_us is None:
         return "none", None
     age = max(0.0, (now_us - rs.point_us) / 1_000_000)

@@ -103,9 +103,21 @@ class SiteResult:
     runtime_s: float
 
     def line(self) -> str:
-        doc = asdict(self)
-        doc["seeding_vs_ideal"] = round(self.seeding_s / self.ideal_seeding_s, 2) \
-            if self.ideal_seeding_s else None
+        """The figures as one JSON line (the bench's last line)."""
+        doc = {
+            "vms": self.vms, "disks": self.disks, "allocated_bytes": self.allocated_bytes,
+            "seeding_s": self.seeding_s, "ideal_seeding_s": self.ideal_seeding_s,
+            "seeding_vs_ideal": round(self.seeding_s / self.ideal_seeding_s, 2)
+            if self.ideal_seeding_s else None,
+            "cycles": [asdict(c) for c in self.cycles], "schedule": self.schedule,
+            "failures": self.failures, "snapshots_per_vm": self.snapshots_per_vm,
+            "snapshots_left": self.snapshots_left,
+            "recopies_after_seeding": self.recopies_after_seeding,
+            "replicas_differing": self.replicas_differing, "bytes_copied": self.bytes_copied,
+            "planner_cpu_s_per_disk_cycle": self.planner_cpu_s_per_disk_cycle,
+            "copier_cpu_s_per_disk_cycle": self.copier_cpu_s_per_disk_cycle,
+            "runtime_s": self.runtime_s,
+        }
         return json.dumps(doc, separators=(",", ":"))
 
 
