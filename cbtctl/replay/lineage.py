@@ -266,7 +266,7 @@ class _DiskReplay:
             base = new_state(plan.disk) if plan.previous_change_id is None else DiskState(
                 disk=plan.disk, change_id=plan.previous_change_id)
             self.out.state = base.model_copy(
-                update={"running": _running_from_plan(plan, snap, rec.time)})
+                update={"running": _running_from_plan(plan, snap, rec.time), "pool": plan.pool})
             return
         mine = self.replayed.get(plan.sync_id)
         if mine is not None:

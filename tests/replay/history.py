@@ -24,6 +24,8 @@ class History:
     rows: dict[str, DiskState | None] = field(default_factory=dict)
     clock: datetime = T0
     minutes: int = 0
+    #: The configured pool the planner gives a disk at its first plan.
+    pool: str = "default"
 
     def tick(self, ms: int = 5) -> datetime:
         self.clock += timedelta(milliseconds=ms)
@@ -44,7 +46,8 @@ class History:
         s: SnapshotTaken = snap(d, change_id, minutes=self.minutes,
                                 snapshot=f"snapshot-{self.minutes}")
         self.append(s)
-        row, out = planner.on_snapshot(self.rows.get(d.key), s, self.tick())
+        step = planner.snapshot_step(self.rows.get(d.key), s, self.tick(), pool=self.pool)
+        row, out = step.state, step.outputs
         self.rows[d.key] = row
         plan = None
         for o in out:
