@@ -53,7 +53,7 @@ from typing import Any, cast
 
 import faust
 from faust.types import EventT, TableT
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from cbtstream.config import Settings
 from cbtstream.kafka import group_progress, ssl_context
@@ -635,7 +635,13 @@ class PlannerApp:
         timeout = timedelta(seconds=self.settings.streams.sync_timeout_s)
         async for event in stream.events():
             msg = event.message
-            move = as_move(msg.value)
+            try:
+                move = as_move(msg.value)
+            except ValidationError as exc:  # a hand-made record: refused, never a crash
+                await self.dead_letter(msg.topic, msg.partition, msg.offset, msg.key, msg.value,
+                                       f"not a pool move: {exc.error_count()} errors")
+                self._mark(msg.topic, msg.partition, msg.offset)
+                continue
             if move is not None:
                 await self._move(move)
                 self._mark(msg.topic, msg.partition, msg.offset)
