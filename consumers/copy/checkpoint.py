@@ -19,7 +19,6 @@ A checkpoint whose plan fingerprint differs from the current plan is ignored (di
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import uuid
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cbtstream.errors import CbtStreamError, PermissionDenied
+from consumers.copy.dirfiles import open_dir, read_file, unlink_synced, write_atomic
 from schemas.disk import parse_disk_key
 
 
@@ -75,24 +75,12 @@ class Checkpoint:
             self.dir, self.name = Path(directory) / vm_uuid / f"disk-{device_key}", f"{sync}.json"
         self.path = self.dir / self.name
 
-    def _dir_fd(self, create: bool) -> int:
-        if create:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        return os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-
     def _read(self) -> bytes:
-        dir_fd = self._dir_fd(create=False)
+        dir_fd = open_dir(self.dir, create=False)
         try:
-            fd = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            return read_file(dir_fd, self.name, _MAX_CHECKPOINT)
         finally:
             os.close(dir_fd)
-        try:
-            raw = os.read(fd, _MAX_CHECKPOINT + 1)
-        finally:
-            os.close(fd)
-        if len(raw) > _MAX_CHECKPOINT:
-            raise ValueError("the checkpoint is too large")
-        return raw
 
     def load(self, plan: str) -> CheckpointState | None:
         """The saved state if it exists and belongs to this plan, else None."""
@@ -127,36 +115,17 @@ class Checkpoint:
             "bytes_copied": state.bytes_copied,
             "bytes_zeroed": state.bytes_zeroed,
         }
-        tmp = f".{self.name}.tmp{os.getpid()}"
         try:
-            dir_fd = self._dir_fd(create=True)
+            dir_fd = open_dir(self.dir, create=True)
         except OSError as exc:
             raise CheckpointError(f"cannot save checkpoint {self.path}: {exc.strerror}") from exc
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o640, dir_fd=dir_fd)
-            try:
-                view = memoryview(json.dumps(doc).encode())
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            os.fsync(dir_fd)
+            write_atomic(dir_fd, self.name, json.dumps(doc).encode())
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
             raise CheckpointError(f"cannot save checkpoint {self.path}: {exc.strerror}") from exc
         finally:
             os.close(dir_fd)
 
     def done(self) -> None:
         """Remove the checkpoint: the sync completed (or was abandoned on purpose)."""
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            dir_fd = self._dir_fd(create=False)
-            try:
-                os.unlink(self.name, dir_fd=dir_fd)
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        unlink_synced(self.dir, self.name)

@@ -47,6 +47,7 @@ from consumers.copy import digest_v1 as v1
 from consumers.copy.checkpoint import Checkpoint, checkpoint_name
 from consumers.copy.digest import HASH, LEAF, PIECE, HashTree, piece_count
 from consumers.copy.digest_v1 import V1Tree
+from consumers.copy.dirfiles import open_dir, read_file, unlink_synced, write_atomic
 from consumers.copy.leaves import FileLeaves, Journal, undo
 from consumers.replica.state import HeldSync, ReplicaState, Unknown
 
@@ -82,22 +83,7 @@ class ReplicaStore:
         return f"{self.name}.state"
 
     def _dir_fd(self, create: bool) -> int:
-        if create:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o750)
-        return os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-
-    def _read(self, dir_fd: int, name: str, limit: int) -> bytes:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            chunks, total = [], 0
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-                total += len(chunk)
-                if total > limit:
-                    raise ValueError(f"{name} is larger than {limit} bytes")
-            return b"".join(chunks)
-        finally:
-            os.close(fd)
+        return open_dir(self.directory, create)
 
     # -- reading ----------------------------------------------------------------------------
     def load(self) -> ReplicaState | Unknown | None:
@@ -109,7 +95,7 @@ class ReplicaStore:
         except OSError as exc:
             return Unknown(detail=f"cannot open {self.directory}: {exc.strerror}")
         try:
-            raw = self._read(dir_fd, self.state_name, _MAX_RECORD)
+            raw = read_file(dir_fd, self.state_name, _MAX_RECORD)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
@@ -126,7 +112,7 @@ class ReplicaStore:
         head = _PIECES_HEAD if v2 else _V1_HEAD
         dir_fd = self._dir_fd(create=False)
         try:
-            raw = self._read(dir_fd, held.tree_file, head.size + HASH * piece_count(capacity))
+            raw = read_file(dir_fd, held.tree_file, head.size + HASH * piece_count(capacity))
         finally:
             os.close(dir_fd)
         if v2:
@@ -192,26 +178,12 @@ class ReplicaStore:
         return leaves, generation
 
     # -- writing ----------------------------------------------------------------------------
-    def _write_atomic(self, dir_fd: int, name: str, data: bytes | bytearray) -> None:
-        tmp = f".{name}.tmp{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o640, dir_fd=dir_fd)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)
-
     def save(self, state: ReplicaState) -> None:
         """Replace the record atomically (durable when this returns)."""
         try:
             dir_fd = self._dir_fd(create=True)
             try:
-                self._write_atomic(dir_fd, self.state_name, encode_record(state))
+                write_atomic(dir_fd, self.state_name, encode_record(state))
             finally:
                 os.close(dir_fd)
         except OSError as exc:
@@ -227,7 +199,7 @@ class ReplicaStore:
             dir_fd = self._dir_fd(create=True)
             try:
                 head = _PIECES_HEAD.pack(_PIECES_MAGIC, tree.capacity, LEAF, PIECE, leaves)
-                self._write_atomic(dir_fd, name, head + tree.pieces)
+                write_atomic(dir_fd, name, head + tree.pieces)
             finally:
                 os.close(dir_fd)
         except OSError as exc:
@@ -304,12 +276,7 @@ class ReplicaStore:
         self.prune_trees()
         self.prune_checkpoints()
         with contextlib.suppress(OSError):
-            dir_fd = self._dir_fd(create=False)
-            try:
-                os.unlink(self.state_name, dir_fd=dir_fd)
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            unlink_synced(self.directory, self.state_name)
 
 
 class ReplicaBusy(CbtStreamError):
