@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from cbtctl.demo.processes import Proc
 from cbtctl.demo.run import stack_settings
-from cbtctl.demo.scenario import Scenario
+from cbtctl.demo.scenario import Scenario, random_name
 from cbtstream.config import Settings
 from cbtstream.vsphere.simctl import SimulatorControl
 
@@ -80,8 +80,24 @@ class Pipeline:
                 p.stop()
 
     def dump(self) -> str:
-        return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-6000:]}"
-                         for f in sorted(self.logs.glob("*.log")))
+        return dump_logs(self.logs)
+
+
+def dump_logs(logs: Path) -> str:
+    """The tail of every process log in ``logs`` (printed when a test fails)."""
+    return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-6000:]}"
+                     for f in sorted(logs.glob("*.log")))
+
+
+async def vm_scenario(settings: Settings, sim: SimulatorControl, workdir: Path,
+                      alive: Callable[[], None], name: str, sizes: list[int],
+                      seed: int) -> Scenario:
+    """A scenario with a new VM of ``sizes`` disks, aborted when ``alive()`` raises (a
+    pipeline process died)."""
+    sc = Scenario(settings, sim, workdir, seed=seed, timeout_s=120)
+    sc.check_alive.append(alive)
+    await sc.create_vm(random_name(name), sizes)
+    return sc
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

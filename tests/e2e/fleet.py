@@ -29,7 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from cbtctl.demo.processes import Proc
 from cbtstream.config import Settings
 from cbtstream.kafka import client_kwargs, copier_group_id
-from tests.e2e.conftest import Pipeline
+from tests.e2e.conftest import Pipeline, dump_logs
 
 
 @dataclass
@@ -141,8 +141,7 @@ class Fleet:
         shutil.rmtree(self._run_root, ignore_errors=True)
 
     def dump(self) -> str:
-        return "\n".join(f"--- {f.name}\n{f.read_text(errors='replace')[-6000:]}"
-                         for f in sorted(self.logs.glob("*.log")))
+        return dump_logs(self.logs)
 
     def who_started(self, sync_id: str) -> list[str]:
         """The members whose logs say they started ``sync_id``."""

@@ -36,7 +36,7 @@ from schemas.events import (
     SyncFailed,
     SyncProgress,
 )
-from tests.e2e.conftest import Pipeline
+from tests.e2e.conftest import Pipeline, vm_scenario
 from tests.support import isolated_settings
 
 pytestmark = pytest.mark.integration
@@ -65,14 +65,6 @@ def e2e_settings(kafka_settings: Settings, tmp_path: Path) -> Settings:
     streams = s.streams.model_copy(update={"sync_timeout_s": TIMEOUT_S,
                                            "sync_check_interval_s": 0.5})
     return s.model_copy(update={"copier": copier, "streams": streams})
-
-
-async def _vm(settings: Settings, sim: SimulatorControl, workdir: Path, pipeline: Pipeline,
-              name: str, sizes: list[int], seed: int) -> Scenario:
-    sc = Scenario(settings, sim, workdir, seed=seed, timeout_s=120)
-    sc.check_alive.append(pipeline.check)
-    await sc.create_vm(random_name(name), sizes)
-    return sc
 
 
 def _fill(sc: Scenario, fraction: float) -> list[Write]:
@@ -112,8 +104,8 @@ async def test_small_disks_do_not_wait_behind_a_large_copy(
     big = scenario
     await big.create_vm(random_name("e2e-hol-big"), [96 * MiB])
     await big.write(_fill(big, 1.0))  # dense: about 24 s at the rate limit
-    smalls = [await _vm(settings, sim, tmp_path / f"small-{i}", pipeline, "e2e-hol-small",
-                        [4 * MiB, 4 * MiB], seed=i) for i in range(6)]
+    smalls = [await vm_scenario(settings, sim, tmp_path / f"small-{i}", pipeline.check,
+                                "e2e-hol-small", [4 * MiB, 4 * MiB], seed=i) for i in range(6)]
     try:
         for sc in smalls:
             await sc.write(_fill(sc, 0.3))

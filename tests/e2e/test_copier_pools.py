@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from cbtctl.demo.run import stack_settings
-from cbtctl.demo.scenario import Scenario, files_equal, random_name
+from cbtctl.demo.scenario import Scenario, files_equal
 from cbtctl.demo.workload import MiB, Write, initial_fill, scattered
 from cbtstream.config import PoolAssignment, Settings
 from cbtstream.kafka import create_topics
@@ -43,7 +43,7 @@ from schemas.events import (
     SyncPlanned,
     SyncProgress,
 )
-from tests.e2e.conftest import _FAILED
+from tests.e2e.conftest import _FAILED, vm_scenario
 from tests.e2e.fleet import Fleet
 from tests.support import isolated_settings
 
@@ -94,14 +94,6 @@ def _with_root(settings: Settings, root: Path) -> Settings:
     """``settings`` whose replicas are under ``root`` (where a scenario looks for them)."""
     return settings.model_copy(update={
         "copier": settings.copier.model_copy(update={"target_root": root})})
-
-
-async def _vm(settings: Settings, sim: SimulatorControl, workdir: Path, fleet: Fleet,
-              name: str, sizes: list[int], seed: int) -> Scenario:
-    sc = Scenario(settings, sim, workdir, seed=seed, timeout_s=120)
-    sc.check_alive.append(fleet.check)
-    await sc.create_vm(random_name(name), sizes)
-    return sc
 
 
 def _keys(sc: Scenario) -> list[int]:
@@ -223,7 +215,8 @@ async def test_shared_pool_member_killed_mid_copy_and_member_added(
     try:
         for i in range(6):  # VM 0 has the large disk
             sizes = [32 * MiB, 8 * MiB] if i == 0 else [8 * MiB, 8 * MiB]
-            vms.append(await _vm(base, sim, tmp_path / f"vm-{i}", fleet, "e2e-pool", sizes, i))
+            vms.append(await vm_scenario(base, sim, tmp_path / f"vm-{i}", fleet.check,
+                                         "e2e-pool", sizes, i))
         big_vm, big_key = vms[0], _keys(vms[0])[0]
         big_disk = _disk_key(big_vm, big_key)
         assert fleet.pipeline is not None
@@ -329,9 +322,9 @@ async def test_host_local_pools_wait_for_their_own_copier(
     try:
         for i in range(4):
             pool = "a" if i < 2 else "b"
-            vms[pool].append(await _vm(_with_root(e2e_settings, roots[pool]), sim,
-                                       tmp_path / f"vm-{i}", fleet, "e2e-local",
-                                       [4 * MiB, 4 * MiB], 100 + i))
+            vms[pool].append(await vm_scenario(_with_root(e2e_settings, roots[pool]), sim,
+                                               tmp_path / f"vm-{i}", fleet.check, "e2e-local",
+                                               [4 * MiB, 4 * MiB], 100 + i))
         everyone = vms["a"] + vms["b"]
         assign = tuple(PoolAssignment(vm=sc.vm.instance_uuid, pool=pool)
                        for pool, scs in vms.items() for sc in scs if sc.vm is not None)
