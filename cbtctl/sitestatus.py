@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from cbtctl.replay.render import _bytes, _short
+from cbtctl.textfmt import human_bytes, short_change_id
 from cbtstream.config import Settings
 from cbtstream.errors import CbtStreamError
 
@@ -88,7 +88,7 @@ def _detail(d: dict[str, Any]) -> str:
         pct = (f"{100 * r['bytes_done'] / r['bytes_total']:.0f}% "
                if r["bytes_done"] is not None and r["bytes_total"] else "")
         return (f"{r['replication_type']} {r['vm_snapshot']} {pct}"
-                f"{_bytes(r['bytes_done'])}/{_bytes(r['bytes_total'])}")
+                f"{human_bytes(r['bytes_done'])}/{human_bytes(r['bytes_total'])}")
     if d["failure"] is not None:
         return f"last sync failed: {d['failure']['reason']}"
     return ""
@@ -97,6 +97,11 @@ def _detail(d: dict[str, Any]) -> str:
 _STYLE = {"running": "cyan", "queued": "blue", "silent": "bold red", "failed": "red",
           "waiting_for_pool": "bold yellow", "synced": "green"}
 _RPO_STYLE = {"missed": "bold red", "at_risk": "yellow", "met": "green"}
+
+
+def _rpo_counts(rpo: dict[str, int]) -> str:
+    return (f"{rpo['met']} met, {rpo['at_risk']} at risk, {rpo['missed']} missed, "
+            f"{rpo['none']} never committed")
 
 
 def print_site(console: Console, doc: dict[str, Any], *, show_disks: bool = True) -> None:
@@ -110,7 +115,7 @@ def print_site(console: Console, doc: dict[str, Any], *, show_disks: bool = True
             detail = _detail(d) + (f" (waiting: {d['waiting']})" if d["waiting"] else "")
             table.add_row(d["vm_name"], d["disk"],
                           f"[{_STYLE[state]}]{state}[/]" if state in _STYLE else state,
-                          d["pool"], d["owner"], _short(d["change_id"]),
+                          d["pool"], d["owner"], short_change_id(d["change_id"]),
                           d["recovery_point"] or "-", _age(d["age_s"]),
                           f"[{_RPO_STYLE[rpo]}]{rpo}[/]" if rpo in _RPO_STYLE else rpo,
                           str(d["commits"]), detail)
@@ -122,8 +127,14 @@ def print_site(console: Console, doc: dict[str, Any], *, show_disks: bool = True
 
     console.print(f"Site as of {doc['as_of']} ({len(doc['workers'])} worker(s)): "
                   f"{s['disks']} disks: {counts(s['states'])}")
-    console.print(f"RPO {_age(s['rpo_s'])}: {s['rpo']['met']} met, {s['rpo']['at_risk']} at "
-                  f"risk, {s['rpo']['missed']} missed, {s['rpo']['none']} never committed")
+    console.print(f"RPO: {_rpo_counts(s['rpo'])}")
+    policies = s.get("policies", {})
+    for name, held in policies.items():
+        who = ("no policy (streams.rpo_s)" if name == "-" else f"policy {name}")
+        if s.get("rpo_override"):
+            who = f"{who}, measured against --rpo"
+        console.print(f"  {who}, RPO {_age(held['rpo_s'])}: {held['disks']} disks: "
+                      f"{_rpo_counts(held['rpo'])}")
     old = s["oldest_commit"]
     if old is not None:
         console.print(f"Oldest recovery point: {old['recovery_point']} ({_age(old['age_s'])} "

@@ -253,7 +253,8 @@ class SiteScheduler:
         try:
             events = await snapshot_and_publish(
                 self._client, self._publisher, vm,  # type: ignore[arg-type]
-                quiesce=policy.quiesce, enable_cbt=policy.enable_cbt)
+                quiesce=policy.quiesce, enable_cbt=policy.enable_cbt,
+                policy=policy.name, rpo_s=policy.rpo_s)
         except CbtStreamError as exc:
             report.failed.append(vm.instance_uuid)
             if self._metrics is not None:

@@ -66,11 +66,13 @@ def cbt_problem(status: CbtStatus) -> str | None:
     return None
 
 
-def snapshot_events(vcenter: str, info: SnapshotInfo,
-                    esxi_host: str | None = None) -> list[SnapshotTaken]:
+def snapshot_events(vcenter: str, info: SnapshotInfo, esxi_host: str | None = None, *,
+                    policy: str | None = None, rpo_s: float | None = None
+                    ) -> list[SnapshotTaken]:
     """The ``SnapshotTaken`` events of one snapshot, one per disk (pure). Each names every disk
-    of the snapshot, so the pipeline can remove it once all of them are synced, and the ESXi
-    host the VM ran on (change-ID fences may name hosts)."""
+    of the snapshot, so the pipeline can remove it once all of them are synced, the ESXi host
+    the VM ran on (change-ID fences may name hosts), and the protection policy that asked for
+    it with its RPO (the disk's status is measured against it)."""
     keys = tuple(disk.device_key for disk, _ in info.disks)
     return [
         SnapshotTaken(
@@ -84,6 +86,8 @@ def snapshot_events(vcenter: str, info: SnapshotInfo,
             taken_at=info.created,
             snapshot_device_keys=keys,
             esxi_host=esxi_host,
+            policy=policy,
+            rpo_s=rpo_s,
         )
         for disk, change_id in info.disks
     ]
@@ -116,6 +120,8 @@ async def snapshot_and_publish(
     description: str = SNAPSHOT_DESCRIPTION,
     enable_cbt: bool = False,
     on_skipped: Callable[[DiskSkipped], None] | None = None,
+    policy: str | None = None,
+    rpo_s: float | None = None,
 ) -> list[SnapshotTaken]:
     """Take one snapshot of ``vm`` and publish a ``SnapshotTaken`` for each of its disks.
 
@@ -123,6 +129,9 @@ async def snapshot_and_publish(
     raises :class:`CbtNotEnabled` before any snapshot is taken or anything published, so no
     full copy is ever started silently; with ``enable_cbt`` it is switched on first
     (:func:`producers.cbt.set_cbt`).
+
+    ``policy`` and ``rpo_s``: the protection policy that asked for the snapshot (the site
+    scheduler's), carried by every event so the disk's status is measured against its RPO.
 
     Disks the snapshot does not capture get a ``DiskSkipped`` instead (also passed to
     ``on_skipped``), published before the ``SnapshotTaken`` events.
@@ -142,7 +151,7 @@ async def snapshot_and_publish(
     info = await client.create_snapshot(ref, name or default_snapshot_name(), quiesce=quiesce,
                                         description=description)
     host = await client.vm_host(ref)
-    events = snapshot_events(client.vcenter, info, host.name or None)
+    events = snapshot_events(client.vcenter, info, host.name or None, policy=policy, rpo_s=rpo_s)
     for skipped in skipped_events(client.vcenter, info, host.name or None):
         with bind_disk(skipped.disk.key):
             await publisher.publish(skipped)

@@ -130,6 +130,14 @@ class SnapshotTaken(_Event):
         default=None, max_length=MAX_TEXT,
         description="Name of the ESXi host the VM ran on when the snapshot was taken (fences "
         "may name it); null when unknown (upstream publishers).")
+    policy: str | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="The protection policy that asked for this snapshot (`cbtstream schedule`); "
+        "null for a snapshot taken by hand or by an upstream publisher.")
+    rpo_s: float | None = Field(
+        default=None, gt=0,
+        description="That policy's recovery point objective in seconds: the disk's status is "
+        "measured against it (null: against the planner's streams.rpo_s).")
 
     _v_change_id = field_validator("change_id")(_check_change_id)
 

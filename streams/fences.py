@@ -87,9 +87,14 @@ class FenceBook:
                 self._ready.set()
                 await asyncio.sleep(30.0)
                 return
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
+            # The offsets first, then an explicit seek: asked after ``seek_to_beginning`` they
+            # waited for its offset reset (half a second a read, most of `cbtstream status`'s
+            # own time); an empty topic is read at once.
+            begin = await consumer.beginning_offsets(tps)
             end = await consumer.end_offsets(tps)
+            consumer.assign(tps)
+            for tp in tps:
+                consumer.seek(tp, begin[tp])
             while True:
                 if not self._ready.is_set() and await _positions_reached(consumer, end):
                     self._ready.set()

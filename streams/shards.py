@@ -106,8 +106,9 @@ class TableQueries:
 
     def policy(self, params: Mapping[str, str]) -> Policy:
         s = self.local.settings
-        rpo_s = float(params.get("rpo_s") or s.streams.rpo_s)
-        return Policy(rpo_s=rpo_s, at_risk=s.streams.rpo_at_risk,
+        asked = params.get("rpo_s")
+        return Policy(rpo_s=float(asked or s.streams.rpo_s), override=bool(asked),
+                      at_risk=s.streams.rpo_at_risk,
                       silent_after_s=silent_after_s(s),
                       unserved=frozenset(self.local.pools.unserved()),
                       live=dict(self.local.pools.live))

@@ -156,6 +156,12 @@ class DiskState(BaseModel):
     pool: str | None = None
     #: The pool of the latest commit: a plan for another pool is a full copy (``pool_moved``).
     commit_pool: str | None = None
+    #: The protection policy of the newest snapshot that named one (``SnapshotTaken.policy``)
+    #: and its RPO in seconds: the disk's status is measured against it. A snapshot taken by
+    #: hand names none and leaves them; None: never scheduled (measured against
+    #: ``streams.rpo_s``).
+    policy: str | None = None
+    rpo_s: float | None = None
 
     def with_seen(self, event_id: uuid.UUID) -> DiskState:
         seen = (*self.seen_snapshots, event_id)[-SEEN_SNAPSHOTS:]
@@ -172,11 +178,17 @@ class DiskState(BaseModel):
         return self.model_copy(update={"ended": tuple(e for e in every if id(e) in keep)})
 
     def with_snapshot(self, snap: SnapshotTaken) -> DiskState:
-        """The row with ``snap`` remembered as seen (``seen_snapshots``, ``newest_snapshot_at``)."""
+        """The row with ``snap`` remembered as seen (``seen_snapshots``, ``newest_snapshot_at``)
+        and, if it is the newest and names a protection policy, that policy and its RPO."""
         state = self.with_seen(snap.event_id)
-        if state.newest_snapshot_at is None or snap.taken_at > state.newest_snapshot_at:
-            state = state.model_copy(update={"newest_snapshot_at": snap.taken_at})
-        return state
+        newest = state.newest_snapshot_at is None or snap.taken_at >= state.newest_snapshot_at
+        update: dict[str, object] = {}
+        if newest:
+            update["newest_snapshot_at"] = snap.taken_at
+            if snap.rpo_s is not None and (snap.policy, snap.rpo_s) != (state.policy,
+                                                                        state.rpo_s):
+                update.update(policy=snap.policy, rpo_s=snap.rpo_s)
+        return state.model_copy(update=update) if update else state
 
     def with_read(self, position: Position) -> DiskState:
         """The row with ``position`` recorded as processed."""

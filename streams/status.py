@@ -20,9 +20,13 @@ A disk's state (the names of the log replay, ``cbtctl.replay.status``):
   ``cbtstream status --from-log`` shows it.
 
 The recovery point of a disk is the snapshot time of its latest commit (``commit_taken_at``;
-``committed_at`` for rows written before it was kept). Its age against ``streams.rpo_s`` is
+``committed_at`` for rows written before it was kept). Its age against the disk's RPO is
 ``met``, ``at_risk`` (older than ``streams.rpo_at_risk`` of it), ``missed`` or ``none`` (never
-committed).
+committed). The disk's RPO is its protection policy's (``DiskState.rpo_s``, from the newest
+scheduled snapshot), else ``streams.rpo_s``; an RPO asked for (``--rpo``, ``?rpo_s=``) applies
+to every disk. The summary counts these per policy too (``policies``; ``-``: disks no policy
+snapshotted). A policy's window is the scheduler's business (it judges ``rpo_missed`` only
+inside it); the status measures the replica's age at any hour.
 """
 
 from __future__ import annotations
@@ -48,8 +52,12 @@ RPO_STATES = ("met", "at_risk", "missed", "none")
 class Policy:
     """What the states are measured against."""
 
+    #: The RPO of disks no protection policy snapshotted (``streams.rpo_s``), or the RPO asked
+    #: for every disk (``override``).
     rpo_s: float
     at_risk: float = 0.75
+    #: Measure every disk against ``rpo_s``, not against its policy's RPO.
+    override: bool = False
     #: A running sync heard of longer ago than this is silent (three report intervals).
     silent_after_s: float = 180.0
     #: Pools known to have no live copier.
@@ -142,6 +150,7 @@ def row_status(row: DiskState, key: str | None = None) -> RowStatus:
         "vm_instance_uuid": row.disk.vm_instance_uuid,
         "vm_name": row.disk.vm_name, "vm_path": row.disk.vm_path, "disk_id": row.disk.disk_id,
         "state": None, "owner": row.owner, "pool": row.pool or DEFAULT_POOL,
+        "policy": row.policy, "policy_rpo_s": row.rpo_s,
         "change_id": row.change_id, "last_sync_at": _t(row.committed_at),
         "recovery_point": _t(point), "age_s": None, "rpo": None,
         "last_type": str(row.replication_type) if row.replication_type else None,
@@ -175,9 +184,18 @@ def _age(rs: RowStatus, now_us: int, policy: Policy) -> tuple[str, float | None]
     if rs.point_us is None:
         return "none", None
     age = max(0.0, (now_us - rs.point_us) / 1_000_000)
-    if age > policy.rpo_s:
+    rpo_s = rpo_of(rs.row, policy)
+    if age > rpo_s:
         return "missed", age
-    return ("at_risk" if age > policy.at_risk * policy.rpo_s else "met"), age
+    return ("at_risk" if age > policy.at_risk * rpo_s else "met"), age
+
+
+def rpo_of(row: DiskState, policy: Policy) -> float:
+    """The RPO the disk is measured against: the one asked for, else its policy's, else the
+    site's."""
+    if policy.override or row.rpo_s is None:
+        return policy.rpo_s
+    return row.rpo_s
 
 
 def _running(rs: RowStatus, state: str, report: tuple[SyncProgress, datetime] | None
@@ -258,12 +276,19 @@ def summarize(disks: Iterable[Mapping[str, Any]], policy: Policy) -> dict[str, A
     rpo: Counter[str] = Counter()
     owners: Counter[str] = Counter()
     pools: dict[str, dict[str, Any]] = {}
+    policies: dict[str, dict[str, Any]] = {}
     oldest: Mapping[str, Any] | None = None
     waiting = n = 0
     for d in disks:
         n += 1
         states[d["state"]] += 1
         rpo[d["rpo"]] += 1
+        name = d["policy"] or UNSCHEDULED
+        held = policies.get(name)
+        if held is None:
+            held = policies[name] = _policy(policy, d)
+        held["disks"] += 1
+        held["rpo"][d["rpo"]] += 1
         owners[d["owner"]] += 1
         waiting += d["waiting"] is not None
         pool = pools.setdefault(d["pool"], _pool(policy, d["pool"]))
@@ -274,6 +299,7 @@ def summarize(disks: Iterable[Mapping[str, Any]], policy: Policy) -> dict[str, A
             oldest = d
     return {
         "type": "site", "disks": n, "rpo_s": policy.rpo_s, "rpo_at_risk": policy.at_risk,
+        "rpo_override": policy.override,
         "states": {s: states[s] for s in DISK_STATES},
         "copies": {s: states[s] for s in COPY_STATES},
         "rpo": {s: rpo[s] for s in RPO_STATES},
@@ -283,7 +309,18 @@ def summarize(disks: Iterable[Mapping[str, Any]], policy: Policy) -> dict[str, A
             "disk": oldest["disk"], "vm_name": oldest["vm_name"],
             "recovery_point": oldest["recovery_point"], "age_s": oldest["age_s"]},
         "pools": dict(sorted(pools.items())),
+        "policies": dict(sorted(policies.items())),
     }
+
+
+#: The ``policies`` entry of disks no protection policy snapshotted (policy names start with
+#: a letter or a digit).
+UNSCHEDULED = "-"
+
+
+def _policy(policy: Policy, d: Mapping[str, Any]) -> dict[str, Any]:
+    rpo_s = policy.rpo_s if policy.override or d["policy_rpo_s"] is None else d["policy_rpo_s"]
+    return {"rpo_s": rpo_s, "disks": 0, "rpo": dict.fromkeys(RPO_STATES, 0)}
 
 
 def _pool(policy: Policy, name: str) -> dict[str, Any]:
@@ -298,10 +335,12 @@ def merge_summaries(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         raise ValueError("no summary to merge")
     out: dict[str, Any] = {"type": "site", "disks": 0, "rpo_s": parts[0]["rpo_s"],
                            "rpo_at_risk": parts[0]["rpo_at_risk"],
+                           "rpo_override": parts[0].get("rpo_override", False),
                            "states": dict.fromkeys(DISK_STATES, 0),
                            "copies": dict.fromkeys(COPY_STATES, 0),
                            "rpo": dict.fromkeys(RPO_STATES, 0), "owners": {},
-                           "waiting_snapshots": 0, "oldest_commit": None, "pools": {}}
+                           "waiting_snapshots": 0, "oldest_commit": None, "pools": {},
+                           "policies": {}}
     for p in parts:
         out["disks"] += p["disks"]
         out["waiting_snapshots"] += p["waiting_snapshots"]
@@ -321,6 +360,15 @@ def merge_summaries(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 into["copies"][k] += v
             if pool["live_copiers"] is not None:
                 into["live_copiers"] = max(into["live_copiers"] or 0, pool["live_copiers"])
+        for name, held in p.get("policies", {}).items():
+            # a policy's RPO as the newest of its disks' rows says (the same everywhere but
+            # while a changed RPO reaches every disk)
+            into = out["policies"].setdefault(name, {"rpo_s": held["rpo_s"], "disks": 0,
+                                                     "rpo": dict.fromkeys(RPO_STATES, 0)})
+            into["disks"] += held["disks"]
+            for k, v in held["rpo"].items():
+                into["rpo"][k] += v
     out["owners"] = dict(sorted(out["owners"].items()))
     out["pools"] = dict(sorted(out["pools"].items()))
+    out["policies"] = dict(sorted(out["policies"].items()))
     return out

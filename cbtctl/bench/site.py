@@ -43,6 +43,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from cbtctl import sitestatus
 from cbtctl.bench.pipeline import _free_port, cpu_seconds, delete_topics
 from cbtctl.bench.sitefigures import CycleFigures, Observed, cycle_figures
 from cbtctl.demo.processes import Proc
@@ -101,6 +102,11 @@ class SiteResult:
     planner_cpu_s_per_disk_cycle: float
     copier_cpu_s_per_disk_cycle: float
     runtime_s: float
+    #: ``GET /api/v1/status`` after the last cycle, asked of the last worker: the time of the
+    #: summary alone and of every disk, and the summary (its ``rpo`` and ``policies``).
+    status_summary_s: float = 0.0
+    status_every_disk_s: float = 0.0
+    status: dict[str, Any] | None = None
 
     def line(self) -> str:
         """The figures as one JSON line (the bench's last line)."""
@@ -117,6 +123,10 @@ class SiteResult:
             "planner_cpu_s_per_disk_cycle": self.planner_cpu_s_per_disk_cycle,
             "copier_cpu_s_per_disk_cycle": self.copier_cpu_s_per_disk_cycle,
             "runtime_s": self.runtime_s,
+            "status_summary_s": self.status_summary_s,
+            "status_every_disk_s": self.status_every_disk_s,
+            "status_rpo": self.status["rpo"] if self.status else None,
+            "status_policies": self.status["policies"] if self.status else None,
         }
         return json.dumps(doc, separators=(",", ":"))
 
@@ -217,6 +227,8 @@ class Site:
         self.settings = base  # set by start_simulator
         self.run = ""
         self.workers: list[Proc] = []
+        #: The settings of each worker now running (their API ports).
+        self.worker_settings: list[Settings] = []
         self.copiers: dict[str, Proc] = {}
         self.scheduler: Proc | None = None
         self.cpu: dict[str, float] = {"planner": 0.0, "copier": 0.0}
@@ -293,7 +305,8 @@ class Site:
 
     # -- processes ------------------------------------------------------------------------------
     def start_worker(self, i: int) -> None:
-        self.workers.append(Proc(["worker"], self._worker_settings(i),
+        self.worker_settings.append(self._worker_settings(i))
+        self.workers.append(Proc(["worker"], self.worker_settings[-1],
                                  self.logs / f"worker-{i}-{len(self.workers)}.log"))
 
     def start_copier(self, name: str) -> None:
@@ -311,7 +324,8 @@ class Site:
         p = self.workers[i]
         self._charge("planner", p)
         p.stop()
-        self.workers[i] = Proc(["worker"], self._worker_settings(100 + i),
+        self.worker_settings[i] = self._worker_settings(100 + i)
+        self.workers[i] = Proc(["worker"], self.worker_settings[i],
                                self.logs / f"worker-{i}-restart.log")
 
     def kill_copier(self, name: str) -> None:
@@ -355,6 +369,25 @@ async def _wait(done: Any, site: Site, timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not done after {timeout_s:.0f}s")
         await asyncio.sleep(0.5)
+
+
+def _status(settings: Settings) -> tuple[float, float, dict[str, Any]]:
+    """A worker's ``GET /api/v1/status``: the seconds of the summary alone and of every disk,
+    and the summary (blocking; a worker restarted during the run may still be rebalancing:
+    asked again for up to a minute)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            t = time.monotonic()
+            doc = sitestatus.fetch(settings, disks=False)
+            summary_s = time.monotonic() - t
+            t = time.monotonic()
+            sitestatus.fetch(settings)
+            return summary_s, time.monotonic() - t, doc["summary"]
+        except sitestatus.NoWorker:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 async def _snapshots_left(settings: Settings, run: str) -> int:
@@ -407,6 +440,9 @@ async def run_site(base: Settings, opts: SiteOptions, work: Path | None = None,
             got = [seen.first_commit_after(k, after) for k in keys]
             cycles.append(cycle_figures(c, [g for g in got if g is not None], seen))
             report(json.dumps(asdict(cycles[-1])))
+        summary_s, every_s, status = await asyncio.to_thread(_status, site.worker_settings[-1])
+        report(f"status: summary {summary_s:.2f}s, every disk {every_s:.2f}s: "
+               f"{json.dumps(status['policies'])}")
         assert site.scheduler is not None
         site.scheduler.stop()
         left = -1
@@ -432,7 +468,8 @@ async def run_site(base: Settings, opts: SiteOptions, work: Path | None = None,
             replicas_differing=len(differing), bytes_copied=seen.bytes_copied(),
             planner_cpu_s_per_disk_cycle=round(site.cpu["planner"] / disk_cycles, 4),
             copier_cpu_s_per_disk_cycle=round(site.cpu["copier"] / disk_cycles, 4),
-            runtime_s=round(time.monotonic() - t0, 1))
+            runtime_s=round(time.monotonic() - t0, 1), status_summary_s=round(summary_s, 3),
+            status_every_disk_s=round(every_s, 3), status=status)
     finally:
         if watch is not None:
             await watch.stop()

@@ -51,6 +51,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from cbtctl.replay import render
     from cbtctl.replay.reader import StartAt, parse_offsets
     from cbtctl.replay.run import load, parse_time
+    from cbtctl.textfmt import print_json
 
     start = StartAt(
         since_ms=int(parse_time(args.since).timestamp() * 1000) if args.since else None,
@@ -62,12 +63,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.as_of:
         t = parse_time(args.as_of)
         if args.json:
-            render.print_json(console, render.as_of_json(result, t))
+            print_json(console, render.as_of_json(result, t))
         else:
             render.print_as_of(console, result, t)
             render.print_findings(console, result.breaks, show_info=False)
     elif args.json:
-        render.print_json(console, render.replay_json(result))
+        print_json(console, render.replay_json(result))
     else:
         render.print_replay(console, result, show_info=args.info)
     status = EXIT_BREAK if result.breaks else 0
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         cmp = asyncio.run(rebuild_audit(settings, schema=args.audit_schema))
         if args.json:
-            render.print_json(console, iter([comparison_json(cmp)]))
+            print_json(console, iter([comparison_json(cmp)]))
         else:
             print_comparison(console, cmp)
         status = status or (EXIT_AUDIT_DIFF if cmp.differences else 0)

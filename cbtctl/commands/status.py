@@ -18,11 +18,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="latest change ID, last sync and running syncs per disk; consumer lag per stage",
         description="Asks a planner worker (GET /api/v1/status, gathered from every worker's "
         "partitions): per disk the latest committed change ID, its recovery point and its age "
-        "against the RPO (streams.rpo_s), a running sync as its copier last reported it "
+        "against its RPO (the protection policy's that snapshotted it, else streams.rpo_s), a "
+        "running sync as its copier last reported it "
         "(queued with its place in the queue, running with its progress, silent: nothing heard "
         "for three report intervals, or waiting for its copier pool, which has no live copier), "
-        "or the last failure; a site summary (disks by state, RPO met/at risk/missed, oldest "
-        "recovery point, copies, pools); then the consumer lag of each pipeline stage "
+        "or the last failure; a site summary (disks by state, RPO met/at risk/missed in all and "
+        "per policy, oldest recovery point, copies, pools); then the consumer lag of each pipeline stage "
         "(planner, copier pools, audit). Without an answer from a worker, or with --from-log, "
         "it replays the log instead (no consumer group, works while the workers are down, "
         "costs a read of every topic from its start).",
@@ -34,7 +35,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--summary", action="store_true",
                    help="the site summary only, no line per disk (from the table)")
     p.add_argument("--rpo", type=float, metavar="SECONDS",
-                   help="measure recovery points against this RPO (default streams.rpo_s)")
+                   help="measure every disk's recovery point against this RPO (default: its "
+                   "policy's, else streams.rpo_s)")
     p.add_argument("--from-log", action="store_true",
                    help="replay the log instead of asking a worker (slower; no site summary)")
     p.set_defaults(handler=run)
@@ -46,7 +48,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from rich.console import Console
 
-    from cbtctl.replay import render
     from cbtctl.replay.reader import StageLag, StartAt, consumer_lag, pipeline_stages
     from streams.fences import read_fences
 
@@ -105,6 +106,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                          lambda: sitestatus.print_site(console, doc,
                                                        show_disks=not args.summary))
 
+    from cbtctl.replay import render
+
     rows, lags, fences = asyncio.run(gather())
     return _show(args, console, render.status_json(rows, []), lags, fences,
                  lambda: render.print_status(console, rows, []))
@@ -115,15 +118,15 @@ def _show(args: argparse.Namespace, console: Any, lines: Iterable[dict[str, Any]
     """Print the disks (``lines`` as JSON, or ``tables()``), the lag and the fences."""
     import itertools
 
-    from cbtctl.replay import render
+    from cbtctl.textfmt import lag_json, print_json, print_lags
 
     # Change-ID fences (cbtstream fence): each line is one fence, as published.
     fence_lines = ({"fence": f.model_dump(mode="json")} for f in fences)
     if args.json:
-        render.print_json(console, itertools.chain(lines, render.lag_json(lags), fence_lines))
+        print_json(console, itertools.chain(lines, lag_json(lags), fence_lines))
     else:
         tables()
-        render.print_lags(console, lags)
+        print_lags(console, lags)
         for f in fences:
             state = "revoked" if f.revoked else "active"
             console.print(f"fence {f.fence_id} [{state}] {f.scope} {f.target or '*'}: change IDs "

@@ -6,7 +6,6 @@ Every JSON line is one object with a ``type`` field (``link``, ``finding``, ``di
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -17,6 +16,9 @@ from rich.table import Table
 from cbtctl.replay.lineage import Finding, Link, ReplayResult, Severity
 from cbtctl.replay.reader import StageLag
 from cbtctl.replay.status import DiskStatus
+from cbtctl.textfmt import human_bytes as _bytes
+from cbtctl.textfmt import lag_json, print_lags
+from cbtctl.textfmt import short_change_id as _short
 
 
 def _t(t: datetime | None) -> str | None:
@@ -26,26 +28,6 @@ def _t(t: datetime | None) -> str | None:
 def _ts(t: datetime | None) -> str:
     """Table times: to the millisecond, UTC."""
     return t.isoformat(timespec="milliseconds").replace("+00:00", "Z") if t else "-"
-
-
-def _short(change_id: str | None, width: int = 14) -> str:
-    """Change IDs are long; tables show the epoch's tail and the sequence (JSON has them whole)."""
-    if change_id is None:
-        return "-"
-    epoch, _, seq = change_id.rpartition("/")
-    tail = epoch.replace(" ", "").replace("-", "")[-width + 6:]
-    return f"…{tail}/{seq}"
-
-
-def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
 
 
 # -- JSON -----------------------------------------------------------------------------------------
@@ -126,15 +108,6 @@ def status_json(rows: list[DiskStatus], lags: list[StageLag]) -> Iterator[dict[s
     yield from lag_json(lags)
 
 
-def lag_json(lags: list[StageLag]) -> Iterator[dict[str, Any]]:
-    for lag in lags:
-        yield {"type": "lag", "stage": lag.stage.name, "group": lag.stage.group,
-               "lag": lag.lag, "started": lag.started,
-               "partitions": [{"topic": p.topic, "partition": p.partition,
-                               "committed": p.committed, "end": p.end, "lag": p.lag}
-                              for p in lag.partitions]}
-
-
 #: The states of a running sync in ``status`` (``cbtctl.replay.status.Running.state``).
 SYNC_STATES = ("queued", "running", "silent", "planned", "waiting_for_pool")
 
@@ -146,12 +119,6 @@ def sync_counts(rows: list[DiskStatus]) -> dict[str, int]:
         if s.running is not None:
             counts[s.running.state] += 1
     return counts
-
-
-def print_json(console: Console, objects: Iterator[dict[str, Any]]) -> None:
-    for obj in objects:
-        console.file.write(json.dumps(obj, separators=(",", ":")) + "\n")
-    console.file.flush()
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -248,17 +215,3 @@ def print_status(console: Console, rows: list[DiskStatus], lags: list[StageLag])
         console.print("Syncs: " + ", ".join(f"{n} {state}" for state, n in counts.items()))
     if lags:
         print_lags(console, lags)
-
-
-def print_lags(console: Console, lags: list[StageLag]) -> None:
-    lag_table = Table(title="Consumer lag", title_justify="left")
-    for col in ("stage", "group", "lag", "partitions (committed/end)"):
-        lag_table.add_column(col)
-    for lag in lags:
-        parts = " ".join(f"{p.topic.rsplit('.', 2)[-2]}.{p.topic.rsplit('.', 1)[-1]}/"
-                         f"{p.partition}:{p.committed if p.committed is not None else '-'}/"
-                         f"{p.end}" for p in lag.partitions if p.end)
-        lag_table.add_row(lag.stage.name, lag.stage.group,
-                          str(lag.lag) if lag.started else f"{lag.lag} (no offsets)",
-                          parts or "-")
-    console.print(lag_table)

@@ -5,7 +5,8 @@ copier killed and started again. At the end no VM keeps a snapshot, nothing was 
 seeding, no sync failed, and every replica equals its model byte for byte.
 
 The short variant (100 VMs) runs in ``make test``; the full one (1,000 VMs, 3,000 disks) in
-``make soak``. Both print the bench's figures (speed is reported, not asserted).
+``make soak``. Both print the bench's figures (speed is reported, not asserted), and check that the
+status from the table counts every disk under the scheduler's policy and its RPO.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ def _check(result: SiteResult, opts: SiteOptions) -> None:
     assert result.failures == {}
     assert [c.commits for c in result.cycles] == [result.disks] * opts.cycles
     assert result.schedule.get("snapshot_failed", 0) == 0
+    # the status from the table (2 workers' parts) counts every disk once, each measured
+    # against the RPO of the policy that snapshotted it (carried by its snapshots)
+    status = result.status
+    assert status is not None and status["disks"] == result.disks
+    assert list(status["policies"]) == ["site"]
+    site = status["policies"]["site"]
+    assert (site["disks"], site["rpo_s"], site["rpo"]["none"]) == (result.disks, opts.rpo_s, 0)
+    assert sum(status["rpo"].values()) == result.disks
 
 
 @pytest.mark.integration

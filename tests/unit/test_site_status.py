@@ -16,7 +16,7 @@ from streams.orphans import merge_needs, needs_part
 from streams.shards import select
 from streams.state import DiskState, RunningSync
 from streams.status import Policy, disk_status, merge_summaries, summarize
-from tests.unit.factories import T0, VM, disk
+from tests.unit.factories import T0, VM, disk, snap
 
 NOW = T0 + timedelta(days=2)
 POLICY = Policy(rpo_s=86400, at_risk=0.75, silent_after_s=180, unserved=frozenset({"idle"}),
@@ -90,6 +90,46 @@ def test_summaries_of_disjoint_parts_merge_into_the_summary_of_all() -> None:
     assert whole["oldest_commit"]["disk"] == f"{VM}/disk-2000"
     assert whole["pools"]["idle"] == {"disks": 1, "live_copiers": 0, "copies": {
         "queued": 0, "running": 0, "silent": 0, "planned": 0, "waiting_for_pool": 1}}
+
+
+def test_each_disk_is_measured_against_its_policys_rpo() -> None:
+    """A disk a policy snapshotted is measured against that policy's RPO, one no policy did
+    against the site's; the summary counts both per policy; an RPO asked for applies to all."""
+    gold = dict(policy="gold", rpo_s=900.0)
+    rows = [committed(2000, age=timedelta(minutes=10), **gold),   # 600 s of 900: met
+            committed(2001, age=timedelta(minutes=12), **gold),   # 720 s > 675: at risk
+            committed(2002, age=timedelta(minutes=20), **gold),   # 1200 s > 900: missed
+            committed(2003, age=timedelta(hours=2))]              # 2 h of the site's day: met
+    disks = [disk_status(r, None, NOW, POLICY) for r in rows]
+    assert [d["rpo"] for d in disks] == ["met", "at_risk", "missed", "met"]
+    assert (disks[0]["policy"], disks[0]["policy_rpo_s"]) == ("gold", 900.0)
+    assert (disks[3]["policy"], disks[3]["policy_rpo_s"]) == (None, None)
+    whole = summarize(disks, POLICY)
+    assert whole["policies"] == {
+        "-": {"rpo_s": 86400, "disks": 1, "rpo": {"met": 1, "at_risk": 0, "missed": 0, "none": 0}},
+        "gold": {"rpo_s": 900.0, "disks": 3,
+                 "rpo": {"met": 1, "at_risk": 1, "missed": 1, "none": 0}}}
+    assert merge_summaries([summarize(disks[:2], POLICY), summarize(disks[2:], POLICY)]) == whole
+    asked = Policy(rpo_s=3600, override=True)
+    assert [disk_status(r, None, NOW, asked)["rpo"] for r in rows] == ["met"] * 3 + ["missed"]
+    assert summarize([disk_status(r, None, NOW, asked) for r in rows], asked)[
+        "policies"]["gold"]["rpo_s"] == 3600
+
+
+def test_a_row_takes_the_policy_of_its_newest_scheduled_snapshot() -> None:
+    d = disk(2000)
+    first = snap(d, "52 8a-7a 73/1", minutes=0).model_copy(update={"policy": "gold",
+                                                                    "rpo_s": 900.0})
+    row = DiskState(disk=d).with_snapshot(first)
+    assert (row.policy, row.rpo_s) == ("gold", 900.0)
+    by_hand = snap(d, "52 8a-7a 73/2", minutes=5)  # `cbtstream snapshot`: no policy
+    assert (row.with_snapshot(by_hand).policy, row.with_snapshot(by_hand).rpo_s) == ("gold", 900.0)
+    moved = snap(d, "52 8a-7a 73/3", minutes=10).model_copy(update={"policy": "silver",
+                                                                     "rpo_s": 3600.0})
+    row = row.with_snapshot(moved)
+    assert (row.policy, row.rpo_s) == ("silver", 3600.0)
+    # an older snapshot delivered late does not take the row back to its policy
+    assert row.with_snapshot(first.model_copy(update={"event_id": uuid.uuid4()})).policy == "silver"
 
 
 def test_coverage_wants_every_partition_once_from_ready_workers() -> None:
