@@ -35,6 +35,7 @@ COMMANDS: tuple[str, ...] = (
     "cbtctl.commands.snapshot",
     "cbtctl.commands.schedule",
     "cbtctl.commands.cbt",
+    "cbtctl.commands.vm",
     "cbtctl.commands.snapshots",
     "cbtctl.commands.schemas",
     "cbtctl.commands.copy",

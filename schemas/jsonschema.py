@@ -1,5 +1,6 @@
 """Generates ``schemas/json/<event>.schema.json`` from the models (``cbtstream schemas generate``)
-and checks them for drift (``cbtstream schemas check`` and a test)."""
+and checks them for drift (``cbtstream schemas check`` and a test). Besides the events: the
+change-ID API's request bodies and the VM description (``schemas/vm.py``)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ from pydantic import BaseModel
 
 from schemas.api import DiskCommitRequest, StoreChangeIdRequest
 from schemas.events import EVENT_TYPES
+from schemas.vm import VmDescription
 
 #: Request bodies of the change-ID write API, published beside the events.
 API_REQUESTS: dict[str, type[BaseModel]] = {
     "StoreChangeIdRequest": StoreChangeIdRequest, "DiskCommitRequest": DiskCommitRequest}
+
+#: Documents that are not events, serialized as they are sent.
+DOCUMENTS: dict[str, type[BaseModel]] = {"VmDescription": VmDescription}
 
 JSON_DIR = Path(__file__).parent / "json"
 
@@ -27,7 +32,7 @@ def file_name(event_type: str) -> str:
 def render_all() -> dict[str, str]:
     """File name -> JSON text of every event's (and API request body's) schema."""
     out = {}
-    models: dict[str, type[BaseModel]] = {**EVENT_TYPES, **API_REQUESTS}
+    models: dict[str, type[BaseModel]] = {**EVENT_TYPES, **API_REQUESTS, **DOCUMENTS}
     for name, model in models.items():
         schema = model.model_json_schema(mode="validation" if name in API_REQUESTS
                                          else "serialization")

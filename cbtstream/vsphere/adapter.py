@@ -36,11 +36,15 @@ from pyVmomi import vmodl as _vmodl
 
 from cbtstream.config import VSphereSettings
 from cbtstream.extents import Extent
+from cbtstream.vsphere.description import VM_PATHS, DeviceClass, VmPlace, describe
 from cbtstream.vsphere.errors import (
     CANNOT_GET_CHANGES_KEY,
     NO_TRACK_KEY,
     CbtNotEnabled,
+    GuestShutdownTimeout,
+    InvalidPowerState,
     StaleChangeId,
+    ToolsNotRunning,
     VSphereAuthError,
     VSphereError,
     VSphereInvalidArgument,
@@ -48,6 +52,7 @@ from cbtstream.vsphere.errors import (
     VSphereTransient,
 )
 from schemas.disk import DiskRef, disk_id_for
+from schemas.vm import PowerState, VmDescription
 
 T = TypeVar("T")
 
@@ -61,6 +66,10 @@ _THREADS = 4
 #: Task polling: start fast (the simulator finishes in milliseconds), back off to this.
 _TASK_POLL_MAX_S = 1.0
 _TASK_TIMEOUT_S = 1800.0
+#: Power state polls while a guest shuts down: an OS takes seconds to minutes, and one poll is
+#: one cheap PropertyCollector call.
+_POWER_POLL_S = 0.5
+_TOOLS_RUNNING = "guestToolsRunning"
 
 _TRANSIENT_FAULTS: tuple[type[BaseException], ...] = (
     vmodl.fault.SystemError,
@@ -183,6 +192,8 @@ def translate(exc: BaseException, what: str = "") -> VSphereError:
         return StaleChangeId(text)
     if NO_TRACK_KEY in keys:
         return CbtNotEnabled(text)
+    if isinstance(exc, vim.fault.ToolsUnavailable):
+        return ToolsNotRunning(text)
     if isinstance(exc, (vim.fault.NotFound, vmodl.fault.ManagedObjectNotFound)):
         return VSphereNotFound(text)
     if isinstance(exc, vmodl.fault.InvalidArgument):
@@ -418,6 +429,94 @@ class VSphereClient:
         props = self._props(host, ["name", "summary.config.sslThumbprint"])
         return HostRef(moref=host._moId, name=str(props.get("name") or ""),
                        thumbprint=str(props.get("summary.config.sslThumbprint") or "").upper())
+
+    # -- description and power ------------------------------------------------------------------
+    async def describe_vm(self, vm: VmRef) -> VmDescription:
+        """The VM's description for a target platform (:mod:`schemas.vm`): firmware, CPUs,
+        memory, guest OS, disks in controller order, NICs with MAC and network, read now."""
+        return await self._call(self._describe_vm, vm, what=f"describe {vm.path}")
+
+    def _describe_vm(self, vm: VmRef) -> VmDescription:
+        obj = self._vm(vm)
+        props = self._props(obj, [*VM_PATHS, "network", "runtime.host"])
+        networks: dict[str, str] = {}
+        for net in props.get("network") or []:
+            # A distributed portgroup is named in NIC backings by its key, an opaque network by
+            # its id; a standard network by its name already.
+            if isinstance(net, vim.dvs.DistributedVirtualPortgroup):
+                found = self._props(net, ["name", "key"])
+                networks[str(found.get("key") or net._moId)] = str(found.get("name") or "")
+            elif isinstance(net, vim.OpaqueNetwork):
+                found = self._props(net, ["name", "summary"])
+                summary = found.get("summary")
+                net_id = getattr(summary, "opaqueNetworkId", None) or net._moId
+                networks[str(net_id)] = str(found.get("name") or "")
+        host = props.get("runtime.host")
+        host_name = str(self._props(host, ["name"]).get("name") or "") if host else None
+        devices = [(cls, d) for d in props.get("config.hardware.device") or []
+                   if (cls := _classify(d)) is not None]
+        return describe(props, devices, VmPlace(vm.path, self.vcenter, host_name), networks)
+
+    async def power_state(self, vm: VmRef) -> PowerState:
+        """``runtime.powerState``: poweredOn, poweredOff or suspended."""
+        props = await self._call(self._props, self._vm(vm), ["runtime.powerState"],
+                                 what=f"read power state of {vm.path}")
+        return str(props.get("runtime.powerState"))  # type: ignore[return-value]
+
+    async def power_off(self, vm: VmRef) -> None:
+        """Power the VM off at once (PowerOffVM_Task: no guest involvement, like pulling the
+        plug). A VM already powered off is left as it is."""
+        if await self.power_state(vm) == "poweredOff":
+            return
+        what = f"power off {vm.path}"
+        task = await self._call(self._vm(vm).PowerOffVM_Task, what=what)
+        await self._wait(task, what)
+
+    async def power_on(self, vm: VmRef) -> None:
+        """Power the VM on (PowerOnVM_Task); a VM already powered on is left as it is."""
+        if await self.power_state(vm) == "poweredOn":
+            return
+        what = f"power on {vm.path}"
+        task = await self._call(self._vm(vm).PowerOnVM_Task, what=what)
+        await self._wait(task, what)
+
+    async def shutdown_guest(self, vm: VmRef, timeout_s: float) -> None:
+        """Ask the guest OS to shut down through VMware Tools (ShutdownGuest), then wait until
+        the VM is powered off.
+
+        A VM already powered off is left as it is. Refused with :class:`ToolsNotRunning` when
+        ``guest.toolsRunningStatus`` is not guestToolsRunning (before asking, and if vSphere
+        answers ToolsUnavailable), with :class:`InvalidPowerState` for a suspended VM;
+        :class:`GuestShutdownTimeout` when the VM is still on after ``timeout_s`` (the guest
+        may still be shutting down: nothing is forced).
+        """
+        if timeout_s <= 0:
+            raise VSphereInvalidArgument(f"shutdown timeout must be positive: {timeout_s}")
+        what = f"guest shutdown of {vm.path}"
+        props = await self._call(self._props, self._vm(vm),
+                                 ["runtime.powerState", "guest.toolsRunningStatus"], what=what)
+        state = str(props.get("runtime.powerState"))
+        if state == "poweredOff":
+            return
+        if state != "poweredOn":
+            raise InvalidPowerState(f"{what}: the VM is {state}, not poweredOn")
+        tools = str(props.get("guest.toolsRunningStatus") or "unknown")
+        if tools != _TOOLS_RUNNING:
+            raise ToolsNotRunning(f"{what}: VMware Tools is not running in the guest ({tools}); "
+                                  "power the VM off instead, or start the tools")
+        await self._call(self._vm(vm).ShutdownGuest, what=what)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            state = await self.power_state(vm)
+            if state == "poweredOff":
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                raise GuestShutdownTimeout(
+                    f"{what}: still {state} {timeout_s:g}s after the guest was asked to shut "
+                    "down; power it off instead, or allow more time")
+            await asyncio.sleep(min(_POWER_POLL_S, left))
 
     # -- snapshots ------------------------------------------------------------------------------
     async def create_snapshot(
@@ -664,3 +763,43 @@ def _disk(vm: VmRef, device: Any) -> tuple[DiskRef, str | None]:
         capacity_bytes=capacity,
     )
     return ref, getattr(backing, "changeId", None) or None
+
+
+#: pyvmomi device type -> (controller kind, model), most specific first.
+_CONTROLLERS: tuple[tuple[str, str, str], ...] = (
+    ("ParaVirtualSCSIController", "scsi", "pvscsi"),
+    ("VirtualLsiLogicSASController", "scsi", "lsilogic-sas"),
+    ("VirtualLsiLogicController", "scsi", "lsilogic"),
+    ("VirtualBusLogicController", "scsi", "buslogic"),
+    ("VirtualSCSIController", "scsi", "scsi"),
+    ("VirtualNVMEController", "nvme", "nvme"),
+    ("VirtualAHCIController", "sata", "ahci"),
+    ("VirtualSATAController", "sata", "sata"),
+    ("VirtualIDEController", "ide", "ide"),
+)
+#: pyvmomi NIC type -> adapter type, most specific first (Vmxnet3Vrdma is a Vmxnet3).
+_NICS: tuple[tuple[str, str], ...] = (
+    ("VirtualVmxnet3Vrdma", "vmxnet3vrdma"),
+    ("VirtualVmxnet3", "vmxnet3"),
+    ("VirtualVmxnet2", "vmxnet2"),
+    ("VirtualE1000e", "e1000e"),
+    ("VirtualE1000", "e1000"),
+    ("VirtualPCNet32", "pcnet32"),
+    ("VirtualSriovEthernetCard", "sriov"),
+    ("VirtualEthernetCard", "ethernet"),
+)
+
+
+def _classify(device: Any) -> DeviceClass | None:
+    """What :mod:`cbtstream.vsphere.description` needs to know from a device's pyvmomi type;
+    None for devices a description leaves out (keyboard, video, CD-ROM...)."""
+    dev = vim.vm.device
+    if isinstance(device, dev.VirtualDisk):
+        return DeviceClass("disk", skip_reason=skip_reason(device))
+    for name, kind, model in _CONTROLLERS:
+        if isinstance(device, getattr(dev, name)):
+            return DeviceClass("controller", kind, model)
+    for name, model in _NICS:
+        if isinstance(device, getattr(dev, name)):
+            return DeviceClass("nic", model=model)
+    return None

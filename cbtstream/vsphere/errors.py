@@ -55,3 +55,23 @@ class VSphereAuthError(VSphereError):
     could not be verified."""
 
     reason = "vsphere_auth"
+
+
+class ToolsNotRunning(VSphereError):
+    """A guest operation (shutdown) needs VMware Tools running in the guest, and they are not:
+    stop the VM another way (power off) or start the tools."""
+
+    reason = "tools_not_running"
+
+
+class GuestShutdownTimeout(VSphereError):
+    """The guest was asked to shut down (through VMware Tools) and is still powered on when the
+    time allowed is over."""
+
+    reason = "guest_shutdown_timeout"
+
+
+class InvalidPowerState(VSphereError):
+    """The VM's power state does not allow the operation (a guest shutdown of a suspended VM)."""
+
+    reason = "invalid_power_state"

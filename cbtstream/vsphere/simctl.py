@@ -1,7 +1,8 @@
 """Client of the simulator's side channel (``/cbt/...`` on vcsim-cbt's HTTPS port).
 
 The side channel exists only in the simulator (devstack/vcsim): it plays the guest (writes and
-reads disk data), the administrator (VMs with several disks, add/resize disks, fault injection)
+reads disk data, VMware Tools and its answer to a shutdown), the administrator (VMs with several
+disks on several controllers and NICs, add/resize disks, fault injection)
 and tells where each snapshot disk is exported over NBD. Tests and the demo use it; production
 code never does. Calls are blocking (``urllib``); async callers wrap them in
 ``asyncio.to_thread``.
@@ -39,6 +40,15 @@ class SimDisk:
     change_id: str
     disk_mode: str = "persistent"
     rdm: str = ""  # compatibilityMode of an RDM backing (physicalMode, virtualMode), "" if flat
+
+
+@dataclass(frozen=True)
+class SimNic:
+    """A NIC to create: govmomi's card name, a network name, and a MAC ("" generates one)."""
+
+    adapter: str = "vmxnet3"
+    network: str = "VM Network"
+    mac: str = ""
 
 
 @dataclass(frozen=True)
@@ -117,10 +127,33 @@ class SimulatorControl:
         return json.loads(self._request(method, path, body))
 
     def create_vm(self, name: str, disk_sizes: list[int], *, cbt: bool = False,
-                  power_on: bool = False) -> SimVm:
-        """A VM with one SCSI controller and one thin disk per size (bytes, multiple of 1 KiB)."""
-        return _vm(self._json("POST", "/vms", {"name": name, "disks": disk_sizes, "cbt": cbt,
-                                               "power_on": power_on}))
+                  power_on: bool = False, disk_controllers: list[str] | None = None,
+                  nics: list[SimNic] | None = None, firmware: str = "",
+                  secure_boot: bool = False, guest_id: str = "", cpus: int = 0,
+                  cores_per_socket: int = 0, memory_mb: int = 0, tools: bool = False) -> SimVm:
+        """A VM with one thin disk per size (bytes, multiple of 1 KiB), on one pvscsi
+        controller unless ``disk_controllers`` names, per disk, another kind (lsilogic, nvme,
+        sata, ide...; one controller per kind); ``nics`` on the inventory's networks (``VM
+        Network``, ``DC0_DVPG0``); ``tools``: VMware Tools installed (running while powered
+        on). Zero or empty values keep the simulator's defaults (bios, otherGuest, 1 CPU,
+        32 MiB)."""
+        return _vm(self._json("POST", "/vms", {
+            "name": name, "disks": disk_sizes, "cbt": cbt, "power_on": power_on,
+            "disk_controllers": disk_controllers or [],
+            "nics": [{"adapter": n.adapter, "network": n.network, "mac": n.mac}
+                     for n in nics or []],
+            "firmware": firmware, "secure_boot": secure_boot, "guest_id": guest_id,
+            "cpus": cpus, "cores_per_socket": cores_per_socket, "memory_mb": memory_mb,
+            "tools": tools}))
+
+    def set_guest(self, moref: str, *, tools: bool, ignore_shutdown: bool = False,
+                  shutdown_delay_ms: int = 0) -> SimVm:
+        """How the VM's guest behaves: VMware Tools installed (then running while the VM is
+        powered on), and its answer to a guest shutdown: power off after
+        ``shutdown_delay_ms``, or nothing at all (``ignore_shutdown``, a hung guest)."""
+        return _vm(self._json("POST", f"/vms/{moref}/guest", {
+            "tools": tools, "ignore_shutdown": ignore_shutdown,
+            "shutdown_delay_ms": shutdown_delay_ms}))
 
     def vm(self, moref: str) -> SimVm:
         return _vm(self._json("GET", f"/vms/{moref}"))

@@ -97,7 +97,7 @@ func (c *CBT) install(m *simulator.Registry, faults *simulator.FaultInjector) {
 		}
 		switch method.Name {
 		case "QueryChangedDiskAreas", "CreateSnapshot_Task", "CreateSnapshotEx_Task", "ReconfigVM_Task",
-			"ConsolidateVMDisks_Task":
+			"ConsolidateVMDisks_Task", "ShutdownGuest":
 			if vm, ok := ctx.Map.Get(method.This).(*simulator.VirtualMachine); ok {
 				if rule := faults.ShouldInjectFault(method, vm.Name); rule != nil {
 					if f, ok := faults.CreateFault(rule, method).Fault().Detail.Fault.(types.BaseMethodFault); ok {
@@ -125,7 +125,10 @@ func (h *registryHook) PutObject(_ *simulator.Context, obj mo.Reference) {
 	}
 }
 
-func (h *registryHook) UpdateObject(*simulator.Context, mo.Reference, []types.PropertyChange) {}
+// UpdateObject sees a VM's power state change: the guest's tools follow it (guest.go).
+func (h *registryHook) UpdateObject(ctx *simulator.Context, obj mo.Reference, changes []types.PropertyChange) {
+	h.cbt.guest.powerChanged(ctx, obj, changes)
+}
 
 // RemoveObject sees a snapshot go: its frozen images are deleted, and removing a snapshot is a
 // stun of its VM (a pending CBT switch applies). The registry calls handlers without its lock

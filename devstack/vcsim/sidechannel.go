@@ -48,6 +48,7 @@ func (s *sideChannel) register(mux *http.ServeMux) {
 	mux.HandleFunc("GET /cbt/vms/{vm}/disks/{key}/data", s.readData)
 	mux.HandleFunc("POST /cbt/vms/{vm}/disks/{key}/mode", s.setDiskMode)
 	mux.HandleFunc("POST /cbt/vms/{vm}/consolidation-needed", s.setConsolidationNeeded)
+	mux.HandleFunc("POST /cbt/vms/{vm}/guest", s.setGuest)
 	mux.HandleFunc("GET /cbt/snapshots/{snap}/disks/{key}/export", s.export)
 	mux.HandleFunc("GET /cbt/vddk/disk", s.vddkDisk)
 	mux.HandleFunc("POST /cbt/faults", s.addFault)
@@ -171,6 +172,7 @@ type createReq struct {
 	Disks   []int64 `json:"disks"` // capacities in bytes (multiples of 1024)
 	CBT     bool    `json:"cbt"`
 	PowerOn bool    `json:"power_on"`
+	hardwareReq
 }
 
 func checkCapacity(c int64) error {
@@ -222,14 +224,9 @@ func (s *sideChannel) doCreateVM(ctx context.Context, req createReq) (*vmInfo, e
 		return nil, err
 	}
 	dsName := ds.Name()
-	var devices object.VirtualDeviceList
-	scsi, _ := devices.CreateSCSIController("pvscsi")
-	devices = append(devices, scsi)
-	for i, c := range req.Disks {
-		file := fmt.Sprintf("[%s] %s", dsName, path.Join(req.Name, fmt.Sprintf("%s_%d.vmdk", req.Name, i)))
-		disk := devices.CreateDisk(scsi.(types.BaseVirtualController), ds.Reference(), file)
-		disk.CapacityInBytes, disk.CapacityInKB = c, c/1024
-		devices = append(devices, disk)
+	devices, later, err := s.createDevices(ctx, finder, req, ds)
+	if err != nil {
+		return nil, err
 	}
 	spec := types.VirtualMachineConfigSpec{
 		Name:                  req.Name,
@@ -237,6 +234,7 @@ func (s *sideChannel) doCreateVM(ctx context.Context, req createReq) (*vmInfo, e
 		Files:                 &types.VirtualMachineFileInfo{VmPathName: fmt.Sprintf("[%s]", dsName)},
 		ChangeTrackingEnabled: types.NewBool(req.CBT),
 	}
+	req.hardwareReq.apply(&spec)
 	spec.DeviceChange, _ = devices.ConfigSpec(types.VirtualDeviceConfigSpecOperationAdd)
 	for _, dc := range spec.DeviceChange {
 		if _, ok := dc.GetVirtualDeviceConfigSpec().Device.(*types.VirtualDisk); ok {
@@ -252,6 +250,14 @@ func (s *sideChannel) doCreateVM(ctx context.Context, req createReq) (*vmInfo, e
 		return nil, err
 	}
 	ref := res.Result.(types.ManagedObjectReference)
+	for _, d := range later { // disks on the default IDE controller, which exists only now
+		if err := s.addDiskOn(ctx, ref.Value, d.kind, d.capacity, d.file); err != nil {
+			return nil, err
+		}
+	}
+	if vm, err := s.lookupVM(ref.Value); err == nil {
+		s.applyGuest(vm, guestBehaviour{Tools: req.Tools})
+	}
 	if req.PowerOn {
 		vm := object.NewVirtualMachine(s.client, ref)
 		if task, err = vm.PowerOn(ctx); err == nil {

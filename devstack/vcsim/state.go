@@ -58,6 +58,7 @@ type CBT struct {
 	pending   map[string][]*frozenSnapshot // vm moref -> frozen, waiting for their snapshot object
 	snapshots map[string]*frozenSnapshot   // snapshot moref -> frozen disks
 	switches  map[string]bool              // vm moref -> CBT state requested, waiting for a stun
+	guest     *guests                      // tools and shutdown behaviour of the guests (guest.go)
 }
 
 func newCBT(frozenDir string, maxRange int64, maxAreas int) *CBT {
@@ -70,6 +71,7 @@ func newCBT(frozenDir string, maxRange int64, maxAreas int) *CBT {
 		pending:   map[string][]*frozenSnapshot{},
 		snapshots: map[string]*frozenSnapshot{},
 		switches:  map[string]bool{},
+		guest:     newGuests(),
 	}
 }
 
