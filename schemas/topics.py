@@ -122,7 +122,7 @@ SCHEDULE_EVENTS = TopicSpec(
 )
 
 #: Topics that carry no disk events (the replay's disk history does not read them): fences,
-#: read whole by the planner; the scheduler's per-VM events.
+#: read whole by the planner; the scheduler's per-VM events. The audit stores them too.
 CONTROL_TOPICS: tuple[TopicSpec, ...] = (FENCES, SCHEDULE_EVENTS)
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
@@ -136,6 +136,12 @@ ALL_TOPICS: tuple[TopicSpec, ...] = (
     DISK_SKIPPED,
     DEADLETTER,
 )
+
+
+#: What the audit consumer stores (and the topics whose lag is its lag): the disk topics and the
+#: control topics, because auditors ask who fenced what when and which RPOs were missed. The
+#: replay's disk history stays :data:`ALL_TOPICS`.
+AUDITED_TOPICS: tuple[TopicSpec, ...] = (*ALL_TOPICS, *CONTROL_TOPICS)
 
 
 def topic_for(event: BaseModel) -> TopicSpec:

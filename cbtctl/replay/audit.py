@@ -6,7 +6,12 @@ Like with like: each partition is read up to the audit consumer group's committe
 what the live audit writer has acknowledged, so a lagging writer is not reported as a difference
 (its lag is printed instead). For an exact comparison the writer should be idle while this runs.
 Records the live writer could not decode are not rebuilt from their topic: the writer dead-lettered
-them, and their ``DeadLetter`` is read from ``cbt.deadletter`` like any other event.
+them, and their ``DeadLetter`` is read from ``cbt.deadletter`` like any other event. Records are
+read with the writer's own :func:`consumers.audit.decoding.audited_event`, on the writer's topics
+(``schemas.topics.AUDITED_TOPICS``: the fences and the scheduler's events too).
+
+Events the log no longer holds (retention; on the compacted ``cbt.changeid.fences``, a fence's
+records older than its newest once compaction has run) are rows only the live tables have.
 """
 
 from __future__ import annotations
@@ -16,16 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import TopicPartition
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from cbtctl.replay.reader import LogReader, RawRecord, StartAt, consumer_lag, pipeline_stages
 from cbtstream.config import PostgresSettings, Settings
+from consumers.audit.decoding import audited_event
+from consumers.audit.projection import AuditedEvent
 from consumers.audit.repository import AuditRepository, quote_ident, rebuild
-from schemas.codec import EventDecodeError, decode
-from schemas.events import DeadLetter, Event
-from schemas.topics import ALL_TOPICS, DEADLETTER
+from schemas.codec import EventDecodeError
+from schemas.topics import AUDITED_TOPICS
 
 #: The audit tables and their keys. ``ingested_at`` is the only column not derived from events.
 TABLES: dict[str, tuple[str, ...]] = {
@@ -33,6 +38,8 @@ TABLES: dict[str, tuple[str, ...]] = {
     "replication_jobs": ("id",),
     "vm_disks": ("job_id", "disk_id"),
     "cbt_history": ("event_id",),
+    "schedule_events": ("event_id",),
+    "fence_events": ("event_id",),
 }
 IGNORED_COLUMNS = frozenset({"ingested_at"})
 SAMPLES = 5
@@ -66,19 +73,16 @@ class AuditComparison:
         return sum(t.only_live_count + t.only_rebuilt_count for t in self.tables)
 
 
-def to_events(raws: list[RawRecord]) -> list[tuple[str, int, int, Event]]:
-    """What the live writer stores: decodable disk events and the dead letters."""
-    out: list[tuple[str, int, int, Event]] = []
+def to_events(raws: list[RawRecord]) -> list[tuple[str, int, int, AuditedEvent]]:
+    """What the live writer stores: decodable events and the dead letters (not tombstones)."""
+    out: list[tuple[str, int, int, AuditedEvent]] = []
     for r in raws:
-        event: Event
         try:
-            if r.spec is DEADLETTER:
-                event = DeadLetter.model_validate_json(r.value or b"")
-            else:
-                event = decode(r.value, key=r.key, expect=r.spec.value_types)
-        except (EventDecodeError, ValidationError):
+            event = audited_event(r.spec, r.key, r.value)
+        except EventDecodeError:
             continue
-        out.append((r.topic, r.partition, r.offset, event))
+        if event is not None:
+            out.append((r.topic, r.partition, r.offset, event))
     return out
 
 
@@ -120,7 +124,7 @@ async def rebuild_audit(settings: Settings, *, schema: str | None = None,
     [lag] = await consumer_lag(settings.kafka,
                                tuple(s for s in pipeline_stages(settings) if s.name == "audit"))
     cap = {TopicPartition(p.topic, p.partition): p.committed or 0 for p in lag.partitions}
-    async with LogReader(settings.kafka, ALL_TOPICS) as reader:
+    async with LogReader(settings.kafka, AUDITED_TOPICS) as reader:
         raws = await reader.read_raw(StartAt(), cap=cap)
     live = settings.postgres.db_schema
     target = schema or f"{live}_rebuild_{uuid.uuid4().hex[:8]}"

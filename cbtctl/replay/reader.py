@@ -30,7 +30,7 @@ from cbtstream.kafka import (
 from schemas.codec import EventDecodeError, decode
 from schemas.events import DEFAULT_POOL
 from schemas.topics import (
-    ALL_TOPICS,
+    AUDITED_TOPICS,
     CHANGEID_COMMITTED,
     DISK_SKIPPED,
     SNAPSHOT_REMOVED,
@@ -256,7 +256,7 @@ def pipeline_stages(settings: Settings) -> tuple[Stage, ...]:
               (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED)),
         *(Stage("copier" if pool == DEFAULT_POOL else f"copier:{pool}",
                 copier_group_id(prefix, pool), (SYNC_PLANNED,)) for pool in pools),
-        Stage("audit", f"{prefix}cbtstream-audit", ALL_TOPICS),
+        Stage("audit", f"{prefix}cbtstream-audit", AUDITED_TOPICS),
     )
 
 

@@ -1,10 +1,12 @@
 """The audit consumer: every topic of the catalogue into PostgreSQL, idempotently.
 
-Consumer group ``<prefix>cbtstream-audit``, manual offset commits. Order of effects per batch (one
-``getmany``):
+Consumer group ``<prefix>cbtstream-audit`` on ``schemas.topics.AUDITED_TOPICS`` (the disk topics,
+the dead letters, the fences and the scheduler's events), manual offset commits. Order of effects
+per batch (one ``getmany``):
 
-1. decode every record; an undecodable one is published to ``cbt.deadletter`` (stage ``audit``)
-   and skipped (a broken record *of* the dead-letter topic is only logged: no loops);
+1. decode every record (``consumers.audit.decoding``); an undecodable one is published to
+   ``cbt.deadletter`` (stage ``audit``) and skipped (a broken record *of* the dead-letter topic is
+   only logged: no loops); a tombstone of the compacted fences topic is skipped (debug log);
 2. in one database transaction, insert the events (``on conflict (event_id) do nothing``) and
    apply the projections of the new ones, then **commit the transaction**;
 3. **commit the offsets** of the batch.
@@ -27,15 +29,14 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
-from pydantic import ValidationError
 
 from cbtstream.config import Settings
 from cbtstream.errors import CbtStreamError
 from cbtstream.kafka import Publisher, client_kwargs, topic_name
+from consumers.audit.decoding import audited_event
 from consumers.audit.repository import AuditError, AuditRecord, AuditRepository
-from schemas.codec import EventDecodeError, dead_letter_record, decode
-from schemas.events import DeadLetter
-from schemas.topics import ALL_TOPICS, DEADLETTER, TopicSpec
+from schemas.codec import EventDecodeError, dead_letter_record
+from schemas.topics import AUDITED_TOPICS, DEADLETTER, TopicSpec
 
 log = logging.getLogger("cbtstream.audit")
 
@@ -66,7 +67,7 @@ class AuditStats:
 
 
 class AuditConsumer:
-    """Consumer group ``<prefix>cbtstream-audit`` on every topic -> the audit repository."""
+    """Consumer group ``<prefix>cbtstream-audit`` on the audited topics -> the repository."""
 
     def __init__(self, settings: Settings, repository: AuditRepository, publisher: Publisher, *,
                  max_records: int = 1000, migrate: bool = False) -> None:
@@ -77,7 +78,7 @@ class AuditConsumer:
         self.max_records = max_records
         k = settings.kafka
         self.group_id = f"{k.topic_prefix}cbtstream-audit"
-        self._specs: dict[str, TopicSpec] = {topic_name(s, k): s for s in ALL_TOPICS}
+        self._specs: dict[str, TopicSpec] = {topic_name(s, k): s for s in AUDITED_TOPICS}
         self.consumer = AIOKafkaConsumer(
             **client_kwargs(k),
             group_id=self.group_id,
@@ -144,24 +145,22 @@ class AuditConsumer:
         return batch
 
     def _decode_into(self, batch: _Batch, rec: ConsumerRecord[bytes, bytes]) -> None:
-        spec = self._specs.get(rec.topic)
+        spec = self._specs[rec.topic]  # subscribed to exactly these
         where = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
-        if spec is DEADLETTER:
-            try:
-                letter = DeadLetter.model_validate_json(rec.value or b"")
-            except ValidationError as exc:
+        try:
+            event = audited_event(spec, rec.key, rec.value)
+        except EventDecodeError as exc:
+            if spec is DEADLETTER:
                 log.error("unreadable dead letter skipped",
                           extra={**where, "error": str(exc)[:300]})
                 return
-            batch.records.append(AuditRecord(rec.topic, rec.partition, rec.offset, letter))
-            return
-        try:
-            event = decode(rec.value, key=rec.key,
-                           expect=spec.value_types if spec is not None else None)
-        except EventDecodeError as exc:
             log.warning("dead letter", extra={**where, "error": str(exc)[:300]})
             batch.letters.append(dead_letter_record(rec.topic, rec.partition, rec.offset,
                                                     rec.key, rec.value, str(exc), STAGE))
+            return
+        if event is None:
+            log.debug("fence tombstone skipped", extra={
+                **where, "key": (rec.key or b"").decode(errors="replace")[:200]})
             return
         batch.records.append(AuditRecord(rec.topic, rec.partition, rec.offset, event))
 

@@ -23,6 +23,11 @@ Refused commits: the planner answers a commit its guard refuses with
 that derived id for each commit; whichever of the two events arrives second marks the history row
 ``refused``, and the job's and disk's commit columns are recomputed from the commits that are not
 refused, so a refused change ID never shows as ``vm_disks.disk_change_id``.
+
+Control events (``ScheduleEvent``, ``ChangeIdFence``) are not about a disk: their ``events`` row
+has no disk key (a ``ScheduleEvent`` names its VM), and each is one row of its own table
+(``schedule_events``, ``fence_events``), written once and never updated, so their order does not
+matter either. The fence in force is the newest row of its ``fence_id``.
 """
 
 from __future__ import annotations
@@ -34,15 +39,21 @@ from typing import Any
 from schemas.disk import DiskRef, parse_disk_key
 from schemas.events import (
     ChangeIdCommitted,
+    ChangeIdFence,
     DeadLetter,
     Event,
     FailureReason,
+    ScheduleEvent,
     SnapshotRemoved,
     SyncFailed,
     SyncPlanned,
     SyncProgress,
     lineage_refusal_id,
 )
+
+#: Everything the audit stores: the disk events, the dead letters and the control events
+#: (``schemas.events.Event`` does not name the control events: it is what disk readers decode).
+AuditedEvent = Event | ChangeIdFence | ScheduleEvent
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,7 @@ INSERT_EVENTS = (
 )
 
 
-def newest_progress_only(events: list[Event]) -> list[Event]:
+def newest_progress_only(events: list[AuditedEvent]) -> list[AuditedEvent]:
     """Drop every ``SyncProgress`` of a batch but the newest of its sync and state (the
     projection keeps only the newest anyway; progress is the high-volume topic). Per state, so
     a queued report never hides the running one it follows or precedes."""
@@ -86,21 +97,25 @@ def newest_progress_only(events: list[Event]) -> list[Event]:
             if not isinstance(e, SyncProgress) or newest[(e.sync_id, e.state)] is e]
 
 
-def stored_in_events(event: Event) -> bool:
+def stored_in_events(event: AuditedEvent) -> bool:
     return not isinstance(event, SyncProgress)
 
 
-def event_row(topic: str, partition: int, offset: int, event: Event) -> tuple[Any, ...]:
-    """The ``events`` row of an event (columns of :data:`EVENT_COLUMNS`)."""
-    disk_key: str | None
-    vm: str | None
+def event_row(topic: str, partition: int, offset: int,
+              event: AuditedEvent) -> tuple[Any, ...]:
+    """The ``events`` row of an event (columns of :data:`EVENT_COLUMNS`). Control events have
+    no disk key; a ``ScheduleEvent`` names its VM, a fence nothing (its target may be a host)."""
+    disk_key: str | None = None
+    vm: str | None = None
     if isinstance(event, DeadLetter):
         disk_key = event.original_key
         try:
             vm = parse_disk_key(disk_key or "")[0]
         except ValueError:
             disk_key = vm = None
-    else:
+    elif isinstance(event, ScheduleEvent):
+        vm = str(event.vm_instance_uuid)
+    elif not isinstance(event, ChangeIdFence):
         disk_key, vm = event.disk.key, event.disk.vm_instance_uuid
     sync_id = getattr(event, "sync_id", None)
     vm_snapshot = getattr(event, "vm_snapshot", None)
@@ -202,6 +217,18 @@ _SNAPSHOT_REMOVED = """
 UPDATE vm_disks SET snapshot_removed_at = least(coalesce(snapshot_removed_at, $3), $3)
 WHERE disk_key = $1 AND vm_snapshot = $2
 """
+_INSERT_SCHEDULE = """
+INSERT INTO schedule_events (event_id, occurred_at, vm_instance_uuid, vm_name, vm_path, vcenter,
+    policy, kind, cycle_at, rpo_s, vm_snapshot, point_at, reason, detail)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+ON CONFLICT (event_id) DO NOTHING
+"""
+_INSERT_FENCE = """
+INSERT INTO fence_events (event_id, occurred_at, fence_id, scope, target, fenced_before, reason,
+    revoked)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (event_id) DO NOTHING
+"""
 
 
 #: Every statement :func:`project` emits, in the order a batch executes them. Each statement is
@@ -212,6 +239,7 @@ WHERE disk_key = $1 AND vm_snapshot = $2
 PHASES: tuple[str, ...] = (
     _UPSERT_PLANNED_JOB, _UPSERT_JOB, _UPSERT_DISK, _PLAN_DISK, _INSERT_HISTORY, _FAIL_JOB,
     _REFUSE, RECOMPUTE_VM_DISK, RECOMPUTE_JOB, _PROGRESS, _SNAPSHOT_REMOVED, _ORIGIN,
+    _INSERT_SCHEDULE, _INSERT_FENCE,
 )
 
 
@@ -230,7 +258,7 @@ def _recompute(sync_id: uuid.UUID) -> list[Stmt]:
     return [Stmt(RECOMPUTE_VM_DISK, (sync_id,)), Stmt(RECOMPUTE_JOB, (sync_id,))]
 
 
-def project(event: Event) -> list[Stmt]:
+def project(event: AuditedEvent) -> list[Stmt]:
     """The statements that apply ``event`` to the projections (after its ``events`` row)."""
     if isinstance(event, SyncPlanned):
         d, vm = event.disk, uuid.UUID(event.disk.vm_instance_uuid)
@@ -284,4 +312,13 @@ def project(event: Event) -> list[Stmt]:
         ]
     if isinstance(event, SnapshotRemoved):
         return [Stmt(_SNAPSHOT_REMOVED, (event.disk.key, event.vm_snapshot, event.occurred_at))]
+    if isinstance(event, ScheduleEvent):
+        return [Stmt(_INSERT_SCHEDULE, (
+            event.event_id, event.occurred_at, event.vm_instance_uuid, event.vm_name,
+            event.vm_path, event.vcenter, event.policy, event.kind.value, event.cycle_at,
+            event.rpo_s, event.vm_snapshot, event.point_at, event.reason, event.detail))]
+    if isinstance(event, ChangeIdFence):
+        return [Stmt(_INSERT_FENCE, (
+            event.event_id, event.occurred_at, event.fence_id, event.scope.value, event.target,
+            event.before, event.reason, event.revoked))]
     return []  # SnapshotTaken, SyncSuperseded, DeadLetter: the events row is the record

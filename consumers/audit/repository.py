@@ -28,12 +28,12 @@ from consumers.audit.migrations import Migration, load_migrations
 from consumers.audit.projection import (
     INSERT_EVENTS,
     PHASES,
+    AuditedEvent,
     event_row,
     newest_progress_only,
     project,
     stored_in_events,
 )
-from schemas.events import Event
 
 
 class AuditUnavailable(TransientError):
@@ -54,7 +54,7 @@ class AuditRecord(NamedTuple):
     topic: str
     partition: int
     offset: int
-    event: Event
+    event: AuditedEvent
 
 
 @dataclass(frozen=True)
@@ -301,15 +301,65 @@ class AuditRepository:
             "ORDER BY committed_at, event_id", disk_key)
         return [HistoryEntry(**r) for r in rows]
 
+    async def schedule_events(self, *, vm: str | None = None, kinds: Sequence[str] = (),
+                              policy: str | None = None, since: datetime | None = None,
+                              limit: int | None = None) -> list[dict[str, Any]]:
+        """Rows of ``schedule_events``, oldest first: of one VM (instance uuid, name or
+        inventory path; names case-insensitive), of some kinds, of one policy, at or after
+        ``since``; with ``limit``, the newest ``limit`` of them."""
+        await self._require("schedule_events")
+        where: list[str] = ["true"]
+        args: list[Any] = []
+        for cond, arg in (
+                ("(vm_instance_uuid::text = lower(${n}) OR lower(vm_name) = lower(${n}) "
+                 "OR vm_path = ${n})", vm),
+                ("kind = ANY(${n}::text[])", list(kinds) or None),
+                ("policy = ${n}", policy), ("occurred_at >= ${n}", since)):
+            if arg is not None:
+                args.append(arg)
+                where.append(cond.format(n=len(args)))
+        return await self._newest("schedule_events", " AND ".join(where), args, limit)
 
-def _chunks(items: Iterable[AuditRecord | tuple[str, int, int, Event]],
+    async def fence_events(self, *, fence_id: uuid.UUID | None = None, current: bool = False,
+                           since: datetime | None = None,
+                           limit: int | None = None) -> list[dict[str, Any]]:
+        """Rows of ``fence_events`` (every record: issued, published again, revoked), oldest
+        first; with ``current``, only the newest record of each fence (the fence as the planner
+        holds it: ``revoked`` says whether it is in force)."""
+        await self._require("fence_events")
+        where: list[str] = ["true"]
+        args: list[Any] = []
+        for cond, arg in (("fence_id = ${n}", fence_id), ("occurred_at >= ${n}", since)):
+            if arg is not None:
+                args.append(arg)
+                where.append(cond.format(n=len(args)))
+        source = "fence_events"
+        if current:
+            source = ("(SELECT DISTINCT ON (fence_id) * FROM fence_events "
+                      "ORDER BY fence_id, occurred_at DESC, event_id DESC) AS f")
+        return await self._newest(source, " AND ".join(where), args, limit)
+
+    async def _newest(self, source: str, where: str, args: list[Any],
+                      limit: int | None) -> list[dict[str, Any]]:
+        rows = await self.fetch(
+            f"SELECT * FROM {source} WHERE {where} ORDER BY occurred_at DESC, event_id DESC"
+            + (f" LIMIT {int(limit)}" if limit is not None else ""), *args)
+        return rows[::-1]
+
+    async def _require(self, table: str) -> None:
+        if not (await self.fetch("SELECT to_regclass($1) IS NOT NULL AS ok", table))[0]["ok"]:
+            raise AuditError(f"schema {self.schema!r} has no table {table}: run `cbtstream db "
+                             "migrate` (or start `cbtstream audit`, which migrates)")
+
+
+def _chunks(items: Iterable[AuditRecord | tuple[str, int, int, AuditedEvent]],
             size: int) -> Iterable[list[AuditRecord]]:
     it = iter(items)
     while chunk := [AuditRecord(*r) for r in islice(it, size)]:
         yield chunk
 
 
-async def rebuild(events: Iterable[tuple[str, int, int, Event]], schema: str,
+async def rebuild(events: Iterable[tuple[str, int, int, AuditedEvent]], schema: str,
                   settings: PostgresSettings | None = None, *, replace: bool = False,
                   batch_size: int = 1000) -> int:
     """Build the audit tables from scratch in ``schema`` from ``(topic, partition, offset,
