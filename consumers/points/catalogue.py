@@ -131,14 +131,15 @@ def reconcile(cat: Catalogue, held: Held | None) -> Step:
     """Does the catalogue agree with the record? The live point must be the record's clean
     sync. A pending point that *is* that sync was committed in the record but not here (a
     crash between the two): finish it. Anything else (no clean sync, another one: the replica
-    was rewritten without the catalogue) makes every point unreadable: reset."""
+    was rewritten without the catalogue) makes every point unreadable: reset to the record's
+    clean sync alone (also what makes a replica's first point when points are enabled)."""
     if held is None:
         return Step.RESET if cat.points else Step.NONE
     pending, live = cat.pending, cat.live
     if pending is not None and pending.sync_id == held.sync_id:
         return Step.FINISH
-    if live is None:
-        return Step.RESET if cat.points else Step.NONE
+    if live is None:  # points just enabled on a replica with history: it is the first point
+        return Step.RESET
     return Step.NONE if live.sync_id == held.sync_id else Step.RESET
 
 

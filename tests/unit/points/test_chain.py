@@ -209,3 +209,18 @@ def test_a_first_copy_has_no_writer(tmp_path: Path) -> None:
     writer = sim.begin()
     assert isinstance(writer, UndoWriter)
     writer.close()
+
+
+def test_points_enabled_on_a_replica_with_history(tmp_path: Path) -> None:
+    """No catalogue yet, but the record holds a clean sync: that is the first point, and the
+    next sync saves what it overwrites."""
+    sim = Sim(tmp_path, CAP, 13)
+    sim.held = Held("earlier", "cid-0", "root-0", T0)
+    writer = sim.begin()
+    assert writer is not None
+    first = sim.chain.load().live
+    assert first is not None and first.sync_id == "earlier"
+    sim.models[first.id] = bytes(sim.replica)
+    sim.write(writer, sim.areas(4, 50_000))
+    sim.commit(writer)
+    sim.check_all()
