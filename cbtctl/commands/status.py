@@ -16,14 +16,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "status",
         help="latest change ID, last sync and running syncs per disk; consumer lag per stage",
-        description="Asks a planner worker (GET /api/v1/status, gathered from every worker's "
-        "partitions): per disk the latest committed change ID, its recovery point and its age "
-        "against its RPO (the protection policy's that snapshotted it, else streams.rpo_s), a "
-        "running sync as its copier last reported it "
-        "(queued with its place in the queue, running with its progress, silent: nothing heard "
-        "for three report intervals, or waiting for its copier pool, which has no live copier), "
-        "or the last failure; a site summary (disks by state, RPO met/at risk/missed in all and "
-        "per policy, oldest recovery point, copies, pools); then the consumer lag of each pipeline stage "
+        description="Asks a planner worker (GET /api/v1/status, gathered from every "
+        "worker's partitions): per disk the latest committed change ID, its recovery point and "
+        "its age against its RPO (the protection policy's that snapshotted it, else "
+        "streams.rpo_s), a running sync as its copier last reported it (queued with its place "
+        "in the queue, running with its progress, silent: nothing heard for three report "
+        "intervals, or waiting for its copier pool, which has no live copier), or the last "
+        "failure; a site summary (disks by state, RPO met/at risk/missed in all and per policy, "
+        "oldest recovery point, copies, pools); then the consumer lag of each pipeline stage "
         "(planner, copier pools, audit). Without an answer from a worker, or with --from-log, "
         "it replays the log instead (no consumer group, works while the workers are down, "
         "costs a read of every topic from its start).",
