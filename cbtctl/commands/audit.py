@@ -82,9 +82,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _listing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--since", metavar="TIME",
                    help="only events at or after TIME (ISO 8601, UTC if no zone)")
-    p.add_argument("--limit", type=int, metavar="N", help="only the newest N (still oldest first)")
+    p.add_argument("--limit", type=_count, metavar="N",
+                   help="only the newest N (still oldest first)")
     p.add_argument("--schema", help="schema to read instead of postgres.db_schema")
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return n
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -147,8 +147,10 @@ def test_audit_alone_still_runs_the_consumer_and_listings_have_their_handlers() 
     args = parse("fences", "--current", "--limit", "3")
     assert (args.handler, args.current, args.limit, args.json) == (
         audit_cmd.run_fences, True, 3, False)
-    with pytest.raises(SystemExit):
-        parse("schedule", "--kind", "rpo_late")
+    for wrong in (("schedule", "--kind", "rpo_late"), ("fences", "--limit", "0"),
+                  ("fences", "--limit", "x")):
+        with pytest.raises(SystemExit):
+            parse(*wrong)
 
 
 def test_the_command_knows_every_schedule_kind() -> None:
