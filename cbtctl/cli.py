@@ -41,6 +41,7 @@ COMMANDS: tuple[str, ...] = (
     "cbtctl.commands.copy",
     "cbtctl.commands.verify",
     "cbtctl.commands.targets",
+    "cbtctl.commands.points",
     "cbtctl.commands.bench",
     "cbtctl.commands.config",
     "cbtctl.commands.stack",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -595,6 +596,29 @@ class ScheduleSettings(BaseModel):
         return self
 
 
+class PointsPolicy(BaseModel):
+    """``[points]``: which restore points of each disk the copier keeps (the rules:
+    ``consumers/points/retention.py``). The defaults keep only the live replica, which costs
+    nothing: no old bytes are read or saved before a sync's writes."""
+
+    model_config = _Frozen
+
+    #: The newest points kept, the live replica included (1: no history, no undo cost).
+    count: int = Field(default=1, ge=1, le=10_000)
+    #: Points committed longer ago are dropped whatever else keeps them (the live point never
+    #: is). An ISO 8601 duration (``P30D``, ``PT12H``); unset: no age limit.
+    max_age: timedelta | None = Field(default=None, gt=timedelta(0))
+    #: Also keep the newest point of each of the latest ``daily`` UTC days that have one.
+    daily: int = Field(default=0, ge=0, le=10_000)
+    #: Also keep the newest point of each of the latest ``weekly`` ISO weeks that have one.
+    weekly: int = Field(default=0, ge=0, le=10_000)
+
+    @property
+    def keeps_history(self) -> bool:
+        """Does any point besides the live one survive? If not, a sync saves no undo bytes."""
+        return self.count > 1 or self.daily > 0 or self.weekly > 0
+
+
 class Settings(BaseSettings):
     """All of cbtstream's configuration."""
 
@@ -623,6 +647,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     stack: StackSettings = StackSettings()
     schedule: ScheduleSettings = ScheduleSettings()
+    points: PointsPolicy = PointsPolicy()
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> Settings:
@@ -694,6 +719,8 @@ def to_env(settings: Settings) -> dict[str, str]:
                 value = value.model_dump_json(exclude_none=True)
             elif isinstance(value, SecretStr):
                 value = value.get_secret_value()
+            elif isinstance(value, timedelta):  # str() gives "1 day, 0:00:00": not parsed back
+                value = f"PT{value.total_seconds()}S"
             if isinstance(value, list | tuple):
                 value = json.dumps([v.model_dump(mode="json", exclude_none=True)
                                     if isinstance(v, BaseModel) else str(v) for v in value])

@@ -8,7 +8,10 @@ Order of effects for one plan (at-least-once, idempotent):
    ``SyncFailed(replica_on_other_host)``; an incremental onto a replica that does not provably
    hold its base is copied in full with a ``replica_*`` reason) -> mark the replica **dirty**
    (durable) -> copy the changed blocks -> **flush the target** -> mark it **clean** at the new
-   change ID with its hash tree (durable);
+   change ID with its hash tree (durable); with restore points kept (``[points]``), the sync
+   begins its point before "dirty", saves the old bytes of every area durably before writing
+   it, and commits its point (then drops what the policy no longer keeps) after "clean"
+   (``consumers/replica/points.py``);
 2. publish ``ChangeIdCommitted`` (or ``SyncFailed``) and wait for ``acks=all``;
 3. let the executor release what it holds for the sync (e.g. the vSphere snapshot);
 4. commit the offset in the copier's consumer group, only once the outcome of **every** record

@@ -45,8 +45,10 @@ from consumers.copy.sources import BlockSource, open_nbd_source
 from consumers.copy.targets import BlockTarget, FileTarget, NbdTarget, TargetError
 from consumers.executor import ProgressCallback, ProgressUpdate, SyncResult
 from consumers.exports import ExportResolver
+from consumers.points.saving import SavingTarget
 from consumers.replica.guard import Admission
 from consumers.replica.location import ReplicaLocation, TargetResolver
+from consumers.replica.points import SyncPoints, chain_of
 from consumers.replica.session import (
     OutcomeAlreadyPublished,
     ReplicaSession,
@@ -199,6 +201,12 @@ class VSphereExecutor:
                 connections=export.connections(self.settings.copier.nbd_connections),
                 tls_context=nbd_tls_context(self.settings.copier),
             ))
+            points = await self._begin_points(plan, loc, session)
+            if points is not None:
+                stack.callback(points.close)
+                if points.writer is not None:
+                    # every write of the sync saves the old bytes first (restore points)
+                    target = SavingTarget(target, points.writer)
             await session.mark_dirty(rtype, identity)
             tree = await session.base_tree(rtype, capacity)
             result = await self._copy(plan, loc, source, target, rtype, extents, zero_rest,
@@ -219,8 +227,25 @@ class VSphereExecutor:
                 bytes_changed=result.bytes_changed,
             )
             assert result.tree is not None
-            return await session.mark_clean(synced, result.tree, identity)
+            done = await session.mark_clean(synced, result.tree, identity)
+            if points is not None:
+                assert session.state is not None
+                await points.commit(plan, session.state)
+            return done
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _begin_points(self, plan: SyncPlanned, loc: ReplicaLocation,
+                            session: ReplicaSession) -> SyncPoints | None:
+        """Restore points, when ``[points]`` keeps history (before "mark dirty", under the
+        lock): the sync is the pending point (``consumers/replica/points.py``). None with
+        the default policy (no history: nothing saved, today's path)."""
+        policy = self.settings.points
+        if not policy.keeps_history:
+            return None
+        points = SyncPoints(chain_of(loc.store, plan.disk.key, plan.disk.capacity_bytes),
+                            policy)
+        await points.begin(plan, session.record if session.state is None else session.state)
+        return points
 
     def _nbd_target(self, loc: ReplicaLocation, capacity: int) -> NbdTarget:
         target = self.targets.open(loc, capacity, tls_context=nbd_tls_context(

@@ -52,6 +52,9 @@ class Point(BaseModel):
     change_id: str
     #: When the snapshot was taken (None if the plan did not say).
     taken_at: AwareDatetime | None = None
+    #: The VM snapshot the sync copied (one per VM and cycle): the points of a VM's disks with
+    #: the same snapshot make a point of the VM (None in catalogues written before it).
+    vm_snapshot: str | None = None
     #: Set at the commit: the point is complete.
     committed_at: AwareDatetime | None = None
     root_digest: str | None = None
@@ -97,6 +100,14 @@ class Catalogue(BaseModel):
                 return p
         raise KeyError(f"no point {point_id}")
 
+    def select(self, at: str) -> Point | None:
+        """The complete point ``at`` names (its id, VM snapshot, sync id or change ID; the
+        newest if several do), or None."""
+        for p in reversed(self.complete):
+            if at in (str(p.id), p.vm_snapshot, p.sync_id, p.change_id):
+                return p
+        return None
+
     def stores_from(self, point_id: int) -> tuple[str, ...]:
         """The undo stores that serve point ``point_id``, oldest first: those of the complete
         points from it on (the live point's too, while a sync is saving into it)."""
@@ -115,6 +126,7 @@ class Held:
     root_digest: str
     committed_at: datetime
     taken_at: datetime | None = None
+    vm_snapshot: str | None = None
 
 
 class Step(StrEnum):
@@ -127,15 +139,28 @@ class Step(StrEnum):
     RESET = "reset"
 
 
-def reconcile(cat: Catalogue, held: Held | None) -> Step:
-    """Does the catalogue agree with the record? The live point must be the record's clean
-    sync. A pending point that *is* that sync was committed in the record but not here (a
-    crash between the two): finish it. Anything else (no clean sync, another one: the replica
-    was rewritten without the catalogue) makes every point unreadable: reset to the record's
-    clean sync alone (also what makes a replica's first point when points are enabled)."""
+def reconcile(cat: Catalogue, held: Held | None, writing: str | None = None) -> Step:
+    """Does the catalogue agree with the record? ``held`` is the record's clean sync and
+    ``writing`` the sync the record says is writing the replica (None when it is not dirty).
+
+    * The live point must be the record's clean sync. A pending point that *is* that sync was
+      committed in the record but not here (a crash between the two): finish it.
+    * A dirty record is only described by a catalogue whose pending point is the writing sync
+      (it saved what it overwrote) and whose live point is the clean sync the record still
+      names (a full copy's record names none while it runs: its live point stays the one it
+      started from). A replica written by a sync the catalogue does not know cannot be read as
+      any point: every point is dropped and none is made (a dirty replica is no point).
+    * Anything else (no clean sync, another one: the replica was rewritten without the
+      catalogue) makes every point unreadable: reset to the record's clean sync alone (also
+      what makes a replica's first point when points are enabled)."""
+    pending, live = cat.pending, cat.live
+    if writing is not None:
+        if (pending is not None and pending.sync_id == writing and live is not None
+                and (held is None or live.sync_id == held.sync_id)):
+            return Step.NONE
+        return Step.RESET if cat.points else Step.NONE
     if held is None:
         return Step.RESET if cat.points else Step.NONE
-    pending, live = cat.pending, cat.live
     if pending is not None and pending.sync_id == held.sync_id:
         return Step.FINISH
     if live is None:  # points just enabled on a replica with history: it is the first point
@@ -149,12 +174,12 @@ def fresh(disk_key: str, capacity: int, held: Held | None, next_id: int = 1) -> 
         return Catalogue(disk_key=disk_key, capacity=capacity, next_id=next_id)
     live = Point(id=next_id, sync_id=held.sync_id, change_id=held.change_id,
                  taken_at=held.taken_at, committed_at=held.committed_at,
-                 root_digest=held.root_digest)
+                 root_digest=held.root_digest, vm_snapshot=held.vm_snapshot)
     return Catalogue(disk_key=disk_key, capacity=capacity, next_id=next_id + 1, points=(live,))
 
 
 def begin(cat: Catalogue, sync_id: str, change_id: str, taken_at: datetime | None,
-          new_store: str) -> Catalogue:
+          new_store: str, vm_snapshot: str | None = None) -> Catalogue:
     """A sync starts writing the replica: it is the pending point (replacing a pending point of
     another sync, which never committed), and the live point gets store ``new_store`` unless it
     has one (a resumed or replacing sync goes on saving into it: first saved bytes win)."""
@@ -165,7 +190,7 @@ def begin(cat: Catalogue, sync_id: str, change_id: str, taken_at: datetime | Non
     if points and points[-1].store is None:
         points[-1] = points[-1].model_copy(update={"store": new_store})
     points.append(Point(id=cat.next_id, sync_id=sync_id, change_id=change_id,
-                        taken_at=taken_at))
+                        taken_at=taken_at, vm_snapshot=vm_snapshot))
     return cat.model_copy(update={"points": tuple(points), "next_id": cat.next_id + 1})
 
 

@@ -25,13 +25,15 @@ clean sync is the pending point). A crash in ``prune``: :mod:`consumers.points.p
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import datetime
 from pathlib import Path
 
+from cbtstream.config import PointsPolicy
+from consumers.copy.dirfiles import unlink_synced
 from consumers.points import catalogue as cat_mod
 from consumers.points.catalogue import Catalogue, Held, Step
-from consumers.points.policy import PointsPolicy
 from consumers.points.prune import DropReport, collect_garbage, drop_points
 from consumers.points.reader import PointReader, ReadLive
 from consumers.points.retention import decide
@@ -65,28 +67,32 @@ class PointChain:
         collect_garbage(self.directory, self.name, cat)
         return cat
 
-    def recover(self, held: Held | None) -> Catalogue:
-        """Bring the catalogue in step with the record (:func:`catalogue.reconcile`): finish an
-        interrupted commit, or drop every point if the catalogue does not describe the
-        replica."""
+    def recover(self, held: Held | None, writing: str | None = None) -> Catalogue:
+        """Bring the catalogue in step with the record (:func:`catalogue.reconcile`; ``writing``:
+        the sync a dirty record names): finish an interrupted commit, or drop every point if
+        the catalogue does not describe the replica (a dirty replica it does not describe is
+        no point either)."""
+        base = None if writing is not None else held
         try:
             cat = self.load()
         except cat_mod.CatalogueCorrupt:
-            return self._reset(None, held)
-        step = cat_mod.reconcile(cat, held)
+            return self._reset(None, base)
+        step = cat_mod.reconcile(cat, held, writing)
         if step is Step.FINISH:
             assert held is not None
             return self._finish(cat, held.sync_id, held.root_digest, held.committed_at)
         if step is Step.RESET:
-            return self._reset(cat, held)
+            return self._reset(cat, base)
         return cat
 
     def begin(self, sync_id: str, change_id: str, taken_at: datetime | None,
-              held: Held | None) -> UndoWriter | None:
+              held: Held | None, writing: str | None = None, vm_snapshot: str | None = None
+              ) -> UndoWriter | None:
         """A sync is about to write the replica (before "mark dirty"): the writer of the undo
-        store of the live point (None for a first copy: there is no earlier point)."""
-        cat = self.recover(held)
-        new = cat_mod.begin(cat, sync_id, change_id, taken_at, uuid.uuid4().hex)
+        store of the live point (None for a first copy: there is no earlier point).
+        ``writing``: the sync the record says is writing the replica, if it is dirty."""
+        cat = self.recover(held, writing)
+        new = cat_mod.begin(cat, sync_id, change_id, taken_at, uuid.uuid4().hex, vm_snapshot)
         if new != cat:
             self._save(new)
         live = new.live
@@ -157,3 +163,11 @@ class PointChain:
         empty = cat_mod.fresh(self.disk_key, self.capacity, None)
         self._save(empty)
         collect_garbage(self.directory, self.name, empty)
+
+
+def forget_points(directory: Path, name: str) -> None:
+    """Remove the catalogue and every undo file of the replica record ``name`` (its record is
+    being forgotten: what it held is unknown, so no point of it can be read)."""
+    with contextlib.suppress(OSError):
+        unlink_synced(directory, cat_mod.file_name(name))
+    collect_garbage(directory, name, cat_mod.fresh("", 0, None))

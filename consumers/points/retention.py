@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from cbtstream.config import PointsPolicy
 from consumers.points.catalogue import Point
-from consumers.points.policy import PointsPolicy
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,11 +2,12 @@
 
     load record -> admit (guard.py: host, fence, base check) -> [refuse: StalePlan or
     ReplicaOnOtherHost, nothing written]
-    -> [a version 1 tree: convert it, proving the replica (convert.py)] -> mark dirty (durable)
+    -> [a version 1 tree: convert it, proving the replica (convert.py)]
+    -> [restore points kept: the sync becomes the pending point (points.py)] -> mark dirty (durable)
     -> open the base tree's leaves (an interrupted sync's journal put back) -> journal the
-    entries this sync rewrites -> write -> flush -> save leaves and pieces -> mark clean at the
-    new change ID (durable) -> [the copier publishes the commit] -> drop the journal, prune old
-    trees
+    entries this sync rewrites -> write ([points: each write's old bytes saved first, durably])
+    -> flush -> save leaves and pieces -> mark clean at the new change ID (durable) -> [points:
+    commit, prune] -> [the copier publishes the commit] -> drop the journal, prune old trees
 
 A crash before "mark dirty" leaves the replica as it was; after it and before "mark clean", the
 record says dirty with this sync: only the same sync (a resume) or a full copy may write next,

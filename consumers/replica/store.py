@@ -49,6 +49,7 @@ from consumers.copy.digest import HASH, LEAF, PIECE, HashTree, piece_count
 from consumers.copy.digest_v1 import V1Tree
 from consumers.copy.dirfiles import open_dir, read_file, unlink_synced, write_atomic
 from consumers.copy.leaves import FileLeaves, Journal, undo
+from consumers.points.chain import forget_points
 from consumers.replica.state import HeldSync, ReplicaState, Unknown
 
 _V1_MAGIC = b"CBTTREE1"
@@ -271,10 +272,11 @@ class ReplicaStore:
             os.close(dir_fd)
 
     def forget(self) -> None:
-        """Remove the record, its trees and checkpoints (the replica is then of unknown
-        state)."""
+        """Remove the record, its trees, checkpoints and restore points (the replica is then
+        of unknown state)."""
         self.prune_trees()
         self.prune_checkpoints()
+        forget_points(self.directory, self.name)
         with contextlib.suppress(OSError):
             unlink_synced(self.directory, self.state_name)
 

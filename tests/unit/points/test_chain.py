@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cbtstream.config import PointsPolicy
 from consumers.points.catalogue import CatalogueCorrupt, Held, file_name, load
-from consumers.points.policy import PointsPolicy
 from consumers.points.undo import UndoWriter
 from tests.unit.points.sim import T0, Sim
 

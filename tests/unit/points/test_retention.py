@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from cbtstream.config import PointsPolicy
 from consumers.points import catalogue as cat_mod
 from consumers.points.catalogue import Point
-from consumers.points.policy import PointsPolicy
 from consumers.points.prune import Merge, collect_garbage, merge_stores, plan_drops
 from consumers.points.retention import decide
 from tests.unit.points.sim import Sim
