@@ -185,6 +185,8 @@ class ScheduleMetrics(Metrics):
     ``cbtstream_schedule_snapshots_total{policy,outcome}``   snapshots taken / failed
     ``cbtstream_schedule_rpo_at_risk_total{policy}``         VMs due but still being copied
     ``cbtstream_schedule_rpo_missed_total{policy}``          RPO misses reported (once a point)
+    ``cbtstream_schedule_descriptions_failed_total{policy}`` snapshots taken whose VM
+        description could not be read (their disk events published without a ``VmDescribed``)
     ``cbtstream_schedule_vms{policy,state}``                 VMs this scheduler owns now, by
         state: ``protected`` (all it owns), ``at_risk``, ``missed`` (as of the last cycle)
     ``cbtstream_schedule_policy_problems{policy,kind}``     problems of the last cycle
@@ -203,6 +205,10 @@ class ScheduleMetrics(Metrics):
             "still being copied (not snapshotted again).", ["policy"], registry=r)
         self.schedule_missed = Counter(
             "cbtstream_schedule_rpo_missed", "RPO misses reported (RpoMissed events).",
+            ["policy"], registry=r)
+        self.schedule_undescribed = Counter(
+            "cbtstream_schedule_descriptions_failed", "Snapshots taken whose VM description "
+            "could not be read (disk events published without VmDescribed), by policy.",
             ["policy"], registry=r)
         self.schedule_vms = Gauge(
             "cbtstream_schedule_vms", "VMs this scheduler owns, by policy and state "

@@ -73,8 +73,9 @@ class TopicProblem:
 def co_partitioned(name: str, settings: KafkaSettings) -> bool:
     """Whether a topic must have ``kafka.partitions`` partitions: every topic keyed by disk
     (the catalogue's, the worker's changelogs and internal topics), not the dead letters (keyed
-    by the original record's key), the fences (read whole by every worker), the scheduler's
-    events (keyed by VM) or Faust's assignor topic."""
+    by the original record's key), the control topics (:data:`schemas.topics.CONTROL_TOPICS`:
+    the fences, read whole by every worker; the scheduler's events and the VM descriptions,
+    keyed by VM) or Faust's assignor topic."""
     loose = {DEADLETTER.full_name(settings.topic_prefix),
              *(t.full_name(settings.topic_prefix) for t in CONTROL_TOPICS)}
     return name not in loose and not name.endswith(_FAUST_LEADER)

@@ -10,9 +10,11 @@ Order of one cycle (:meth:`SiteScheduler.cycle`):
 3. decide each VM, publish ``ScheduleEvent`` ``rpo_at_risk`` (once per in-flight snapshot) and
    ``rpo_missed`` (once per point);
 4. snapshot the due VMs concurrently, at most ``max_snapshots_per_vcenter`` at once and
-   ``max_snapshots_per_esxi_host`` per host; each publishes its ``SnapshotTaken`` events
-   (:func:`producers.snapshot.snapshot_and_publish`), then ``ScheduleEvent(snapshot_taken)``,
-   or ``snapshot_failed`` with the error's reason. A failure never stops the others.
+   ``max_snapshots_per_esxi_host`` per host; each publishes its ``VmDescribed`` and
+   ``SnapshotTaken`` events (:func:`producers.snapshot.snapshot_and_publish`; a description that
+   cannot be read is counted, ``cbtstream_schedule_descriptions_failed_total``, not a failure),
+   then ``ScheduleEvent(snapshot_taken)``, or ``snapshot_failed`` with the error's reason. A
+   failure never stops the others.
 
 The scheduler's memory (last snapshot taken, what was reported) is rebuilt from its own events
 (:meth:`SiteScheduler.remember`) when it gets partitions, so a VM is not snapshotted twice in a
@@ -250,11 +252,17 @@ class SiteScheduler:
 
     async def _snapshot(self, d: Decision, report: CycleReport) -> None:
         vm, policy = d.vm.vm, d.assignment.policy
+        metrics = self._metrics
+
+        def undescribed() -> None:
+            if metrics is not None:
+                metrics.schedule_undescribed.labels(policy.name).inc()
+
         try:
             events = await snapshot_and_publish(
                 self._client, self._publisher, vm,  # type: ignore[arg-type]
                 quiesce=policy.quiesce, enable_cbt=policy.enable_cbt,
-                policy=policy.name, rpo_s=policy.rpo_s)
+                policy=policy.name, rpo_s=policy.rpo_s, on_undescribed=undescribed)
         except CbtStreamError as exc:
             report.failed.append(vm.instance_uuid)
             if self._metrics is not None:

@@ -4,6 +4,13 @@ One vSphere snapshot covers all disks of the VM (crash-consistent across disks, 
 each disk's change ID comes from that snapshot's config and travels with the disk's identity.
 Event ids are deterministic (``stable_event_id``), so republishing after a partial failure gives
 consumers duplicates they can drop, never a second fact.
+
+Order of effects (:func:`snapshot_and_publish`): CBT check -> create the snapshot -> read the
+VM's description -> publish ``VmDescribed`` -> publish ``DiskSkipped``* -> publish
+``SnapshotTaken``*. Each publish waits for the broker's acknowledgement, so a consumer that sees
+a disk's ``SnapshotTaken`` can find the VM's description of that snapshot on
+``cbt.vm.described``. A description that cannot be read costs the snapshot its description,
+never its disk events (see :func:`describe_snapshot`).
 """
 
 from __future__ import annotations
@@ -16,12 +23,21 @@ from typing import Protocol
 
 from pydantic import BaseModel
 
+from cbtstream.errors import CbtStreamError
 from cbtstream.log import bind_disk
 from cbtstream.vsphere.adapter import CbtStatus, SnapshotInfo, VmRef, VSphereClient
 from cbtstream.vsphere.errors import CbtNotEnabled
 from producers.cbt import set_cbt
 from producers.naming import SNAPSHOT_DESCRIPTION, snapshot_name
-from schemas.events import DiskSkipped, SkipReason, SnapshotTaken, stable_event_id
+from schemas.events import (
+    DiskSkipped,
+    SkipReason,
+    SnapshotTaken,
+    VmDescribed,
+    stable_event_id,
+    vm_described_id,
+)
+from schemas.vm import VmDescription
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +126,40 @@ def skipped_events(vcenter: str, info: SnapshotInfo,
     ]
 
 
+def vm_described(vcenter: str, info: SnapshotInfo, description: VmDescription) -> VmDescribed:
+    """The ``VmDescribed`` of one VM snapshot (pure): its id names the vCenter, the VM and the
+    snapshot only, so describing and publishing the same snapshot again is a duplicate."""
+    return VmDescribed(
+        event_id=vm_described_id(vcenter, description.vm_instance_uuid, info.moref),
+        vm_instance_uuid=uuid.UUID(description.vm_instance_uuid),
+        vcenter=vcenter, vm_snapshot=info.moref, snapshot_name=info.name,
+        taken_at=info.created, description=description,
+    )
+
+
+async def describe_snapshot(client: VSphereClient, ref: VmRef, info: SnapshotInfo
+                            ) -> VmDescribed | None:
+    """The VM's description, read now (right after ``info`` was created), as the snapshot's
+    ``VmDescribed``; None, with a warning, when it cannot be read.
+
+    Why a failure is not an error of the snapshot: the snapshot exists already and its disks
+    are the replica; refusing its ``SnapshotTaken`` events would leave it orphaned and miss an
+    RPO point for want of metadata the next snapshot records again (a failover takes the newest
+    description, which then belongs to an earlier snapshot of the same VM: hardware changes
+    rarely). Any exception counts, not only vSphere's: the mapping reads every device of the
+    VM, and a bug on some exotic hardware must not stop the VM's replication.
+    """
+    try:
+        return vm_described(client.vcenter, info, await client.describe_vm(ref))
+    except Exception as exc:
+        reason = exc.reason if isinstance(exc, CbtStreamError) else type(exc).__name__
+        log.warning("VM description not recorded for this snapshot; its disk events are "
+                    "published anyway", exc_info=not isinstance(exc, CbtStreamError), extra={
+                        "vm": ref.instance_uuid, "vm_snapshot": info.moref,
+                        "reason": reason, "error": str(exc)[:300]})
+        return None
+
+
 async def snapshot_and_publish(
     client: VSphereClient,
     publisher: EventPublisher,
@@ -122,6 +172,7 @@ async def snapshot_and_publish(
     on_skipped: Callable[[DiskSkipped], None] | None = None,
     policy: str | None = None,
     rpo_s: float | None = None,
+    on_undescribed: Callable[[], None] | None = None,
 ) -> list[SnapshotTaken]:
     """Take one snapshot of ``vm`` and publish a ``SnapshotTaken`` for each of its disks.
 
@@ -135,6 +186,11 @@ async def snapshot_and_publish(
 
     Disks the snapshot does not capture get a ``DiskSkipped`` instead (also passed to
     ``on_skipped``), published before the ``SnapshotTaken`` events.
+
+    Before both, one ``VmDescribed``: the VM's description read right after the snapshot was
+    created. If it cannot be read, the disk events are published all the same, with a warning,
+    and ``on_undescribed`` is called (the site scheduler counts it): see
+    :func:`describe_snapshot`.
 
     The snapshot is left in place: it is the copier's source, removed after the sync
     (``SnapshotRemoved``). If publishing fails part-way, the snapshot stays and the error
@@ -151,6 +207,12 @@ async def snapshot_and_publish(
     info = await client.create_snapshot(ref, name or default_snapshot_name(), quiesce=quiesce,
                                         description=description)
     host = await client.vm_host(ref)
+    described = await describe_snapshot(client, ref, info)
+    if described is not None:
+        await publisher.publish(described)
+        log.debug("VM described", extra={"vm": ref.instance_uuid, "vm_snapshot": info.moref})
+    elif on_undescribed is not None:
+        on_undescribed()
     events = snapshot_events(client.vcenter, info, host.name or None, policy=policy, rpo_s=rpo_s)
     for skipped in skipped_events(client.vcenter, info, host.name or None):
         with bind_disk(skipped.disk.key):

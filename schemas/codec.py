@@ -78,8 +78,8 @@ _UNCHECKED = _Unchecked()
 
 
 #: Event types that are not about one disk (decoded elsewhere: dead letters, fences, the
-#: scheduler's events).
-_NOT_DISK_EVENTS = ("DeadLetter", "ChangeIdFence", "ScheduleEvent")
+#: scheduler's events, the VM descriptions).
+_NOT_DISK_EVENTS = ("DeadLetter", "ChangeIdFence", "ScheduleEvent", "VmDescribed")
 
 
 def decode(

@@ -2,7 +2,9 @@
 
 Flow: ``SnapshotTaken`` (one per disk of a VM snapshot) -> ``SyncPlanned`` (or ``SyncSuperseded``)
 -> ``SyncProgress``* -> ``ChangeIdCommitted`` or ``SyncFailed`` -> ``SnapshotRemoved``.
-Undecodable input goes to the dead-letter topic as ``DeadLetter``.
+Undecodable input goes to the dead-letter topic as ``DeadLetter``. Not about one disk: the
+fences (``ChangeIdFence``), the scheduler's ``ScheduleEvent`` and ``VmDescribed`` (a VM's
+description at each of its snapshots).
 
 A change ID never travels without the :class:`~schemas.disk.DiskRef` of the disk it belongs to,
 and every change ID field is validated as ``<epoch>/<sequence>``.
@@ -27,6 +29,7 @@ from pydantic import (
 
 from schemas.changeid import ChangeId
 from schemas.disk import MAX_TEXT, DiskRef
+from schemas.vm import VmDescription
 
 SCHEMA_VERSION: Literal[1] = 1
 #: Namespace of the deterministic event ids (uuid5); any fixed UUID works, this one is ours.
@@ -490,6 +493,49 @@ class ScheduleEvent(BaseModel):
         return str(self.vm_instance_uuid)
 
 
+class VmDescribed(BaseModel):
+    """The description of a VM (:class:`~schemas.vm.VmDescription`: firmware, CPUs, memory,
+    guest OS, disks in controller order, NICs with MAC and network) read right after one of its
+    snapshots was taken, so a failover finds the machine as it was replicated. One per VM
+    snapshot, published before the snapshot's ``SnapshotTaken`` events; its id is
+    :func:`vm_described_id`, so publishing it again is a duplicate. Keyed by the VM's instance
+    uuid on ``cbt.vm.described``. Not a disk event."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_type: Literal["VmDescribed"] = "VmDescribed"
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+    vm_instance_uuid: uuid.UUID
+    vcenter: str = Field(max_length=MAX_TEXT, description="vCenter/ESXi the snapshot lives on.")
+    vm_snapshot: str = Field(
+        min_length=1, max_length=128,
+        description="The VM snapshot the description goes with (SnapshotTaken.vm_snapshot).")
+    snapshot_name: str = Field(default="", max_length=MAX_TEXT)
+    taken_at: AwareDatetime = Field(description="The snapshot's creation time.")
+    description: VmDescription = Field(
+        description="Read from the live VM right after the snapshot was created (its disks' "
+        "backing files are then the snapshot's new delta files).")
+
+    @model_validator(mode="after")
+    def _same_vm(self) -> VmDescribed:
+        if self.description.vm_instance_uuid != str(self.vm_instance_uuid):
+            raise ValueError("the description is of another VM than vm_instance_uuid")
+        return self
+
+    @property
+    def key(self) -> str:
+        return str(self.vm_instance_uuid)
+
+
+def vm_described_id(vcenter: str, vm_instance_uuid: str | uuid.UUID,
+                    vm_snapshot: str) -> uuid.UUID:
+    """The id of a VM snapshot's ``VmDescribed``: one fact per VM snapshot, whenever it is
+    read or published again."""
+    return stable_event_id("VmDescribed", vcenter, str(vm_instance_uuid).lower(), vm_snapshot)
+
+
 class DeadLetter(BaseModel):
     """A record that could not be decoded or validated, kept whole with where it came from."""
 
@@ -541,6 +587,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
         DeadLetter,
         ChangeIdFence,
         ScheduleEvent,
+        VmDescribed,
     )
 }
 

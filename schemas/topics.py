@@ -2,8 +2,9 @@
 
 All topics are keyed by the disk key ``<vm instance uuid>/disk-<device key>`` (except the
 dead-letter topic, keyed by the original record's key, the fences, keyed ``fence/<id>``, and the
-scheduler's events, keyed by VM instance uuid) and have the same partition count, so the
-Faust table (keyed by disk key) co-partitions with every source topic. Values are single-line JSON.
+scheduler's events and the VM descriptions, keyed by VM instance uuid) and have the same
+partition count, so the Faust table (keyed by disk key) co-partitions with every source topic.
+Values are single-line JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from schemas.events import (
     SyncPlanned,
     SyncProgress,
     SyncSuperseded,
+    VmDescribed,
 )
 
 _DAY_MS = 24 * 3600 * 1000
@@ -121,9 +123,23 @@ SCHEDULE_EVENTS = TopicSpec(
     "The site scheduler's per-VM reports: snapshot taken or failed, rpo_at_risk, rpo_missed.",
 )
 
+VM_DESCRIBED = TopicSpec(
+    "cbt.vm.described",
+    (VmDescribed,),
+    # Keyed by VM instance uuid. A year, like the verify results: a failover needs the newest
+    # description of each VM, and a VM whose replication stopped (its last snapshot weeks or
+    # months old) may still be failed over to its last replica; the log is small (one record
+    # per VM snapshot, not per disk) and the audit keeps every description beyond that.
+    {"cleanup.policy": "delete", "retention.ms": str(365 * _DAY_MS)},
+    "Each VM snapshot's VM description (firmware, CPUs, memory, guest OS, disks, NICs), read "
+    "right after the snapshot, for failover; kept a year (a VM's last replica may be older "
+    "than any shorter retention).",
+)
+
 #: Topics that carry no disk events (the replay's disk history does not read them): fences,
-#: read whole by the planner; the scheduler's per-VM events. The audit stores them too.
-CONTROL_TOPICS: tuple[TopicSpec, ...] = (FENCES, SCHEDULE_EVENTS)
+#: read whole by the planner; the scheduler's per-VM events; the VM descriptions (keyed by VM).
+#: The audit stores them too.
+CONTROL_TOPICS: tuple[TopicSpec, ...] = (FENCES, SCHEDULE_EVENTS, VM_DESCRIBED)
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     SNAPSHOT_TAKEN,

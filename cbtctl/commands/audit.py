@@ -1,5 +1,6 @@
-"""``cbtstream audit``: run the audit consumer (every event into PostgreSQL); ``audit schedule``
-and ``audit fences`` list what it stored of the control topics, for auditors and operators."""
+"""``cbtstream audit``: run the audit consumer (every event into PostgreSQL); ``audit schedule``,
+``audit fences`` and ``audit vms`` list what it stored of the control topics, for auditors and
+operators."""
 
 from __future__ import annotations
 
@@ -23,27 +24,30 @@ SCHEDULE_KINDS = ("snapshot_taken", "snapshot_failed", "rpo_at_risk", "rpo_misse
 SCHEDULE_COLUMNS = ("occurred_at", "vm_name", "vm_instance_uuid", "policy", "kind", "cycle_at",
                     "rpo_s", "vm_snapshot", "point_at", "reason")
 FENCE_COLUMNS = ("occurred_at", "fence_id", "scope", "target", "before", "revoked", "reason")
+VM_COLUMNS = ("taken_at", "vm_name", "vm_instance_uuid", "vm_snapshot", "firmware", "num_cpus",
+              "memory_mib", "guest_id", "disks", "nics")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "audit",
-        help="run the audit consumer (every event into PostgreSQL); list schedule events "
-        "and fences",
+        help="run the audit consumer (every event into PostgreSQL); list schedule events, "
+        "fences and VM descriptions",
         description="Without a subcommand: consumes every cbt.* topic (the disk topics, the "
-        "dead letters, the fences cbt.changeid.fences and the scheduler's cbt.schedule.events) "
-        "in the consumer group '<prefix>cbtstream-audit' and writes each event once (keyed by "
-        "event id) into the audit database: the raw 'events' log and the replication_jobs, "
-        "vm_disks, cbt_history, schedule_events and fence_events tables. Offsets are committed "
-        "after the database transaction. Applies pending schema migrations first. "
-        "'audit schedule' and 'audit fences' list what it stored (text, or JSON lines with "
-        "--json, one object per line with a 'type', for jq).",
+        "dead letters, the fences cbt.changeid.fences, the scheduler's cbt.schedule.events and "
+        "the VM descriptions cbt.vm.described) in the consumer group '<prefix>cbtstream-audit' "
+        "and writes each event once (keyed by event id) into the audit database: the raw "
+        "'events' log and the replication_jobs, vm_disks, cbt_history, schedule_events, "
+        "fence_events and vm_descriptions tables. Offsets are committed after the database "
+        "transaction. Applies pending schema migrations first. 'audit schedule', 'audit "
+        "fences' and 'audit vms' list what it stored (text, or JSON lines with --json, one "
+        "object per line with a 'type', for jq).",
     )
     p.add_argument("--no-migrate", action="store_true",
                    help="do not apply pending migrations at start (run `cbtstream db migrate`)")
     p.add_argument("--batch", type=int, default=1000, help="records per poll (default 1000)")
     p.set_defaults(handler=run)
-    views = p.add_subparsers(dest="view", metavar="{schedule,fences}",
+    views = p.add_subparsers(dest="view", metavar="{schedule,fences,vms}",
                              title="listings (from the audit database)")
 
     sch = views.add_parser(
@@ -77,6 +81,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help="only the newest record of each fence")
     _listing_args(fen)
     fen.set_defaults(handler=run_fences)
+
+    vms = views.add_parser(
+        "vms", help="each VM snapshot's VM description: firmware, CPUs, memory, guest OS, "
+        "disks, NICs (for failover)",
+        description="Lists the VmDescribed events the audit stored (table vm_descriptions), "
+        "oldest first: per VM snapshot, the VM's description read right after the snapshot "
+        "(firmware, CPUs, memory in MiB, guest OS id, how many disks and NICs). With --latest, "
+        "each VM's newest, the one a failover would use. JSON lines have type 'vm' and carry "
+        "the whole description (disks in controller order, NICs with MAC and network), e.g. "
+        "`... vms --vm web-1 --latest --json | jq '.description.nics'`. A snapshot whose "
+        "description could not be read has no row (`cbtstream snapshot` warned).")
+    vms.add_argument("--vm", metavar="UUID|NAME",
+                     help="one VM: instance uuid, name (any case) or inventory path")
+    vms.add_argument("--snapshot", metavar="MOREF", help="only this VM snapshot (snapshot-42)")
+    vms.add_argument("--latest", action="store_true",
+                     help="only the newest description of each VM")
+    _listing_args(vms)
+    vms.set_defaults(handler=run_vms)
 
 
 def _listing_args(p: argparse.ArgumentParser) -> None:
@@ -137,13 +159,16 @@ def shown(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def row_json(kind: str, row: dict[str, Any]) -> dict[str, Any]:
-    """One listed row as a JSON object: ``type`` first, times in ISO 8601, uuids as text."""
+    """One listed row as a JSON object: ``type`` first, times in ISO 8601, uuids as text, a VM
+    description (jsonb, read as text) as the object it is."""
     out: dict[str, Any] = {"type": kind}
     for name, value in shown(row).items():
         if isinstance(value, datetime):
             value = value.isoformat()
         elif isinstance(value, uuid.UUID):
             value = str(value)
+        elif name == "description" and isinstance(value, str):
+            value = json.loads(value)
         out[name] = value
     return out
 
@@ -212,4 +237,18 @@ def run_fences(args: argparse.Namespace, settings: Settings) -> int:
 
     _print(args, "fence", "Fences (current)" if args.current else "Fence records",
            FENCE_COLUMNS, asyncio.run(fetch()))
+    return 0
+
+
+def run_vms(args: argparse.Namespace, settings: Settings) -> int:
+    async def fetch() -> list[dict[str, Any]]:
+        from consumers.audit.repository import AuditRepository
+
+        async with AuditRepository(settings.postgres, schema=args.schema) as repo:
+            return await repo.vm_descriptions(
+                vm=args.vm, vm_snapshot=args.snapshot, latest=args.latest,
+                since=parse_since(args.since), limit=args.limit)
+
+    _print(args, "vm", "VM descriptions (latest per VM)" if args.latest else "VM descriptions",
+           VM_COLUMNS, asyncio.run(fetch()))
     return 0

@@ -15,7 +15,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Take ONE vSphere snapshot per VM (all disks) and publish a SnapshotTaken "
         "event per disk, carrying that disk's change ID from the snapshot's config. Prints one "
         "JSON line per published event (DiskSkipped for disks the snapshot does not capture: "
-        "independent disks, physical RDMs). With --every, repeats on an interval until stopped. "
+        "independent disks, physical RDMs). Before them it publishes the VM's description "
+        "(VmDescribed on cbt.vm.described: firmware, CPUs, memory, guest OS, disks, NICs), not "
+        "printed (`cbtstream audit vms`); a description that cannot be read is a warning, the "
+        "disk events are published anyway. With --every, repeats on an interval until stopped. "
         "A VM whose CBT is not in effect is refused (exit 1, nothing published) unless "
         "--enable-cbt is given.",
     )

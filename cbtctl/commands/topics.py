@@ -30,10 +30,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from schemas.topics import ALL_TOPICS
+    from schemas.topics import ALL_TOPICS, CONTROL_TOPICS
 
     if args.action == "list":
-        for spec in ALL_TOPICS:
+        for spec in (*ALL_TOPICS, *CONTROL_TOPICS):
             types = ",".join(t.__name__ for t in spec.value_types)
             cfg = " ".join(f"{k}={v}" for k, v in spec.config.items())
             print(f"{spec.full_name(settings.kafka.topic_prefix)}\t{types}\t{cfg}")

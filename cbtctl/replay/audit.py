@@ -8,7 +8,8 @@ what the live audit writer has acknowledged, so a lagging writer is not reported
 Records the live writer could not decode are not rebuilt from their topic: the writer dead-lettered
 them, and their ``DeadLetter`` is read from ``cbt.deadletter`` like any other event. Records are
 read with the writer's own :func:`consumers.audit.decoding.audited_event`, on the writer's topics
-(``schemas.topics.AUDITED_TOPICS``: the fences and the scheduler's events too).
+(``schemas.topics.AUDITED_TOPICS``: the fences, the scheduler's events and the VM descriptions
+too).
 
 Events the log no longer holds (retention; on the compacted ``cbt.changeid.fences``, a fence's
 records older than its newest once compaction has run) are rows only the live tables have.
@@ -40,6 +41,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "cbt_history": ("event_id",),
     "schedule_events": ("event_id",),
     "fence_events": ("event_id",),
+    "vm_descriptions": ("event_id",),
 }
 IGNORED_COLUMNS = frozenset({"ingested_at"})
 SAMPLES = 5

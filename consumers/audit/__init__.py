@@ -11,7 +11,7 @@ Tables (all in ``postgres.db_schema``):
 
 * ``events``: the raw log, one row per event id (``"offset"`` and ``"partition"`` are quoted
   identifiers). ``SyncProgress`` is not logged; the newest per sync is on its job. Control
-  events (fences, the scheduler's events) have a null ``disk_key``.
+  events (fences, the scheduler's events, the VM descriptions) have a null ``disk_key``.
 * ``replication_jobs``: the seed's table, **one row per sync** (``id`` = ``sync_id``, so one disk
   per job). ``replication_type`` uses the seed's vocabulary: ``initial`` = a full copy of a disk
   that never committed (reason ``no_previous_commit``), ``incremental``, and ``full`` = a full
@@ -30,6 +30,9 @@ Tables (all in ``postgres.db_schema``):
 * ``fence_events``: one row per ``ChangeIdFence`` record of ``cbt.changeid.fences`` (issued,
   published again, revoked); the newest row of a ``fence_id`` is the fence in force. Tombstones
   are not stored.
+* ``vm_descriptions``: one row per ``VmDescribed`` of ``cbt.vm.described`` (a VM's description
+  at one of its snapshots: firmware, CPUs, memory, guest id, counts of disks and NICs, and the
+  whole ``VmDescription`` as jsonb); a VM's newest row by ``taken_at`` is what a failover needs.
 
 Every projection column is derived from event contents only, in an order-independent way, so a
 rebuild from the Kafka log equals the live tables (see ``projection``).

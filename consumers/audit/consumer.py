@@ -1,8 +1,8 @@
 """The audit consumer: every topic of the catalogue into PostgreSQL, idempotently.
 
 Consumer group ``<prefix>cbtstream-audit`` on ``schemas.topics.AUDITED_TOPICS`` (the disk topics,
-the dead letters, the fences and the scheduler's events), manual offset commits. Order of effects
-per batch (one ``getmany``):
+the dead letters, the fences, the scheduler's events and the VM descriptions), manual offset
+commits. Order of effects per batch (one ``getmany``):
 
 1. decode every record (``consumers.audit.decoding``); an undecodable one is published to
    ``cbt.deadletter`` (stage ``audit``) and skipped (a broken record *of* the dead-letter topic is

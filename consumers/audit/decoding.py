@@ -8,7 +8,8 @@
 * ``cbt.changeid.fences``: a ``ChangeIdFence``. A tombstone (null value) is not an event: it has
   no id, no time and no author, so there is nothing to store and :func:`audited_event` returns
   None (it is not dead-lettered either: a compacted topic may carry tombstones);
-* ``cbt.schedule.events``: a ``ScheduleEvent``.
+* ``cbt.schedule.events``: a ``ScheduleEvent``;
+* ``cbt.vm.described``: a ``VmDescribed`` (a VM's description at one of its snapshots).
 
 Control records are read like their own readers read them (the planner's fence book and the
 scheduler take the body alone, whatever the key), so the audit holds every fence the planner
@@ -21,14 +22,15 @@ from pydantic import ValidationError
 
 from consumers.audit.projection import AuditedEvent
 from schemas.codec import MAX_VALUE_BYTES, EventDecodeError, decode
-from schemas.events import ChangeIdFence, DeadLetter, ScheduleEvent
-from schemas.topics import DEADLETTER, FENCES, SCHEDULE_EVENTS, TopicSpec
+from schemas.events import ChangeIdFence, DeadLetter, ScheduleEvent, VmDescribed
+from schemas.topics import DEADLETTER, FENCES, SCHEDULE_EVENTS, VM_DESCRIBED, TopicSpec
 
 #: Topics whose values are validated as one model, body only (topic name -> model).
-_BODY_ONLY: dict[str, type[DeadLetter | ChangeIdFence | ScheduleEvent]] = {
+_BODY_ONLY: dict[str, type[DeadLetter | ChangeIdFence | ScheduleEvent | VmDescribed]] = {
     DEADLETTER.name: DeadLetter,
     FENCES.name: ChangeIdFence,
     SCHEDULE_EVENTS.name: ScheduleEvent,
+    VM_DESCRIBED.name: VmDescribed,
 }
 
 

@@ -24,10 +24,11 @@ that derived id for each commit; whichever of the two events arrives second mark
 ``refused``, and the job's and disk's commit columns are recomputed from the commits that are not
 refused, so a refused change ID never shows as ``vm_disks.disk_change_id``.
 
-Control events (``ScheduleEvent``, ``ChangeIdFence``) are not about a disk: their ``events`` row
-has no disk key (a ``ScheduleEvent`` names its VM), and each is one row of its own table
-(``schedule_events``, ``fence_events``), written once and never updated, so their order does not
-matter either. The fence in force is the newest row of its ``fence_id``.
+Control events (``ScheduleEvent``, ``ChangeIdFence``, ``VmDescribed``) are not about a disk: their
+``events`` row has no disk key (a ``ScheduleEvent`` and a ``VmDescribed`` name their VM), and each
+is one row of its own table (``schedule_events``, ``fence_events``, ``vm_descriptions``), written
+once and never updated, so their order does not matter either. The fence in force is the newest
+row of its ``fence_id``; a VM's description for a failover is its newest row by ``taken_at``.
 """
 
 from __future__ import annotations
@@ -48,12 +49,13 @@ from schemas.events import (
     SyncFailed,
     SyncPlanned,
     SyncProgress,
+    VmDescribed,
     lineage_refusal_id,
 )
 
 #: Everything the audit stores: the disk events, the dead letters and the control events
 #: (``schemas.events.Event`` does not name the control events: it is what disk readers decode).
-AuditedEvent = Event | ChangeIdFence | ScheduleEvent
+AuditedEvent = Event | ChangeIdFence | ScheduleEvent | VmDescribed
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,8 @@ def stored_in_events(event: AuditedEvent) -> bool:
 def event_row(topic: str, partition: int, offset: int,
               event: AuditedEvent) -> tuple[Any, ...]:
     """The ``events`` row of an event (columns of :data:`EVENT_COLUMNS`). Control events have
-    no disk key; a ``ScheduleEvent`` names its VM, a fence nothing (its target may be a host)."""
+    no disk key; a ``ScheduleEvent`` and a ``VmDescribed`` name their VM, a fence nothing (its
+    target may be a host)."""
     disk_key: str | None = None
     vm: str | None = None
     if isinstance(event, DeadLetter):
@@ -113,7 +116,7 @@ def event_row(topic: str, partition: int, offset: int,
             vm = parse_disk_key(disk_key or "")[0]
         except ValueError:
             disk_key = vm = None
-    elif isinstance(event, ScheduleEvent):
+    elif isinstance(event, ScheduleEvent | VmDescribed):
         vm = str(event.vm_instance_uuid)
     elif not isinstance(event, ChangeIdFence):
         disk_key, vm = event.disk.key, event.disk.vm_instance_uuid
@@ -230,6 +233,15 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (event_id) DO NOTHING
 """
 
+_INSERT_VM_DESCRIPTION = """
+INSERT INTO vm_descriptions (event_id, occurred_at, vm_instance_uuid, vm_name, vm_path, vcenter,
+    vm_snapshot, snapshot_name, taken_at, firmware, secure_boot, num_cpus, cores_per_socket,
+    memory_mib, guest_id, hardware_version, disks, nics, description)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18,
+        $19::jsonb)
+ON CONFLICT (event_id) DO NOTHING
+"""
+
 
 #: Every statement :func:`project` emits, in the order a batch executes them. Each statement is
 #: order-independent across events (see the module docstring), so a batch may run all events'
@@ -239,7 +251,7 @@ ON CONFLICT (event_id) DO NOTHING
 PHASES: tuple[str, ...] = (
     _UPSERT_PLANNED_JOB, _UPSERT_JOB, _UPSERT_DISK, _PLAN_DISK, _INSERT_HISTORY, _FAIL_JOB,
     _REFUSE, RECOMPUTE_VM_DISK, RECOMPUTE_JOB, _PROGRESS, _SNAPSHOT_REMOVED, _ORIGIN,
-    _INSERT_SCHEDULE, _INSERT_FENCE,
+    _INSERT_SCHEDULE, _INSERT_FENCE, _INSERT_VM_DESCRIPTION,
 )
 
 
@@ -321,4 +333,12 @@ def project(event: AuditedEvent) -> list[Stmt]:
         return [Stmt(_INSERT_FENCE, (
             event.event_id, event.occurred_at, event.fence_id, event.scope.value, event.target,
             event.before, event.reason, event.revoked))]
+    if isinstance(event, VmDescribed):
+        desc = event.description
+        return [Stmt(_INSERT_VM_DESCRIPTION, (
+            event.event_id, event.occurred_at, event.vm_instance_uuid, desc.name, desc.vm_path,
+            event.vcenter, event.vm_snapshot, event.snapshot_name, event.taken_at, desc.firmware,
+            desc.secure_boot, desc.num_cpus, desc.cores_per_socket, desc.memory_mib,
+            desc.guest_id, desc.hardware_version, len(desc.disks), len(desc.nics),
+            desc.model_dump_json()))]
     return []  # SnapshotTaken, SyncSuperseded, DeadLetter: the events row is the record

@@ -339,6 +339,29 @@ class AuditRepository:
                       "ORDER BY fence_id, occurred_at DESC, event_id DESC) AS f")
         return await self._newest(source, " AND ".join(where), args, limit)
 
+    async def vm_descriptions(self, *, vm: str | None = None, vm_snapshot: str | None = None,
+                              latest: bool = False, since: datetime | None = None,
+                              limit: int | None = None) -> list[dict[str, Any]]:
+        """Rows of ``vm_descriptions`` (one per VM snapshot), oldest first: of one VM (instance
+        uuid, name or inventory path; names case-insensitive), of one VM snapshot, described at
+        or after ``since``; with ``latest``, only each VM's newest by ``taken_at`` (the one a
+        failover would use). ``description`` is the ``VmDescription`` as JSON text."""
+        await self._require("vm_descriptions")
+        where: list[str] = ["true"]
+        args: list[Any] = []
+        for cond, arg in (
+                ("(vm_instance_uuid::text = lower(${n}) OR lower(vm_name) = lower(${n}) "
+                 "OR vm_path = ${n})", vm),
+                ("vm_snapshot = ${n}", vm_snapshot), ("occurred_at >= ${n}", since)):
+            if arg is not None:
+                args.append(arg)
+                where.append(cond.format(n=len(args)))
+        source = "vm_descriptions"
+        if latest:
+            source = ("(SELECT DISTINCT ON (vm_instance_uuid) * FROM vm_descriptions "
+                      "ORDER BY vm_instance_uuid, taken_at DESC, event_id DESC) AS d")
+        return await self._newest(source, " AND ".join(where), args, limit)
+
     async def _newest(self, source: str, where: str, args: list[Any],
                       limit: int | None) -> list[dict[str, Any]]:
         rows = await self.fetch(

@@ -29,7 +29,7 @@ async def test_migrate_concurrently_then_status(audit_settings: Settings,
                                                 stack_settings: Settings) -> None:
     status = _cli(audit_settings, "db", "status")
     out, _ = status.communicate(timeout=60)
-    assert status.returncode == 1 and "0 applied, 4 pending" in out, out  # nothing applied yet
+    assert status.returncode == 1 and "0 applied, 5 pending" in out, out  # nothing applied yet
 
     procs = [_cli(audit_settings, "db", "migrate") for _ in range(3)]
     outs = [p.communicate(timeout=60)[0] for p in procs]
@@ -39,18 +39,20 @@ async def test_migrate_concurrently_then_status(audit_settings: Settings,
     assert sum("applied 0002_snapshot_removed_index" in o for o in outs) == 1, outs
     assert sum("applied 0003_commit_origin" in o for o in outs) == 1, outs
     assert sum("applied 0004_control_events" in o for o in outs) == 1, outs
+    assert sum("applied 0005_vm_descriptions" in o for o in outs) == 1, outs
 
     status = _cli(audit_settings, "db", "status")
     out, _ = status.communicate(timeout=60)
     assert status.returncode == 0 and "0001_audit_tables: applied" in out, out
-    assert "4 applied, 0 pending" in out, out
+    assert "5 applied, 0 pending" in out, out
     async with AuditRepository(stack_settings.postgres,
                                schema=audit_settings.postgres.db_schema) as repo:
         rows = await repo.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
     assert rows == [{"version": 1, "name": "audit_tables"},
                     {"version": 2, "name": "snapshot_removed_index"},
                     {"version": 3, "name": "commit_origin"},
-                    {"version": 4, "name": "control_events"}]
+                    {"version": 4, "name": "control_events"},
+                    {"version": 5, "name": "vm_descriptions"}]
 
 
 async def test_audit_command_stores_events_and_stops_on_sigterm(

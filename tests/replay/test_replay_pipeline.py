@@ -173,7 +173,8 @@ async def test_replay_over_a_real_history(
     assert report["differences"] == 0
     assert {t["table"]: t["live"] > 0 for t in report["tables"]} == {
         "events": True, "replication_jobs": True, "vm_disks": True, "cbt_history": True,
-        "schedule_events": False, "fence_events": False}  # no scheduler, no fence here
+        "schedule_events": False, "fence_events": False,  # no scheduler, no fence here
+        "vm_descriptions": True}  # every snapshot_and_publish describes its VM
 
     # 5. a commit carrying vm2's change ID as vm1's disk's previous one, with the pipeline
     #    running: the guard refuses it, the log records it, the replay reports it (no break)

@@ -26,7 +26,8 @@ from producers.cycle import Action, VmMemory, decide, in_window, plan, slot_star
 from producers.naming import SNAPSHOT_DESCRIPTION
 from producers.policy import Assignment, resolve
 from producers.site import SiteScheduler
-from schemas.events import ScheduleEvent, ScheduleKind, SnapshotTaken
+from schemas.events import ScheduleEvent, ScheduleKind, SnapshotTaken, VmDescribed
+from tests.unit.factories import vm_description
 
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
 
@@ -181,6 +182,7 @@ class FakeVCenter:
         self.peak: dict[str, int] = {}
         self.peak_total = 0
         self.taken: list[str] = []
+        self.undescribable: set[str] = set()  # VM names whose description cannot be read
 
     async def inventory(self) -> Inventory:
         return inventory(*self.vms.values())
@@ -207,6 +209,13 @@ class FakeVCenter:
         from cbtstream.vsphere.adapter import HostRef
 
         return HostRef(moref="host-1", name=self.vms[ref.instance_uuid].host, thumbprint="")
+
+    async def describe_vm(self, ref: VmRef) -> Any:
+        if ref.name in self.undescribable:
+            from cbtstream.vsphere.errors import VSphereError
+
+            raise VSphereError(f"describe {ref.path}: connection reset")
+        return vm_description(ref.instance_uuid, ref.name)
 
 
 class ListPublisher:
@@ -237,6 +246,20 @@ async def test_snapshots_run_concurrently_within_the_vcenter_and_host_bounds() -
     assert not any(isinstance(e, SnapshotTaken) for e in pub.events)  # the fake has no disks
     again = await sched.cycle()  # same slot: nothing is due
     assert again.taken == [] and len(fake.taken) == 40
+
+
+async def test_each_snapshot_is_described_and_a_failed_description_is_counted() -> None:
+    from cbtstream.metrics import ScheduleMetrics
+
+    fake, pub, metrics = FakeVCenter([vm("a"), vm("b")]), ListPublisher(), ScheduleMetrics()
+    fake.undescribable.add("b")
+    report = await SiteScheduler(fake, pub, _settings(), metrics=metrics).cycle()
+    assert sorted(report.taken) == sorted(v.vm.instance_uuid for v in (vm("a"), vm("b")))
+    [described] = [e for e in pub.events if isinstance(e, VmDescribed)]
+    assert described.description.name == "a"
+    assert len(pub.schedule_events(ScheduleKind.SNAPSHOT_TAKEN)) == 2  # b's snapshot stands
+    text = metrics.render().decode()
+    assert 'cbtstream_schedule_descriptions_failed_total{policy="gold"} 1.0' in text
 
 
 async def test_cycle_time_concurrent_against_one_at_a_time() -> None:

@@ -29,9 +29,10 @@ def test_committed_json_schemas_match_the_models() -> None:
 
 def test_every_event_type_has_a_schema_and_a_topic() -> None:
     names = render_all()
-    # 13 event types, the 2 request bodies of the change-ID API and the VM description
-    assert len(names) == 16
-    assert "vm_description.schema.json" in names
+    # 14 event types (VmDescribed among them), the 2 request bodies of the change-ID API and
+    # the VM description
+    assert len(names) == 17
+    assert {"vm_description.schema.json", "vm_described.schema.json"} <= set(names)
     assert {"store_change_id_request.schema.json", "disk_commit_request.schema.json"} <= set(names)
     for spec in (*ALL_TOPICS, *CONTROL_TOPICS):
         for model in spec.value_types:

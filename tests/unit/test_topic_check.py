@@ -135,5 +135,6 @@ def test_hint_when_every_topic_shares_another_count() -> None:
     assert all(p.setting == PARTITIONS for p in report.problems)
     assert {p.topic for p in report.problems} == {
         n for n in layout
-        if n not in ("p.cbt.deadletter", "p.cbt.changeid.fences", "p.cbt.schedule.events")}
+        if n not in ("p.cbt.deadletter", "p.cbt.changeid.fences", "p.cbt.schedule.events",
+                     "p.cbt.vm.described")}
     assert "set kafka.partitions = 6 (CBTSTREAM_KAFKA__PARTITIONS=6)" in report.hint
