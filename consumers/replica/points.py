@@ -88,7 +88,7 @@ class SyncPoints:
                         extra={"error": f"{type(exc).__name__}: {exc}"})
             return
         finally:
-            self.writer = None
+            self.close()  # the commit closed it, unless it failed first
         try:
             report = await asyncio.to_thread(self.chain.prune, self.policy, datetime.now(UTC))
         except Exception as exc:  # the next sync's prune drops them

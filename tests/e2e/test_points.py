@@ -18,7 +18,7 @@ from cbtctl.demo.scenario import CycleResult, Scenario, random_name
 from cbtctl.demo.workload import MiB, Write, initial_fill, scattered
 from cbtstream.config import PointsPolicy, Settings, TargetMapping
 from consumers.points import catalogue as cat_mod
-from consumers.points.undo import store_of
+from consumers.points.undo import file_names, store_of
 from tests.e2e.conftest import Pipeline
 from tests.e2e.test_targets import loop_device, qemu_nbd  # noqa: F401 - fixtures
 
@@ -181,10 +181,13 @@ async def test_ransomware_previous_point_is_the_pre_attack_disk(
     assert done.returncode == 1, done.stdout + done.stderr
     assert "does not match its hash tree root" in done.stdout
     assert not exported(bad, vm.instance_uuid, other).exists()
-    # and a damaged undo store is refused too
+    # and a damaged undo store is refused too: one byte of the pre-attack point's saved data
     store_dir, name = scenario.replica(victim).parent, scenario.replica(victim).name
-    data = next(store_dir / e for e in os.listdir(store_dir)
-                if store_of(name, e) and e.endswith(".data"))
+    cat = cat_mod.load(store_dir, name)
+    assert cat is not None
+    point = cat.select(cycles[-1].vm_snapshot)
+    assert point is not None and point.store is not None
+    data = store_dir / file_names(name, point.store)[0]
     with open(data, "r+b") as fh:
         fh.seek(100)
         b = fh.read(1)
@@ -193,6 +196,8 @@ async def test_ransomware_previous_point_is_the_pre_attack_disk(
     done = cli(settings, "export", "--disk", f"{vm.instance_uuid}/disk-{victim}", "--at",
                cycles[-1].vm_snapshot, "--to", str(bad))
     assert done.returncode == 1, done.stdout + done.stderr
+    assert "do not match their checksum" in done.stdout
+    assert not exported(bad, vm.instance_uuid, victim).exists()
 
 
 async def test_points_on_block_device_and_nbd_targets(
@@ -232,3 +237,59 @@ async def test_points_on_block_device_and_nbd_targets(
         for key in (a, b):
             assert exported(to, vm.instance_uuid, key).read_bytes() == at_cycle[snap][key], \
                 (snap, key)
+
+
+async def test_copier_killed_while_saving_resumes_and_keeps_the_point(
+    scenario: Scenario, pipeline: Pipeline, e2e_settings: Settings, tmp_path: Path,
+) -> None:
+    # a bandwidth limit makes the incremental last a few seconds, so the kill lands mid-sync
+    settings = _with_points(e2e_settings, PointsPolicy(count=3), max_bytes_per_s=16 * MiB)
+    pipeline.settings = settings
+    copier = pipeline.start_copier()
+    size = 64 * MiB
+    vm = await scenario.create_vm(random_name("e2e-points-kill"), [size])
+    (key,) = [d.key for d in vm.disks]
+    rng = scenario.rng
+    first = await scenario.cycle(1, initial_fill(rng, key, size))
+    _ok(first)
+    before = scenario.model(key).read_bytes()
+    # 48 MiB overwritten, then snapshot: the copier saves and writes until it is killed
+    await scenario.write([Write(key, i * MiB, rng.randbytes(MiB))
+                          for i in sorted(rng.sample(range(size // MiB), 48))])
+    snap = (await scenario.snapshot())[0].vm_snapshot
+    replica = scenario.replica(key)
+    watcher = scenario.watcher
+    assert watcher is not None
+
+    def undo_saved() -> int:
+        return sum((replica.parent / e).stat().st_size for e in os.listdir(replica.parent)
+                   if store_of(replica.name, e) and e.endswith(".data"))
+
+    def checkpointed() -> bool:
+        return any(replica.parent.glob(f"{replica.name}.checkpoint.*"))
+
+    await watcher.wait_for(lambda: (checkpointed() and undo_saved() > 8 * MiB)
+                           or bool(watcher.outcomes(snap)), 60, alive=pipeline.check)
+    assert not watcher.outcomes(snap), "sync finished before it could be interrupted"
+    copier.kill()  # SIGKILL while saving and writing
+    cat = cat_mod.load(replica.parent, replica.name)
+    assert cat is not None and cat.pending is not None and cat.live is not None
+    # the previous point reads whole while the replica is half-written (a VM point too)
+    to = tmp_path / "during"
+    done = export_vm(settings, vm.instance_uuid, first.vm_snapshot, to)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert exported(to, vm.instance_uuid, key).read_bytes() == before
+
+    pipeline.start_copier()
+    await scenario.wait(snap, [key])
+    assert replica.read_bytes() == scenario.model(key).read_bytes()
+    rows = points_of(settings, vm.instance_uuid)
+    assert [r["vm_snapshot"] for r in rows] == [first.vm_snapshot, snap]
+    assert all(r["complete"] for r in rows)
+    # the resume saved into the same store, nothing twice: at most the 48 MiB overwritten
+    assert int(str(rows[0]["undo_bytes"])) <= 48 * MiB
+    for at, want in ((first.vm_snapshot, before), (snap, scenario.model(key).read_bytes())):
+        to = tmp_path / "after" / at
+        done = export_vm(settings, vm.instance_uuid, at, to)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert exported(to, vm.instance_uuid, key).read_bytes() == want, at
