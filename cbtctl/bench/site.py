@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from cbtctl import sitestatus
 from cbtctl.bench.pipeline import _free_port, cpu_seconds, delete_topics
@@ -211,7 +212,17 @@ class _Watch:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self.consumer.stop()
+        try:
+            await self.consumer.stop()
+        except asyncio.CancelledError:
+            # aiokafka's fetcher re-raises the cancellation of its own fetch task when it is
+            # closed during a broker error (a 57-minute soak lost its figures to it): only a
+            # cancellation of this task is ours to pass on
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except KafkaError as exc:
+            print(f"watch: stopping the consumer: {exc!r}")
 
 
 class Site:
@@ -459,7 +470,7 @@ async def run_site(base: Settings, opts: SiteOptions, work: Path | None = None,
         aggregate = opts.copiers * settings.copier.max_parallel_disks * opts.rate
         site.stop()
         disk_cycles = len(disks) * (opts.cycles + 1)
-        return SiteResult(
+        result = SiteResult(
             vms=opts.vms, disks=len(disks), allocated_bytes=allocated,
             seeding_s=round(seeding_s, 1), ideal_seeding_s=round(allocated / aggregate, 1),
             cycles=cycles, schedule=dict(seen.schedule), failures=dict(seen.failures),
@@ -470,6 +481,8 @@ async def run_site(base: Settings, opts: SiteOptions, work: Path | None = None,
             copier_cpu_s_per_disk_cycle=round(site.cpu["copier"] / disk_cycles, 4),
             runtime_s=round(time.monotonic() - t0, 1), status_summary_s=round(summary_s, 3),
             status_every_disk_s=round(every_s, 3), status=status)
+        report(f"SITE {result.line()}")  # before the clean-up, which may fail
+        return result
     finally:
         if watch is not None:
             await watch.stop()

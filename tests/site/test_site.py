@@ -20,7 +20,6 @@ from cbtstream.config import Settings
 
 
 def _check(result: SiteResult, opts: SiteOptions) -> None:
-    print(f"\nSITE {result.line()}")
     assert result.disks == opts.vms * opts.disks_per_vm
     assert result.replicas_differing == 0
     assert result.snapshots_left == 0
