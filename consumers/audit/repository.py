@@ -308,17 +308,10 @@ class AuditRepository:
         inventory path; names case-insensitive), of some kinds, of one policy, at or after
         ``since``; with ``limit``, the newest ``limit`` of them."""
         await self._require("schedule_events")
-        where: list[str] = ["true"]
-        args: list[Any] = []
-        for cond, arg in (
-                ("(vm_instance_uuid::text = lower(${n}) OR lower(vm_name) = lower(${n}) "
-                 "OR vm_path = ${n})", vm),
-                ("kind = ANY(${n}::text[])", list(kinds) or None),
-                ("policy = ${n}", policy), ("occurred_at >= ${n}", since)):
-            if arg is not None:
-                args.append(arg)
-                where.append(cond.format(n=len(args)))
-        return await self._newest("schedule_events", " AND ".join(where), args, limit)
+        where, args = _conditions(
+            (_VM_MATCH, vm), ("kind = ANY(${n}::text[])", list(kinds) or None),
+            ("policy = ${n}", policy), ("occurred_at >= ${n}", since))
+        return await self._newest("schedule_events", where, args, limit)
 
     async def fence_events(self, *, fence_id: uuid.UUID | None = None, current: bool = False,
                            since: datetime | None = None,
@@ -327,17 +320,12 @@ class AuditRepository:
         first; with ``current``, only the newest record of each fence (the fence as the planner
         holds it: ``revoked`` says whether it is in force)."""
         await self._require("fence_events")
-        where: list[str] = ["true"]
-        args: list[Any] = []
-        for cond, arg in (("fence_id = ${n}", fence_id), ("occurred_at >= ${n}", since)):
-            if arg is not None:
-                args.append(arg)
-                where.append(cond.format(n=len(args)))
+        where, args = _conditions(("fence_id = ${n}", fence_id), ("occurred_at >= ${n}", since))
         source = "fence_events"
         if current:
             source = ("(SELECT DISTINCT ON (fence_id) * FROM fence_events "
                       "ORDER BY fence_id, occurred_at DESC, event_id DESC) AS f")
-        return await self._newest(source, " AND ".join(where), args, limit)
+        return await self._newest(source, where, args, limit)
 
     async def vm_descriptions(self, *, vm: str | None = None, vm_snapshot: str | None = None,
                               latest: bool = False, since: datetime | None = None,
@@ -347,20 +335,13 @@ class AuditRepository:
         or after ``since``; with ``latest``, only each VM's newest by ``taken_at`` (the one a
         failover would use). ``description`` is the ``VmDescription`` as JSON text."""
         await self._require("vm_descriptions")
-        where: list[str] = ["true"]
-        args: list[Any] = []
-        for cond, arg in (
-                ("(vm_instance_uuid::text = lower(${n}) OR lower(vm_name) = lower(${n}) "
-                 "OR vm_path = ${n})", vm),
-                ("vm_snapshot = ${n}", vm_snapshot), ("occurred_at >= ${n}", since)):
-            if arg is not None:
-                args.append(arg)
-                where.append(cond.format(n=len(args)))
+        where, args = _conditions((_VM_MATCH, vm), ("vm_snapshot = ${n}", vm_snapshot),
+                                  ("occurred_at >= ${n}", since))
         source = "vm_descriptions"
         if latest:
             source = ("(SELECT DISTINCT ON (vm_instance_uuid) * FROM vm_descriptions "
                       "ORDER BY vm_instance_uuid, taken_at DESC, event_id DESC) AS d")
-        return await self._newest(source, " AND ".join(where), args, limit)
+        return await self._newest(source, where, args, limit)
 
     async def _newest(self, source: str, where: str, args: list[Any],
                       limit: int | None) -> list[dict[str, Any]]:
@@ -398,3 +379,20 @@ async def rebuild(events: Iterable[tuple[str, int, int, AuditedEvent]], schema: 
         for chunk in _chunks(events, batch_size):
             stored += await repo.apply(chunk)
         return stored
+
+
+#: A VM by instance uuid, name (case-insensitive) or inventory path, as the listings take it.
+_VM_MATCH = ("(vm_instance_uuid::text = lower(${n}) OR lower(vm_name) = lower(${n}) "
+             "OR vm_path = ${n})")
+
+
+def _conditions(*conds: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """The ``WHERE`` text of the listings and its arguments: each ``(condition, value)`` whose
+    value is not None, its ``${n}`` numbered as the argument it binds."""
+    where: list[str] = ["true"]
+    args: list[Any] = []
+    for cond, arg in conds:
+        if arg is not None:
+            args.append(arg)
+            where.append(cond.format(n=len(args)))
+    return " AND ".join(where), args
