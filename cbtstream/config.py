@@ -405,6 +405,12 @@ class StreamsSettings(BaseModel):
     data_dir: Path = Path(".stack/faust")
     #: Remove a VM snapshot in vSphere once every disk in it is synced (needs ``[vsphere]``).
     remove_snapshots: bool = True
+    #: Snapshot removals running at once per worker (vCenter tasks; ESXi merges each delta).
+    #: The lifecycle stream never waits for one (streams/removals.py).
+    remove_concurrency: int = Field(default=8, ge=1, le=64)
+    #: Every so many seconds the worker retries the removals of its snapshots that are
+    #: releasable but still on their VMs (failed, or left by a worker killed or rebalanced).
+    remove_sweep_interval_s: float = Field(default=60.0, gt=0)
     #: Disk keys or VM instance uuids copied by an external copier (the seed's migratekit) that
     #: stores its change IDs through the API: cbtstream records their snapshots but never plans
     #: them (streams.external). Disks with external commits are treated the same.

@@ -99,6 +99,7 @@ from streams.recovery import (
     on_flush,
     on_seeked,
 )
+from streams.removals import Removals
 from streams.shards import TableQueries, register_status
 from streams.state import DiskState, Position, from_json, new_state, to_json
 from streams.status import StatusCache
@@ -110,8 +111,6 @@ log = logging.getLogger("cbtstream.streams")
 
 TABLE_NAME = "disks"
 SNAPSHOTS_TABLE = "snapshots"
-#: Attempts to remove a finished VM snapshot before giving up (logged; the snapshot stays).
-REMOVE_ATTEMPTS = 3
 #: The source topics with an agent that writes rows: their commits are capped by the commit
 #: guard (``PlannerApp.commit_limit``) and the watchdog re-reads them when stalled, together
 #: with the two internal topics. Not ``cbt.sync.progress``: advisory, its agent writes nothing.
@@ -161,6 +160,8 @@ def build(settings: Settings, remover: SnapshotRemover | None = None,
     app.on_partitions_assigned.connect(pa.forget_processed)
     app.agent(pa.topic(SYNC_PROGRESS), name="on_sync_progress")(pa.progress_agent)
     app.task(pa.fences.run)
+    if pa.removals is not None:
+        app.task(pa.sweep_removals)
     table.on_recover(pa.warm)  # before the worker says it is ready
     def auth(header: str | None) -> bool:
         return authorized(header, secret)
@@ -292,7 +293,9 @@ class PlannerApp:
         self.fences = fences
         self.ownership = ownership
         self.metrics = metrics
-        self.remover = remover
+        #: Snapshot removals in flight (``streams.removals``); None: snapshots are not removed.
+        self.removals = None if remover is None else Removals(
+            remover, self.announce, concurrency=settings.streams.remove_concurrency)
         self._topics: dict[str, faust.TopicT] = {}
         #: Offset of the last record delivered per source partition in this process (a forward
         #: jump means records were skipped; a backward one is a redelivery after a rebalance).
@@ -681,46 +684,66 @@ class PlannerApp:
             self._mark(msg.topic, msg.partition, msg.offset)
 
     async def _lifecycle(self, value: bytes) -> None:
-        """One notice: the VM snapshot's row, and its removal once every disk is done."""
+        """One notice: the VM snapshot's row; a complete row goes to the removals, whose
+        ``removed`` notice marks it and tells each disk (``SnapshotRemoved``)."""
         notice = Notice.model_validate_json(value)
         key = notice.key
-        raw = self.snapshots.get(key)
-        cached = self._snapshot_rows.get(key)
-        if cached is not None and cached[0] is raw:
-            before: SnapshotRow | None = cached[1]
-        else:
-            before = SnapshotRow.model_validate(raw) if raw else None
+        before = self.snapshot_row(key)
         row = lifecycle.apply(before, notice)
         with bind_disk(notice.disk.key):
             log.info("snapshot lifecycle", extra={
-                "vm_snapshot": notice.vm_snapshot, "outcome": notice.outcome,
-                "finished": sorted(row.finished), "expected": row.expected,
-                "removed": row.removed})
-        if lifecycle.releasable(row) and self.remover is not None:
-            row = await self._remove(row)
+                "vm_snapshot": notice.vm_snapshot, "kind": notice.kind,
+                "outcome": notice.outcome, "finished": sorted(row.finished),
+                "expected": row.expected, "removed": row.removed})
+        if notice.kind == "removed" and not (before is not None and before.removed):
+            for disk in row.disks.values():
+                await self.send(SnapshotRemoved(
+                    event_id=stable_event_id("SnapshotRemoved", disk.key, row.vm_snapshot),
+                    disk=disk, vm_snapshot=row.vm_snapshot))
+            log.info("snapshot removed", extra={"vm_snapshot": row.vm_snapshot,
+                                                "vm": row.vm_instance_uuid})
         raw = row.model_dump(mode="json")
         self.snapshots[key] = raw
         self._snapshot_rows[key] = (raw, row)
+        if self.removals is not None and lifecycle.releasable(row):
+            self.removals.submit(key, row)  # after the row is written: it is the record
 
-    async def _remove(self, row: SnapshotRow) -> SnapshotRow:
-        """Remove the snapshot in vSphere, then record it per disk. A failure is logged and the
-        row kept, so the snapshot is never forgotten silently."""
-        from cbtstream.errors import CbtStreamError
+    def snapshot_row(self, key: bytes) -> SnapshotRow | None:
+        """The ``snapshots`` row of ``key``, decoded (cached like :meth:`row`)."""
+        raw = self.snapshots.get(key)
+        cached = self._snapshot_rows.get(key)
+        if cached is not None and cached[0] is raw:
+            return cached[1]
+        return SnapshotRow.model_validate(raw) if raw else None
 
-        for attempt in range(1, REMOVE_ATTEMPTS + 1):
-            try:
-                await self.remover.remove(row.vm_instance_uuid, row.vm_snapshot)  # type: ignore[union-attr]
-                break
-            except CbtStreamError as exc:
-                log.warning("snapshot removal failed", extra={
-                    "vm_snapshot": row.vm_snapshot, "attempt": attempt, "error": str(exc)})
-                if attempt == REMOVE_ATTEMPTS or not exc.retriable:
-                    return row
-                await asyncio.sleep(2**attempt)
-        for disk in row.disks.values():
-            await self.send(SnapshotRemoved(
-                event_id=stable_event_id("SnapshotRemoved", disk.key, row.vm_snapshot),
-                disk=disk, vm_snapshot=row.vm_snapshot))
-        log.info("snapshot removed", extra={"vm_snapshot": row.vm_snapshot,
-                                            "vm": row.vm_instance_uuid})
-        return row.model_copy(update={"removed": True})
+    def held_snapshot_rows(self) -> list[tuple[bytes, SnapshotRow]]:
+        """The ``snapshots`` rows of the partitions this worker holds as active now (the memory
+        store also keeps rows of partitions that moved away, and standby ones)."""
+        topic = self.snapshots.changelog_topic.get_topic_name()
+        held = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
+        out = []
+        for key in list(self.snapshots.keys()):
+            if self.gatherer.partition_of(key) in held:
+                row = self.snapshot_row(key)
+                if row is not None:
+                    out.append((key, row))
+        return out
+
+    async def sweep_removals(self) -> None:
+        """Task: every ``streams.remove_sweep_interval_s``, retry the removals of held rows that
+        are releasable and not removed; at the worker's stop, cancel those in flight."""
+        assert self.removals is not None
+        try:
+            while True:
+                await asyncio.sleep(self.settings.streams.remove_sweep_interval_s)
+                if not self.gatherer.ready():
+                    continue
+                started = self.removals.sweep(self.held_snapshot_rows())
+                if started:
+                    log.info("snapshot removals retried", extra={"count": started})
+        finally:
+            await self.removals.stop()
+
+    async def announce(self, notice: Notice) -> None:
+        """Send a notice to the lifecycle topic (keyed by its VM snapshot)."""
+        await self.lifecycle_topic.send(key=notice.key, value=notice.model_dump_json().encode())

@@ -4,7 +4,8 @@ A VM snapshot covers all of the VM's disks, but each disk is synced on its own. 
 removed only when every disk listed in ``SnapshotTaken.snapshot_device_keys`` has finished with
 it: its sync committed, failed, or was superseded. Pure functions; ``streams.app`` feeds them
 through a topic keyed by ``<vm instance uuid>/<vm snapshot>`` so one table row sees all of a
-snapshot's disks, and calls a :class:`SnapshotRemover` when the row is complete.
+snapshot's disks, and hands the row to ``streams.removals`` when it is complete; the removal comes
+back as a ``removed`` notice, which marks the row.
 
 One notice per disk and snapshot: when the disk is finished with it. The notice repeats the
 snapshot's ``snapshot_device_keys`` (kept in ``RunningSync`` or the waiting ``SnapshotTaken``), so
@@ -53,7 +54,9 @@ class Notice(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    kind: str  # "finished" ("taken": written by earlier versions, still understood)
+    #: "finished" (a disk is done with the snapshot) or "removed" (the snapshot is gone from
+    #: vSphere: ``streams.removals``); "taken" was written by earlier versions, still understood.
+    kind: str
     disk: DiskRef
     vm_snapshot: str
     expected: tuple[int, ...] | None = None
@@ -86,6 +89,8 @@ def apply(row: SnapshotRow | None, notice: Notice) -> SnapshotRow:
         update["expected"] = notice.expected
     if notice.kind == "finished":
         update["finished"] = {**row.finished, key: notice.outcome}
+    if notice.kind == "removed":
+        update["removed"] = True
     return row.model_copy(update=update)
 
 

@@ -20,8 +20,7 @@ class VSphereSnapshotRemover:
             await self._client.start()
             self._started = True
         try:
-            vm = await self._client.find_vm(instance_uuid=vm_instance_uuid)
-            await self._client.remove_snapshot(vm, vm_snapshot)
+            await self._client.remove_vm_snapshot(vm_instance_uuid, vm_snapshot)
         except VSphereNotFound:
             return
 

@@ -564,6 +564,27 @@ class VSphereClient:
                                 what=what)
         await self._wait(task, what)
 
+    async def remove_vm_snapshot(self, instance_uuid: str, moref: str) -> None:
+        """Remove snapshot ``moref`` of the VM whose ``config.instanceUuid`` is ``instance_uuid``
+        (the snapshot lifecycle's call: a handful of round trips, no inventory path walk).
+        :class:`VSphereNotFound` when the VM or the snapshot is gone;
+        :class:`VSphereInvalidArgument` when the snapshot is another VM's, so an event naming
+        a foreign snapshot removes nothing."""
+        what = f"remove snapshot {moref} of VM {instance_uuid}"
+        await self._call(self._owned_snapshot, instance_uuid, moref, what=what)
+        task = await self._call(self._snapshot(moref).RemoveSnapshot_Task, removeChildren=False,
+                                what=what)
+        await self._wait(task, what)
+
+    def _owned_snapshot(self, instance_uuid: str, moref: str) -> None:
+        vm = self._si.content.searchIndex.FindByUuid(None, instance_uuid, True, True)
+        if vm is None or not isinstance(vm, vim.VirtualMachine):
+            raise VSphereNotFound(f"no VM with instance uuid {instance_uuid}")
+        owner = self._props(self._snapshot(moref), ["vm"]).get("vm")
+        if owner is None or owner._moId != vm._moId:
+            raise VSphereInvalidArgument(
+                f"snapshot {moref} is not a snapshot of VM {instance_uuid}")
+
     async def list_snapshots(self) -> list[VmSnapshots]:
         """Every VM of the inventory with its snapshot tree and ``runtime.consolidationNeeded``
         (one PropertyCollector call over a container view)."""

@@ -275,3 +275,25 @@ async def test_added_and_resized_disks_appear_in_next_snapshot(
         Extent(grown - BLOCK, BLOCK)
     ]
     assert merged(await areas(client, vm, s2, new_key, "*")) == [Extent(MiB - BLOCK, BLOCK)]
+
+
+async def test_remove_vm_snapshot_checks_the_owner(
+    sim: SimulatorControl, client: VSphereClient, three_disk_vm: tuple[VmRef, list[int]],
+    vm_name: str,
+) -> None:
+    """The lifecycle's removal: only the named VM's snapshot, and a gone one is NotFound."""
+    vm, _ = three_disk_vm
+    other = sim.create_vm(f"{vm_name}-other", [1 << 20], cbt=True)
+    other_vm = await client.find_vm(instance_uuid=other.instance_uuid)
+    mine = await client.create_snapshot(vm, "mine")
+    theirs = await client.create_snapshot(other_vm, "theirs")
+    with pytest.raises(VSphereInvalidArgument):  # an event naming a foreign snapshot
+        await client.remove_vm_snapshot(vm.instance_uuid, theirs.moref)
+    await client.snapshot_info(other_vm, theirs.moref)  # still there
+    await client.remove_vm_snapshot(vm.instance_uuid, mine.moref)
+    with pytest.raises(VSphereNotFound):
+        await client.snapshot_info(vm, mine.moref)
+    with pytest.raises(VSphereNotFound):
+        await client.remove_vm_snapshot(vm.instance_uuid, mine.moref)
+    with pytest.raises(VSphereNotFound):
+        await client.remove_vm_snapshot("00000000-0000-0000-0000-00000000dead", theirs.moref)

@@ -1,0 +1,54 @@
+"""VM snapshot removal on the real stack (streams.removals): vCenter refuses every attempt the
+worker makes, and the snapshot is still removed, by the worker's sweep, once vCenter accepts.
+The replicas are checked against their models and the VM against the simulator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cbtctl.demo.run import stack_settings
+from cbtctl.demo.scenario import Scenario, files_equal, random_name
+from cbtctl.demo.workload import MiB, initial_fill
+from cbtstream.config import Settings
+from cbtstream.vsphere.errors import VSphereNotFound
+from cbtstream.vsphere.simctl import SimulatorControl
+from tests.e2e.conftest import Pipeline
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def e2e_settings(kafka_settings: Settings, tmp_path: Path) -> Settings:
+    s = stack_settings(kafka_settings)
+    copier = s.copier.model_copy(update={"state_dir": tmp_path / "copier"})
+    streams = s.streams.model_copy(update={"remove_sweep_interval_s": 1.0})
+    return s.model_copy(update={"copier": copier, "streams": streams})
+
+
+async def test_a_refused_removal_is_done_by_the_sweep(
+        scenario: Scenario, pipeline: Pipeline, sim: SimulatorControl) -> None:
+    await scenario.create_vm(random_name("e2e-rmsweep"), [4 * MiB, 2 * MiB])
+    assert scenario.vm is not None and scenario.vmref is not None and scenario.watcher
+    keys = [d.key for d in scenario.vm.disks]
+    await scenario.write([w for d in scenario.vm.disks
+                          for w in initial_fill(scenario.rng, d.key, d.capacity, 0.5)])
+    pipeline.start_copier()
+    # more refusals than the worker's attempts per removal (streams.removals.ATTEMPTS)
+    sim.inject_fault("RemoveSnapshot_Task", "timeout", count=4)
+    try:
+        taken = await scenario.snapshot()
+        snap = taken[0].vm_snapshot
+        await scenario.wait(snap, keys)
+        w = scenario.watcher
+        await w.wait_for(lambda: w.removed(snap) == set(keys), 90, alive=pipeline.check)
+    finally:
+        sim.clear_faults()
+    with pytest.raises(VSphereNotFound):
+        await scenario.client.snapshot_info(scenario.vmref, snap)
+    log = "\n".join(p.read_text() for p in pipeline.logs.glob("worker*.log"))
+    assert log.count("snapshot removal failed") >= 3  # the worker's attempts were refused
+    assert "snapshot removals retried" in log  # ... and the sweep did it
+    for k in keys:
+        assert files_equal(scenario.replica(k), scenario.model(k))
