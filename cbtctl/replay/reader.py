@@ -9,6 +9,7 @@ log even while the pipeline keeps writing.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -260,23 +261,34 @@ def pipeline_stages(settings: Settings) -> tuple[Stage, ...]:
     )
 
 
+async def _nothing() -> dict[TopicPartition, int]:
+    return {}
+
+
 async def consumer_lag(settings: KafkaSettings, stages: tuple[Stage, ...]) -> list[StageLag]:
     """Committed offsets of each stage's group against the end offsets of its inputs. A
     partition the group never committed counts from its beginning (all of it is unread)."""
     try:
         async with offset_clients(settings) as (admin, consumer):
-            await consumer._client.force_metadata_update()  # metadata of every topic
+            names = {n: [topic_name(s, settings) for s in stage.inputs] for n, stage in
+                     enumerate(stages)}
+            # metadata of our topics only (a shared broker may hold thousands of others)
+            await consumer._client.set_topics(sorted({t for ts in names.values() for t in ts}))
+            tps = {n: [TopicPartition(t, p) for t in ts
+                       for p in sorted(consumer.partitions_for_topic(t) or ())]
+                   for n, ts in names.items()}
+            every = sorted({tp for ts in tps.values() for tp in ts})
+            # one round: every group's commits, and the ends of every partition, at once
+            committed, end, begin = await asyncio.gather(
+                asyncio.gather(*(committed_offsets(admin, stage.group, tps[n]) if tps[n]
+                                 else _nothing() for n, stage in enumerate(stages))),
+                consumer.end_offsets(every) if every else _nothing(),
+                consumer.beginning_offsets(every) if every else _nothing())
             out = []
-            for stage in stages:
-                names = [topic_name(s, settings) for s in stage.inputs]
-                tps = [TopicPartition(n, p) for n in names
-                       for p in sorted(consumer.partitions_for_topic(n) or ())]
-                committed = await committed_offsets(admin, stage.group, tps)
-                end = await consumer.end_offsets(tps) if tps else {}
-                begin = await consumer.beginning_offsets(tps) if tps else {}
+            for n, stage in enumerate(stages):
                 parts = []
-                for tp in tps:
-                    off = committed.get(tp)
+                for tp in tps[n]:
+                    off = committed[n].get(tp)
                     parts.append(PartitionLag(tp.topic, tp.partition, off, end[tp],
                                               max(0, end[tp] - (off if off is not None
                                                                 else begin[tp]))))
