@@ -7,7 +7,11 @@ or an NBD export (:class:`NbdTarget`), and the openers that refuse what must nev
 * files: :func:`open_below` opens ``<root>/<rel>`` for a plain relative ``rel`` (no absolute
   path, no ``..``), and no component below the root may be a symlink: each is opened with
   ``O_NOFOLLOW`` relative to its parent directory's descriptor, so a symlink swapped in between
-  a check and the open is refused too;
+  a check and the open is refused too. The file is then locked (:func:`lock_replica`, an
+  exclusive open-file-description lock on all of it, held until the target is closed) before
+  anything changes it: a VM or a tool that opened the replica (QEMU locks the images it opens)
+  makes the sync fail with ``replica_in_use`` and the replica untouched, and while the copier
+  writes, QEMU refuses to open it;
 * block devices: :func:`open_block` opens with ``O_EXCL``, so a mounted or otherwise held
   device is refused;
 * NBD exports: :class:`NbdTarget` refuses a read-only export (its endpoint was checked against
@@ -20,8 +24,11 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
+import logging
 import os
 import stat
+import struct
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -42,12 +49,48 @@ _MAX_ZERO = 1 << 30
 #: Writes up to this size are issued on the event loop thread (microseconds to the page cache).
 _INLINE_WRITE = 256 * 1024
 _T = TypeVar("_T")
+#: ``fcntl`` command of open-file-description locks (Linux 3.15+; its value on every Linux).
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+#: ``struct flock``: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks), native layout.
+_FLOCK = "hhqqi4x"
+
+log = logging.getLogger(__name__)
 
 
 class TargetError(CbtStreamError):
     """The target could not be opened, written or flushed."""
 
     reason = "target_error"
+
+
+class ReplicaInUse(TargetError):
+    """Another process holds a lock on the replica file: a VM booted from it, ``qemu-img``,
+    ``qemu-nbd``, another copier. The sync does not write it."""
+
+    reason = "replica_in_use"
+
+
+def lock_replica(fd: int, path: str | os.PathLike[str]) -> bool:
+    """Take an exclusive OFD write lock on the whole file behind ``fd`` (released when that
+    descriptor is closed; another descriptor of this process does not release it, unlike a
+    classic POSIX lock). Raises :class:`ReplicaInUse` if another opener holds a conflicting
+    lock (QEMU takes shared locks on the images it opens). A file system without locks
+    (``ENOLCK``, ``EOPNOTSUPP``) is written unlocked with a warning: returns False."""
+    request = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLK, request)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise ReplicaInUse(
+                f"replica {os.fspath(path)} is locked by another process (a VM or a tool such "
+                "as qemu-img or qemu-nbd has it open): not written; close it, or fail the VM "
+                "over, and the next sync writes it") from exc
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            log.warning("the replica's file system offers no locks: written unlocked",
+                        extra={"path": os.fspath(path), "error": exc.strerror})
+            return False
+        raise TargetError(f"cannot lock replica {os.fspath(path)}: {exc.strerror}") from exc
+    return True
 
 
 @runtime_checkable
@@ -266,6 +309,8 @@ def open_below(root: Path, rel: PurePosixPath, capacity: int) -> FileTarget:
             dir_fd = child
         fd = _open_nofollow(rel.parts[-1], os.O_RDWR | os.O_CREAT, dir_fd, path, mode=0o640)
         try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                lock_replica(fd, path)  # before the file is extended or written
             target = _prepare(path, fd, capacity)
         except BaseException:
             os.close(fd)
