@@ -42,6 +42,7 @@ COMMANDS: tuple[str, ...] = (
     "cbtctl.commands.verify",
     "cbtctl.commands.targets",
     "cbtctl.commands.points",
+    "cbtctl.commands.failover",
     "cbtctl.commands.bench",
     "cbtctl.commands.config",
     "cbtctl.commands.stack",

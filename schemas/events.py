@@ -3,8 +3,8 @@
 Flow: ``SnapshotTaken`` (one per disk of a VM snapshot) -> ``SyncPlanned`` (or ``SyncSuperseded``)
 -> ``SyncProgress``* -> ``ChangeIdCommitted`` or ``SyncFailed`` -> ``SnapshotRemoved``.
 Undecodable input goes to the dead-letter topic as ``DeadLetter``. Not about one disk: the
-fences (``ChangeIdFence``), the scheduler's ``ScheduleEvent`` and ``VmDescribed`` (a VM's
-description at each of its snapshots).
+fences (``ChangeIdFence``), the scheduler's ``ScheduleEvent``, ``VmDescribed`` (a VM's
+description at each of its snapshots) and ``ReplicationHold`` (a VM failed over).
 
 A change ID never travels without the :class:`~schemas.disk.DiskRef` of the disk it belongs to,
 and every change ID field is validated as ``<epoch>/<sequence>``.
@@ -301,6 +301,12 @@ class FailureReason(StrEnum):
     #: A copier of a host-local pool found the replica's record written by another host
     #: (``consumers/replica/guard.py``): the disk's replica is not on this host.
     REPLICA_ON_OTHER_HOST = "replica_on_other_host"
+    #: The planner refused a snapshot of a VM that is failed over (``ReplicationHold``): no
+    #: plan is made while the operator runs the VM from its replicas.
+    VM_FAILED_OVER = "vm_failed_over"
+    #: The copier refused a plan whose replica is failed over (its record says so): the replica
+    #: is the operator's until ``cbtstream failover --undo``.
+    REPLICA_FAILED_OVER = "replica_failed_over"
 
 
 def lineage_refusal_id(commit_event_id: uuid.UUID) -> uuid.UUID:
@@ -439,6 +445,38 @@ class ChangeIdFence(BaseModel):
     @property
     def key(self) -> str:
         return f"fence/{self.fence_id}"
+
+
+class HoldState(StrEnum):
+    """A VM's replication hold (``ReplicationHold.state``)."""
+
+    #: The operator runs the VM from its replicas: nothing is planned or written for it.
+    FAILED_OVER = "failed_over"
+    #: Replication resumes (``cbtstream failover --undo``).
+    RELEASED = "released"
+
+
+class ReplicationHold(BaseModel):
+    """An operator's hold on a VM's replication (``cbtstream failover``). While a VM is failed
+    over the planner plans nothing for its disks (each snapshot of them is refused with
+    ``SyncFailed(vm_failed_over)``), and its replicas' records say failed over, so a copier
+    refuses any plan for them, also one produced again by hand. Keyed ``vm/<instance uuid>``
+    on the compacted ``cbt.vm.holds``: the latest record per VM wins; ``released`` ends the
+    hold. Not a disk event."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_type: Literal["ReplicationHold"] = "ReplicationHold"
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+    vm_instance_uuid: uuid.UUID
+    state: HoldState
+    reason: str = Field(min_length=1, max_length=MAX_TEXT)
+
+    @property
+    def key(self) -> str:
+        return f"vm/{self.vm_instance_uuid}"
 
 
 class ScheduleKind(StrEnum):
@@ -588,6 +626,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
         ChangeIdFence,
         ScheduleEvent,
         VmDescribed,
+        ReplicationHold,
     )
 }
 

@@ -1,8 +1,9 @@
 """The topic catalogue: every topic of cbtstream is defined here, once.
 
 All topics are keyed by the disk key ``<vm instance uuid>/disk-<device key>`` (except the
-dead-letter topic, keyed by the original record's key, the fences, keyed ``fence/<id>``, and the
-scheduler's events and the VM descriptions, keyed by VM instance uuid) and have the same
+dead-letter topic, keyed by the original record's key, the fences, keyed ``fence/<id>``, the
+holds, keyed ``vm/<instance uuid>``, and the scheduler's events and the VM descriptions, keyed
+by VM instance uuid) and have the same
 partition count, so the Faust table (keyed by disk key) co-partitions with every source topic.
 Values are single-line JSON.
 """
@@ -19,6 +20,7 @@ from schemas.events import (
     DeadLetter,
     DiskSkipped,
     ReplicaMismatch,
+    ReplicationHold,
     ReplicaVerified,
     ScheduleEvent,
     SnapshotRemoved,
@@ -136,10 +138,19 @@ VM_DESCRIBED = TopicSpec(
     "than any shorter retention).",
 )
 
+HOLDS = TopicSpec(
+    "cbt.vm.holds",
+    (ReplicationHold,),
+    # Compacted, like the fences: the latest record per VM lives forever, so a restarted
+    # planner knows every VM that is failed over (a release is a record, kept for the history).
+    {"cleanup.policy": "compact"},
+    "Operator holds: a VM failed over (nothing planned or written for it) or released.",
+)
+
 #: Topics that carry no disk events (the replay's disk history does not read them): fences,
-#: read whole by the planner; the scheduler's per-VM events; the VM descriptions (keyed by VM).
-#: The audit stores them too.
-CONTROL_TOPICS: tuple[TopicSpec, ...] = (FENCES, SCHEDULE_EVENTS, VM_DESCRIBED)
+#: read whole by the planner; the scheduler's per-VM events; the VM descriptions (keyed by VM);
+#: the holds (failover), read whole by the planner. The audit stores them too.
+CONTROL_TOPICS: tuple[TopicSpec, ...] = (FENCES, SCHEDULE_EVENTS, VM_DESCRIBED, HOLDS)
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     SNAPSHOT_TAKEN,

@@ -82,11 +82,12 @@ from schemas.topics import (
     TopicSpec,
     topic_for,
 )
-from streams import external, lifecycle, planner
+from streams import external, holds, lifecycle, planner
 from streams.api import authorized, register_api
 from streams.durable import DurableTable, Outbox
 from streams.fences import FenceBook
 from streams.gather import Gatherer, register_shards
+from streams.holds import HoldBook
 from streams.lifecycle import Notice, SnapshotRemover, SnapshotRow
 from streams.metrics import PlannerMetrics, register_metrics
 from streams.orphans import OrphanReconciler, register_orphans
@@ -146,7 +147,8 @@ def build(settings: Settings, remover: SnapshotRemover | None = None,
         settings, app, table=table, gatherer=gatherer, outbox=outbox, snapshots=snapshots,
         lifecycle_topic=_internal_topic(app, f"{app_id}-snapshot-lifecycle", k.partitions),
         checks_topic=_internal_topic(app, f"{app_id}-sync-checks", k.partitions),
-        fences=FenceBook(k), ownership=external.Ownership(s.external, s.handover),
+        fences=FenceBook(k), holds=HoldBook(k),
+        ownership=external.Ownership(s.external, s.handover),
         metrics=metrics, remover=remover)
     metrics.rows = pa.rows  # the table's series, read at each scrape
     app.agent(pa.lifecycle_topic, name="on_snapshot_lifecycle")(pa.lifecycle_agent)
@@ -160,6 +162,7 @@ def build(settings: Settings, remover: SnapshotRemover | None = None,
     app.on_partitions_assigned.connect(pa.forget_processed)
     app.agent(pa.topic(SYNC_PROGRESS), name="on_sync_progress")(pa.progress_agent)
     app.task(pa.fences.run)
+    app.task(pa.holds.run)
     if pa.removals is not None:
         app.task(pa.sweep_removals)
     table.on_recover(pa.warm)  # before the worker says it is ready
@@ -277,7 +280,7 @@ class PlannerApp:
     def __init__(self, settings: Settings, app: faust.App, *, table: DurableTable,
                  gatherer: Gatherer, outbox: Outbox, snapshots: TableT[bytes, Any],
                  lifecycle_topic: faust.TopicT,
-                 checks_topic: faust.TopicT, fences: FenceBook,
+                 checks_topic: faust.TopicT, fences: FenceBook, holds: HoldBook,
                  ownership: external.Ownership, metrics: PlannerMetrics,
                  remover: SnapshotRemover | None = None) -> None:
         self.settings = settings
@@ -291,6 +294,8 @@ class PlannerApp:
         self.checks_topic = checks_topic
         #: Every change-ID fence (streams/fences.py); :func:`build` runs its reader.
         self.fences = fences
+        #: Every VM's replication hold (streams/holds.py): a failed-over VM gets no plan.
+        self.holds = holds
         self.ownership = ownership
         self.metrics = metrics
         #: Snapshot removals in flight (``streams.removals``); None: snapshots are not removed.
@@ -545,7 +550,13 @@ class PlannerApp:
     async def on_snapshot(self, key: bytes, ev: SnapshotTaken, at: Position) -> None:
         before = self.row(key)
         await self.fences.wait_ready()
+        await self.holds.wait_ready()
         row = before if before is not None else new_state(ev.disk)
+        hold = self.holds.hold_of(ev.disk.vm_instance_uuid)
+        if hold is not None:  # failed over: the replica is the operator's
+            await self._step(key, before, holds.refuse_snapshot(row, ev, datetime.now(UTC), hold),
+                             "snapshot", at)
+            return
         if self.ownership.owned_externally(row):  # its external copier copies it
             await self._step(key, before, external.skip_snapshot(row, ev, datetime.now(UTC)),
                              "snapshot", at)

@@ -9,7 +9,8 @@
   no id, no time and no author, so there is nothing to store and :func:`audited_event` returns
   None (it is not dead-lettered either: a compacted topic may carry tombstones);
 * ``cbt.schedule.events``: a ``ScheduleEvent``;
-* ``cbt.vm.described``: a ``VmDescribed`` (a VM's description at one of its snapshots).
+* ``cbt.vm.described``: a ``VmDescribed`` (a VM's description at one of its snapshots);
+* ``cbt.vm.holds``: a ``ReplicationHold`` (a VM failed over or released; tombstones skipped).
 
 Control records are read like their own readers read them (the planner's fence book and the
 scheduler take the body alone, whatever the key), so the audit holds every fence the planner
@@ -22,21 +23,30 @@ from pydantic import ValidationError
 
 from consumers.audit.projection import AuditedEvent
 from schemas.codec import MAX_VALUE_BYTES, EventDecodeError, decode
-from schemas.events import ChangeIdFence, DeadLetter, ScheduleEvent, VmDescribed
-from schemas.topics import DEADLETTER, FENCES, SCHEDULE_EVENTS, VM_DESCRIBED, TopicSpec
+from schemas.events import ChangeIdFence, DeadLetter, ReplicationHold, ScheduleEvent, VmDescribed
+from schemas.topics import (
+    DEADLETTER,
+    FENCES,
+    HOLDS,
+    SCHEDULE_EVENTS,
+    VM_DESCRIBED,
+    TopicSpec,
+)
 
 #: Topics whose values are validated as one model, body only (topic name -> model).
-_BODY_ONLY: dict[str, type[DeadLetter | ChangeIdFence | ScheduleEvent | VmDescribed]] = {
+_BODY_ONLY: dict[str, type[DeadLetter | ChangeIdFence | ScheduleEvent | VmDescribed
+                           | ReplicationHold]] = {
     DEADLETTER.name: DeadLetter,
     FENCES.name: ChangeIdFence,
     SCHEDULE_EVENTS.name: ScheduleEvent,
     VM_DESCRIBED.name: VmDescribed,
+    HOLDS.name: ReplicationHold,
 }
 
 
 def is_tombstone(spec: TopicSpec, value: bytes | None) -> bool:
-    """A null value on the compacted fences topic: skipped, never dead-lettered."""
-    return spec is FENCES and value is None
+    """A null value on a compacted topic (fences, holds): skipped, never dead-lettered."""
+    return spec in (FENCES, HOLDS) and value is None
 
 
 def audited_event(spec: TopicSpec, key: bytes | None, value: bytes | None

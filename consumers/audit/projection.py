@@ -44,6 +44,7 @@ from schemas.events import (
     DeadLetter,
     Event,
     FailureReason,
+    ReplicationHold,
     ScheduleEvent,
     SnapshotRemoved,
     SyncFailed,
@@ -55,7 +56,7 @@ from schemas.events import (
 
 #: Everything the audit stores: the disk events, the dead letters and the control events
 #: (``schemas.events.Event`` does not name the control events: it is what disk readers decode).
-AuditedEvent = Event | ChangeIdFence | ScheduleEvent | VmDescribed
+AuditedEvent = Event | ChangeIdFence | ScheduleEvent | VmDescribed | ReplicationHold
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def event_row(topic: str, partition: int, offset: int,
             vm = parse_disk_key(disk_key or "")[0]
         except ValueError:
             disk_key = vm = None
-    elif isinstance(event, ScheduleEvent | VmDescribed):
+    elif isinstance(event, ScheduleEvent | VmDescribed | ReplicationHold):
         vm = str(event.vm_instance_uuid)
     elif not isinstance(event, ChangeIdFence):
         disk_key, vm = event.disk.key, event.disk.vm_instance_uuid
@@ -341,4 +342,4 @@ def project(event: AuditedEvent) -> list[Stmt]:
             desc.secure_boot, desc.num_cpus, desc.cores_per_socket, desc.memory_mib,
             desc.guest_id, desc.hardware_version, len(desc.disks), len(desc.nics),
             desc.model_dump_json()))]
-    return []  # SnapshotTaken, SyncSuperseded, DeadLetter: the events row is the record
+    return []  # SnapshotTaken, SyncSuperseded, DeadLetter, ReplicationHold: the events row

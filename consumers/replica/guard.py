@@ -17,6 +17,9 @@ The rules, in order (the copier runs them before any write):
      without being the sync that left the replica dirty (a resume), or its snapshot is older
      than the snapshot the replica holds: ``REFUSE`` with ``stale_plan``, never a write. An
      offset reset, a hand-produced old plan or a fresh copier host cannot roll a replica back.
+   * the replica is failed over (``ReplicaState.failed_over_at``, set by ``cbtstream
+     failover``): ``REFUSE`` with ``replica_failed_over``, whatever the plan (a VM may be
+     running from it); only ``failover --undo`` gives it back to the syncs.
 2. **Base** (incremental plans): the plan stays incremental only if the replica is clean at
    exactly its ``base_change_id`` for the same disk (backing uuid, capacity) and the same target
    identity, or dirty from an interrupted *incremental* from the same base while still holding
@@ -147,6 +150,11 @@ def admit(plan: SyncPlanned, view: ReplicaView, pipeline: str,
         fenced = fence(plan, state, view.target, here)
         if fenced is not None:
             return fenced
+        if state.failed_over_at is not None:
+            return _refuse(plan, FailureReason.REPLICA_FAILED_OVER,
+                           f"the replica is failed over since {state.failed_over_at.isoformat()}"
+                           f" ({state.failed_over_reason or 'no reason given'}): no sync writes "
+                           "it until 'cbtstream failover --undo'")
     if plan.replication_type != ReplicationType.INCREMENTAL or plan.base_change_id is None:
         return Admission(Action.WRITE, ReplicationType.FULL, plan.reason)
     if view.target is None:

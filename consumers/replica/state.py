@@ -133,6 +133,10 @@ class ReplicaState(BaseModel):
     disk: DiskRef | None = None
     #: When the replica was last re-hashed and found equal to ``held``.
     verified_at: AwareDatetime | None = None
+    #: Set by ``cbtstream failover``: the replica is the operator's (a VM runs from it) and no
+    #: sync writes it until ``failover --undo`` clears it (consumers/replica/failover.py).
+    failed_over_at: AwareDatetime | None = None
+    failed_over_reason: str = Field(default="", max_length=1000)
     updated_at: AwareDatetime = Field(default_factory=utcnow)
 
     @property
@@ -160,6 +164,15 @@ class ReplicaState(BaseModel):
 
     def verified(self) -> ReplicaState:
         return self.model_copy(update={"verified_at": utcnow()})
+
+    def failed_over(self, reason: str) -> ReplicaState:
+        return self.model_copy(update={"failed_over_at": utcnow(),
+                                       "failed_over_reason": reason[:1000],
+                                       "updated_at": utcnow()})
+
+    def failed_back(self) -> ReplicaState:
+        return self.model_copy(update={"failed_over_at": None, "failed_over_reason": "",
+                                       "updated_at": utcnow()})
 
     def mismatched(self, detail: str) -> ReplicaState:
         return self.model_copy(update={"status": ReplicaStatus.MISMATCH,
