@@ -143,3 +143,22 @@ def test_full_plans_are_written_in_full_with_their_reason() -> None:
     a = admit(p1, ReplicaView(None, None), PIPE)
     assert (a.action, a.replication_type, a.reason) == (
         Action.WRITE, ReplicationType.FULL, FullReason.NO_PREVIOUS_COMMIT)
+
+
+def test_a_failed_over_replica_refuses_every_plan_until_failed_back() -> None:
+    from schemas.events import FailureReason
+
+    _, p2, p3 = _plans()
+    held = _clean_at(p2).failed_over("VM booted in the DR site")
+    full = p3.model_copy(update={"replication_type": ReplicationType.FULL,
+                                 "base_change_id": None, "reason": FullReason.NO_PREVIOUS_COMMIT})
+    for plan in (p3, full):  # incremental or full, from the planner or produced by hand
+        a = admit(plan, ReplicaView(held, FILE), PIPE)
+        assert a.action == Action.REFUSE and a.failure == FailureReason.REPLICA_FAILED_OVER
+        assert "VM booted in the DR site" in a.detail
+    # the plan it already holds is no write: its outcome is published again, as always
+    assert admit(p2, ReplicaView(held, FILE), PIPE).action == Action.ALREADY_APPLIED
+    back = held.failed_back()
+    assert back.failed_over_at is None
+    assert admit(p3, ReplicaView(back, FILE), PIPE).replication_type == (
+        ReplicationType.INCREMENTAL)

@@ -35,6 +35,12 @@ async def test_a_second_opener_is_refused_until_the_first_closes(tmp_path: Path)
     await second.stop()
 
 
+def _qemu_holding(path: Path) -> subprocess.Popen[bytes]:
+    """``qemu-io`` with ``path`` open read-write for 30 s (QEMU locks it once open)."""
+    return subprocess.Popen(["qemu-io", "-f", "raw", "-c", "sleep 30000", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io")
 async def test_qemu_and_the_copier_exclude_each_other(tmp_path: Path) -> None:
     rel = PurePosixPath("vm", "disk-2001.img")
@@ -46,10 +52,9 @@ async def test_qemu_and_the_copier_exclude_each_other(tmp_path: Path) -> None:
         assert probe.returncode != 0 and "lock" in probe.stderr  # QEMU cannot open it
     finally:
         await target.stop()
-    qemu = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "sleep 30000", str(path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    qemu = _qemu_holding(path)
     try:
-        for _ in range(100):
+        for _ in range(600):  # QEMU starts in well under 30 s, also on a loaded machine
             try:
                 t = open_below(tmp_path, rel, CAPACITY)
             except ReplicaInUse:

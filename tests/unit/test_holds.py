@@ -1,0 +1,61 @@
+"""The planner's rule for a failed-over VM (streams.holds) and the hold book's merge, without
+Kafka: a snapshot is refused with a reason, nothing is planned, the row keeps its commit, a
+redelivery publishes the same refusal, and a release ends the hold."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from cbtstream.config import KafkaSettings
+from schemas.events import (
+    FailureReason,
+    HoldState,
+    ReplicationHold,
+    SyncFailed,
+    SyncPlanned,
+)
+from streams import lifecycle
+from streams.holds import HoldBook, refuse_snapshot
+from streams.planner import on_commit, on_snapshot
+from tests.unit.factories import EPOCH_A, T0, VM, commit_for, disk, snap
+
+
+def _hold(state: HoldState, minutes: int = 0) -> ReplicationHold:
+    return ReplicationHold(vm_instance_uuid=uuid.UUID(VM), state=state, reason="DR test",
+                           occurred_at=T0 + timedelta(minutes=minutes))
+
+
+def test_a_failed_over_vm_gets_no_plan_and_keeps_its_commit() -> None:
+    d = disk()
+    s, out = on_snapshot(None, snap(d, f"{EPOCH_A}/1"), T0)
+    assert isinstance(out[0], SyncPlanned)
+    s, _ = on_commit(s, commit_for(out[0]), T0)
+    assert s is not None
+    hold = _hold(HoldState.FAILED_OVER)
+    s2 = snap(d, f"{EPOCH_A}/2", minutes=15, snapshot="snapshot-2").model_copy(
+        update={"snapshot_device_keys": (2000,)})
+    step = refuse_snapshot(s, s2, T0, hold)
+    [refusal] = step.outputs
+    assert isinstance(refusal, SyncFailed) and refusal.reason == FailureReason.VM_FAILED_OVER
+    assert refusal.sync_id is None and "DR test" in refusal.detail
+    assert step.state is not None and step.state.running is None
+    assert step.state.change_id == s.change_id  # the replica's lineage is untouched
+    # the snapshot is finished with: the lifecycle removes it
+    assert [n.outcome for n in lifecycle.notices(step.ended)] == ["failed"]
+    again = refuse_snapshot(step.state, s2, T0 + timedelta(minutes=1), hold)
+    assert again.kind == "redelivered" and again.outputs == [refusal]
+
+
+def test_the_latest_hold_of_a_vm_wins_and_a_release_ends_it() -> None:
+    book = HoldBook(KafkaSettings())
+    over, back = _hold(HoldState.FAILED_OVER), _hold(HoldState.RELEASED, minutes=30)
+    book.apply(over.key.encode(), over.model_dump_json().encode())
+    assert book.hold_of(VM) == over and book.hold_of(VM.upper()) == over
+    book.apply(back.key.encode(), back.model_dump_json().encode())
+    assert book.hold_of(VM) is None
+    book.apply(over.key.encode(), over.model_dump_json().encode())  # an older record again
+    assert book.hold_of(VM) is None
+    book.apply(over.key.encode(), b"{not json")  # ignored, logged
+    book.apply(over.key.encode(), None)  # a tombstone drops the VM's record
+    assert book.records == {} and book.hold_of("not-a-uuid") is None
