@@ -60,10 +60,18 @@ class ReplicaOnOtherHost(CbtStreamError):
     reason = FailureReason.REPLICA_ON_OTHER_HOST
 
 
+class ReplicaFailedOver(CbtStreamError):
+    """The replica is failed over (``cbtstream failover``): the operator's, never written by a
+    sync until ``failover --undo`` (final: the next plan after the failback is written)."""
+
+    reason = FailureReason.REPLICA_FAILED_OVER
+
+
 #: The error each refusal raises (``Admission.failure``).
 _REFUSALS: dict[FailureReason, type[CbtStreamError]] = {
     FailureReason.STALE_PLAN: StalePlan,
     FailureReason.REPLICA_ON_OTHER_HOST: ReplicaOnOtherHost,
+    FailureReason.REPLICA_FAILED_OVER: ReplicaFailedOver,
 }
 
 
