@@ -554,8 +554,8 @@ class PlannerApp:
         row = before if before is not None else new_state(ev.disk)
         hold = self.holds.hold_of(ev.disk.vm_instance_uuid)
         if hold is not None:  # failed over: the replica is the operator's
-            await self._step(key, before, holds.refuse_snapshot(row, ev, datetime.now(UTC), hold),
-                             "snapshot", at)
+            await self._step(key, before, holds.refuse_snapshot(
+                row, ev, datetime.now(UTC), holds.hold_detail(hold)), "snapshot", at)
             return
         if self.ownership.owned_externally(row):  # its external copier copies it
             await self._step(key, before, external.skip_snapshot(row, ev, datetime.now(UTC)),

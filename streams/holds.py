@@ -56,17 +56,23 @@ def refusal_id(snap: SnapshotTaken) -> uuid.UUID:
     return stable_event_id("SyncFailed", FailureReason.VM_FAILED_OVER, snap.event_id)
 
 
+def hold_detail(hold: ReplicationHold) -> str:
+    """The detail of a refusal under ``hold``."""
+    return (f"the VM is failed over since {hold.occurred_at.isoformat()} ({hold.reason}): "
+            "nothing is planned for its disks until 'cbtstream failover --undo'")
+
+
 def refuse_snapshot(state: DiskState, snap: SnapshotTaken, now: datetime,
-                    hold: ReplicationHold) -> Step:
-    """A snapshot of a disk whose VM is failed over: not planned, refused with a reason."""
+                    detail: str) -> Step:
+    """A snapshot of a disk whose VM is failed over: not planned, refused with a reason (the
+    replay calls it too, for a snapshot whose refusal it finds in the log)."""
     for e in state.ended:
         if e.snapshot_event_id == snap.event_id and e.failure is not None:
             return Step(state, [e.failure], (e,), "redelivered")
     failure = SyncFailed(
         event_id=refusal_id(snap), occurred_at=now, disk=snap.disk, sync_id=None,
         vm_snapshot=snap.vm_snapshot, reason=FailureReason.VM_FAILED_OVER.value,
-        detail=f"the VM is failed over since {hold.occurred_at.isoformat()} ({hold.reason}): "
-        "nothing is planned for its disks until 'cbtstream failover --undo'", retriable=False)
+        detail=detail, retriable=False)
     e = Ended(snapshot_event_id=snap.event_id, vm_snapshot=snap.vm_snapshot, outcome="failed",
               failure=failure, disk=snap.disk, at=now,
               release=snap.snapshot_device_keys is not None,

@@ -46,6 +46,7 @@ from schemas.events import (
 )
 from streams.external import EXTERNAL, Ownership, apply_external, check_external, skip_snapshot
 from streams.guard import Verdict, check_commit
+from streams.holds import refusal_id, refuse_snapshot
 from streams.planner import Output, decide, on_commit, on_failed, on_snapshot
 from streams.state import DiskState, RunningSync, new_state
 
@@ -172,6 +173,11 @@ class _DiskReplay:
         self.failures: dict[uuid.UUID, Coord] = {
             r.event.event_id: r.coord for r in records if isinstance(r.event, SyncFailed)}
         self.logged_plans = {r.event.sync_id for r in records if isinstance(r.event, SyncPlanned)}
+        #: The planner's refusals of snapshots of a failed-over VM (streams/holds.py), by id:
+        #: the replay does not read the holds, it finds their effect in the log.
+        self.hold_refusals: dict[uuid.UUID, SyncFailed] = {
+            r.event.event_id: r.event for r in records if isinstance(r.event, SyncFailed)
+            and r.event.reason == FailureReason.VM_FAILED_OVER}
         #: Plans the replayed planner made itself, to compare with the logged ones.
         self.replayed: dict[uuid.UUID, SyncPlanned] = {}
 
@@ -250,6 +256,10 @@ class _DiskReplay:
         row = self.state if self.state is not None else new_state(ev.disk)
         if self.ownership.owned_externally(row):
             self.out.state = skip_snapshot(row, ev, rec.time).state  # left to its copier
+            return
+        refusal = self.hold_refusals.get(refusal_id(ev))
+        if refusal is not None:  # the VM was failed over: the planner refused it
+            self.out.state = refuse_snapshot(row, ev, rec.time, refusal.detail).state
             return
         self.out.state, outs = on_snapshot(self.state, ev, rec.time)
         self.remember(outs)

@@ -130,3 +130,11 @@ async def test_failover_refuses_every_write_and_failback_resumes(
     rc, rows, text = failover(settings, "--list")
     assert rc == 0 and [r["state"] for r in rows if r["vm_instance_uuid"] == vm] == [
         "released"], text
+    # The auditors' replay: the refused snapshots made no plan and break nothing; the plan
+    # produced by hand is the one break it reports (it is not the planner's decision).
+    out = subprocess.run([sys.executable, "-m", "cbtctl.cli", "replay", "--json"],
+                         env=child_env(settings), capture_output=True, text=True, timeout=300)
+    found = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    bad = [f for f in found if f["type"] == "finding" and f["severity"] in ("break", "warning")
+           and str(f["disk"]).startswith(vm)]
+    assert bad and all(str(rogue.sync_id) in f["message"] for f in bad), out.stdout[-3000:]

@@ -16,7 +16,7 @@ from schemas.events import (
     SyncPlanned,
 )
 from streams import lifecycle
-from streams.holds import HoldBook, refuse_snapshot
+from streams.holds import HoldBook, hold_detail, refuse_snapshot
 from streams.planner import on_commit, on_snapshot
 from tests.unit.factories import EPOCH_A, T0, VM, commit_for, disk, snap
 
@@ -35,7 +35,7 @@ def test_a_failed_over_vm_gets_no_plan_and_keeps_its_commit() -> None:
     hold = _hold(HoldState.FAILED_OVER)
     s2 = snap(d, f"{EPOCH_A}/2", minutes=15, snapshot="snapshot-2").model_copy(
         update={"snapshot_device_keys": (2000,)})
-    step = refuse_snapshot(s, s2, T0, hold)
+    step = refuse_snapshot(s, s2, T0, hold_detail(hold))
     [refusal] = step.outputs
     assert isinstance(refusal, SyncFailed) and refusal.reason == FailureReason.VM_FAILED_OVER
     assert refusal.sync_id is None and "DR test" in refusal.detail
@@ -43,7 +43,7 @@ def test_a_failed_over_vm_gets_no_plan_and_keeps_its_commit() -> None:
     assert step.state.change_id == s.change_id  # the replica's lineage is untouched
     # the snapshot is finished with: the lifecycle removes it
     assert [n.outcome for n in lifecycle.notices(step.ended)] == ["failed"]
-    again = refuse_snapshot(step.state, s2, T0 + timedelta(minutes=1), hold)
+    again = refuse_snapshot(step.state, s2, T0 + timedelta(minutes=1), hold_detail(hold))
     assert again.kind == "redelivered" and again.outputs == [refusal]
 
 

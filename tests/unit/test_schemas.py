@@ -29,8 +29,8 @@ def test_committed_json_schemas_match_the_models() -> None:
 
 def test_every_event_type_has_a_schema_and_a_topic() -> None:
     names = render_all()
-    # 15 event types (VmDescribed and ReplicationHold among them), the 2 request bodies of the change-ID API and
-    # the VM description
+    # 15 event types (VmDescribed and ReplicationHold among them), the 2 request bodies of the
+    # change-ID API and the VM description
     assert len(names) == 18
     assert {"vm_description.schema.json", "vm_described.schema.json",
             "replication_hold.schema.json"} <= set(names)
