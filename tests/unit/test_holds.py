@@ -59,3 +59,17 @@ def test_the_latest_hold_of_a_vm_wins_and_a_release_ends_it() -> None:
     book.apply(over.key.encode(), b"{not json")  # ignored, logged
     book.apply(over.key.encode(), None)  # a tombstone drops the VM's record
     assert book.records == {} and book.hold_of("not-a-uuid") is None
+
+
+def test_the_audit_keeps_each_hold_under_its_vm() -> None:
+    from consumers.audit.decoding import audited_event
+    from consumers.audit.projection import EVENT_COLUMNS, event_row, project
+    from schemas.topics import HOLDS
+
+    hold = _hold(HoldState.FAILED_OVER)
+    got = audited_event(HOLDS, hold.key.encode(), hold.model_dump_json().encode())
+    assert got == hold
+    row = dict(zip(EVENT_COLUMNS, event_row(HOLDS.name, 0, 7, hold), strict=True))
+    assert row["vm_instance_uuid"] == uuid.UUID(VM) and row["disk_key"] is None
+    assert project(hold) == []  # the events row is its record
+    assert audited_event(HOLDS, hold.key.encode(), None) is None  # a tombstone: skipped
