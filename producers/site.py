@@ -103,6 +103,9 @@ class SiteScheduler:
         self.memory: dict[str, VmMemory] = {}
         self._running: set[asyncio.Task[None]] = set()
         self._paused = False
+        #: Set by :meth:`run`'s stop event: no snapshot starts after it, the ones under way
+        #: finish (taken and published), so a stop never leaves a snapshot nobody knows of.
+        self._stop: asyncio.Event | None = None
 
     # -- memory ---------------------------------------------------------------------------------
     def remember(self, event: ScheduleEvent) -> None:
@@ -241,6 +244,8 @@ class SiteScheduler:
             async with host, vcenter:
                 if self._paused or not self._owns(d.vm.vm.instance_uuid):
                     return  # the VM's partition is being revoked: its next owner decides
+                if self._stop is not None and self._stop.is_set():
+                    return  # stopping: the next scheduler decides
                 await self._snapshot(d, report)
 
         tasks = [asyncio.create_task(one(d)) for d in due]
@@ -290,6 +295,7 @@ class SiteScheduler:
         failed snapshots. A cycle that fails as a whole (vCenter unreachable) is logged and
         retried at the next tick."""
         failures, done = 0, 0
+        self._stop = stop
         tick, start = self._settings.tick_s, time.monotonic()
         while not stop.is_set() and (cycles is None or done < cycles):
             try:

@@ -401,10 +401,12 @@ def _status(settings: Settings) -> tuple[float, float, dict[str, Any]]:
             time.sleep(1.0)
 
 
-async def _snapshots_left(settings: Settings, run: str) -> int:
+async def _snapshots_left(settings: Settings, run: str) -> list[str]:
+    """The snapshots still on the site's VMs, as ``vm/moref name created``."""
     async with VSphereClient(settings.vsphere) as client:
-        return sum(len(v.snapshots) for v in await client.list_snapshots()
-                   if v.vm.name.startswith(f"{run}-"))
+        return [f"{v.vm.name}/{s.moref} {s.name} {s.created.isoformat()}"
+                for v in await client.list_snapshots() if v.vm.name.startswith(f"{run}-")
+                for s in v.snapshots]
 
 
 async def run_site(base: Settings, opts: SiteOptions, work: Path | None = None,
@@ -456,13 +458,16 @@ async def run_site(base: Settings, opts: SiteOptions, work: Path | None = None,
                f"{json.dumps(status['policies'])}")
         assert site.scheduler is not None
         site.scheduler.stop()
-        left = -1
+        still: list[str] = []
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            left = await _snapshots_left(settings, site.run)
-            if left == 0:
+            still = await _snapshots_left(settings, site.run)
+            if not still:
                 break
             await asyncio.sleep(2)
+        left = len(still)
+        for line in still[:20]:
+            report(f"snapshot left: {line}")
         differing = [d.disk_key for d in disks
                      if not files_equal(settings.copier.target_root / d.vm.instance_uuid
                                         / f"disk-{d.key}.img", d.model)]

@@ -282,6 +282,29 @@ async def test_snapshots_run_concurrently_up_to_the_bounds_and_no_further() -> N
     assert peaks[16][0] == 16 and peaks[16][1] <= 4  # the host bound: see the test above
 
 
+async def test_a_stop_starts_no_snapshot_and_finishes_those_under_way() -> None:
+    """SIGTERM in the middle of a cycle: the snapshots being taken are taken and published
+    (their disks' events are out, so the pipeline removes them); no other starts. A stop that
+    waited for the whole cycle was killed after its grace period and left snapshots that no
+    event names on the VMs (3-4 of them in the 1,000-VM site test)."""
+    vms = [vm(f"v{i}", host=f"h{i % 10}") for i in range(100)]
+    fake, pub = FakeVCenter(vms, delay=0.05), ListPublisher()
+    sched = SiteScheduler(fake, pub, _settings(max_snapshots_per_vcenter=4,
+                                               max_snapshots_per_esxi_host=4))
+    stop = asyncio.Event()
+    run = asyncio.create_task(sched.run(stop))
+    for _ in range(500):  # until the first four are under way
+        if fake.peak_total >= 4:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(run, 5)
+    taken = [e for e in pub.schedule_events(ScheduleKind.SNAPSHOT_TAKEN)]
+    assert 4 <= len(fake.taken) < 100  # the ones under way, not the rest of the cycle
+    assert sorted(str(e.vm_instance_uuid) for e in taken) == sorted(fake.taken)
+    assert sum(fake.running.values()) == 0
+
+
 async def test_a_vm_still_being_copied_is_skipped_and_reported_at_risk_once() -> None:
     # taken in an earlier slot (every 450 s), younger than the RPO (900 s)
     busy = vm("busy", snaps=(("snapshot-9", datetime.now(UTC) - timedelta(seconds=460)),))
