@@ -700,24 +700,36 @@ class PlannerApp:
         notice = Notice.model_validate_json(value)
         key = notice.key
         before = self.snapshot_row(key)
+        if notice.kind == "removed":
+            await self._removed(key, before)
+            return
         row = lifecycle.apply(before, notice)
         with bind_disk(notice.disk.key):
             log.info("snapshot lifecycle", extra={
                 "vm_snapshot": notice.vm_snapshot, "kind": notice.kind,
                 "outcome": notice.outcome, "finished": sorted(row.finished),
                 "expected": row.expected, "removed": row.removed})
-        if notice.kind == "removed" and not (before is not None and before.removed):
+        raw = row.model_dump(mode="json")
+        self.snapshots[key] = raw
+        self._snapshot_rows[key] = (raw, row)
+        if self.removals is not None and lifecycle.releasable(row):
+            self.removals.submit(key, row)  # after the row is written: it is the record
+
+    async def _removed(self, key: bytes, row: SnapshotRow | None) -> None:
+        """The snapshot is gone from vSphere: tell each disk (``SnapshotRemoved``, once) and
+        drop the row (a tombstone in the changelog), so the table holds only the snapshots
+        still on their VMs. A notice for a row already dropped is a duplicate: nothing."""
+        if row is None:
+            return
+        if not row.removed:  # rows marked removed by earlier versions told their disks then
             for disk in row.disks.values():
                 await self.send(SnapshotRemoved(
                     event_id=stable_event_id("SnapshotRemoved", disk.key, row.vm_snapshot),
                     disk=disk, vm_snapshot=row.vm_snapshot))
             log.info("snapshot removed", extra={"vm_snapshot": row.vm_snapshot,
                                                 "vm": row.vm_instance_uuid})
-        raw = row.model_dump(mode="json")
-        self.snapshots[key] = raw
-        self._snapshot_rows[key] = (raw, row)
-        if self.removals is not None and lifecycle.releasable(row):
-            self.removals.submit(key, row)  # after the row is written: it is the record
+        del self.snapshots[key]
+        self._snapshot_rows.pop(key, None)
 
     def snapshot_row(self, key: bytes) -> SnapshotRow | None:
         """The ``snapshots`` row of ``key``, decoded (cached like :meth:`row`)."""
@@ -749,9 +761,15 @@ class PlannerApp:
                 await asyncio.sleep(self.settings.streams.remove_sweep_interval_s)
                 if not self.gatherer.ready():
                     continue
-                started = self.removals.sweep(self.held_snapshot_rows())
+                rows = self.held_snapshot_rows()
+                started = self.removals.sweep(rows)
                 if started:
                     log.info("snapshot removals retried", extra={"count": started})
+                for _, row in rows:  # rows earlier versions kept after the removal: dropped
+                    if row.removed:
+                        disk = next(iter(row.disks.values()))
+                        await self.announce(Notice(kind="removed", disk=disk,
+                                                   vm_snapshot=row.vm_snapshot))
         finally:
             await self.removals.stop()
 

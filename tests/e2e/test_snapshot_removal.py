@@ -4,6 +4,7 @@ The replicas are checked against their models and the VM against the simulator."
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from cbtctl.demo.workload import MiB, initial_fill
 from cbtstream.config import Settings
 from cbtstream.vsphere.errors import VSphereNotFound
 from cbtstream.vsphere.simctl import SimulatorControl
+from schemas.events import SnapshotRemoved
 from tests.e2e.conftest import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -47,6 +49,9 @@ async def test_a_refused_removal_is_done_by_the_sweep(
         sim.clear_faults()
     with pytest.raises(VSphereNotFound):
         await scenario.client.snapshot_info(scenario.vmref, snap)
+    await asyncio.sleep(3)  # three more sweeps: the dropped row is not removed or told again
+    removed = [e for e in w.events if isinstance(e, SnapshotRemoved) and e.vm_snapshot == snap]
+    assert sorted(e.disk.device_key for e in removed) == sorted(keys)
     log = "\n".join(p.read_text() for p in pipeline.logs.glob("worker*.log"))
     assert log.count("snapshot removal failed") >= 3  # the worker's attempts were refused
     assert "snapshot removals retried" in log  # ... and the sweep did it
