@@ -29,20 +29,25 @@ from schemas.topics import TopicSpec
 
 
 class ControlRecord(Protocol):
+    """What a book keeps: a pydantic model with a key and a time (``ChangeIdFence``,
+    ``ReplicationHold``)."""
+
     @property
     def key(self) -> str: ...
 
     @property
     def occurred_at(self) -> datetime: ...
 
+    def model_dump(self, *, mode: str = ...) -> dict[str, object]: ...
 
-R = TypeVar("R", bound=BaseModel)
+
+R = TypeVar("R", bound=ControlRecord)
 
 
 class ControlBook(Generic[R]):
     """``await book.run()`` in the background; the latest record per key in ``records``."""
 
-    def __init__(self, settings: KafkaSettings, spec: TopicSpec, model: type[R],
+    def __init__(self, settings: KafkaSettings, spec: TopicSpec, model: type[BaseModel],
                  log: logging.Logger) -> None:
         self.settings = settings
         self.spec = spec
@@ -56,7 +61,8 @@ class ControlBook(Generic[R]):
         if not value:
             return None
         try:
-            return self.model.model_validate_json(value)
+            record: R = self.model.model_validate_json(value)  # type: ignore[assignment]
+            return record
         except ValidationError as exc:
             self.log.warning(f"not a {self.model.__name__} record",
                              extra={"error": str(exc)[:300]})
@@ -68,10 +74,9 @@ class ControlBook(Generic[R]):
             if key is not None and not value:
                 self.records.pop(key.decode(errors="replace"), None)
             return
-        rec: ControlRecord = record  # type: ignore[assignment]
-        current: ControlRecord | None = self.records.get(rec.key)  # type: ignore[assignment]
-        if current is None or rec.occurred_at >= current.occurred_at:
-            self.records[rec.key] = record
+        current = self.records.get(record.key)
+        if current is None or record.occurred_at >= current.occurred_at:
+            self.records[record.key] = record
             self.log.info(self.model.__name__, extra={"record": record.model_dump(mode="json")})
 
     def ready(self) -> bool:
@@ -147,4 +152,4 @@ async def read_book(book: ControlBook[R], timeout_s: float = 30.0) -> list[R]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    return sorted(book.records.values(), key=lambda r: r.occurred_at)  # type: ignore[attr-defined]
+    return sorted(book.records.values(), key=lambda r: r.occurred_at)
