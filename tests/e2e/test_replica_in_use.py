@@ -28,8 +28,9 @@ pytestmark = [pytest.mark.integration,
 
 
 def _hold(path: str) -> subprocess.Popen[bytes]:
-    """``qemu-io`` with the image open read-write for a minute (its ``sleep`` is in ms)."""
-    proc = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "sleep 60000", path],
+    """``qemu-io`` with the image open read-write for up to 5 minutes (``sleep`` is in ms;
+    the test kills it sooner)."""
+    proc = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "sleep 300000", path],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # QEMU holds its locks once the image is open
