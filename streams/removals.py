@@ -84,6 +84,11 @@ class Removals:
                         self.failed += 1
                         return False
                     await asyncio.sleep(self._backoff_s * 2**attempt)
+                except Exception:  # a bug must not end the task unseen: the sweep retries
+                    log.exception("snapshot removal crashed", extra={
+                        "vm": row.vm_instance_uuid, "vm_snapshot": row.vm_snapshot})
+                    self.failed += 1
+                    return False
         disk = next(iter(row.disks.values()))
         try:
             await self._announce(Notice(kind="removed", disk=disk, vm_snapshot=row.vm_snapshot))
