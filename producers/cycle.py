@@ -4,6 +4,9 @@ leave it, and whether its RPO is at risk or missed.
 Time is cut into **slots** per policy: ``[k * interval, (k + 1) * interval)`` from the Unix
 epoch, so every scheduler process agrees on them. Rules of :func:`decide`, in order:
 
+0. failed over (``cbtstream failover``, a ``ReplicationHold`` the roof hands in): nothing (no
+   snapshot, no RPO judged): the operator runs the VM from its replicas, and the planner would
+   refuse the snapshot anyway;
 1. outside the policy's window: nothing (no snapshot, no RPO judged);
 2. a replication snapshot of cbtstream's is still on the VM (:func:`in_flight`): its copy is
    not finished (the worker removes it once every disk is done with it), so a new one would
@@ -22,7 +25,7 @@ creation time of that snapshot; the event for one point is reported once.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
@@ -39,6 +42,7 @@ class Action(StrEnum):
     AT_RISK = "at_risk"  # due, but its previous snapshot is still being copied
     NOT_DUE = "not_due"
     OUTSIDE_WINDOW = "outside_window"
+    HELD = "held"  # failed over: replication stopped by the operator
 
 
 @dataclass(frozen=True)
@@ -101,10 +105,13 @@ def in_flight(vm: InventoryVm) -> list[VmSnapshot]:
                   key=lambda s: s.created)
 
 
-def decide(assignment: Assignment, memory: VmMemory, now: datetime) -> Decision:
+def decide(assignment: Assignment, memory: VmMemory, now: datetime,
+           held: bool = False) -> Decision:
     """The rules of the module docstring for one VM (pure)."""
     policy, vm = assignment.policy, assignment.vm
     slot = slot_start(now, policy.interval_s)
+    if held:
+        return Decision(assignment, Action.HELD, slot)
     if not in_window(policy.window, now):
         return Decision(assignment, Action.OUTSIDE_WINDOW, slot)
     flying = in_flight(vm)
@@ -126,11 +133,11 @@ def decide(assignment: Assignment, memory: VmMemory, now: datetime) -> Decision:
 
 
 def plan(assignments: Sequence[Assignment], memory: Mapping[str, VmMemory],
-         now: datetime) -> list[Decision]:
-    """Decide every VM; snapshots first, the longest-waiting first (they are the likeliest to
-    miss their RPO if the cycle overruns)."""
-    decisions = [decide(a, memory.get(a.vm.vm.instance_uuid, VmMemory()), now)
-                 for a in assignments]
+         now: datetime, held: Callable[[str], bool] = lambda _: False) -> list[Decision]:
+    """Decide every VM (``held``: is it failed over); snapshots first, the longest-waiting
+    first (they are the likeliest to miss their RPO if the cycle overruns)."""
+    decisions = [decide(a, memory.get(a.vm.vm.instance_uuid, VmMemory()), now,
+                        held(a.vm.vm.instance_uuid)) for a in assignments]
     oldest = datetime.min.replace(tzinfo=UTC)
     return sorted(decisions, key=lambda d: (d.action != Action.SNAPSHOT, memory.get(
         d.vm.vm.instance_uuid, VmMemory()).last_taken or oldest))

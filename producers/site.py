@@ -89,16 +89,20 @@ def _now() -> datetime:
 
 class SiteScheduler:
     """Runs cycles for one vCenter; ``owns(vm_instance_uuid)`` says which VMs are this
-    process's (all of them by default)."""
+    process's (all of them by default), ``held(vm_instance_uuid)`` which are failed over (none
+    by default)."""
 
     def __init__(self, client: SiteClient, publisher: EventPublisher, settings: ScheduleSettings,
                  *, tags: TagSource | None = None, metrics: ScheduleMetrics | None = None,
                  owns: Callable[[str], bool] = lambda _: True,
+                 held: Callable[[str], bool] = lambda _: False,
                  clock: Callable[[], datetime] = _now) -> None:
         self._client, self._publisher, self._settings = client, publisher, settings
         self._tags = tags or NoTags()
         self._metrics = metrics
         self._owns = owns
+        #: Is a VM failed over (the roof hands in the hold book's answer): not snapshotted.
+        self._held = held
         self._clock = clock
         self.memory: dict[str, VmMemory] = {}
         self._running: set[asyncio.Task[None]] = set()
@@ -173,7 +177,7 @@ class SiteScheduler:
         mine = [a for key, a in res.assignments.items() if self._owns(key)]
         report.owned = len(mine)
         now = self._clock()
-        decisions = plan(mine, self.memory, now)
+        decisions = plan(mine, self.memory, now, self._held)
         states: Counter[tuple[str, str]] = Counter()
         for d in decisions:
             states[(d.assignment.policy.name, "protected")] += 1
@@ -183,7 +187,9 @@ class SiteScheduler:
         if self._metrics is not None:
             self._metrics.set_cycle(states, problems, report.duration_s)
         log.info("schedule cycle", extra={
-            "owned": report.owned, "taken": len(report.taken), "failed": len(report.failed),
+            "owned": report.owned,
+            "held": sum(d.action == Action.HELD for d in decisions),
+            "taken": len(report.taken), "failed": len(report.failed),
             "rpo_at_risk": len(report.at_risk), "rpo_missed": len(report.missed),
             "problems": len(report.problems), "duration_s": round(report.duration_s, 3)})
         return report

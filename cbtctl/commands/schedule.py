@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import re
 import signal
 import sys
@@ -64,15 +65,18 @@ async def _run(args: argparse.Namespace, settings: Settings, vsettings: VSphereS
     from cbtstream.vsphere.tags import TagClient
     from producers.site import SiteScheduler
     from schemas.topics import SCHEDULE_EVENTS
+    from streams.holds import HoldBook
 
     sched = settings.schedule
     metrics = ScheduleMetrics()
     async with VSphereClient(vsettings) as client, Publisher(settings.kafka) as publisher:
         ownership: KeyOwnership | None = None
+        holds = HoldBook(settings.kafka)  # failed-over VMs are not snapshotted
         scheduler = SiteScheduler(client, publisher, sched, tags=TagClient(vsettings),
                                   metrics=metrics,
                                   owns=lambda uuid: ownership is not None and ownership.owns(
-                                      uuid))
+                                      uuid),
+                                  held=lambda uuid: holds.hold_of(uuid) is not None)
         try:
             res = await scheduler.check()
         except ConfigError as exc:
@@ -101,11 +105,16 @@ async def _run(args: argparse.Namespace, settings: Settings, vsettings: VSphereS
                     f"the scheduler's metrics endpoint cannot listen on {sched.metrics_host}:"
                     f"{sched.metrics_port} ({exc.strerror}); give each scheduler on a host its "
                     "own schedule.metrics_port, or 0 for none") from exc
+        reading = asyncio.create_task(holds.run())
         try:
+            await asyncio.wait_for(holds.wait_ready(), 60)
             async with ownership:
                 await ownership.wait_ready(60)
                 failures = await scheduler.run(stop, cycles=args.cycles)
         finally:
+            reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reading
             if server is not None:
                 await server.stop()
         return 1 if failures and args.cycles else 0

@@ -282,6 +282,24 @@ async def test_snapshots_run_concurrently_up_to_the_bounds_and_no_further() -> N
     assert peaks[16][0] == 16 and peaks[16][1] <= 4  # the host bound: see the test above
 
 
+async def test_a_failed_over_vm_is_not_snapshotted_nor_judged_until_released() -> None:
+    """``cbtstream failover`` holds a VM: the scheduler takes no snapshot of it and reports no
+    RPO (its replica is the operator's); released, it is snapshotted again."""
+    held = vm("dr-1", snaps=(("snapshot-3", datetime.now(UTC) - timedelta(days=1)),))
+    fake, pub = FakeVCenter([held, vm("web-1")]), ListPublisher()
+    holds = {held.vm.instance_uuid}
+    sched = SiteScheduler(fake, pub, _settings(), held=lambda uuid: uuid in holds)
+    report = await sched.cycle()
+    assert fake.taken == [vm("web-1").vm.instance_uuid]
+    assert report.at_risk == [] and report.missed == []
+    assert not pub.schedule_events(ScheduleKind.RPO_MISSED)
+    holds.clear()
+    fresh = vm("dr-1")  # its old snapshot gone (the planner refused and removed it)
+    fake.vms[fresh.vm.instance_uuid] = fresh
+    await sched.cycle()
+    assert held.vm.instance_uuid in fake.taken
+
+
 async def test_a_stop_starts_no_snapshot_and_finishes_those_under_way() -> None:
     """SIGTERM in the middle of a cycle: the snapshots being taken are taken and published
     (their disks' events are out, so the pipeline removes them); no other starts. A stop that
