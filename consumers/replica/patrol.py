@@ -38,9 +38,11 @@ _NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 def next_due(found: list[Found]) -> Found | None:
-    """The clean replica verified longest ago (never verified first). Pure."""
+    """The clean replica verified longest ago (never verified first). Pure. A failed-over
+    replica is the operator's (a VM may write it): not patrolled, failback checks it."""
     clean = [f for f in found if isinstance(f.record, ReplicaState)
-             and f.record.status == ReplicaStatus.CLEAN and f.record.held is not None]
+             and f.record.status == ReplicaStatus.CLEAN and f.record.held is not None
+             and f.record.failed_over_at is None]
     if not clean:
         return None
     return min(clean, key=lambda f: (f.record.verified_at or _NEVER  # type: ignore[union-attr]

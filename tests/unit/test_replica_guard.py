@@ -162,3 +162,20 @@ def test_a_failed_over_replica_refuses_every_plan_until_failed_back() -> None:
     assert back.failed_over_at is None
     assert admit(p3, ReplicaView(back, FILE), PIPE).replication_type == (
         ReplicationType.INCREMENTAL)
+
+
+def test_the_patrol_leaves_a_failed_over_replica_alone() -> None:
+    from pathlib import Path
+
+    from consumers.replica.location import ReplicaLocation
+    from consumers.replica.patrol import next_due
+    from consumers.replica.store import ReplicaStore
+    from consumers.replica.verify import Found
+
+    _, p2, _ = _plans()
+    loc = ReplicaLocation(kind=TargetKind.FILE, location="/r/x.img",
+                          store=ReplicaStore(Path("/r"), "x.img"), disk_key=p2.disk.key)
+    clean = Found(p2.disk.key, loc, _clean_at(p2))
+    over = Found(p2.disk.key, loc, _clean_at(p2).failed_over("DR test"))
+    assert next_due([over]) is None  # the operator's: failback checks it
+    assert next_due([over, clean]) is clean
