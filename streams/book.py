@@ -48,7 +48,9 @@ class ControlBook(Generic[R]):
     """``await book.run()`` in the background; the latest record per key in ``records``."""
 
     def __init__(self, settings: KafkaSettings, spec: TopicSpec, model: type[BaseModel],
-                 log: logging.Logger) -> None:
+                 log: logging.Logger, name: str) -> None:
+        #: What a record is called in the log ("fence", "hold").
+        self.name = name
         self.settings = settings
         self.spec = spec
         self.model = model
@@ -64,7 +66,7 @@ class ControlBook(Generic[R]):
             record: R = self.model.model_validate_json(value)  # type: ignore[assignment]
             return record
         except ValidationError as exc:
-            self.log.warning(f"not a {self.model.__name__} record",
+            self.log.warning(f"not a {self.name} record",
                              extra={"error": str(exc)[:300]})
             return None
 
@@ -77,7 +79,7 @@ class ControlBook(Generic[R]):
         current = self.records.get(record.key)
         if current is None or record.occurred_at >= current.occurred_at:
             self.records[record.key] = record
-            self.log.info(self.model.__name__, extra={"record": record.model_dump(mode="json")})
+            self.log.info(self.name, extra={self.name: record.model_dump(mode="json")})
 
     def ready(self) -> bool:
         return self._ready.is_set()
@@ -93,7 +95,7 @@ class ControlBook(Generic[R]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the broker went away: read again from the start
-                self.log.warning("control book: reading again",
+                self.log.warning(f"{self.name} book: reading again",
                                  extra={"topic": self.spec.name, "error": str(exc)[:300]})
                 await asyncio.sleep(2.0)
 
@@ -108,7 +110,7 @@ class ControlBook(Generic[R]):
             except LookupError:
                 # No record was ever possible (`cbtstream topics create` makes the topic):
                 # plan without, and look again later.
-                self.log.warning("control topic missing; planning without it",
+                self.log.warning(f"{self.name} topic missing; planning without {self.name}s",
                                  extra={"topic": name})
                 self._ready.set()
                 await asyncio.sleep(30.0)
@@ -124,8 +126,8 @@ class ControlBook(Generic[R]):
             while True:
                 if not self._ready.is_set() and await _positions_reached(consumer, end):
                     self._ready.set()
-                    self.log.info("control book ready", extra={"topic": name,
-                                                               "records": len(self.records)})
+                    self.log.info(f"{self.name} book ready",
+                                  extra={f"{self.name}s": len(self.records)})
                 batch = await consumer.getmany(timeout_ms=500)
                 for records in batch.values():
                     for r in records:

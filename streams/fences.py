@@ -19,7 +19,7 @@ class FenceBook(ControlBook[ChangeIdFence]):
     """``await book.run()`` in the background; ``book.active()`` for the planner."""
 
     def __init__(self, settings: KafkaSettings) -> None:
-        super().__init__(settings, FENCES, ChangeIdFence, log)
+        super().__init__(settings, FENCES, ChangeIdFence, log, "fence")
 
     @property
     def fences(self) -> dict[str, ChangeIdFence]:

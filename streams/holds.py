@@ -35,7 +35,7 @@ class HoldBook(ControlBook[ReplicationHold]):
     """``await book.run()`` in the background; ``book.hold_of(vm)`` for the planner."""
 
     def __init__(self, settings: KafkaSettings) -> None:
-        super().__init__(settings, HOLDS, ReplicationHold, log)
+        super().__init__(settings, HOLDS, ReplicationHold, log, "hold")
 
     def hold_of(self, vm_instance_uuid: str) -> ReplicationHold | None:
         """The VM's hold if it is failed over now, else None."""

@@ -44,6 +44,15 @@ PROCESS_LEVEL = {
     "fence",
     "fence book: reading again",
     "fence topic missing; planning without fences",
+    "not a fence record",
+    # the failover hold book (streams/holds.py): holds are about VMs, not one disk
+    "hold book ready",
+    "hold",
+    "hold book: reading again",
+    "hold topic missing; planning without holds",
+    "not a hold record",
+    # the snapshot removals' sweep (streams/app.py): a count over the worker's partitions
+    "snapshot removals retried",
     # the planner worker's process and partition-level lines (streams/worker.py, recovery.py,
     # timeouts.py, watchdog.py, app.py)
     "stopping",
