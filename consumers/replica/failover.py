@@ -56,6 +56,16 @@ def _held(record: ReplicaState) -> str | None:
     return record.held.change_id if record.held is not None else None
 
 
+def _unknown(found: Found) -> Handed:
+    return Handed(found.disk_key, "unknown", "the replica's record cannot be read",
+                  location=found.location.location)
+
+
+def _busy(found: Found, why: object, change_id: str | None = None) -> Handed:
+    return Handed(found.disk_key, "busy", f"{why}; run the command again", change_id,
+                  found.location.location)
+
+
 async def hand_over(found: Found, reason: str, wait_s: float) -> Handed:
     """Mark one replica failed over, after any sync writing it has ended."""
     loc = found.location
@@ -63,16 +73,14 @@ async def hand_over(found: Found, reason: str, wait_s: float) -> Handed:
         async with loc.store.lock(wait_s=wait_s):
             record = await asyncio.to_thread(loc.store.load)
             if not isinstance(record, ReplicaState):
-                return Handed(found.disk_key, "unknown", "the replica's record cannot be read",
-                              location=loc.location)
+                return _unknown(found)
             if record.failed_over_at is not None:
                 return Handed(found.disk_key, "already_failed_over",
                               f"since {record.failed_over_at.isoformat()}", _held(record),
                               loc.location)
             await asyncio.to_thread(loc.store.save, record.failed_over(reason))
     except ReplicaBusy as exc:
-        return Handed(found.disk_key, "busy", f"{exc}; run the command again", None,
-                      loc.location)
+        return _busy(found, exc)
     if record.status != ReplicaStatus.CLEAN:
         detail = (f"the replica is {record.status.value} (an interrupted sync or a verify "
                   "mismatch): it is not a consistent copy of any snapshot")
@@ -90,8 +98,7 @@ async def take_back(found: Found, read_target: ReadTarget, wait_s: float) -> Han
         async with loc.store.lock(wait_s=wait_s):
             record = await asyncio.to_thread(loc.store.load)
         if not isinstance(record, ReplicaState):
-            return Handed(found.disk_key, "unknown", "the replica's record cannot be read",
-                          location=loc.location)
+            return _unknown(found)
         if record.failed_over_at is None:
             return Handed(found.disk_key, "not_failed_over", "nothing to take back",
                           _held(record), loc.location)
@@ -99,13 +106,11 @@ async def take_back(found: Found, read_target: ReadTarget, wait_s: float) -> Han
         # the lock while it hashes (check_replica reads and marks under it).
         check = await check_replica(loc, read_target, mark=True, wait_s=wait_s)
         if check.result == "busy":
-            return Handed(found.disk_key, "busy", f"{check.detail}; run the command again",
-                          _held(record), loc.location)
+            return _busy(found, check.detail, _held(record))
         async with loc.store.lock(wait_s=wait_s):
             now = await asyncio.to_thread(loc.store.load)
             if not isinstance(now, ReplicaState):
-                return Handed(found.disk_key, "unknown", "the replica's record cannot be read",
-                              location=loc.location)
+                return _unknown(found)
             if check.ok:
                 back, result = now.failed_back(), "failed_back"
                 detail = f"unchanged: the next sync is incremental from {_held(now)}"
@@ -117,6 +122,5 @@ async def take_back(found: Found, read_target: ReadTarget, wait_s: float) -> Han
                                             "in full (replica_mismatch)")
             await asyncio.to_thread(loc.store.save, back)
     except ReplicaBusy as exc:
-        return Handed(found.disk_key, "busy", f"{exc}; run the command again", None,
-                      loc.location)
+        return _busy(found, exc)
     return Handed(found.disk_key, result, detail, _held(now), loc.location)

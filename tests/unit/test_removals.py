@@ -50,6 +50,13 @@ class Remover:
             self.running -= 1
 
 
+class Announced(list[Notice]):
+    """The notices the removals sent, in order (the lifecycle topic of these tests)."""
+
+    async def __call__(self, notice: Notice) -> None:
+        self.append(notice)
+
+
 async def settle(r: Removals) -> None:
     for _ in range(200):
         if r.in_flight() == 0:
@@ -68,12 +75,8 @@ def test_removed_notice_marks_the_row_and_keeps_the_disks() -> None:
 
 async def test_a_snapshot_a_disk_still_needs_is_never_submitted() -> None:
     remover = Remover()
-    announced: list[Notice] = []
-
-    async def announce(n: Notice) -> None:
-        announced.append(n)
-
-    removals = Removals(remover, announce, concurrency=4, backoff_s=0)
+    announced = Announced()
+    removals = Removals(remover, announced, concurrency=4, backoff_s=0)
     assert not removals.submit(b"k", row("snapshot-1", finished=(2000,)))
     await settle(removals)
     assert remover.calls == [] and announced == []
@@ -82,12 +85,8 @@ async def test_a_snapshot_a_disk_still_needs_is_never_submitted() -> None:
 async def test_removal_is_announced_once_and_bounded() -> None:
     gate = asyncio.Event()
     remover = Remover(gate=gate)
-    announced: list[Notice] = []
-
-    async def announce(n: Notice) -> None:
-        announced.append(n)
-
-    removals = Removals(remover, announce, concurrency=3, backoff_s=0)
+    announced = Announced()
+    removals = Removals(remover, announced, concurrency=3, backoff_s=0)
     rows = [(f"k{i}".encode(), row(f"snapshot-{i}")) for i in range(10)]
     assert removals.sweep(rows) == 10
     assert removals.sweep(rows) == 0  # in flight: not submitted twice
@@ -102,12 +101,8 @@ async def test_removal_is_announced_once_and_bounded() -> None:
 
 async def test_transient_failures_are_retried_and_exhausted_ones_wait_for_the_sweep() -> None:
     remover = Remover(fail=2)
-    announced: list[Notice] = []
-
-    async def announce(n: Notice) -> None:
-        announced.append(n)
-
-    removals = Removals(remover, announce, concurrency=2, backoff_s=0)
+    announced = Announced()
+    removals = Removals(remover, announced, concurrency=2, backoff_s=0)
     removals.submit(b"a", row("snapshot-a"))
     await settle(removals)
     assert remover.calls == ["snapshot-a"] * 3 and [n.vm_snapshot for n in announced] == [
@@ -115,7 +110,7 @@ async def test_transient_failures_are_retried_and_exhausted_ones_wait_for_the_sw
 
     remover = Remover(fail=5)
     announced.clear()
-    removals = Removals(remover, announce, concurrency=2, backoff_s=0)
+    removals = Removals(remover, announced, concurrency=2, backoff_s=0)
     removals.submit(b"b", row("snapshot-b"))
     await settle(removals)
     assert announced == [] and removals.failed == 1 and len(remover.calls) == 3
@@ -128,12 +123,8 @@ async def test_transient_failures_are_retried_and_exhausted_ones_wait_for_the_sw
 async def test_stop_cancels_removals_in_flight_without_announcing() -> None:
     gate = asyncio.Event()
     remover = Remover(gate=gate)
-    announced: list[Notice] = []
-
-    async def announce(n: Notice) -> None:
-        announced.append(n)
-
-    removals = Removals(remover, announce, concurrency=2, backoff_s=0)
+    announced = Announced()
+    removals = Removals(remover, announced, concurrency=2, backoff_s=0)
     removals.sweep([(b"a", row("snapshot-a")), (b"b", row("snapshot-b"))])
     await asyncio.sleep(0.01)
     await removals.stop()
