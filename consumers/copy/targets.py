@@ -309,8 +309,6 @@ def open_below(root: Path, rel: PurePosixPath, capacity: int) -> FileTarget:
             dir_fd = child
         fd = _open_nofollow(rel.parts[-1], os.O_RDWR | os.O_CREAT, dir_fd, path, mode=0o640)
         try:
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                lock_replica(fd, path)  # before the file is extended or written
             target = _prepare(path, fd, capacity)
         except BaseException:
             os.close(fd)
@@ -324,6 +322,7 @@ def open_below(root: Path, rel: PurePosixPath, capacity: int) -> FileTarget:
 def _prepare(path: Path, fd: int, capacity: int) -> FileTarget:
     st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode):
+        lock_replica(fd, path)  # before the file is extended or written
         if st.st_size > capacity:
             raise TargetError(
                 f"replica {path} is {st.st_size} bytes, larger than the disk ({capacity})"
