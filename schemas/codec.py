@@ -80,7 +80,7 @@ _UNCHECKED = _Unchecked()
 #: Event types that are not about one disk (decoded elsewhere: dead letters, fences, the
 #: scheduler's events, the VM descriptions).
 _NOT_DISK_EVENTS = ("DeadLetter", "ChangeIdFence", "ScheduleEvent", "VmDescribed",
-                    "ReplicationHold")
+                    "ReplicationHold", "CutoverCompleted")
 
 
 def decode(

@@ -307,6 +307,9 @@ class FailureReason(StrEnum):
     #: The copier refused a plan whose replica is failed over (its record says so): the replica
     #: is the operator's until ``cbtstream failover --undo``.
     REPLICA_FAILED_OVER = "replica_failed_over"
+    #: The planner refused a snapshot of a VM that was cut over (``ReplicationHold``
+    #: ``cut_over``): the replicas hold its final state and belong to the target platform.
+    VM_CUT_OVER = "vm_cut_over"
 
 
 def lineage_refusal_id(commit_event_id: uuid.UUID) -> uuid.UUID:
@@ -454,6 +457,9 @@ class HoldState(StrEnum):
     FAILED_OVER = "failed_over"
     #: Replication resumes (``cbtstream failover --undo``).
     RELEASED = "released"
+    #: The VM was cut over (``cbtstream cutover``): its final snapshot is on its replicas, which
+    #: now belong to the target platform. Nothing is planned or written for it again.
+    CUT_OVER = "cut_over"
 
 
 class ReplicationHold(BaseModel):
@@ -574,6 +580,60 @@ def vm_described_id(vcenter: str, vm_instance_uuid: str | uuid.UUID,
     return stable_event_id("VmDescribed", vcenter, str(vm_instance_uuid).lower(), vm_snapshot)
 
 
+class CutoverDisk(BaseModel):
+    """One disk of a cut-over VM: where its replica is, what it holds, and the proof."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    disk: DiskRef
+    change_id: str | None = Field(description="The change ID of the final snapshot.")
+    sync_id: uuid.UUID = Field(description="The final sync that wrote the replica.")
+    replica_location: str = Field(
+        max_length=MAX_TEXT, description="The replica: file path, block device or NBD URI.")
+    replica_digest: str = Field(
+        max_length=200, description="The replica's hash tree root, as re-hashed at cutover.")
+    source_digest: str = Field(
+        max_length=200, description="The root of the final snapshot's export, hashed at "
+        "cutover: equal to replica_digest, or the cutover does not complete.")
+
+
+class CutoverCompleted(BaseModel):
+    """A VM was cut over (``cbtstream cutover``): stopped, its final snapshot copied to every
+    replica and each replica proven equal to that snapshot's export. From here on the replicas
+    belong to the target platform (the VM's ``ReplicationHold`` says ``cut_over``: later
+    snapshots are refused with ``vm_cut_over``, copiers refuse to write the replicas). Carries
+    what the target platform needs to start the machine: each disk's replica and digest, in the
+    description's controller order, and the VM's description read at the final snapshot.
+    Keyed by the VM's instance uuid on ``cbt.vm.cutovers``. Not a disk event."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_type: Literal["CutoverCompleted"] = "CutoverCompleted"
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: AwareDatetime = Field(default_factory=utcnow)
+    vm_instance_uuid: uuid.UUID
+    vcenter: str = Field(max_length=MAX_TEXT)
+    vm_snapshot: str = Field(min_length=1, max_length=128,
+                             description="The final snapshot (SnapshotTaken.vm_snapshot).")
+    taken_at: AwareDatetime = Field(description="The final snapshot's creation time.")
+    stopped_by: Literal["shutdown", "power_off", "was_off"] = Field(
+        description="How the VM was stopped before its final snapshot.")
+    reason: str = Field(default="", max_length=MAX_TEXT)
+    disks: tuple[CutoverDisk, ...] = Field(min_length=1)
+    description: VmDescription | None = Field(
+        description="The VM's description read at the final snapshot (null: it could not be "
+        "read; the newest VmDescribed of the VM then serves).")
+    timeline: dict[str, float] = Field(
+        default_factory=dict,
+        description="Seconds from the start of the cutover to the end of each step "
+        "(stopped, snapshot, synced, verified, held).")
+
+    @property
+    def key(self) -> str:
+        return str(self.vm_instance_uuid)
+
+
 class DeadLetter(BaseModel):
     """A record that could not be decoded or validated, kept whole with where it came from."""
 
@@ -627,6 +687,7 @@ EVENT_TYPES: dict[str, type[BaseModel]] = {
         ScheduleEvent,
         VmDescribed,
         ReplicationHold,
+        CutoverCompleted,
     )
 }
 

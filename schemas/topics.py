@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from schemas.events import (
     ChangeIdCommitted,
     ChangeIdFence,
+    CutoverCompleted,
     DeadLetter,
     DiskSkipped,
     ReplicaMismatch,
@@ -147,10 +148,20 @@ HOLDS = TopicSpec(
     "Operator holds: a VM failed over (nothing planned or written for it) or released.",
 )
 
+CUTOVERS = TopicSpec(
+    "cbt.vm.cutovers",
+    (CutoverCompleted,),
+    # Compacted: the latest cutover per VM lives forever (what the target platform was handed).
+    {"cleanup.policy": "compact"},
+    "Cut-over VMs: each disk's replica and digest, proven against the final snapshot, and the "
+    "VM's description for the target platform.",
+)
+
 #: Topics that carry no disk events (the replay's disk history does not read them): fences,
 #: read whole by the planner; the scheduler's per-VM events; the VM descriptions (keyed by VM);
-#: the holds (failover), read whole by the planner. The audit stores them too.
-CONTROL_TOPICS: tuple[TopicSpec, ...] = (FENCES, SCHEDULE_EVENTS, VM_DESCRIBED, HOLDS)
+#: the holds (failover), read whole by the planner; the cutovers. The audit stores them too.
+CONTROL_TOPICS: tuple[TopicSpec, ...] = (FENCES, SCHEDULE_EVENTS, VM_DESCRIBED, HOLDS,
+                                          CUTOVERS)
 
 ALL_TOPICS: tuple[TopicSpec, ...] = (
     SNAPSHOT_TAKEN,

@@ -271,6 +271,10 @@ def _internal_topic(app: faust.App, name: str, partitions: int) -> faust.TopicT:
                      value_serializer="raw", partitions=partitions, internal=True)
 
 
+class RowChanged(Exception):
+    """A step was about to write a row that another agent wrote after the step read it."""
+
+
 class PlannerApp:
     """The planner's Faust side: what the agents, pages and timers wired by :func:`build` run.
 
@@ -490,8 +494,15 @@ class PlannerApp:
         else:
             disk_key = parsed.disk.key  # a computed property: derive it once per event
             with bind_disk(disk_key):
-                await handle(disk_key.encode(), parsed,
-                             Position(msg.topic, msg.partition, msg.offset))
+                for attempt in range(3):
+                    try:
+                        await handle(disk_key.encode(), parsed,
+                                     Position(msg.topic, msg.partition, msg.offset))
+                        break
+                    except RowChanged as exc:
+                        if attempt == 2:
+                            raise
+                        log.error("planner step run again", extra={"error": str(exc)})
         self._mark(msg.topic, msg.partition, msg.offset)
 
     def _mark(self, topic: str, partition: int, offset: int) -> None:
@@ -519,6 +530,13 @@ class PlannerApp:
         processed), send the step's outputs and lifecycle notices (only for snapshots the
         pipeline removes: see ``streams.lifecycle``). The same sends happen for a redelivered
         input: see the module docstring."""
+        now = self.row(key)
+        if now is not before and now != before:
+            # The row was read before an await and another agent wrote it meanwhile: writing
+            # this step would undo that write (a commit applied, then overwritten by a
+            # snapshot step that still saw the sync running). Nothing was written or sent yet;
+            # the dispatcher runs the input again on the current row.
+            raise RowChanged(f"row of {key.decode()} changed while its {source} step ran")
         if step.state is not before:
             state = step.state
             if state is not None and position is not None:
@@ -547,15 +565,22 @@ class PlannerApp:
         await self.outbox.put(key, sends)
         self.metrics.observe_step(source, step.kind, step.outputs)
 
-    async def on_snapshot(self, key: bytes, ev: SnapshotTaken, at: Position) -> None:
-        before = self.row(key)
+    async def _books_ready(self) -> None:
+        """Wait until the fence and hold books have read their topics. Called before the row is
+        read: the row must be read, stepped and written with no ``await`` in between (another
+        agent, e.g. the commit agent, may write the same row while this one waits)."""
         await self.fences.wait_ready()
         await self.holds.wait_ready()
+
+    async def on_snapshot(self, key: bytes, ev: SnapshotTaken, at: Position) -> None:
+        await self._books_ready()
+        before = self.row(key)
         row = before if before is not None else new_state(ev.disk)
         hold = self.holds.hold_of(ev.disk.vm_instance_uuid)
-        if hold is not None:  # failed over: the replica is the operator's
+        if hold is not None:  # failed or cut over: the replica is the operator's
             await self._step(key, before, holds.refuse_snapshot(
-                row, ev, datetime.now(UTC), holds.hold_detail(hold)), "snapshot", at)
+                row, ev, datetime.now(UTC), holds.hold_detail(hold), holds.HELD[hold.state]),
+                "snapshot", at)
             return
         if self.ownership.owned_externally(row):  # its external copier copies it
             await self._step(key, before, external.skip_snapshot(row, ev, datetime.now(UTC)),
@@ -571,8 +596,8 @@ class PlannerApp:
             configured), "snapshot", at)
 
     async def on_commit(self, key: bytes, ev: ChangeIdCommitted, at: Position) -> None:
+        await self._books_ready()
         before = self.row(key)
-        await self.fences.wait_ready()
         if ev.origin == external.EXTERNAL:
             await self._step(key, before, external.apply_external(
                 before, ev, datetime.now(UTC), self.ownership), "commit", at)
@@ -587,11 +612,11 @@ class PlannerApp:
         await self._step(key, before, step, "commit", at)
 
     async def on_failed(self, key: bytes, ev: SyncFailed, at: Position) -> None:
-        before = self.row(key)
         if ev.sync_id is not None:
             self.progress.pop(ev.sync_id, None)
             self.reports.pop(ev.sync_id, None)
-        await self.fences.wait_ready()
+        await self._books_ready()
+        before = self.row(key)
         await self._step(key, before, planner.failed_step(
             before, ev, datetime.now(UTC), self.fences.active()), "failure", at)
 

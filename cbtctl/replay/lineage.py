@@ -46,7 +46,7 @@ from schemas.events import (
 )
 from streams.external import EXTERNAL, Ownership, apply_external, check_external, skip_snapshot
 from streams.guard import Verdict, check_commit
-from streams.holds import refusal_id, refuse_snapshot
+from streams.holds import HELD, refusal_id, refuse_snapshot
 from streams.planner import Output, decide, on_commit, on_failed, on_snapshot
 from streams.state import DiskState, RunningSync, new_state
 
@@ -177,7 +177,7 @@ class _DiskReplay:
         #: the replay does not read the holds, it finds their effect in the log.
         self.hold_refusals: dict[uuid.UUID, SyncFailed] = {
             r.event.event_id: r.event for r in records if isinstance(r.event, SyncFailed)
-            and r.event.reason == FailureReason.VM_FAILED_OVER}
+            and r.event.reason in {reason.value for reason in HELD.values()}}
         #: Plans the replayed planner made itself, to compare with the logged ones.
         self.replayed: dict[uuid.UUID, SyncPlanned] = {}
 
@@ -257,10 +257,12 @@ class _DiskReplay:
         if self.ownership.owned_externally(row):
             self.out.state = skip_snapshot(row, ev, rec.time).state  # left to its copier
             return
-        refusal = self.hold_refusals.get(refusal_id(ev))
-        if refusal is not None:  # the VM was failed over: the planner refused it
-            self.out.state = refuse_snapshot(row, ev, rec.time, refusal.detail).state
-            return
+        for reason in HELD.values():
+            refusal = self.hold_refusals.get(refusal_id(ev, reason))
+            if refusal is not None:  # the VM was failed or cut over: the planner refused it
+                self.out.state = refuse_snapshot(row, ev, rec.time, refusal.detail,
+                                                 reason).state
+                return
         self.out.state, outs = on_snapshot(self.state, ev, rec.time)
         self.remember(outs)
 

@@ -23,8 +23,16 @@ from pydantic import ValidationError
 
 from consumers.audit.projection import AuditedEvent
 from schemas.codec import MAX_VALUE_BYTES, EventDecodeError, decode
-from schemas.events import ChangeIdFence, DeadLetter, ReplicationHold, ScheduleEvent, VmDescribed
+from schemas.events import (
+    ChangeIdFence,
+    CutoverCompleted,
+    DeadLetter,
+    ReplicationHold,
+    ScheduleEvent,
+    VmDescribed,
+)
 from schemas.topics import (
+    CUTOVERS,
     DEADLETTER,
     FENCES,
     HOLDS,
@@ -35,18 +43,20 @@ from schemas.topics import (
 
 #: Topics whose values are validated as one model, body only (topic name -> model).
 _BODY_ONLY: dict[str, type[DeadLetter | ChangeIdFence | ScheduleEvent | VmDescribed
-                           | ReplicationHold]] = {
+                           | ReplicationHold | CutoverCompleted]] = {
     DEADLETTER.name: DeadLetter,
     FENCES.name: ChangeIdFence,
     SCHEDULE_EVENTS.name: ScheduleEvent,
     VM_DESCRIBED.name: VmDescribed,
     HOLDS.name: ReplicationHold,
+    CUTOVERS.name: CutoverCompleted,
 }
 
 
 def is_tombstone(spec: TopicSpec, value: bytes | None) -> bool:
-    """A null value on a compacted topic (fences, holds): skipped, never dead-lettered."""
-    return spec in (FENCES, HOLDS) and value is None
+    """A null value on a compacted topic (fences, holds, cutovers): skipped, never
+    dead-lettered."""
+    return spec in (FENCES, HOLDS, CUTOVERS) and value is None
 
 
 def audited_event(spec: TopicSpec, key: bytes | None, value: bytes | None

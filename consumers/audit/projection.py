@@ -41,6 +41,7 @@ from schemas.disk import DiskRef, parse_disk_key
 from schemas.events import (
     ChangeIdCommitted,
     ChangeIdFence,
+    CutoverCompleted,
     DeadLetter,
     Event,
     FailureReason,
@@ -56,7 +57,8 @@ from schemas.events import (
 
 #: Everything the audit stores: the disk events, the dead letters and the control events
 #: (``schemas.events.Event`` does not name the control events: it is what disk readers decode).
-AuditedEvent = Event | ChangeIdFence | ScheduleEvent | VmDescribed | ReplicationHold
+AuditedEvent = (Event | ChangeIdFence | ScheduleEvent | VmDescribed | ReplicationHold
+                | CutoverCompleted)
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def event_row(topic: str, partition: int, offset: int,
             vm = parse_disk_key(disk_key or "")[0]
         except ValueError:
             disk_key = vm = None
-    elif isinstance(event, ScheduleEvent | VmDescribed | ReplicationHold):
+    elif isinstance(event, ScheduleEvent | VmDescribed | ReplicationHold | CutoverCompleted):
         vm = str(event.vm_instance_uuid)
     elif not isinstance(event, ChangeIdFence):
         disk_key, vm = event.disk.key, event.disk.vm_instance_uuid
@@ -342,4 +344,5 @@ def project(event: AuditedEvent) -> list[Stmt]:
             desc.secure_boot, desc.num_cpus, desc.cores_per_socket, desc.memory_mib,
             desc.guest_id, desc.hardware_version, len(desc.disks), len(desc.nics),
             desc.model_dump_json()))]
-    return []  # SnapshotTaken, SyncSuperseded, DeadLetter, ReplicationHold: the events row
+    # SnapshotTaken, SyncSuperseded, DeadLetter, ReplicationHold, CutoverCompleted: the events row
+    return []

@@ -29,11 +29,11 @@ def test_committed_json_schemas_match_the_models() -> None:
 
 def test_every_event_type_has_a_schema_and_a_topic() -> None:
     names = render_all()
-    # 15 event types (VmDescribed and ReplicationHold among them), the 2 request bodies of the
-    # change-ID API and the VM description
-    assert len(names) == 18
+    # 16 event types (VmDescribed, ReplicationHold and CutoverCompleted among them), the 2
+    # request bodies of the change-ID API and the VM description
+    assert len(names) == 19
     assert {"vm_description.schema.json", "vm_described.schema.json",
-            "replication_hold.schema.json"} <= set(names)
+            "replication_hold.schema.json", "cutover_completed.schema.json"} <= set(names)
     assert {"store_change_id_request.schema.json", "disk_commit_request.schema.json"} <= set(names)
     for spec in (*ALL_TOPICS, *CONTROL_TOPICS):
         for model in spec.value_types:

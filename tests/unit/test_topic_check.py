@@ -136,5 +136,5 @@ def test_hint_when_every_topic_shares_another_count() -> None:
     assert {p.topic for p in report.problems} == {
         n for n in layout
         if n not in ("p.cbt.deadletter", "p.cbt.changeid.fences", "p.cbt.schedule.events",
-                     "p.cbt.vm.described", "p.cbt.vm.holds")}
+                     "p.cbt.vm.described", "p.cbt.vm.holds", "p.cbt.vm.cutovers")}
     assert "set kafka.partitions = 6 (CBTSTREAM_KAFKA__PARTITIONS=6)" in report.hint
