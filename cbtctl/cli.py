@@ -43,6 +43,7 @@ COMMANDS: tuple[str, ...] = (
     "cbtctl.commands.targets",
     "cbtctl.commands.points",
     "cbtctl.commands.failover",
+    "cbtctl.commands.cutover",
     "cbtctl.commands.bench",
     "cbtctl.commands.config",
     "cbtctl.commands.stack",

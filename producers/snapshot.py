@@ -173,6 +173,8 @@ async def snapshot_and_publish(
     policy: str | None = None,
     rpo_s: float | None = None,
     on_undescribed: Callable[[], None] | None = None,
+    on_described: Callable[[VmDescribed], None] | None = None,
+    keep: bool = False,
 ) -> list[SnapshotTaken]:
     """Take one snapshot of ``vm`` and publish a ``SnapshotTaken`` for each of its disks.
 
@@ -192,9 +194,14 @@ async def snapshot_and_publish(
     and ``on_undescribed`` is called (the site scheduler counts it): see
     :func:`describe_snapshot`.
 
+    ``on_described`` gets the ``VmDescribed`` once it is published.
+
     The snapshot is left in place: it is the copier's source, removed after the sync
-    (``SnapshotRemoved``). If publishing fails part-way, the snapshot stays and the error
-    propagates; calling again publishes the same event ids for a new snapshot only.
+    (``SnapshotRemoved``). With ``keep`` the pipeline does not remove it (its events name no
+    ``snapshot_device_keys``, as an upstream system's may not): the caller does, e.g.
+    ``cbtstream cutover``, which hashes the snapshot's export after the final sync. If
+    publishing fails part-way, the snapshot stays and the error propagates; calling again
+    publishes the same event ids for a new snapshot only.
     """
     ref = await resolve_vm(client, vm)
     status = await client.cbt_status(ref)
@@ -211,9 +218,13 @@ async def snapshot_and_publish(
     if described is not None:
         await publisher.publish(described)
         log.debug("VM described", extra={"vm": ref.instance_uuid, "vm_snapshot": info.moref})
+        if on_described is not None:
+            on_described(described)
     elif on_undescribed is not None:
         on_undescribed()
     events = snapshot_events(client.vcenter, info, host.name or None, policy=policy, rpo_s=rpo_s)
+    if keep:
+        events = [e.model_copy(update={"snapshot_device_keys": None}) for e in events]
     for skipped in skipped_events(client.vcenter, info, host.name or None):
         with bind_disk(skipped.disk.key):
             await publisher.publish(skipped)

@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--wait", type=float, default=600.0, metavar="S",
                    help="seconds to wait for a sync writing a replica (default 600)")
     p.add_argument("--json", action="store_true", help="one JSON line per replica")
+    p.add_argument("--force", action="store_true",
+                   help="also for a VM that was cut over (cbtstream cutover): its replicas "
+                   "belong to the target platform, and --undo would replicate onto them again")
     p.set_defaults(handler=run)
 
 
@@ -85,17 +88,24 @@ def _match(found: Any, vm: str) -> bool:
     return disk is not None and vm in (disk.vm_name, disk.vm_path)
 
 
+def find_vm_records(settings: Settings, vm: str) -> list[Any]:
+    """The replica records on this copier host of the VM ``vm`` (uuid, name or path)."""
+    from consumers.replica.location import TargetResolver
+    from consumers.replica.verify import find_records
+
+    return [f for f in find_records(TargetResolver(settings.copier)) if _match(f, vm)]
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[Any], str]:
     from functools import partial
 
     from cbtstream.kafka import Publisher
     from cbtstream.tls import nbd_tls_context
     from consumers.replica.failover import hand_over, take_back
-    from consumers.replica.location import TargetResolver
-    from consumers.replica.verify import find_records, read_local_or_nbd
+    from consumers.replica.verify import read_local_or_nbd
     from schemas.events import HoldState, ReplicationHold
 
-    found = [f for f in find_records(TargetResolver(settings.copier)) if _match(f, args.vm)]
+    found = find_vm_records(settings, args.vm)
     vms = {f.disk_key.split("/")[0] for f in found}
     if len(vms) > 1:
         raise ConfigError(f"{args.vm!r} names several VMs ({', '.join(sorted(vms))}): "
@@ -108,6 +118,15 @@ async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[Any],
                               "its instance uuid to publish the hold anyway") from None
     else:
         vm = vms.pop()
+    if not args.force:
+        from streams.holds import read_holds
+
+        cut = [h for h in await read_holds(settings.kafka)
+               if str(h.vm_instance_uuid) == vm and h.state == HoldState.CUT_OVER]
+        if cut:
+            raise ConfigError(f"{vm} was cut over at {cut[0].occurred_at.isoformat()} "
+                              f"({cut[0].reason}): its replicas belong to the target platform. "
+                              "Give --force to fail it over or back all the same")
     reason = args.reason or ("failed back" if args.undo else "failed over by the operator")
     hold = ReplicationHold(vm_instance_uuid=uuid.UUID(vm), reason=reason,
                            state=HoldState.RELEASED if args.undo else HoldState.FAILED_OVER)

@@ -134,7 +134,10 @@ async def _verify_one(f: Any, targets: Any, settings: Settings, row: Any,
     read = partial(read_local_or_nbd, tls_context=nbd_tls_context(settings.copier))
 
     async def source_root(state: Any) -> str | None:
-        return await _hash_source(settings, row, state.held, state.capacity_bytes)
+        if row is None:
+            return None
+        return await hash_source(settings, row.disk, state.held.vm_snapshot,
+                                 state.held.replica_digest, state.capacity_bytes)
 
     with _bar(args, f.disk_key, _capacity(f)) as advance:
         check = await check_replica(loc, read, latest=latest,
@@ -156,10 +159,10 @@ def _capacity(f: Any) -> int:
     return f.record.capacity_bytes if isinstance(f.record, ReplicaState) else 0
 
 
-async def _hash_source(settings: Settings, row: Any, held: Any, capacity: int) -> str | None:
-    """Root of the snapshot's export the replica is recorded to hold (None if it is gone)."""
-    if row is None:
-        return None
+async def hash_source(settings: Settings, disk: Any, vm_snapshot: str, like: str,
+                      capacity: int) -> str | None:
+    """Root of the export of ``disk`` in ``vm_snapshot``, in the tree format of the root
+    ``like`` (None if the snapshot is gone)."""
     from cbtstream.tls import nbd_tls_context
     from consumers.copy.digest_v1 import version_of
     from consumers.copy.sources import open_nbd_source
@@ -169,13 +172,13 @@ async def _hash_source(settings: Settings, row: Any, held: Any, capacity: int) -
     async with contextlib.AsyncExitStack() as stack:
         exports = await stack.enter_async_context(open_exports(settings))
         try:
-            export = await stack.enter_async_context(exports.export(row.disk, held.vm_snapshot))
+            export = await stack.enter_async_context(exports.export(disk, vm_snapshot))
         except ExportNotFound:
             return None
         src = await stack.enter_async_context(open_nbd_source(
             export.uri, settings.copier.nbd_allow, connections=1,
             tls_context=nbd_tls_context(settings.copier)))
-        tree = await tree_of(src.read_into, capacity, version=version_of(held.replica_digest))
+        tree = await tree_of(src.read_into, capacity, version=version_of(like))
     root: str = tree.root()
     return root
 

@@ -9,17 +9,19 @@ what the guest wrote before the snapshot, i.e. the snapshot's content.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
 from cbtctl.demo.report import CycleRow
-from cbtctl.demo.watcher import Watcher
 from cbtctl.demo.workload import Write
+from cbtctl.watcher import Watcher
 from cbtstream.config import Settings
 from cbtstream.kafka import Publisher
 from cbtstream.vsphere.adapter import VmRef, VSphereClient
@@ -81,8 +83,11 @@ class Scenario:
         self.check_alive: list[object] = []
 
     # -- setup ----------------------------------------------------------------------------------
-    async def create_vm(self, name: str, sizes: list[int]) -> SimVm:
-        self.vm = await asyncio.to_thread(self.sim.create_vm, name, sizes, cbt=True)
+    async def create_vm(self, name: str, sizes: list[int], **options: Any) -> SimVm:
+        """A VM with CBT on and one disk per size; ``options`` go to the simulator's
+        ``create_vm`` (power state, tools, controllers, NICs...)."""
+        self.vm = await asyncio.to_thread(
+            functools.partial(self.sim.create_vm, name, sizes, cbt=True, **options))
         await self.client.start()
         await self.publisher.start()
         self.vmref = await self.client.find_vm(instance_uuid=self.vm.instance_uuid)

@@ -25,8 +25,8 @@ import pytest
 
 from cbtctl.demo.run import stack_settings
 from cbtctl.demo.scenario import Scenario, random_name
-from cbtctl.demo.watcher import Watcher
 from cbtctl.demo.workload import MiB, initial_fill, scattered
+from cbtctl.watcher import Watcher
 from cbtstream.config import Settings
 from cbtstream.vsphere.simctl import SimulatorControl
 from schemas.events import ChangeIdCommitted, SyncPlanned

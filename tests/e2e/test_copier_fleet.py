@@ -23,8 +23,8 @@ import pytest
 
 from cbtctl.demo.run import stack_settings
 from cbtctl.demo.scenario import Scenario, files_equal, random_name
-from cbtctl.demo.watcher import Outcome, Watcher
 from cbtctl.demo.workload import MiB, Write, initial_fill
+from cbtctl.watcher import Outcome, Watcher
 from cbtstream.config import Settings
 from cbtstream.kafka import create_topics
 from cbtstream.vsphere.simctl import SimulatorControl
