@@ -110,14 +110,15 @@ class VSphereExecutor:
         copy, zero the rest of the replica?)."""
         capacity = plan.disk.capacity_bytes
         reason = admission.reason
-        if admission.replication_type == ReplicationType.INCREMENTAL and plan.base_change_id:
+        base = admission.base_change_id or plan.base_change_id
+        if admission.replication_type == ReplicationType.INCREMENTAL and base:
             try:
-                extents = await self._areas(vm, plan, plan.base_change_id)
+                extents = await self._areas(vm, plan, base)
                 return ReplicationType.INCREMENTAL, reason, extents, False
             except _REJECTED as exc:
                 log.warning(
                     "base change ID rejected, falling back to full copy",
-                    extra={"base_change_id": plan.base_change_id, "error": str(exc)},
+                    extra={"base_change_id": base, "error": str(exc)},
                 )
                 reason = FullReason.BASE_CHANGE_ID_REJECTED
         try:

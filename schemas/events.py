@@ -87,6 +87,10 @@ class FullReason(StrEnum):
     # An operator moved the disk to another copier pool (``cbtstream pools move``): the new
     # pool holds no replica of it yet.
     POOL_MOVED = "pool_moved"
+    # Incremental, but from the change ID the replica holds rather than the disk's last commit:
+    # the replica was rolled back to a restore point (``cbtstream failover --at``), so the
+    # changes since that point are copied (same CBT epoch; a superset of those since the commit).
+    REPLICA_REBASED = "replica_rebased"
 
 
 def _check_change_id(value: str | None) -> str | None:

@@ -7,6 +7,13 @@ VM's replica records failed over, under the replica's lock (a sync writing it is
 ``--wait``). The copier refuses any plan for a failed-over replica (``replica_failed_over``),
 also one produced again by hand. Run it on every copier host that keeps replicas of the VM.
 
+``--at POINT`` (a VM snapshot, as ``points list`` shows it): after the hold, each replica is
+rolled back to that restore point, under its lock: the point's bytes are written back from its
+undo data, the whole replica is proven against the point's hash-tree root, and the record then
+holds the point (its change ID: after failback the next sync is incremental from it,
+``replica_rebased``). Points newer than POINT are dropped (export them first if needed). File
+and block-device replicas; ``consumers/replica/rollback.py`` has the order of effects.
+
 ``--undo``, in order: re-hash each replica and compare it with its record. Untouched, it returns
 to replication and the next sync is incremental; written while failed over (or not verifiable),
 it is marked ``mismatch`` and the next sync copies it in full (``replica_mismatch``). Then the
@@ -37,8 +44,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "inventory path (as its replica records name it)")
     p.add_argument("--list", action="store_true",
                    help="print every VM's latest hold (JSON lines) and exit")
-    p.add_argument("--undo", action="store_true",
-                   help="fail back: check each replica and return it to replication")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--undo", action="store_true",
+                      help="fail back: check each replica and return it to replication")
+    what.add_argument("--at", metavar="POINT",
+                      help="roll each replica back to this restore point first (its VM "
+                      "snapshot, as 'cbtstream points list' shows it); newer points are dropped")
     p.add_argument("--reason", default="", help="why (kept in the hold and the records)")
     p.add_argument("--wait", type=float, default=600.0, metavar="S",
                    help="seconds to wait for a sync writing a replica (default 600)")
@@ -102,6 +113,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[Any],
     from cbtstream.kafka import Publisher
     from cbtstream.tls import nbd_tls_context
     from consumers.replica.failover import hand_over, take_back
+    from consumers.replica.rollback import roll_back
     from consumers.replica.verify import read_local_or_nbd
     from schemas.events import HoldState, ReplicationHold
 
@@ -135,7 +147,10 @@ async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[Any],
         if not args.undo:
             await pub.publish(hold)  # first: no new plan for the VM from here on
             for f in found:
-                rows.append(await hand_over(f, reason, args.wait))
+                if args.at:
+                    rows.append(await roll_back(f, args.at, reason, args.wait))
+                else:
+                    rows.append(await hand_over(f, reason, args.wait))
         else:
             read = partial(read_local_or_nbd, tls_context=nbd_tls_context(settings.copier))
             for f in found:

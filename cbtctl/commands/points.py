@@ -5,7 +5,9 @@ finds records: under ``copier.target_root`` and the copier's record directory). 
 export`` materialises a disk's point, or every disk's point of one VM snapshot, under the
 replica's lock, and proves each against the root its commit recorded
 (``consumers/replica/export.py``): a point that does not prove is not written, and the exit
-code is 1.
+code is 1. ``points serve`` exports a point (or every disk's point of one VM snapshot)
+read-only over NBD without materialising it, proven first, holding the replica's lock while it
+serves (``consumers/replica/serve.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cbtstream.config import Settings
+
+if TYPE_CHECKING:
+    from consumers.points.catalogue import Point
+    from consumers.replica.verify import Found
 
 #: How long ``export`` waits for a sync holding a replica before reporting it busy.
 LOCK_WAIT_S = 600.0
@@ -57,6 +63,39 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="raw (sparse) or qcow2 (through qemu-img convert; default raw)")
     ex.add_argument("--json", action="store_true", help="one JSON line per disk exported")
     ex.set_defaults(handler=run_export)
+    sv = verbs.add_parser(
+        "serve", help="export a point read-only over NBD for an instant look (no copy); a sync "
+        "of the disk waits while it serves",
+        description="Serve a restore point read-only over NBD, without materialising it and "
+        "without touching the live replica: the point is proven against its commit's hash tree "
+        "root first (unless --no-verify; exit 1 if it does not prove), then served until "
+        "SIGINT/SIGTERM (or --for). Writes are refused. The replica's lock is held the whole "
+        "time: a sync of a served disk waits until the serve ends (the copier waits up to an "
+        "hour for a replica's lock; a longer serve fails the sync), so keep serves short. "
+        "Prints each disk's NBD URI (export <vm uuid>-disk-<n>).")
+    who = sv.add_mutually_exclusive_group(required=True)
+    who.add_argument("--vm", metavar="UUID", help="every disk of this VM, at one VM snapshot "
+                     "(one export per disk)")
+    who.add_argument("--disk", metavar="KEY", help="this disk")
+    sv.add_argument("--at", metavar="POINT", required=True,
+                    help="the point: its VM snapshot (snapshot-42), or with --disk also its id, "
+                    "sync id or change ID (as 'points list' shows them)")
+    where = sv.add_mutually_exclusive_group()
+    where.add_argument("--socket", metavar="PATH", type=Path,
+                       help="listen on this unix socket (created mode 0600, removed on exit)")
+    where.add_argument("--port", metavar="N", type=int, default=10809,
+                       help="listen on this TCP port (default 10809; 0: any free port)")
+    sv.add_argument("--bind", metavar="ADDR", default="127.0.0.1",
+                    help="TCP address to listen on (default 127.0.0.1; anything else serves "
+                    "the point, unencrypted and unauthenticated, to whoever reaches it)")
+    sv.add_argument("--for", dest="for_s", metavar="SECONDS", type=float,
+                    help="stop after serving this many seconds (default: until SIGINT/SIGTERM)")
+    sv.add_argument("--no-verify", action="store_true",
+                    help="serve without proving the point first (a full read of it)")
+    sv.add_argument("--wait", metavar="SECONDS", type=float, default=LOCK_WAIT_S,
+                    help="how long to wait for a sync holding the replica (default 600)")
+    sv.add_argument("--json", action="store_true", help="one JSON line per disk served")
+    sv.set_defaults(handler=run_serve)
 
 
 def _wanted(key: str, args: argparse.Namespace) -> bool:
@@ -176,11 +215,10 @@ class _Refused(Exception):
     """The export cannot start (nothing matches, a disk of the VM has no such point)."""
 
 
-async def _export(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
-    from cbtstream.errors import CbtStreamError
-    from cbtstream.tls import nbd_tls_context
+def _choose(args: argparse.Namespace, settings: Settings) -> list[tuple[Found, Point]]:
+    """The point ``--at`` of ``--disk``, or of every disk of ``--vm`` (each must have it, or
+    nothing is chosen: a VM point is all its disks), in disk key order."""
     from consumers.points import catalogue as cat_mod
-    from consumers.replica.export import export_point
     from consumers.replica.location import TargetResolver
     from consumers.replica.state import ReplicaState
     from consumers.replica.verify import find_records
@@ -190,7 +228,6 @@ async def _export(args: argparse.Namespace, settings: Settings) -> list[dict[str
     if not found:
         raise _Refused("no replica record on this copier host matches "
                        f"{args.disk or args.vm}")
-    # Every disk must have the point before anything is written (a VM point is all its disks).
     chosen = []
     for f in sorted(found, key=lambda f: f.disk_key):
         store = f.location.store
@@ -200,6 +237,18 @@ async def _export(args: argparse.Namespace, settings: Settings) -> list[dict[str
             raise _Refused(f"{f.disk_key} has no complete point {args.at!r} (see "
                            "'cbtstream points list')")
         chosen.append((f, point))
+    return chosen
+
+
+async def _export(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
+    from cbtstream.errors import CbtStreamError
+    from cbtstream.tls import nbd_tls_context
+    from consumers.points import catalogue as cat_mod
+    from consumers.replica.export import export_point
+    from consumers.replica.state import ReplicaState
+
+    # Every disk must have the point before anything is written (a VM point is all its disks).
+    chosen = _choose(args, settings)
     args.to.mkdir(parents=True, exist_ok=True)
     out: list[dict[str, Any]] = []
     for f, point in chosen:
@@ -235,3 +284,70 @@ def _to_qcow2(raw: Path, qcow2: Path) -> None:
     subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
                     str(qcow2)], check=True, capture_output=True)
     os.unlink(raw)
+
+
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from cbtstream.errors import CbtStreamError
+
+    if args.socket is None and not 0 <= args.port <= 65535:
+        print(f"points serve: --port {args.port} is not a TCP port")
+        return 2
+    try:
+        return asyncio.run(_serve(args, settings))
+    except _Refused as exc:
+        print(f"points serve: {exc}")
+        return 1
+    except (CbtStreamError, OSError, ValueError) as exc:
+        print(f"points serve: NOT served: {exc}")
+        return 1
+
+
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import signal
+
+    from cbtstream.tls import nbd_tls_context
+    from consumers.replica.serve import Listen, ServeTarget, serve_points
+    from consumers.replica.state import ReplicaState
+
+    targets = []
+    for f, point in _choose(args, settings):
+        assert isinstance(f.record, ReplicaState)
+        targets.append(ServeTarget(f.disk_key, f.location, f.record.capacity_bytes, point))
+    listen = Listen(args.bind, args.port, args.socket.absolute() if args.socket else None)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    ready = False
+
+    def show(uris: dict[str, str]) -> None:
+        nonlocal ready
+        ready = True
+        for t in targets:
+            p = t.point
+            row = {"disk_key": t.disk_key, "point": p.id, "vm_snapshot": p.vm_snapshot,
+                   "change_id": p.change_id, "root_digest": p.root_digest,
+                   "export": t.export_name, "uri": uris[t.disk_key], "proven": not args.no_verify}
+            print(json.dumps(row, sort_keys=True) if args.json else
+                  f"{t.disk_key}: point {p.id} ({p.vm_snapshot}) read-only at {uris[t.disk_key]}"
+                  + ("" if args.no_verify else f" (proven: {p.root_digest})"), flush=True)
+        if not args.json:
+            print("a sync of these disks waits until this ends (Ctrl-C to stop)", flush=True)
+        if args.for_s is not None:
+            loop.call_later(max(0.0, args.for_s), on_signal)
+
+    task = asyncio.create_task(serve_points(
+        targets, listen, stop, wait_s=args.wait, verify=not args.no_verify,
+        tls_context=nbd_tls_context(settings.copier), on_ready=show))
+
+    def on_signal() -> None:
+        stop.set()
+        if not ready:  # still waiting for a lock or proving: give up now
+            task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await task
+    except asyncio.CancelledError:
+        print("points serve: stopped before serving")
+        return 1
+    return 0

@@ -12,7 +12,8 @@ old or the new catalogue. Points are listed oldest first; ids only grow.
   last. It becomes complete (and the live one) at its commit, which also seals the previous
   point's store.
 
-The transitions (:func:`begin`, :func:`commit`, :func:`remove`, :func:`reconcile`) are pure:
+The transitions (:func:`begin`, :func:`commit`, :func:`remove`, :func:`reconcile`,
+:func:`rolled_back`) are pure:
 the caller (:mod:`consumers.points.chain`) orders them with the file writes.
 """
 
@@ -220,6 +221,18 @@ def remove(cat: Catalogue, drop: frozenset[int], stores: dict[int, tuple[str, in
             store, size = stores[p.id]
             p = p.model_copy(update={"store": store, "undo_bytes": size, "sealed": True})
         points.append(p)
+    return cat.model_copy(update={"points": tuple(points)})
+
+
+def rolled_back(cat: Catalogue, point_id: int) -> Catalogue:
+    """The replica was rolled back to complete point ``point_id`` (``failover --at``): it is the
+    live point, without an undo store (the replica holds it); every newer point is dropped
+    (their bytes were overwritten by the rollback: a reverse incremental keeps no redo data)."""
+    point = cat.point(point_id)
+    if not point.complete:
+        raise ValueError(f"point {point_id} is not complete")
+    points = [p for p in cat.complete if p.id < point_id]
+    points.append(point.model_copy(update={"store": None, "undo_bytes": 0, "sealed": False}))
     return cat.model_copy(update={"points": tuple(points)})
 
 

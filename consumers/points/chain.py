@@ -154,6 +154,14 @@ class PointChain:
             raise
         return PointReader(stores, read_live, self.capacity)
 
+    def roll_back(self, point_id: int) -> Catalogue:
+        """After the replica was rewritten to point ``point_id`` and proven: it is the live
+        point, newer points and its own store are gone (catalogue first, then the files)."""
+        cat = cat_mod.rolled_back(self.load(), point_id)
+        self._save(cat)
+        collect_garbage(self.directory, self.name, cat)
+        return cat
+
     def forget(self) -> None:
         """Remove the catalogue and every store (the replica's record is being forgotten)."""
         cat = cat_mod.load(self.directory, self.name)

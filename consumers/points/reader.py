@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 from consumers.copy.digest import LEAF
+from consumers.points.coverage import Coverage
 from consumers.points.sources import plan_read
 from consumers.points.undo import UndoStore
 
@@ -28,6 +29,11 @@ class PointReader:
         self.read_live = read_live
         self.capacity = capacity
         self._coverages = [s.coverage for s in self.stores]
+
+    def differs(self) -> Coverage:
+        """Where the point may differ from the live replica: the bytes some undo store serving
+        it holds (everywhere else the point reads the replica itself)."""
+        return Coverage(span for cov in self._coverages for span in cov)
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the point at ``offset`` (inside the disk)."""

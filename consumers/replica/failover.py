@@ -41,7 +41,8 @@ class Handed:
 
     disk_key: str
     #: failed_over | already_failed_over | failed_back | resync | not_failed_over | busy |
-    #: unknown
+    #: unknown; with ``failover --at`` (consumers/replica/rollback.py) also rolled_back |
+    #: no_point | not_clean | mismatch | unsupported
     result: str
     detail: str
     change_id: str | None = None
@@ -49,19 +50,20 @@ class Handed:
 
     @property
     def ok(self) -> bool:
-        return self.result not in ("busy", "unknown")
+        return self.result not in ("busy", "unknown", "no_point", "not_clean", "mismatch",
+                                   "unsupported")
 
 
 def _held(record: ReplicaState) -> str | None:
     return record.held.change_id if record.held is not None else None
 
 
-def _unknown(found: Found) -> Handed:
+def unknown(found: Found) -> Handed:
     return Handed(found.disk_key, "unknown", "the replica's record cannot be read",
                   location=found.location.location)
 
 
-def _busy(found: Found, why: object, change_id: str | None = None) -> Handed:
+def busy(found: Found, why: object, change_id: str | None = None) -> Handed:
     return Handed(found.disk_key, "busy", f"{why}; run the command again", change_id,
                   found.location.location)
 
@@ -73,14 +75,14 @@ async def hand_over(found: Found, reason: str, wait_s: float) -> Handed:
         async with loc.store.lock(wait_s=wait_s):
             record = await asyncio.to_thread(loc.store.load)
             if not isinstance(record, ReplicaState):
-                return _unknown(found)
+                return unknown(found)
             if record.failed_over_at is not None:
                 return Handed(found.disk_key, "already_failed_over",
                               f"since {record.failed_over_at.isoformat()}", _held(record),
                               loc.location)
             await asyncio.to_thread(loc.store.save, record.failed_over(reason))
     except ReplicaBusy as exc:
-        return _busy(found, exc)
+        return busy(found, exc)
     if record.status != ReplicaStatus.CLEAN:
         detail = (f"the replica is {record.status.value} (an interrupted sync or a verify "
                   "mismatch): it is not a consistent copy of any snapshot")
@@ -98,7 +100,7 @@ async def take_back(found: Found, read_target: ReadTarget, wait_s: float) -> Han
         async with loc.store.lock(wait_s=wait_s):
             record = await asyncio.to_thread(loc.store.load)
         if not isinstance(record, ReplicaState):
-            return _unknown(found)
+            return unknown(found)
         if record.failed_over_at is None:
             return Handed(found.disk_key, "not_failed_over", "nothing to take back",
                           _held(record), loc.location)
@@ -106,11 +108,11 @@ async def take_back(found: Found, read_target: ReadTarget, wait_s: float) -> Han
         # the lock while it hashes (check_replica reads and marks under it).
         check = await check_replica(loc, read_target, mark=True, wait_s=wait_s)
         if check.result == "busy":
-            return _busy(found, check.detail, _held(record))
+            return busy(found, check.detail, _held(record))
         async with loc.store.lock(wait_s=wait_s):
             now = await asyncio.to_thread(loc.store.load)
             if not isinstance(now, ReplicaState):
-                return _unknown(found)
+                return unknown(found)
             if check.ok:
                 back, result = now.failed_back(), "failed_back"
                 detail = f"unchanged: the next sync is incremental from {_held(now)}"
@@ -122,5 +124,5 @@ async def take_back(found: Found, read_target: ReadTarget, wait_s: float) -> Han
                                             "in full (replica_mismatch)")
             await asyncio.to_thread(loc.store.save, back)
     except ReplicaBusy as exc:
-        return _busy(found, exc)
+        return busy(found, exc)
     return Handed(found.disk_key, result, detail, _held(now), loc.location)

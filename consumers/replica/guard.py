@@ -12,7 +12,9 @@ The rules, in order (the copier runs them before any write):
    replica's record. A record without a host (an older copier's) counts as this host's.
 1. **Fence** (only with a trustworthy record of this disk and pipeline):
    * the plan is the sync the replica already holds, and the replica is clean on the same
-     target: nothing to write; the recorded outcome is published again (``ALREADY_APPLIED``);
+     target: nothing to write; the recorded outcome is published again (``ALREADY_APPLIED``;
+     not for a restore point the replica was rolled back to, which has no recorded outcome:
+     the generation fence refuses its old plan);
    * its generation is below the newest generation that touched the replica, or equal to it
      without being the sync that left the replica dirty (a resume), or its snapshot is older
      than the snapshot the replica holds: ``REFUSE`` with ``stale_plan``, never a write. An
@@ -23,11 +25,15 @@ The rules, in order (the copier runs them before any write):
 2. **Base** (incremental plans): the plan stays incremental only if the replica is clean at
    exactly its ``base_change_id`` for the same disk (backing uuid, capacity) and the same target
    identity, or dirty from an interrupted *incremental* from the same base while still holding
-   that base's tree (CBT areas are cumulative, so the new incremental repairs it). Otherwise it is
-   copied in full with the reason: ``replica_missing`` (no target), ``replica_replaced``
-   (another file/volume than recorded: compared by :meth:`TargetIdentity.same_object`, which
-   leaves out the device number when the record was written by another host, so a host change
-   in a shared pool costs no copy while a new inode still counts as replaced),
+   that base's tree (CBT areas are cumulative, so the new incremental repairs it). A replica
+   rolled back to a restore point (``failover --at``; ``ReplicaState.rolled_back_from``) holds
+   an older change ID than the plan's base: if it is of the plan's CBT epoch the copy stays
+   incremental *from the replica's change ID* (``replica_rebased``; the changes since it are a
+   superset of those since the base). Otherwise it is copied in full with the reason:
+   ``replica_missing`` (no target), ``replica_replaced`` (another file/volume than recorded:
+   compared by :meth:`TargetIdentity.same_object`, which leaves out the device number when the
+   record was written by another host, so a host change in a shared pool costs no copy while a
+   new inode still counts as replaced),
    ``replica_state_unknown`` (no record for an existing target, or a torn/foreign one),
    ``replica_mismatch`` (verify found a difference), ``replica_not_at_base`` (anything else).
 3. Full plans are written as planned (a full copy rewrites every byte: allocated areas, zeroes
@@ -41,6 +47,7 @@ from enum import StrEnum
 from typing import Literal
 
 from consumers.replica.state import ReplicaState, ReplicaStatus, TargetIdentity, Unknown
+from schemas.changeid import ChangeId
 from schemas.events import FailureReason, FullReason, ReplicationType, SyncPlanned
 
 
@@ -58,6 +65,9 @@ class Admission:
     detail: str = ""
     #: Start from the recorded tree (an incremental onto the held base), else from zeroes.
     use_held_tree: bool = False
+    #: The change ID the incremental copies the changes since, when it is not the plan's base
+    #: (``replica_rebased``: the replica holds an older restore point). None: the plan's base.
+    base_change_id: str | None = None
     #: Why a ``REFUSE`` is refused (the ``SyncFailed`` reason); None otherwise.
     failure: FailureReason | None = None
 
@@ -114,8 +124,10 @@ def fence(plan: SyncPlanned, state: ReplicaState, target: TargetIdentity | None,
           here: CopierHost | None = None) -> Admission | None:
     """Rule 1. None: the plan is newer than anything the replica has seen (or resumes it)."""
     held, writing = state.held, state.writing
+    # A restore point the replica was rolled back to has no recorded outcome to publish again:
+    # its plan falls through to the generation fence below.
     if (held is not None and held.sync_id == plan.sync_id and state.status == ReplicaStatus.CLEAN
-            and _same_target(state, target, here)):
+            and state.rolled_back_from is None and _same_target(state, target, here)):
         return Admission(Action.ALREADY_APPLIED, plan.replication_type, plan.reason,
                          "the replica already holds this sync")
     high = state.high_generation
@@ -185,7 +197,37 @@ def admit(plan: SyncPlanned, view: ReplicaView, pipeline: str,
         return Admission(Action.WRITE, ReplicationType.INCREMENTAL, plan.reason,
                          "resuming onto an interrupted incremental from the same base",
                          use_held_tree=True)
+    rebased = _rebased(plan, state)
+    if rebased is not None:
+        return rebased
     holds = held.change_id if held is not None else None
     return _full(FullReason.REPLICA_NOT_AT_BASE,
                  f"replica is {state.status.value} at {holds!r}, the plan's base is "
                  f"{plan.base_change_id!r}")
+
+
+def _rebased(plan: SyncPlanned, state: ReplicaState) -> Admission | None:
+    """Rule 2, a replica rolled back to a restore point (``failover --at``): clean at that
+    point's change ID (or dirty from an interrupted copy rebased on it), which is of the same
+    CBT epoch as the plan's snapshot. The changes since
+    it (a superset of those since the plan's base) make the replica the snapshot, so the copy
+    stays incremental from the replica's own change ID; another epoch is a full copy."""
+    held, writing = state.held, state.writing
+    if held is None or state.rolled_back_from is None or plan.change_id is None:
+        return None
+    resuming = (state.status == ReplicaStatus.DIRTY and writing is not None
+                and writing.replication_type == ReplicationType.INCREMENTAL
+                and writing.base_change_id == held.change_id)
+    if state.status != ReplicaStatus.CLEAN and not resuming:
+        return None
+    try:
+        same = ChangeId.parse(held.change_id).same_epoch(ChangeId.parse(plan.change_id))
+    except ValueError:
+        return None
+    if not same:
+        return None
+    return Admission(Action.WRITE, ReplicationType.INCREMENTAL, FullReason.REPLICA_REBASED,
+                     f"the replica was rolled back to {held.change_id} (from "
+                     f"{state.rolled_back_from}): incremental from it, not from the plan's base "
+                     f"{plan.base_change_id}", use_held_tree=True,
+                     base_change_id=held.change_id)

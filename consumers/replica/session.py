@@ -202,7 +202,7 @@ class ReplicaSession:
             sync_id=self.plan.sync_id,
             generation=self.plan.generation,
             replication_type=replication_type,
-            base_change_id=self.plan.base_change_id
+            base_change_id=(self.admission.base_change_id or self.plan.base_change_id)
             if replication_type == ReplicationType.INCREMENTAL else None,
             snapshot_taken_at=self.plan.snapshot_taken_at,
         )

@@ -137,6 +137,10 @@ class ReplicaState(BaseModel):
     #: sync writes it until ``failover --undo`` clears it (consumers/replica/failover.py).
     failed_over_at: AwareDatetime | None = None
     failed_over_reason: str = Field(default="", max_length=1000)
+    #: Set by ``cbtstream failover --at POINT``: the replica was rolled back to an older restore
+    #: point and ``held`` is that point; this is the change ID it held before. The next sync is
+    #: incremental from ``held`` (``replica_rebased``) and clears it.
+    rolled_back_from: str | None = None
     updated_at: AwareDatetime = Field(default_factory=utcnow)
 
     @property
@@ -160,7 +164,8 @@ class ReplicaState(BaseModel):
         return self.model_copy(update={"status": ReplicaStatus.CLEAN, "held": held,
                                        "writing": None, "target": target, "host": host,
                                        "replica_id": self.replica_id or uuid.uuid4(),
-                                       "mismatch_detail": "", "updated_at": utcnow()})
+                                       "mismatch_detail": "", "rolled_back_from": None,
+                                       "updated_at": utcnow()})
 
     def verified(self) -> ReplicaState:
         return self.model_copy(update={"verified_at": utcnow()})

@@ -107,6 +107,7 @@ async def test_cutover_of_a_three_disk_vm(scenario: Scenario, pipeline: Pipeline
     order = [d.device_key for d in done.description.disks]
     assert [d.disk.device_key for d in done.disks] == order and sorted(order) == sorted(keys)
     assert list(done.timeline) == ["found", "stopped", "snapshot", "synced", "verified", "held"]
+    await w.wait_for(lambda: set(keys) <= set(w.outcomes(done.vm_snapshot)), 30)
     final = w.outcomes(done.vm_snapshot)
     for d in done.disks:
         commit = final[d.disk.device_key]

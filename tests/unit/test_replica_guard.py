@@ -179,3 +179,35 @@ def test_the_patrol_leaves_a_failed_over_replica_alone() -> None:
     over = Found(p2.disk.key, loc, _clean_at(p2).failed_over("DR test"))
     assert next_due([over]) is None  # the operator's: failback checks it
     assert next_due([over, clean]) is clean
+
+
+def test_a_replica_rolled_back_to_a_point_is_rebased_not_copied_in_full() -> None:
+    """failover --at: the replica holds p1's point while the disk's last commit is p2's; the
+    next plan (base p2) stays incremental, from p1's change ID."""
+    p1, p2, p3 = _plans()
+    rolled = _clean_at(p1, rolled_back_from=p2.change_id)
+    high = rolled.model_copy(update={"held": _held(p1).model_copy(
+        update={"generation": p2.generation})})  # the rollback keeps the high water
+    a = admit(p3, ReplicaView(high, FILE), PIPE)
+    assert (a.action, a.replication_type, a.reason, a.base_change_id) == (
+        Action.WRITE, ReplicationType.INCREMENTAL, FullReason.REPLICA_REBASED, p1.change_id)
+    assert a.use_held_tree and p3.base_change_id == p2.change_id
+    # without the rollback's mark the same record is an unexplained replica: a full copy
+    plain = admit(p3, ReplicaView(_clean_at(p1), FILE), PIPE)
+    assert (plain.replication_type, plain.reason) == (ReplicationType.FULL,
+                                                     FullReason.REPLICA_NOT_AT_BASE)
+    # another CBT epoch since the point: its change ID says nothing of the new snapshot
+    other_epoch = p3.model_copy(update={"change_id": "52 aa bb cc dd ee ff 00-11 22 33 44 55 66 "
+                                        "77 88/4"})
+    a = admit(other_epoch, ReplicaView(high, FILE), PIPE)
+    assert (a.replication_type, a.reason) == (ReplicationType.FULL,
+                                             FullReason.REPLICA_NOT_AT_BASE)
+    # an interrupted rebased copy resumes rebased
+    resumed = _writing(p3).model_copy(update={"base_change_id": p1.change_id})
+    dirty = high.model_copy(update={"status": ReplicaStatus.DIRTY, "writing": resumed})
+    a = admit(p3, ReplicaView(dirty, FILE), PIPE)
+    assert (a.replication_type, a.reason) == (ReplicationType.INCREMENTAL,
+                                             FullReason.REPLICA_REBASED)
+    # the point's own plan, delivered again, is not "already applied" (no outcome recorded
+    # for it): the generation fence refuses it
+    assert admit(p1, ReplicaView(high, FILE), PIPE).action == Action.REFUSE

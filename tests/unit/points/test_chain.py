@@ -224,3 +224,27 @@ def test_points_enabled_on_a_replica_with_history(tmp_path: Path) -> None:
     sim.write(writer, sim.areas(4, 50_000))
     sim.commit(writer)
     sim.check_all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_rollback_makes_a_point_live_and_older_points_still_read(tmp_path: Path,
+                                                                    seed: int) -> None:
+    """failover --at: the bytes the point's stores hold (``differs``) written back make the
+    replica the point; after ``roll_back`` it is the live point, newer points are gone and every
+    older point still reads back equal to its model (their stores are relative to it)."""
+    sim = Sim(tmp_path, CAP + seed * 4099, seed)
+    ids = [sim.run_cycle(groups=sim.rnd.randrange(1, 4), most=sim.rnd.choice([512, 70_000]))
+           for _ in range(6)]
+    target = ids[3]
+    reader = sim.chain.reader(target, sim.read_live)
+    for start, end in reader.differs():
+        sim.replica[start:end] = reader.read(start, end - start)
+    reader.close()
+    assert bytes(sim.replica) == sim.models[target]
+    cat = sim.chain.roll_back(target)
+    assert cat.live is not None and cat.live.id == target and cat.live.store is None
+    assert [p.id for p in cat.points] == ids[:4]
+    for pid in ids[:4]:
+        assert sim.read_point(pid) == sim.models[pid], pid
+    with pytest.raises(KeyError):
+        sim.chain.load().point(ids[4])
