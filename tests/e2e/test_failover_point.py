@@ -3,9 +3,10 @@
 1. Three good cycles of a 2-disk VM with restore points kept (count 5).
 2. The guest encrypts 80% of one disk; the next sync replicates it (the live replica is the
    attacked disk).
-3. ``cbtstream failover VM --at <the third cycle's snapshot>``: both replicas are rolled back
-   to the pre-attack point, byte for byte equal to the pre-attack models; the attack's point is
-   dropped from the catalogue, the pre-attack point is the live one.
+3. ``cbtstream failover VM --at <the third cycle's snapshot>``, after a rollback of the victim
+   that was killed halfway (its record says so, part of the replica is neither point): both
+   replicas are rolled back to the pre-attack point, byte for byte equal to the pre-attack
+   models; the attack's point is dropped from the catalogue, the pre-attack point is live.
 4. Rolling back again (the same point) changes nothing; a point that does not exist is refused.
 5. ``failover --undo``: both replicas are untouched since the rollback and return as they are.
    The next sync copies, incrementally from the pre-attack point's change ID
@@ -22,11 +23,14 @@ from pathlib import Path
 
 import pytest
 
+from cbtctl.commands.failover import find_vm_records
 from cbtctl.demo.processes import child_env
 from cbtctl.demo.scenario import Scenario, random_name
 from cbtctl.demo.workload import MiB, Write, initial_fill, scattered
 from cbtstream.config import PointsPolicy, Settings
 from consumers.points import catalogue as cat_mod
+from consumers.replica.rollback import ROLLING_BACK
+from consumers.replica.state import ReplicaState
 from schemas.events import ChangeIdCommitted, FullReason, ReplicationType
 from tests.e2e.conftest import Pipeline
 
@@ -74,7 +78,18 @@ async def test_failover_to_the_pre_attack_point_and_back(
     assert all(r.verified for r in attack.rows), attack.rows
     assert scenario.replica(victim).read_bytes() != before[victim]
 
-    # 3. fail over to the pre-attack point
+    # 3. fail over to the pre-attack point. The victim's first rollback was "killed" halfway:
+    # its record says so (mismatch, rolling back) and half a MiB the rollback rewrites holds
+    # neither the point's bytes nor the attack's. The rerun finishes it.
+    [found] = [f for f in find_vm_records(settings, vm.instance_uuid)
+               if f.disk_key.endswith(f"/disk-{victim}")]
+    record = found.location.store.load()
+    assert isinstance(record, ReplicaState)
+    found.location.store.save(record.failed_over("crash test").mismatched(
+        f"{ROLLING_BACK} 3 ({good}): not finished"))
+    with open(scenario.replica(victim), "r+b") as fh:
+        fh.seek(mibs[0] * MiB)
+        fh.write(b"\xee" * (MiB // 2))
     rc, rows, text = failover(settings, vm.instance_uuid, "--at", good, "--reason", "ransomware")
     assert rc == 0, text
     assert {r["disk_key"]: r["result"] for r in rows} == {
