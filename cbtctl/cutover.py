@@ -58,9 +58,14 @@ Stop = Literal["shutdown", "power_off"]
 
 
 class CutoverFailed(CbtStreamError):
-    """The cutover stopped before the hand-over; ``detail`` says at which step and why."""
+    """The cutover stopped before the hand-over; the message says at which step and why.
+    ``syncs_running``: a final sync may still be copying (its snapshot must stay)."""
 
     reason = "cutover_failed"
+
+    def __init__(self, message: str, *, syncs_running: bool = False) -> None:
+        super().__init__(message)
+        self.syncs_running = syncs_running
 
 
 @dataclass
@@ -135,8 +140,10 @@ async def run_cutover(req: CutoverRequest, settings: Settings, client: VSphereCl
                     for c in commits.values()))
                 disks = await _prove(settings, events, commits, found, req.wait_s)
                 timeline.mark("verified", f"{len(disks)} replica(s) equal to the snapshot")
-            except BaseException:
-                await _remove(client, snap, keep=False)
+            except CutoverFailed as exc:
+                # a sync still copying from the snapshot keeps it (the orphan reconcile removes
+                # it once no sync needs it); otherwise it is removed now
+                await _remove(client, snap, keep=exc.syncs_running)
                 raise
             hold = ReplicationHold(vm_instance_uuid=uuid.UUID(vm), state=HoldState.CUT_OVER,
                                    reason=req.reason or f"cut over at {snap.vm_snapshot}")
@@ -172,7 +179,8 @@ async def _final_syncs(watcher: Watcher, events: list[SnapshotTaken], found: dic
     except TimeoutError:
         late = sorted(keys - set(watcher.outcomes(snap)))
         raise CutoverFailed(f"the final syncs of {snap} did not end within {wait_s:.0f}s "
-                            f"(disks {late}); is the pipeline running?") from None
+                            f"(disks {late}); is the pipeline running? The snapshot is kept "
+                            "for them", syncs_running=True) from None
     outcomes = watcher.outcomes(snap)
     bad = {k: o for k, o in outcomes.items() if k in keys and not isinstance(o, ChangeIdCommitted)}
     if bad:

@@ -139,6 +139,13 @@ async def _run(args: argparse.Namespace, settings: Settings) -> tuple[list[Any],
             raise ConfigError(f"{vm} was cut over at {cut[0].occurred_at.isoformat()} "
                               f"({cut[0].reason}): its replicas belong to the target platform. "
                               "Give --force to fail it over or back all the same")
+    if args.at:
+        from consumers.replica.rollback import missing_point
+
+        lacking = [why for f in found if (why := missing_point(f, args.at)) is not None]
+        if lacking:
+            raise ConfigError("not every replica of the VM can be rolled back to "
+                              f"{args.at!r}, so none is (nothing held): " + "; ".join(lacking))
     reason = args.reason or ("failed back" if args.undo else "failed over by the operator")
     hold = ReplicationHold(vm_instance_uuid=uuid.UUID(vm), reason=reason,
                            state=HoldState.RELEASED if args.undo else HoldState.FAILED_OVER)

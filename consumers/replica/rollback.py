@@ -55,6 +55,25 @@ ROLLING_BACK = "rolling back to restore point"
 _CHUNK = 8 << 20
 
 
+def missing_point(found: Found, at: str) -> str | None:
+    """Why the replica of ``found`` has no complete point ``at`` to roll back to (None: it has
+    one). Read without the lock, before anything is done: a VM is rolled back whole or not at
+    all (its disks must come back to the same VM snapshot)."""
+    record = found.record
+    if not isinstance(record, ReplicaState):
+        return f"{found.disk_key}: its record cannot be read"
+    if found.location.kind == TargetKind.NBD:
+        return f"{found.disk_key}: an NBD replica is not rolled back (export the point instead)"
+    try:
+        cat = chain_of(found.location.store, found.disk_key, record.capacity_bytes).load()
+    except CatalogueCorrupt as exc:
+        return f"{found.disk_key}: {exc}"
+    if cat.select(at) is None:
+        known = ", ".join(p.vm_snapshot or str(p.id) for p in cat.complete) or "none"
+        return f"{found.disk_key}: no complete point {at!r} (points: {known})"
+    return None
+
+
 async def roll_back(found: Found, at: str, reason: str, wait_s: float) -> Handed:
     """Roll the replica of ``found`` back to its point ``at`` (a VM snapshot, point id, sync
     id or change ID) and mark it failed over (see the module docstring)."""
