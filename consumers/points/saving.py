@@ -12,7 +12,11 @@ the durability rule of ``consumers/points/undo.py``::
 Each write of the engine (at most a request, 4 MiB by default; an edge leaf; a zero run) is one
 group (a zero run in groups of :data:`ZERO_GROUP`, so memory stays bounded). Reads of old
 bytes run concurrently, as the engine's writes do; appends and syncs are serialised (the undo
-writer is not thread-safe). The engine writes disjoint areas at a time
+writer is not thread-safe). **Group commit:** a write appends its old bytes, then waits for a
+sync that *started after* its append; one sync (data fsync, index fsync) makes every group
+appended before it durable, so the writes in flight share the fsyncs instead of queueing for a
+pair each (``python -m cbtctl.bench.pointcost`` measures it). No write reaches the replica
+before a sync covering its own old bytes has returned. The engine writes disjoint areas at a time
 (an edge unit is read before it is written, and no other item writes into it), so an area's old
 bytes are never read while another write of this sync is changing them.
 
@@ -42,8 +46,14 @@ class SavingTarget:
         self.inner = inner
         self.writer = writer
         self._lock = asyncio.Lock()
+        #: Groups appended so far, and how many of them a finished sync made durable.
+        self._appended = 0
+        self._durable = 0
+        self._syncing: asyncio.Future[None] | None = None
         #: Bytes read from the replica and saved (for the log and the tests).
         self.saved_bytes = 0
+        #: Syncs of the undo store (for the benchmark and the tests).
+        self.syncs = 0
 
     @property
     def size(self) -> int:
@@ -67,8 +77,25 @@ class SavingTarget:
                 items.append((start, buf))
         async with self._lock:
             added = await asyncio.to_thread(self.writer.save_many, items)
-            await asyncio.to_thread(self.writer.sync)
+            self._appended += 1
+            ticket = self._appended
         self.saved_bytes += added
+        while self._durable < ticket:
+            if self._syncing is None:
+                self._syncing = asyncio.ensure_future(self._sync())
+            # shielded: a cancelled write does not cancel the sync the others wait for
+            await asyncio.shield(self._syncing)
+
+    async def _sync(self) -> None:
+        """One sync of everything appended before it started (see the module docstring)."""
+        try:
+            async with self._lock:
+                covered = self._appended
+                await asyncio.to_thread(self.writer.sync)
+                self.syncs += 1
+            self._durable = max(self._durable, covered)
+        finally:
+            self._syncing = None
 
     async def write(self, offset: int, buf: memoryview) -> None:
         await self._protect(offset, len(buf))

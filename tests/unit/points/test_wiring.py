@@ -145,18 +145,40 @@ def test_saving_target_saves_durably_before_each_write(tmp_path: Path) -> None:
         log.append(f"sync {writer.entries}")
 
     writer.sync = sync  # type: ignore[method-assign]
+    saved = writer.save_many
+    saves: list[tuple[int, int, int]] = []  # (log index, start, end) of each group appended
+
+    def save_many(items: list[tuple[int, memoryview]]) -> int:
+        saves.append((len(log), items[0][0], items[-1][0] + len(items[-1][1])))
+        log.append("save")
+        return saved(items)
+
+    writer.save_many = save_many  # type: ignore[method-assign,assignment]
     target = SavingTarget(inner, writer)
     before = bytes(sim.replica)
+    concurrent: list[int] = []
 
     async def run() -> None:
         await target.write(4096, memoryview(b"\x01" * 5000))
         await target.write(4096, memoryview(b"\x02" * 10))  # saved already: first bytes win
         await target.zero(ZERO_GROUP - 10, ZERO_GROUP + 20)  # two groups of zero
+        syncs = target.syncs
         await asyncio.gather(*(target.write(i * 70_000 + 2 * ZERO_GROUP, memoryview(
             os.urandom(60_000))) for i in range(8)))
+        concurrent.append(target.syncs - syncs)
         await target.flush()
 
     asyncio.run(run())
+    # group commit: the eight writes in flight shared their syncs...
+    assert 1 <= concurrent[0] < 8, concurrent
+    # ...and each was written only after a sync that started after its own group was appended
+    for at, entry in enumerate(log):
+        if not entry.startswith("write "):
+            continue
+        offset = int(entry.split()[1])
+        mine = [i for i, start, end in saves if start <= offset + 10 and offset < end]
+        if mine:
+            assert any(e.startswith("sync") for e in log[mine[-1]:at]), (offset, log)
     # every write and zero came after a sync that made its old bytes durable
     first_write = log.index("write 4096")
     assert log[first_write - 1].startswith("sync")
