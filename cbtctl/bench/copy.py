@@ -44,7 +44,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -103,16 +102,16 @@ class Nbdkit:
         self.uri = f"nbd+unix:///?socket={sock}"
         names = [f for f in filters if f.startswith("--filter=")]
         params = [f for f in filters if not f.startswith("--filter=")]
+        pidfile = sock.with_name(f"{sock.name}.pid")
+        pidfile.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             ["nbdkit", "--exit-with-parent", "-f", *(["-r"] if readonly else []), "-U",
-             str(sock), *names, "file", str(image), *params]
+             str(sock), "-P", str(pidfile), *names, "file", str(image), *params]
         )
         deadline = time.monotonic() + 10
-        while True:  # bind() creates the socket file before listen(): wait for a connect
-            if sock.exists():
-                with socket.socket(socket.AF_UNIX) as s:
-                    if s.connect_ex(str(sock)) == 0:
-                        break
+        # nbdkit writes its pid file once it accepts connections (a probe connection instead
+        # made it log a broken handshake for every image)
+        while not (pidfile.exists() and pidfile.stat().st_size > 0):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise StackError("nbdkit did not start")
             time.sleep(0.01)
