@@ -56,6 +56,8 @@ class ControlBook(Generic[R]):
         self.model = model
         self.log = log
         self.records: dict[str, R] = {}
+        #: Log each record as it applies (a worker's book); the command line's reads do not.
+        self.announce = True
         self._ready = asyncio.Event()
 
     def parse(self, value: bytes | None) -> R | None:
@@ -79,7 +81,8 @@ class ControlBook(Generic[R]):
         current = self.records.get(record.key)
         if current is None or record.occurred_at >= current.occurred_at:
             self.records[record.key] = record
-            self.log.info(self.name, extra={self.name: record.model_dump(mode="json")})
+            if self.announce:
+                self.log.info(self.name, extra={self.name: record.model_dump(mode="json")})
 
     def ready(self) -> bool:
         return self._ready.is_set()
@@ -126,8 +129,9 @@ class ControlBook(Generic[R]):
             while True:
                 if not self._ready.is_set() and await _positions_reached(consumer, end):
                     self._ready.set()
-                    self.log.info(f"{self.name} book ready",
-                                  extra={f"{self.name}s": len(self.records)})
+                    if self.announce:
+                        self.log.info(f"{self.name} book ready",
+                                      extra={f"{self.name}s": len(self.records)})
                 batch = await consumer.getmany(timeout_ms=500)
                 for records in batch.values():
                     for r in records:
@@ -147,6 +151,7 @@ async def _positions_reached(consumer: AIOKafkaConsumer,
 
 async def read_book(book: ControlBook[R], timeout_s: float = 30.0) -> list[R]:
     """Every record of ``book``'s topic as of now (for the command line)."""
+    book.announce = False
     task = asyncio.create_task(book.run())
     try:
         await asyncio.wait_for(book.wait_ready(), timeout_s)

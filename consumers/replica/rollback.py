@@ -182,7 +182,10 @@ def _rewrite(found: Found, chain: PointChain, point: Point, record: ReplicaState
         os.fsync(fd)
         capacity = record.capacity_bytes
         # a file key of its own: the held tree's files stay until the record names the new one
+        # (after an earlier rollback the held tree may itself be under generation + 1)
         key = record.held.generation + 1
+        while record.held.tree_file.endswith(f".{key}"):
+            key += 1
         leaves = loc.store.new_leaves(capacity, key)
         try:
             tree = dg.HashTree(capacity, bytearray(dg.piece_count(capacity) * dg.HASH), leaves)

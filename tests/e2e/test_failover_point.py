@@ -8,9 +8,10 @@
    replicas are rolled back to the pre-attack point, byte for byte equal to the pre-attack
    models; the attack's point is dropped from the catalogue, the pre-attack point is live.
 4. Rolling back again (the same point) changes nothing; a point that a disk lacks is refused
-   before anything is done.
+   before anything is done; rolling back further, to the second cycle, works on a replica
+   rolled back once.
 5. ``failover --undo``: both replicas are untouched since the rollback and return as they are.
-   The next sync copies, incrementally from the pre-attack point's change ID
+   The next sync copies, incrementally from the second cycle's change ID
    (``replica_rebased``), everything that changed since it, and both replicas equal the source
    disks again, byte for byte; the sync after that is a plain incremental.
 """
@@ -65,9 +66,12 @@ async def test_failover_to_the_pre_attack_point_and_back(
     rng = scenario.rng
     cycles = [await scenario.cycle(1, [w for d in vm.disks
                                        for w in initial_fill(rng, d.key, d.capacity)])]
+    older: dict[int, bytes] = {}
     for n in (2, 3):
         cycles.append(await scenario.cycle(n, [w for d in vm.disks
                                                for w in scattered(rng, d.key, d.capacity)]))
+        if n == 2:
+            older = {k: scenario.model(k).read_bytes() for k in keys}
     assert all(r.verified for c in cycles for r in c.rows), [c.rows for c in cycles]
     good = cycles[-1].vm_snapshot
     before = {k: scenario.model(k).read_bytes() for k in keys}
@@ -110,6 +114,13 @@ async def test_failover_to_the_pre_attack_point_and_back(
     assert rc == 1 and rows == [] and "no complete point 'snapshot-0'" in text, text
     for k in keys:
         assert scenario.replica(k).read_bytes() == before[k], k
+    # further back, to the second cycle: a replica rolled back once rolls back again
+    rc, rows, text = failover(settings, vm.instance_uuid, "--at", cycles[1].vm_snapshot)
+    assert rc == 0 and {r["result"] for r in rows} == {"rolled_back"}, text
+    for k in keys:
+        assert scenario.replica(k).read_bytes() == older[k], k
+        assert [p.vm_snapshot for p in catalogue(scenario, k).complete] == [
+            c.vm_snapshot for c in cycles[:2]]
 
     # 5. fail back: the next sync is incremental from the point's change ID
     rc, rows, text = failover(settings, vm.instance_uuid, "--undo")
