@@ -38,7 +38,7 @@ import os
 import uuid
 
 from consumers.copy import digest as dg
-from consumers.points.catalogue import CatalogueCorrupt, Point
+from consumers.points.catalogue import Catalogue, CatalogueCorrupt, Point
 from consumers.points.chain import PointChain
 from consumers.replica.export import tree_version
 from consumers.replica.failover import Handed, busy, unknown
@@ -69,8 +69,7 @@ def missing_point(found: Found, at: str) -> str | None:
     except CatalogueCorrupt as exc:
         return f"{found.disk_key}: {exc}"
     if cat.select(at) is None:
-        known = ", ".join(p.vm_snapshot or str(p.id) for p in cat.complete) or "none"
-        return f"{found.disk_key}: no complete point {at!r} (points: {known})"
+        return f"{found.disk_key}: no complete point {at!r} (points: {_names(cat)})"
     return None
 
 
@@ -107,9 +106,8 @@ def _roll_back(found: Found, at: str, reason: str) -> Handed:
         return Handed(found.disk_key, "no_point", str(exc), record.held.change_id, loc.location)
     point = cat.select(at)
     if point is None or point.root_digest is None:
-        known = ", ".join(p.vm_snapshot or str(p.id) for p in cat.complete) or "none"
         return Handed(found.disk_key, "no_point", f"no complete restore point {at!r} (points: "
-                      f"{known})", record.held.change_id, loc.location)
+                      f"{_names(cat)})", record.held.change_id, loc.location)
     if tree_version(point.root_digest) != 2:
         return Handed(found.disk_key, "unsupported", f"point {point.id} predates hash tree "
                       "version 2: export it instead", record.held.change_id, loc.location)
@@ -146,6 +144,11 @@ def _roll_back(found: Found, at: str, reason: str) -> Handed:
                   f"holds point {point.id} ({point.vm_snapshot or '-'}): {written} bytes "
                   f"rewritten, proven against its root; {len(dropped)} newer point(s) dropped",
                   point.change_id, loc.location)
+
+
+def _names(cat: Catalogue) -> str:
+    """The complete points of a catalogue as an operator names them (for refusals)."""
+    return ", ".join(p.vm_snapshot or str(p.id) for p in cat.complete) or "none"
 
 
 def _leaves_of(tree_file: str) -> str:

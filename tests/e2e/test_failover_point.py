@@ -18,15 +18,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cbtctl.commands.failover import find_vm_records
-from cbtctl.demo.processes import child_env
 from cbtctl.demo.scenario import Scenario, random_name
 from cbtctl.demo.workload import MiB, Write, initial_fill, scattered
 from cbtstream.config import PointsPolicy, Settings
@@ -35,15 +31,9 @@ from consumers.replica.rollback import ROLLING_BACK
 from consumers.replica.state import ReplicaState
 from schemas.events import ChangeIdCommitted, FullReason, ReplicationType
 from tests.e2e.conftest import Pipeline
+from tests.e2e.test_failover import failover
 
 pytestmark = pytest.mark.integration
-
-
-def failover(settings: Settings, *args: str) -> tuple[int, list[dict[str, object]], str]:
-    out = subprocess.run([sys.executable, "-m", "cbtctl.cli", "failover", "--json", *args],
-                         env=child_env(settings), capture_output=True, text=True, timeout=300)
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return out.returncode, rows, out.stdout + out.stderr
 
 
 def catalogue(scenario: Scenario, key: int) -> cat_mod.Catalogue:
