@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 from cbtstream.config import Settings
 from cbtstream.extents import Extent
+from cbtstream.threads import opened_in_thread
 from cbtstream.tls import nbd_tls_context
 from cbtstream.vsphere.adapter import VmRef, VSphereClient
 from cbtstream.vsphere.errors import (
@@ -185,7 +186,9 @@ class VSphereExecutor:
                 target: BlockTarget = nbd_target
                 identity = nbd_identity
             else:
-                opened = await asyncio.to_thread(self.targets.open, loc, capacity)
+                # a cancel during the open (a rebalance) must not leave the file locked
+                opened = await opened_in_thread(self.targets.open, loc, capacity,
+                                                close=_close_target)
                 assert isinstance(opened, FileTarget)
                 target = await stack.enter_async_context(opened)
                 identity = await asyncio.to_thread(loc.identity)
@@ -318,3 +321,9 @@ async def build_vsphere_executor(settings: Settings) -> VSphereExecutor:
         await client.stop()
         raise
     return VSphereExecutor(settings, client, exports)
+
+
+def _close_target(target: object) -> None:
+    """Close a replica target a cancelled sync opened (its lock goes with it)."""
+    if isinstance(target, FileTarget):
+        target.close()

@@ -56,8 +56,20 @@ from cbtstream.kafka import client_kwargs, create_topics, topic_name
 from cbtstream.vsphere.adapter import VSphereClient
 from cbtstream.vsphere.simctl import SimulatorControl, SimVm
 from schemas.codec import EventDecodeError, decode
-from schemas.events import ChangeIdCommitted, ScheduleEvent, SnapshotTaken, SyncFailed
-from schemas.topics import CHANGEID_COMMITTED, SCHEDULE_EVENTS, SNAPSHOT_TAKEN, SYNC_FAILED
+from schemas.events import (
+    ChangeIdCommitted,
+    ScheduleEvent,
+    SnapshotTaken,
+    SyncFailed,
+    SyncPlanned,
+)
+from schemas.topics import (
+    CHANGEID_COMMITTED,
+    SCHEDULE_EVENTS,
+    SNAPSHOT_TAKEN,
+    SYNC_FAILED,
+    SYNC_PLANNED,
+)
 
 POOL = "site"
 
@@ -178,7 +190,8 @@ class _Watch:
         await self.consumer.start()
         k = self.settings.kafka
         tps = [TopicPartition(topic_name(spec, k), p)
-               for spec in (SNAPSHOT_TAKEN, CHANGEID_COMMITTED, SYNC_FAILED, SCHEDULE_EVENTS)
+               for spec in (SNAPSHOT_TAKEN, SYNC_PLANNED, CHANGEID_COMMITTED, SYNC_FAILED,
+                            SCHEDULE_EVENTS)
                for p in range(k.partitions)]
         self.consumer.assign(tps)
         await self.consumer.seek_to_beginning()
@@ -198,15 +211,19 @@ class _Watch:
                         continue
                     try:
                         ev = decode(r.value, key=r.key, expect=(
-                            SnapshotTaken, ChangeIdCommitted, SyncFailed))
+                            SnapshotTaken, SyncPlanned, ChangeIdCommitted, SyncFailed))
                     except EventDecodeError:
                         continue
                     if isinstance(ev, SnapshotTaken):
                         self.seen.add_snapshot(ev)
                     elif isinstance(ev, ChangeIdCommitted):
                         self.seen.add_commit(ev)
+                    elif isinstance(ev, SyncPlanned):
+                        self.seen.add_plan(ev)
                     elif isinstance(ev, SyncFailed):
                         self.seen.failures[str(ev.reason)] += 1
+                        self.seen.failed.setdefault(ev.disk.key, []).append(
+                            f"{ev.reason} {ev.vm_snapshot}")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -373,6 +390,21 @@ def _guest(site: Site, sim: SimulatorControl, disks: list[_Disk], rng: random.Ra
         list(pool.map(lambda dw: site.write(sim, *dw), work))
 
 
+def _diagnosis(site: Site, seen: Observed, missing: list[_Disk], after: datetime) -> str:
+    """What the events and the processes' logs say of the first disks a cycle still waits for
+    (a time-out in CI leaves nothing else to read)."""
+    lines = [f"{len(missing)} disks without a commit of a snapshot taken after "
+             f"{after.isoformat()}:"]
+    for d in missing[:5]:
+        lines.append(seen.story(d.disk_key, after))
+        for log in sorted(site.logs.glob("*.log")):
+            with contextlib.suppress(OSError):
+                hits = [ln for ln in log.read_text(errors="replace").splitlines()
+                        if d.disk_key in ln or d.vm.name in ln]
+                lines += [f"  {log.name}: {ln[:400]}" for ln in hits[-6:]]
+    return "\n".join(lines)
+
+
 async def _wait(done: Any, site: Site, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
@@ -448,8 +480,14 @@ async def run_site(base: Settings, opts: SiteOptions, work: Path | None = None,
                 site.restart_worker(0)
             if opts.restart and c == 3:
                 site.kill_copier("a")
-            await _wait(lambda a=after: all(seen.first_commit_after(k, a) for k in keys), site,
-                        opts.timeout_s, f"cycle {c}")
+            try:
+                await _wait(lambda a=after: all(seen.first_commit_after(k, a) for k in keys),
+                            site, opts.timeout_s, f"cycle {c}")
+            except TimeoutError:
+                report(_diagnosis(site, seen, [d for d in disks
+                                               if not seen.first_commit_after(d.disk_key, after)],
+                                  after))
+                raise
             got = [seen.first_commit_after(k, after) for k in keys]
             cycles.append(cycle_figures(c, [g for g in got if g is not None], seen))
             report(json.dumps(asdict(cycles[-1])))

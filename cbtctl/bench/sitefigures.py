@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from schemas.events import ChangeIdCommitted, ReplicationType, SnapshotTaken
+from schemas.events import ChangeIdCommitted, ReplicationType, SnapshotTaken, SyncPlanned
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -34,6 +34,10 @@ class Observed:
     commits: dict[str, list[ChangeIdCommitted]] = field(default_factory=dict)
     failures: Counter[str] = field(default_factory=Counter)
     schedule: Counter[str] = field(default_factory=Counter)
+    #: disk key -> ``vm snapshot/sync id`` of its plans, in the order read (for a diagnosis).
+    plans: dict[str, list[str]] = field(default_factory=dict)
+    #: disk key -> ``reason vm snapshot`` of its failures, in the order read.
+    failed: dict[str, list[str]] = field(default_factory=dict)
 
     def add_snapshot(self, ev: SnapshotTaken) -> None:
         self.taken[(ev.disk.key, ev.vm_snapshot)] = ev.taken_at
@@ -42,6 +46,9 @@ class Observed:
         mine = self.commits.setdefault(ev.disk.key, [])
         if all(c.event_id != ev.event_id for c in mine):  # a republished commit: once
             mine.append(ev)
+
+    def add_plan(self, ev: SyncPlanned) -> None:
+        self.plans.setdefault(ev.disk.key, []).append(f"{ev.vm_snapshot}/{ev.sync_id}")
 
     def snapshot_time(self, commit: ChangeIdCommitted) -> datetime | None:
         return self.taken.get((commit.disk.key, commit.vm_snapshot))
@@ -53,6 +60,17 @@ class Observed:
             if t is not None and t > after:
                 return c
         return None
+
+    def story(self, disk: str, after: datetime) -> str:
+        """What was seen of ``disk`` around ``after`` (the diagnosis of a disk a cycle waits
+        for): its snapshots taken after it, its last plans, commits and failures."""
+        snaps = sorted((t, s) for (d, s), t in self.taken.items() if d == disk and t > after)
+        commits = [f"{c.vm_snapshot}/{c.sync_id} at {c.occurred_at.isoformat()}"
+                   for c in self.commits.get(disk, ())[-2:]]
+        return (f"{disk}: snapshots after {after.isoformat()}: "
+                f"{[f'{s} at {t.isoformat()}' for t, s in snaps]}; "
+                f"plans {self.plans.get(disk, [])[-3:]}; commits {commits}; "
+                f"failures {self.failed.get(disk, [])[-3:]}")
 
     def seeded(self, disks: Iterable[str]) -> bool:
         return all(self.commits.get(d) for d in disks)

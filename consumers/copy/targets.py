@@ -159,6 +159,11 @@ class FileTarget:
         return None
 
     async def stop(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the descriptor (releasing the replica's lock) after the writer thread's
+        requests; safe twice."""
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._writer = None

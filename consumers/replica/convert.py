@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 
+from cbtstream.threads import opened_in_thread
 from consumers.copy import digest as dg
 from consumers.copy import digest_v1 as v1
 from consumers.copy.leaves import FileLeaves
@@ -70,7 +71,8 @@ async def convert(store: ReplicaStore, state: ReplicaState, read_into: ReadInto
     t0 = time.monotonic()
     log.info("converting the replica's hash tree to version 2: reading the replica once",
              extra={"replica_digest": held.replica_digest})
-    leaves = await asyncio.to_thread(store.new_leaves, capacity, held.generation)
+    leaves = await opened_in_thread(store.new_leaves, capacity, held.generation,
+                                    close=FileLeaves.close)
     try:
         tree, old = await both_trees(read_into, capacity, leaves)
         if old.root() != held.replica_digest:

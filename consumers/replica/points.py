@@ -26,6 +26,7 @@ import logging
 from datetime import UTC, datetime
 
 from cbtstream.config import PointsPolicy
+from cbtstream.threads import opened_in_thread
 from consumers.points.catalogue import Held
 from consumers.points.chain import PointChain
 from consumers.points.undo import UndoWriter
@@ -72,9 +73,9 @@ class SyncPoints:
         point, e.g. a first copy, so nothing needs saving)."""
         # a snapshot without a change ID is never committed: its point stays pending and the
         # next sync replaces it, saving on into the same store
-        self.writer = await asyncio.to_thread(
+        self.writer = await opened_in_thread(
             self.chain.begin, str(plan.sync_id), plan.change_id or "", plan.snapshot_taken_at,
-            held_of(record), writing_of(record), plan.vm_snapshot)
+            held_of(record), writing_of(record), plan.vm_snapshot, close=_close_writer)
         return self.writer
 
     async def commit(self, plan: SyncPlanned, record: ReplicaState) -> None:
@@ -104,3 +105,9 @@ class SyncPoints:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _close_writer(writer: UndoWriter | None) -> None:
+    """Close an undo store a cancelled sync opened."""
+    if writer is not None:
+        writer.close()

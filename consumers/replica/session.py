@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from cbtstream.config import CopierSettings
 from cbtstream.errors import CbtStreamError
+from cbtstream.threads import opened_in_thread
 from consumers.copy.digest import HashTree
 from consumers.copy.digest_v1 import V1Tree
 from consumers.copy.leaves import FileLeaves
@@ -183,11 +184,13 @@ class ReplicaSession:
         held = self.state.held if self.state is not None else None
         if (replication_type == ReplicationType.INCREMENTAL and self.tree is not None
                 and held is not None):
-            self.leaves, self.leaves_generation = await asyncio.to_thread(
-                store.open_leaves, held, capacity)
+            leaves, self.leaves_generation = await opened_in_thread(
+                store.open_leaves, held, capacity, close=_close_leaves)
+            self.leaves = leaves
             self.tree.leaves = self.leaves
             return self.tree
-        self.leaves = await asyncio.to_thread(store.new_leaves, capacity, self.plan.generation)
+        self.leaves = await opened_in_thread(store.new_leaves, capacity, self.plan.generation,
+                                             close=FileLeaves.close)
         self.leaves_generation = self.plan.generation
         return HashTree.zeros(capacity, self.leaves)
 
@@ -251,3 +254,8 @@ class ReplicaSession:
         await asyncio.to_thread(store.prune_trees, tree_file,
                                 store.leaves_name(self.leaves_generation))
         return result
+
+
+def _close_leaves(opened: tuple[FileLeaves, int]) -> None:
+    """Close a leaf file a cancelled sync opened."""
+    opened[0].close()

@@ -43,6 +43,7 @@ import blake3
 from pydantic import ValidationError
 
 from cbtstream.errors import CbtStreamError
+from cbtstream.threads import opened_in_thread
 from consumers.copy import digest_v1 as v1
 from consumers.copy.checkpoint import Checkpoint, checkpoint_name
 from consumers.copy.digest import HASH, LEAF, PIECE, HashTree, piece_count
@@ -247,7 +248,7 @@ class ReplicaStore:
         """Hold ``<name>.lock`` exclusively: a copier for a whole sync, ``verify`` while it
         checks and marks a replica, so neither sees or overwrites the other's half-done work.
         Raises :class:`ReplicaBusy` if it stays held for ``wait_s`` (0: do not wait)."""
-        fd = await asyncio.to_thread(self._open_lock)
+        fd = await opened_in_thread(self._open_lock, close=os.close)
         try:
             deadline = time.monotonic() + wait_s
             while True:

@@ -40,8 +40,9 @@ def _check(result: SiteResult, opts: SiteOptions) -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(900)
 async def test_a_site_of_100_vms(stack_settings: Settings, tmp_path: Path) -> None:
+    # INFO logs: a time-out prints what each process said of the disks it waits for
     opts = SiteOptions(vms=100, disks_per_vm=2, cycles=3, every_s=15.0, rpo_s=120.0,
-                       timeout_s=600.0)
+                       timeout_s=600.0, log_level="INFO")
     _check(await run_site(stack_settings, opts, tmp_path), opts)
 
 

@@ -1,16 +1,20 @@
 """The replica file lock (consumers.copy.targets.lock_replica) against real QEMU and against
-another opener in this process: whoever holds the file first keeps it."""
+another opener in this process: whoever holds the file first keeps it; and a copy cancelled
+while its thread opens the replica (a rebalance) does not leave the file locked."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path, PurePosixPath
 
 import pytest
 
-from consumers.copy.targets import ReplicaInUse, lock_replica, open_below
+from cbtstream.threads import opened_in_thread
+from consumers.copy.targets import FileTarget, ReplicaInUse, lock_replica, open_below
 
 CAPACITY = 1 << 20
 
@@ -33,6 +37,72 @@ async def test_a_second_opener_is_refused_until_the_first_closes(tmp_path: Path)
         await first.stop()
     second = open_below(tmp_path, rel, CAPACITY)  # released with the first target
     await second.stop()
+
+
+async def test_a_copy_cancelled_while_its_thread_opens_the_replica_leaves_it_unlocked(
+        tmp_path: Path) -> None:
+    """The task is cancelled while the opener runs in its thread (it cannot be stopped): what
+    the thread opens and locks after the cancel is closed, so the next sync can lock it."""
+    rel = PurePosixPath("vm", "disk-2002.img")
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_open() -> FileTarget:
+        entered.set()
+        release.wait(10)
+        return open_below(tmp_path, rel, CAPACITY)
+
+    task = asyncio.create_task(opened_in_thread(slow_open, close=FileTarget.close))
+    await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()  # the thread opens and locks the file now, for a caller that is gone
+    for _ in range(100):
+        try:
+            again = open_below(tmp_path, rel, CAPACITY)
+            break
+        except ReplicaInUse:
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the replica stayed locked by a cancelled open")
+    again.close()
+    # without the helper the same cancel leaves the lock in this process for good
+    entered.clear()
+    release.clear()
+    leaky = asyncio.create_task(asyncio.to_thread(slow_open))
+    await asyncio.to_thread(entered.wait, 10)
+    leaky.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await leaky
+    await asyncio.sleep(0.5)
+    with pytest.raises(ReplicaInUse):
+        open_below(tmp_path, rel, CAPACITY)
+
+
+async def test_an_open_that_fails_after_the_cancel_closes_nothing(tmp_path: Path) -> None:
+    closed: list[object] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def failing() -> object:
+        entered.set()
+        release.wait(10)
+        raise OSError("no such device")
+
+    task = asyncio.create_task(opened_in_thread(failing, close=closed.append))
+    await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.2)
+    assert closed == []
+    # not cancelled: the result and the errors are the caller's, as with asyncio.to_thread
+    assert await opened_in_thread(lambda: 7, close=closed.append) == 7
+    with pytest.raises(OSError, match="no such device"):
+        release.set()
+        await opened_in_thread(failing, close=closed.append)
+    assert closed == []
 
 
 def _qemu_holding(path: Path) -> subprocess.Popen[bytes]:
