@@ -295,6 +295,12 @@ class CopierSettings(BaseModel):
     #: ``max_in_flight * request_bytes / latency``, so 8 x 4 MiB keeps a 1 Gbit/s link busy at
     #: up to ~250 ms of latency while bounding memory to 32 MiB per disk.
     max_in_flight: int = Field(default=8, ge=1, le=256)
+    #: Bytes of read buffers every copy of the copier shares, in use and kept for reuse
+    #: (``consumers/copy/buffers.py``): a request that would pass it waits for buffers to come
+    #: back. The default is above ``max_parallel_disks * max_in_flight * request_bytes`` (128
+    #: MiB), so it only bounds a copier tuned for many more copies at once; reuse makes small
+    #: disks cost no fresh allocation each.
+    buffer_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
     #: Changed extents closer than this are read as one range (the gap is read too). Below one
     #: 64 KiB CBT block, so two changed blocks are never joined: measured (``bench copy
     #: --gaps``), joining them saved nothing with requests in flight and cost time once the

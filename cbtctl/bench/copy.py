@@ -1,18 +1,21 @@
 """``bench copy``: cbtstream's copy engine against ``nbdcopy`` on identical work.
 
-It builds its own images (in /dev/shm when it exists), serves them read-only with nbdkit over
-unix sockets, and times both tools:
+It builds its own images (in /dev/shm when it exists), serves them read-only with nbdkit over unix
+sockets, and times both tools:
 
 (a) full copy of a dense random image to a file; (b) full copy of an image 25% allocated; (c) the
 dense copy from a latency-bound source (nbdkit's ``delay`` filter, 2 ms per read: where
 production's VDDK/NFC spends its time, requests in flight decide); (d) four disks at once, each
 source behind nbdkit's ``rate`` filter (1 Gbit/s), aggregate throughput (cbtstream: one process
-copying the four, as the copier does, ``cbtctl.bench.multicopy``; nbdcopy: four processes);
-(e) an incremental of 1% of the disk in scattered 64 KiB extents onto the replica of a full copy,
-as the copier runs it (``cbtctl.bench.synccopy``: record, tree, journal and all); (f) the same
-incremental from the 2 ms source, (g) from a source rate-limited to 1 Gbit/s and (h) from one with
-both. nbdcopy copies the same ranges in (e)-(h), from the same server: the image behind nbdkit's
-``extentlist`` filter, which reports only the changed extents as data, so nbdcopy with
+copying the four, as the copier does, ``cbtctl.bench.multicopy``; nbdcopy: four processes); (e) an
+incremental of 1% of the disk in scattered 64 KiB extents onto the replica of a full copy, as the
+copier runs it (``cbtctl.bench.synccopy``: record, tree, journal and all); (f) the same incremental
+from the 2 ms source, (g) from a source rate-limited to 1 Gbit/s and (h) from one with both; (i)
+``--many`` (64) small disks at once, the image cut in as many pieces: one cbtstream process copying
+them all (``cbtctl.bench.multicopy``, every copy at once, as a copier's pool of small disks)
+against as many nbdcopy processes, all read from one nbdkit serving the folder of pieces (an export
+per file). nbdcopy copies the same ranges in (e)-(h), from the same server: the image behind
+nbdkit's ``extentlist`` filter, which reports only the changed extents as data, so nbdcopy with
 ``--destination-is-zero`` skips the rest; with 64 KiB requests (larger ones copy whole requests
 around each range); its destination is a copy of the image served by nbdkit (nbdcopy truncates a
 local file), so it pays one NBD hop more on the write side. The filter also answers block status
@@ -31,7 +34,8 @@ wall time. ``--gaps 0,64K,256K,1M`` repeats (f)-(h) per merge gap (``copier.merg
 the measurement that chose its default. The last line is machine-readable::
 
     full_ratio=<cbtstream MB/s / nbdcopy MB/s> sparse_ratio=<same> latency_ratio=<same>
-    aggregate_ratio=<same> cpu_ratio=<cbtstream CPU/GiB / nbdcopy CPU/GiB, dense full>
+    aggregate_ratio=<same> many_ratio=<same, case (i)>
+    cpu_ratio=<cbtstream CPU/GiB / nbdcopy CPU/GiB, dense full>
     incr_fraction=<incremental time / dense full time> incr_ratio=<nbdcopy time / cbtstream
     time, incremental> read_amplification=<bytes read / changed bytes, incremental>
     peak_rss_mib=<n>
@@ -86,6 +90,21 @@ def make_images(work: Path, size: int) -> tuple[Path, Path]:
     return dense, sparse
 
 
+def cut(image: Path, folder: Path, count: int) -> list[Path]:
+    """``image`` cut in ``count`` equal pieces, files of ``folder`` (case (i)'s small disks)."""
+    folder.mkdir()
+    size = image.stat().st_size // count
+    out = []
+    with image.open("rb") as fin:
+        for i in range(count):
+            piece = folder / f"small{i:03d}.img"
+            with piece.open("wb") as fout:
+                for _ in range(0, size, 4 * _M):  # in pieces: children report the parent's RSS
+                    fout.write(fin.read(min(4 * _M, size - fout.tell())))
+            out.append(piece)
+    return out
+
+
 def scattered_extents(size: int, fraction: float = 0.01, block: int = 64 * _K
                       ) -> list[list[int]]:
     """``fraction`` of the disk in scattered ``block``-sized, aligned extents (CBT blocks)."""
@@ -96,8 +115,9 @@ def scattered_extents(size: int, fraction: float = 0.01, block: int = 64 * _K
 
 class Nbdkit:
     def __init__(self, image: Path, sock: Path, *filters: str, readonly: bool = True) -> None:
-        """``nbdkit file`` serving ``image`` (read-only unless told) on ``sock``; ``filters``
-        are ``--filter=NAME`` options and their ``key=value`` parameters, in nbdkit's order."""
+        """``nbdkit file`` serving ``image`` (read-only unless told) on ``sock``, or every file
+        of ``image`` if it is a folder (the export name is the file's name); ``filters`` are
+        ``--filter=NAME`` options and their ``key=value`` parameters, in nbdkit's order."""
         self.sock = sock
         self.uri = f"nbd+unix:///?socket={sock}"
         names = [f for f in filters if f.startswith("--filter=")]
@@ -106,7 +126,8 @@ class Nbdkit:
         pidfile.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             ["nbdkit", "--exit-with-parent", "-f", *(["-r"] if readonly else []), "-U",
-             str(sock), "-P", str(pidfile), *names, "file", str(image), *params]
+             str(sock), "-P", str(pidfile), *names, "file",
+             f"dir={image}" if image.is_dir() else str(image), *params]
         )
         deadline = time.monotonic() + 10
         # nbdkit writes its pid file once it accepts connections (a probe connection instead
@@ -115,6 +136,10 @@ class Nbdkit:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise StackError("nbdkit did not start")
             time.sleep(0.01)
+
+    def export(self, name: str) -> str:
+        """The URI of export ``name`` (a file of a served folder)."""
+        return f"nbd+unix:///{name}?socket={self.sock}"
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -310,6 +335,8 @@ class _Bench:
         # the aggregate case: burstiness well below the copy's length
         quarter = [self.serve(small, f"quarter{i}", "--filter=rate", f"rate={args.rate}",
                               "burstiness=0.1") for i in range(4)]
+        pieces = cut(dense, work / "pieces", args.many)
+        folder = self.serve(work / "pieces", "pieces")
 
         # Warm-up: fault in target pages once so the first timed run is not penalised.
         run_nbdcopy(plain.uri, str(self.other))
@@ -318,6 +345,7 @@ class _Bench:
         sparse_c, sparse_n = self.full(sparse_s.uri)
         slow_c, slow_n = self.full(slow.uri)
         agg_c, agg_n = self.aggregate(quarter, small.stat().st_size)
+        many_c, many_n = self.many(folder, pieces)
 
         # (e)-(h): incrementals onto the replica of a full copy made through the record
         shutil.rmtree(self.root, ignore_errors=True)
@@ -343,6 +371,10 @@ class _Bench:
               f"{agg_gib * _GIB / 1e6 / agg_c.seconds:>8.0f} MB/s"
               f"{agg_gib * _GIB / 1e6 / agg_n.seconds:>8.0f} MB/s"
               f"   {agg_c.cpu_s / agg_gib:.3f} / {agg_n.cpu_s / agg_gib:.3f}")
+        piece_mib = pieces[0].stat().st_size // _M
+        print(f"{f'(i) {len(pieces)} disks of {piece_mib} MiB at once':<40}"
+              f"{mb / many_c.seconds:>8.0f} MB/s{mb / many_n.seconds:>8.0f} MB/s"
+              f"   {many_c.cpu_s / gib:.3f} / {many_n.cpu_s / gib:.3f}")
         print(f"{'(a*) dense full, with record and tree':<40}{mb / base.seconds:>8.0f} MB/s")
         rows = [("(e) 1% incremental", incr["plain"])]
         for gap, cases in sweep.items():
@@ -358,6 +390,7 @@ class _Bench:
         print(f"times (s): dense {dense_c.seconds:.3f}/{dense_n.seconds:.3f} sparse "
               f"{sparse_c.seconds:.3f}/{sparse_n.seconds:.3f} latency {slow_c.seconds:.3f}/"
               f"{slow_n.seconds:.3f} aggregate {agg_c.seconds:.3f}/{agg_n.seconds:.3f} "
+              f"many {many_c.seconds:.3f}/{many_n.seconds:.3f} "
               f"incremental {e_c.seconds:.3f}/{e_n.seconds:.3f}")
 
         def ratio(c: Run, n: Run) -> float:
@@ -368,12 +401,33 @@ class _Bench:
             f"sparse_ratio={ratio(sparse_c, sparse_n):.2f} "
             f"latency_ratio={ratio(slow_c, slow_n):.2f} "
             f"aggregate_ratio={ratio(agg_c, agg_n):.2f} "
+            f"many_ratio={ratio(many_c, many_n):.2f} "
             f"cpu_ratio={dense_c.cpu_s / max(dense_n.cpu_s, 1e-9):.2f} "
             f"incr_fraction={e_c.seconds / dense_c.seconds:.3f} "
             f"incr_ratio={ratio(e_c, e_n):.2f} "
             f"read_amplification={e_c.amplification:.2f} peak_rss_mib={self.peak / _M:.0f}"
         )
         return 0
+
+    def many(self, folder: Nbdkit, pieces: list[Path]) -> tuple[Run, Run]:
+        """(i) every piece at once: one cbtstream process against one nbdcopy per piece."""
+        multi = [sys.executable, "-m", "cbtctl.bench.multicopy", *_tuning(self.args)]
+        for i, piece in enumerate(pieces):
+            multi += [folder.export(piece.name), f"{_VM}/disk-{i + 100}"]
+        out = self.work / "nbdcopy-many"
+        cs, ns = [], []
+        for _ in range(self.args.runs):
+            shutil.rmtree(self.root, ignore_errors=True)
+            result, rss = _child(multi, self.env, "cbtstream multicopy")
+            self.peak = max(self.peak, rss)
+            cs.append(Run(float(result["duration_s"]), float(result["cpu_s"])))
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            ns.append(parallel([["nbdcopy", folder.export(p.name), str(out / p.name)]
+                                for p in pieces], self.env))
+        shutil.rmtree(self.root, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        return best(cs), best(ns)
 
     def aggregate(self, quarter: list[Nbdkit], size: int) -> tuple[Run, Run]:
         """(d) four disks at once, each source behind the rate filter."""

@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--rate", default="1G",
                    help="per-source rate of cases (d), (g), (h), nbdkit's rate filter "
                    "(default 1G bit/s)")
+    c.add_argument("--many", type=int, default=64,
+                   help="disks of case (i), copied at once, each 1/MANY of the image "
+                   "(default 64)")
     c.add_argument("--gaps", default="",
                    help="merge gaps to run the incrementals (f)-(h) with, e.g. 0,64K,256K,1M "
                    "(default: copier.merge_gap_bytes)")

@@ -95,6 +95,7 @@ from cbtstream.config import CopierSettings
 from cbtstream.errors import CbtStreamError
 from cbtstream.extents import Extent
 from consumers.copy import digest as dg
+from consumers.copy.buffers import pool_for
 from consumers.copy.checkpoint import Checkpoint, CheckpointState
 from consumers.copy.leaves import FileLeaves
 from consumers.copy.plan import (
@@ -146,6 +147,8 @@ class CopyOptions:
     hash_threads: int = 2
     #: Average read rate limit of this disk copy in bytes/s (0: unlimited).
     max_bytes_per_s: int = 0
+    #: Bytes of read buffers all copies of the process share (``consumers.copy.buffers``).
+    buffer_bytes: int = 256 * 1024 * 1024
 
     @classmethod
     def from_settings(cls, copier: CopierSettings, **overrides: object) -> CopyOptions:
@@ -155,6 +158,7 @@ class CopyOptions:
             "max_in_flight": copier.max_in_flight,
             "progress_interval_s": copier.progress_interval_s,
             "max_bytes_per_s": copier.max_bytes_per_s,
+            "buffer_bytes": copier.buffer_bytes,
         }
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]
@@ -312,6 +316,7 @@ class _Run:
         self._saving: asyncio.Task[None] | None = None
         self._last_progress = 0.0
         self._pool = ThreadPoolExecutor(max(1, options.hash_threads), "cbt-hash")
+        self.buffers = pool_for(options.buffer_bytes)
         self.capacity = capacity
         self._cache: list[tuple[int, int, bool]] = []
         self._cache_ends: list[int] = []
@@ -415,7 +420,6 @@ class _Run:
 
     async def _worker(self, queue: asyncio.Queue[tuple[int, Segment | EdgeUnit] | None]
                       ) -> None:
-        buf: memoryview | None = None
         unit: memoryview | None = None
         while (job := await queue.get()) is not None:
             seq, item = job
@@ -428,35 +432,41 @@ class _Run:
                 self._complete(seq, item, records, copied, zeroed)
                 continue
             seg = item
-            if seg.end <= self.resume_until:
-                records = await self._rehash(seg, buf)
-            elif seg.zero:
-                await self.target.zero(seg.start, seg.length)
+            if seg.zero:
+                if seg.end > self.resume_until:
+                    await self.target.zero(seg.start, seg.length)
+                    zeroed = seg.length
                 records = dg.zero_run(seg.start, seg.length, cap)
-                zeroed = seg.length
-            else:
-                if buf is None or len(buf) < seg.length:
-                    # as large as the items need: an incremental's are a leaf or two, and
-                    # zeroing 8 request-sized buffers cost more CPU than its whole copy
-                    buf = memoryview(bytearray(max(seg.length, len(buf) if buf else 0)))
+                self._complete(seq, seg, records, copied, zeroed)
+                continue
+            # a buffer of the process's pool, back to it once the request completed (lost if
+            # it failed or was cancelled: an I/O may still be using it)
+            buf = await self.buffers.take(seg.length)
+            done = False
+            try:
                 view = buf[: seg.length]
-                await self._read(seg.start, view)
-                # Hashed here, on the event loop thread, not in a pool overlapping the write:
-                # blake3 releases the GIL per call, i.e. per 64 KiB leaf, so a hashing thread
-                # takes the GIL back 16 times per MiB, each time against this thread receiving
-                # the next replies, and that hand-off cost more CPU than the hash itself (issue
-                # 24, in the closing note). The hash is about 0.4 CPU s per GiB: this blocks
-                # the loop about 1 ms per 2 MiB while earlier writes run in the writer thread.
-                records = dg.hash_run(seg.start, view, cap)
-                await self.target.write(seg.start, view)
-                copied = seg.length
+                if seg.end <= self.resume_until:
+                    records = await self._rehash(seg, view)
+                else:
+                    await self._read(seg.start, view)
+                    # Hashed here, on the event loop thread, not in a pool overlapping the
+                    # write: blake3 releases the GIL per call, i.e. per 64 KiB leaf, so a
+                    # hashing thread takes the GIL back 16 times per MiB, each time against this
+                    # thread receiving the next replies, and that hand-off cost more CPU than
+                    # the hash itself (issue 24, in the closing note). The hash is about 0.4 CPU
+                    # s per GiB: this blocks the loop about 1 ms per 2 MiB while earlier writes
+                    # run in the writer thread.
+                    records = dg.hash_run(seg.start, view, cap)
+                    await self.target.write(seg.start, view)
+                    copied = seg.length
+                done = True
+            finally:
+                (self.buffers.give if done else self.buffers.lose)(buf)
             self._complete(seq, seg, records, copied, zeroed)
 
-    async def _rehash(self, seg: Segment, buf: memoryview | None) -> tuple[int, bytes]:
-        """Leaf entries of an item a previous run made durable (read back from the target)."""
-        if seg.zero:
-            return dg.zero_run(seg.start, seg.length, self.capacity)
-        view = (buf if buf is not None else memoryview(bytearray(self.request)))[: seg.length]
+    async def _rehash(self, seg: Segment, view: memoryview) -> tuple[int, bytes]:
+        """Leaf entries of a data item a previous run made durable (read back from the target
+        into ``view``, its length)."""
         await self.target.read_into(seg.start, view)
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, dg.hash_run, seg.start, view, self.capacity
