@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -112,6 +113,9 @@ log = logging.getLogger("cbtstream.streams")
 
 TABLE_NAME = "disks"
 SNAPSHOTS_TABLE = "snapshots"
+#: Seconds a stopping worker lets its snapshot removals already running finish (within the
+#: stop deadline) before it cancels them.
+REMOVAL_GRACE_S = 3.0
 #: The source topics with an agent that writes rows: their commits are capped by the commit
 #: guard (``PlannerApp.commit_limit``) and the watchdog re-reads them when stalled, together
 #: with the two internal topics. Not ``cbt.sync.progress``: advisory, its agent writes nothing.
@@ -764,11 +768,16 @@ class PlannerApp:
             return cached[1]
         return SnapshotRow.model_validate(raw) if raw else None
 
+    def held_snapshot_partitions(self) -> frozenset[int]:
+        """The partitions of the ``snapshots`` table this worker holds as active now."""
+        topic = self.snapshots.changelog_topic.get_topic_name()
+        return frozenset(tp.partition for tp in self.app.assignor.assigned_actives()
+                         if tp.topic == topic)
+
     def held_snapshot_rows(self) -> list[tuple[bytes, SnapshotRow]]:
         """The ``snapshots`` rows of the partitions this worker holds as active now (the memory
         store also keeps rows of partitions that moved away, and standby ones)."""
-        topic = self.snapshots.changelog_topic.get_topic_name()
-        held = {tp.partition for tp in self.app.assignor.assigned_actives() if tp.topic == topic}
+        held = self.held_snapshot_partitions()
         out = []
         for key in list(self.snapshots.keys()):
             if self.gatherer.partition_of(key) in held:
@@ -778,14 +787,25 @@ class PlannerApp:
         return out
 
     async def sweep_removals(self) -> None:
-        """Task: every ``streams.remove_sweep_interval_s``, retry the removals of held rows that
-        are releasable and not removed; at the worker's stop, cancel those in flight."""
+        """Task: retry the removals of held rows that are releasable and not removed, every
+        ``streams.remove_sweep_interval_s`` and as soon as the partitions this worker holds
+        changed (a stopped or rebalanced worker's removals, left releasable, are picked up by
+        their new owner within a second or two, not a whole interval later, while the
+        scheduler skips those VMs as still being copied); at the worker's stop, let removals
+        already running finish for a few seconds, then cancel the rest."""
         assert self.removals is not None
+        interval = self.settings.streams.remove_sweep_interval_s
+        swept: frozenset[int] | None = None
         try:
             while True:
-                await asyncio.sleep(self.settings.streams.remove_sweep_interval_s)
+                due = time.monotonic() + interval
+                while time.monotonic() < due:
+                    await asyncio.sleep(min(1.0, interval))
+                    if self.gatherer.ready() and self.held_snapshot_partitions() != swept:
+                        break
                 if not self.gatherer.ready():
                     continue
+                swept = self.held_snapshot_partitions()
                 rows = self.held_snapshot_rows()
                 started = self.removals.sweep(rows)
                 if started:
@@ -796,7 +816,7 @@ class PlannerApp:
                         await self.announce(Notice(kind="removed", disk=disk,
                                                    vm_snapshot=row.vm_snapshot))
         finally:
-            await self.removals.stop()
+            await self.removals.stop(grace_s=REMOVAL_GRACE_S)
 
     async def announce(self, notice: Notice) -> None:
         """Send a notice to the lifecycle topic (keyed by its VM snapshot)."""

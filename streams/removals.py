@@ -99,9 +99,13 @@ class Removals:
         self.done += 1
         return True
 
-    async def stop(self) -> None:
-        """Cancel the removals in flight (their rows stay releasable: the next owner sweeps)."""
+    async def stop(self, grace_s: float = 0.0) -> None:
+        """Let the removals in flight finish for up to ``grace_s`` seconds (a removal is a
+        fraction of a second), then cancel the rest (their rows stay releasable: the next owner
+        sweeps)."""
         tasks = list(self._flying.values())
+        if tasks and grace_s > 0:
+            await asyncio.wait(tasks, timeout=grace_s)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -38,6 +38,8 @@ PROCESS_LEVEL = {
     "dead letter",  # the record could not be decoded: there is no trustworthy disk key
     "snapshot removed",  # one VM snapshot, all its disks: carries vm_snapshot instead
     "snapshot removal failed",
+    "snapshot removal crashed",
+    "could not record a snapshot removal",
     "offset commit failed",
     # the planner's fence book (streams/fences.py): fences are about scopes, not one disk
     "fence book ready",

@@ -129,3 +129,23 @@ async def test_stop_cancels_removals_in_flight_without_announcing() -> None:
     await asyncio.sleep(0.01)
     await removals.stop()
     assert announced == [] and removals.in_flight() == 0
+
+
+async def test_a_stopping_worker_lets_running_removals_finish_then_cancels_the_rest() -> None:
+    gate = asyncio.Event()
+    announced = Announced()
+    r = Removals(Remover(gate=gate), announced, concurrency=4)
+    r.submit(b"a", row("snapshot-1"))
+    r.submit(b"b", row("snapshot-2"))
+    await asyncio.sleep(0)
+    asyncio.get_running_loop().call_later(0.1, gate.set)  # vCenter answers in 0.1 s
+    await r.stop(grace_s=2.0)
+    assert sorted(n.vm_snapshot for n in announced) == ["snapshot-1", "snapshot-2"]
+    assert r.done == 2 and r.in_flight() == 0
+    # a removal that does not end within the grace is cancelled: its row stays releasable
+    stuck = Removals(Remover(gate=asyncio.Event()), announced, concurrency=4)
+    stuck.submit(b"c", row("snapshot-3"))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(stuck.stop(grace_s=0.2), 2)
+    assert stuck.done == 0 and stuck.in_flight() == 0
+    assert "snapshot-3" not in [n.vm_snapshot for n in announced]
