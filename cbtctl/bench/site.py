@@ -14,9 +14,12 @@ its own topics (a fresh prefix, deleted at the end) and starts, as real processe
 Seeding: every disk's first commit. Then ``--cycles`` cycles: guest writes into a third of the
 disks, then wait for every disk's first commit of a snapshot taken after the writes. With
 ``--restart``, one worker is restarted (SIGTERM, start) in the second cycle and one copier killed
-(SIGKILL) and started again in the third. At the end the scheduler stops, every VM snapshot must
-be removed by the pipeline, and every replica is compared byte for byte with its model (the
-writes applied to a sparse file).
+(SIGKILL) and started again in the third. With ``--churn``, in every cycle instead: a few seconds
+(0-8, random) after the writes, one copier of the pool, chosen at random, is killed and started
+again, and in every other cycle a worker is restarted too (the run that found a copy cancelled by a
+rebalance leaving its replica locked). At the end the scheduler stops, every VM snapshot must be
+removed by the pipeline, and every replica is compared byte for byte with its model (the writes
+applied to a sparse file).
 
 Printed, last line JSON: seeding time against the ideal (allocated bytes over the copiers'
 aggregate rate: copiers x ``copier.max_parallel_disks`` x ``--rate``), per-cycle p50/p99/max
@@ -89,6 +92,8 @@ class SiteOptions:
     every_s: float = 20.0
     partitions: int = 8
     restart: bool = True
+    #: A copier killed in every cycle and a worker restarted in every other (module docstring).
+    churn: bool = False
     timeout_s: float = 1800.0
     seed: int = 20_261_207
     log_level: str = "WARNING"
@@ -260,6 +265,7 @@ class Site:
         self.copiers: dict[str, Proc] = {}
         self.scheduler: Proc | None = None
         self.cpu: dict[str, float] = {"planner": 0.0, "copier": 0.0}
+        self.restarts = 0
 
     # -- settings -------------------------------------------------------------------------------
     def _settings(self) -> Settings:
@@ -352,9 +358,10 @@ class Site:
         p = self.workers[i]
         self._charge("planner", p)
         p.stop()
-        self.worker_settings[i] = self._worker_settings(100 + i)
+        self.restarts += 1
+        self.worker_settings[i] = self._worker_settings(100 * self.restarts + i)
         self.workers[i] = Proc(["worker"], self.worker_settings[i],
-                               self.logs / f"worker-{i}-restart.log")
+                               self.logs / f"worker-{i}-restart-{self.restarts}.log")
 
     def kill_copier(self, name: str) -> None:
         p = self.copiers[name]
@@ -476,9 +483,14 @@ async def run_site(base: Settings, opts: SiteOptions, work: Path | None = None,
             written = rng.sample(disks, max(1, len(disks) // 3))
             await asyncio.to_thread(_guest, site, sim, written, random.Random(rng.random()))
             after = datetime.now(UTC)
-            if opts.restart and c == 2:
+            if opts.churn:
+                await asyncio.sleep(rng.uniform(0, 8))  # into the cycle's copies, or not
+                if c % 2 == 0:
+                    site.restart_worker(rng.randrange(opts.workers))
+                site.kill_copier(chr(ord("a") + rng.randrange(opts.copiers)))
+            elif opts.restart and c == 2:
                 site.restart_worker(0)
-            if opts.restart and c == 3:
+            elif opts.restart and c == 3:
                 site.kill_copier("a")
             try:
                 await _wait(lambda a=after: all(seen.first_commit_after(k, a) for k in keys),

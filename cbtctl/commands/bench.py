@@ -78,6 +78,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     st.add_argument("--partitions", type=int, default=8)
     st.add_argument("--no-restart", action="store_true",
                     help="do not restart a worker and a copier during the cycles")
+    st.add_argument("--churn", action="store_true",
+                    help="kill a copier in every cycle and restart a worker in every other, "
+                    "instead of one of each")
     st.add_argument("--timeout", type=float, default=1800.0, help="seconds per phase")
     st.add_argument("--keep", action="store_true", help="keep the work directory")
     st.set_defaults(handler=run_site)
@@ -119,7 +122,7 @@ def run_site(args: argparse.Namespace, settings: Settings) -> int:
         vms=args.vms, disks_per_vm=args.disks_per_vm, disk_bytes=args.disk_mib * _M,
         cycles=args.cycles, workers=args.workers, copiers=args.copiers, rate=args.rate,
         rpo_s=args.rpo, every_s=args.every, partitions=args.partitions,
-        restart=not args.no_restart, timeout_s=args.timeout, keep=args.keep)
+        restart=not args.no_restart, churn=args.churn, timeout_s=args.timeout, keep=args.keep)
     result = asyncio.run(run(settings, opts, report=lambda line: print(line, flush=True)))
     print(result.line())
     return 0 if result.replicas_differing == 0 and result.snapshots_left == 0 else 1
