@@ -774,10 +774,9 @@ class PlannerApp:
         return frozenset(tp.partition for tp in self.app.assignor.assigned_actives()
                          if tp.topic == topic)
 
-    def held_snapshot_rows(self) -> list[tuple[bytes, SnapshotRow]]:
-        """The ``snapshots`` rows of the partitions this worker holds as active now (the memory
-        store also keeps rows of partitions that moved away, and standby ones)."""
-        held = self.held_snapshot_partitions()
+    def held_snapshot_rows(self, held: frozenset[int]) -> list[tuple[bytes, SnapshotRow]]:
+        """The ``snapshots`` rows of the partitions ``held`` (:meth:`held_snapshot_partitions`:
+        the memory store also keeps rows of partitions that moved away, and standby ones)."""
         out = []
         for key in list(self.snapshots.keys()):
             if self.gatherer.partition_of(key) in held:
@@ -806,7 +805,7 @@ class PlannerApp:
                 if not self.gatherer.ready():
                     continue
                 swept = self.held_snapshot_partitions()
-                rows = self.held_snapshot_rows()
+                rows = self.held_snapshot_rows(swept)
                 started = self.removals.sweep(rows)
                 if started:
                     log.info("snapshot removals retried", extra={"count": started})

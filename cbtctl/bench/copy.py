@@ -344,7 +344,7 @@ class _Bench:
         dense_c, dense_n = self.full(plain.uri)
         sparse_c, sparse_n = self.full(sparse_s.uri)
         slow_c, slow_n = self.full(slow.uri)
-        agg_c, agg_n = self.aggregate(quarter, small.stat().st_size)
+        agg_c, agg_n = self.aggregate(quarter)
         many_c, many_n = self.many(folder, pieces)
 
         # (e)-(h): incrementals onto the replica of a full copy made through the record
@@ -410,11 +410,23 @@ class _Bench:
         return 0
 
     def many(self, folder: Nbdkit, pieces: list[Path]) -> tuple[Run, Run]:
-        """(i) every piece at once: one cbtstream process against one nbdcopy per piece."""
+        """(i) every piece at once, each its own export of the folder's server."""
+        return self.at_once([(folder.export(p.name), p.name) for p in pieces], "many", 100)
+
+    def aggregate(self, quarter: list[Nbdkit]) -> tuple[Run, Run]:
+        """(d) four disks at once, each source behind the rate filter."""
+        return self.at_once([(s.uri, f"quarter{i}.img") for i, s in enumerate(quarter)],
+                            "aggregate", 10)
+
+    def at_once(self, sources: list[tuple[str, str]], case: str, first_key: int
+                ) -> tuple[Run, Run]:
+        """Copy every ``(uri, name)`` source at once: one cbtstream process (``multicopy``,
+        disk keys from ``first_key`` on) against one nbdcopy per source (into ``name`` in a
+        folder of the case); best of ``--runs`` each, targets deleted before every run."""
         multi = [sys.executable, "-m", "cbtctl.bench.multicopy", *_tuning(self.args)]
-        for i, piece in enumerate(pieces):
-            multi += [folder.export(piece.name), f"{_VM}/disk-{i + 100}"]
-        out = self.work / "nbdcopy-many"
+        for i, (uri, _) in enumerate(sources):
+            multi += [uri, f"{_VM}/disk-{first_key + i}"]
+        out = self.work / f"nbdcopy-{case}"
         cs, ns = [], []
         for _ in range(self.args.runs):
             shutil.rmtree(self.root, ignore_errors=True)
@@ -423,26 +435,8 @@ class _Bench:
             cs.append(Run(float(result["duration_s"]), float(result["cpu_s"])))
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir()
-            ns.append(parallel([["nbdcopy", folder.export(p.name), str(out / p.name)]
-                                for p in pieces], self.env))
+            ns.append(parallel([["nbdcopy", uri, str(out / name)] for uri, name in sources],
+                               self.env))
         shutil.rmtree(self.root, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
-        return best(cs), best(ns)
-
-    def aggregate(self, quarter: list[Nbdkit], size: int) -> tuple[Run, Run]:
-        """(d) four disks at once, each source behind the rate filter."""
-        multi = [sys.executable, "-m", "cbtctl.bench.multicopy", *_tuning(self.args)]
-        for i, s in enumerate(quarter):
-            multi += [s.uri, f"{_VM}/disk-{i + 10}"]
-        cs, ns = [], []
-        for _ in range(self.args.runs):
-            shutil.rmtree(self.root, ignore_errors=True)
-            result, rss = _child(multi, self.env, "cbtstream multicopy")
-            self.peak = max(self.peak, rss)
-            cs.append(Run(float(result["duration_s"]), float(result["cpu_s"])))
-            for i in range(4):
-                (self.work / f"nbdcopy{i}.img").unlink(missing_ok=True)
-            ns.append(parallel([["nbdcopy", s.uri, str(self.work / f"nbdcopy{i}.img")]
-                                for i, s in enumerate(quarter)], self.env))
-        shutil.rmtree(self.root, ignore_errors=True)
         return best(cs), best(ns)

@@ -402,13 +402,15 @@ def _diagnosis(site: Site, seen: Observed, missing: list[_Disk], after: datetime
     (a time-out in CI leaves nothing else to read)."""
     lines = [f"{len(missing)} disks without a commit of a snapshot taken after "
              f"{after.isoformat()}:"]
+    logs: dict[str, list[str]] = {}
+    for log in sorted(site.logs.glob("*.log")):  # read once, searched per disk
+        with contextlib.suppress(OSError):
+            logs[log.name] = log.read_text(errors="replace").splitlines()
     for d in missing[:5]:
         lines.append(seen.story(d.disk_key, after))
-        for log in sorted(site.logs.glob("*.log")):
-            with contextlib.suppress(OSError):
-                hits = [ln for ln in log.read_text(errors="replace").splitlines()
-                        if d.disk_key in ln or d.vm.name in ln]
-                lines += [f"  {log.name}: {ln[:400]}" for ln in hits[-6:]]
+        for name, text in logs.items():
+            hits = [ln for ln in text if d.disk_key in ln or d.vm.name in ln]
+            lines += [f"  {name}: {ln[:400]}" for ln in hits[-6:]]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ import pytest
 from cbtctl.demo.processes import Proc
 from cbtctl.demo.run import stack_settings
 from cbtctl.demo.scenario import Scenario, random_name
+from cbtctl.demo.workload import MiB, initial_fill
 from cbtstream.config import Settings
 from cbtstream.vsphere.simctl import SimulatorControl
 
@@ -130,3 +131,13 @@ async def scenario(e2e_settings: Settings, sim: SimulatorControl, tmp_path: Path
         yield sc
     finally:
         await sc.close()
+
+
+async def vm_with_data(scenario: Scenario, pipeline: Pipeline, prefix: str) -> list[int]:
+    """A VM of two disks half filled, and the copier started; its disks' device keys."""
+    await scenario.create_vm(random_name(prefix), [4 * MiB, 2 * MiB])
+    assert scenario.vm is not None and scenario.vmref is not None and scenario.watcher
+    await scenario.write([w for d in scenario.vm.disks
+                          for w in initial_fill(scenario.rng, d.key, d.capacity, 0.5)])
+    pipeline.start_copier()
+    return [d.key for d in scenario.vm.disks]

@@ -11,12 +11,11 @@ import time
 
 import pytest
 
-from cbtctl.demo.scenario import Scenario, files_equal, random_name
-from cbtctl.demo.workload import MiB, initial_fill
+from cbtctl.demo.scenario import Scenario, files_equal
 from cbtstream.vsphere.errors import VSphereNotFound
 from cbtstream.vsphere.simctl import SimulatorControl
 from streams.removals import ATTEMPTS
-from tests.e2e.conftest import Pipeline
+from tests.e2e.conftest import Pipeline, vm_with_data
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +23,8 @@ pytestmark = pytest.mark.integration
 async def test_a_removal_left_by_a_stopped_worker_is_done_by_the_next_one_at_once(
         scenario: Scenario, pipeline: Pipeline, sim: SimulatorControl) -> None:
     assert pipeline.settings.streams.remove_sweep_interval_s >= 60  # the default
-    await scenario.create_vm(random_name("e2e-rmhand"), [4 * MiB, 2 * MiB])
-    assert scenario.vm is not None and scenario.vmref is not None and scenario.watcher
-    keys = [d.key for d in scenario.vm.disks]
-    await scenario.write([w for d in scenario.vm.disks
-                          for w in initial_fill(scenario.rng, d.key, d.capacity, 0.5)])
-    pipeline.start_copier()
+    keys = await vm_with_data(scenario, pipeline, "e2e-rmhand")
+    assert scenario.vmref is not None and scenario.watcher
     sim.inject_fault("RemoveSnapshot_Task", "timeout", count=ATTEMPTS)  # every attempt
     try:
         taken = await scenario.snapshot()

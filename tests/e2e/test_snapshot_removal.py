@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 from cbtctl.demo.run import stack_settings
-from cbtctl.demo.scenario import Scenario, files_equal, random_name
-from cbtctl.demo.workload import MiB, initial_fill
+from cbtctl.demo.scenario import Scenario, files_equal
 from cbtstream.config import Settings
 from cbtstream.vsphere.errors import VSphereNotFound
 from cbtstream.vsphere.simctl import SimulatorControl
 from schemas.events import SnapshotRemoved
-from tests.e2e.conftest import Pipeline
+from tests.e2e.conftest import Pipeline, vm_with_data
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +30,8 @@ def e2e_settings(kafka_settings: Settings, tmp_path: Path) -> Settings:
 
 async def test_a_refused_removal_is_done_by_the_sweep(
         scenario: Scenario, pipeline: Pipeline, sim: SimulatorControl) -> None:
-    await scenario.create_vm(random_name("e2e-rmsweep"), [4 * MiB, 2 * MiB])
-    assert scenario.vm is not None and scenario.vmref is not None and scenario.watcher
-    keys = [d.key for d in scenario.vm.disks]
-    await scenario.write([w for d in scenario.vm.disks
-                          for w in initial_fill(scenario.rng, d.key, d.capacity, 0.5)])
-    pipeline.start_copier()
+    keys = await vm_with_data(scenario, pipeline, "e2e-rmsweep")
+    assert scenario.vmref is not None and scenario.watcher
     # more refusals than the worker's attempts per removal (streams.removals.ATTEMPTS)
     sim.inject_fault("RemoveSnapshot_Task", "timeout", count=4)
     try:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 
@@ -39,24 +40,41 @@ async def test_a_second_opener_is_refused_until_the_first_closes(tmp_path: Path)
     await second.stop()
 
 
+class _Gate:
+    """Holds an opener inside its thread until the test has cancelled the caller."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def hold(self) -> None:
+        """Called by the opener, in its thread."""
+        self.entered.set()
+        self.release.wait(10)
+
+    async def cancel_while_held(self, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` while its opener is held, then let the opener go on for a caller
+        that is gone."""
+        await asyncio.to_thread(self.entered.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        self.release.set()
+        self.entered.clear()
+
+
 async def test_a_copy_cancelled_while_its_thread_opens_the_replica_leaves_it_unlocked(
         tmp_path: Path) -> None:
     """The task is cancelled while the opener runs in its thread (it cannot be stopped): what
     the thread opens and locks after the cancel is closed, so the next sync can lock it."""
     rel = PurePosixPath("vm", "disk-2002.img")
-    entered, release = threading.Event(), threading.Event()
+    gate = _Gate()
 
     def slow_open() -> FileTarget:
-        entered.set()
-        release.wait(10)
+        gate.hold()
         return open_below(tmp_path, rel, CAPACITY)
 
-    task = asyncio.create_task(opened_in_thread(slow_open, close=FileTarget.close))
-    await asyncio.to_thread(entered.wait, 10)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    release.set()  # the thread opens and locks the file now, for a caller that is gone
+    await gate.cancel_while_held(asyncio.create_task(
+        opened_in_thread(slow_open, close=FileTarget.close)))
     for _ in range(100):
         try:
             again = open_below(tmp_path, rel, CAPACITY)
@@ -67,14 +85,8 @@ async def test_a_copy_cancelled_while_its_thread_opens_the_replica_leaves_it_unl
         pytest.fail("the replica stayed locked by a cancelled open")
     again.close()
     # without the helper the same cancel leaves the lock in this process for good
-    entered.clear()
-    release.clear()
-    leaky = asyncio.create_task(asyncio.to_thread(slow_open))
-    await asyncio.to_thread(entered.wait, 10)
-    leaky.cancel()
-    release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await leaky
+    gate.release.clear()
+    await gate.cancel_while_held(asyncio.create_task(asyncio.to_thread(slow_open)))
     await asyncio.sleep(0.5)
     with pytest.raises(ReplicaInUse):
         open_below(tmp_path, rel, CAPACITY)
@@ -82,25 +94,19 @@ async def test_a_copy_cancelled_while_its_thread_opens_the_replica_leaves_it_unl
 
 async def test_an_open_that_fails_after_the_cancel_closes_nothing(tmp_path: Path) -> None:
     closed: list[object] = []
-    entered, release = threading.Event(), threading.Event()
+    gate = _Gate()
 
     def failing() -> object:
-        entered.set()
-        release.wait(10)
+        gate.hold()
         raise OSError("no such device")
 
-    task = asyncio.create_task(opened_in_thread(failing, close=closed.append))
-    await asyncio.to_thread(entered.wait, 10)
-    task.cancel()
-    release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await gate.cancel_while_held(asyncio.create_task(
+        opened_in_thread(failing, close=closed.append)))
     await asyncio.sleep(0.2)
     assert closed == []
     # not cancelled: the result and the errors are the caller's, as with asyncio.to_thread
     assert await opened_in_thread(lambda: 7, close=closed.append) == 7
     with pytest.raises(OSError, match="no such device"):
-        release.set()
         await opened_in_thread(failing, close=closed.append)
     assert closed == []
 
